@@ -1,0 +1,46 @@
+"""shoal.compression: tensor codecs (bytes on the wire for pseudo-gradients) and framing.
+
+    codec = get_codec("int8")                  # or "fp32", "fp16", "q4", "q2"
+    payload = codec.encode(pseudo_grad)        # self-describing bytes
+    tensor = codec.decode(payload, shape)      # float32, exactly `shape`, or CodecError
+
+See base.py for the wire header and the validation every decode does.
+"""
+
+from .base import Codec, CodecError
+from .dense import Fp16Codec, Fp32Codec
+from .framing import FrameTooLarge, zstd_frame, zstd_unframe
+from .packing import (
+    indices_12bit_nbytes,
+    pack_bits,
+    pack_indices_12bit,
+    packed_nbytes,
+    unpack_bits,
+    unpack_indices_12bit,
+)
+from .quantize import Int8Codec, Q2Codec, Q4Codec, QuantizeCodec, dequantize_chunks, quantize_chunks
+from .registry import CODECS, get_codec
+
+__all__ = [
+    "CODECS",
+    "Codec",
+    "CodecError",
+    "Fp16Codec",
+    "Fp32Codec",
+    "FrameTooLarge",
+    "Int8Codec",
+    "Q2Codec",
+    "Q4Codec",
+    "QuantizeCodec",
+    "dequantize_chunks",
+    "get_codec",
+    "indices_12bit_nbytes",
+    "pack_bits",
+    "pack_indices_12bit",
+    "packed_nbytes",
+    "quantize_chunks",
+    "unpack_bits",
+    "unpack_indices_12bit",
+    "zstd_frame",
+    "zstd_unframe",
+]

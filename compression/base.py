@@ -1,0 +1,167 @@
+"""The codec interface: a tensor becomes self-describing bytes, and bytes from an untrusted
+peer become a tensor only if every part of them checks out.
+
+Shaped after hivemind's `compression/base.py` (one small abstract class, one file per codec,
+a registry keyed by name), with two differences that matter in an open swarm:
+
+* `decode` takes the shape the *receiver* expects (the model's parameter shape). A payload
+  is accepted only if it describes exactly that many elements, so a peer cannot make us
+  allocate from a lying header or hand the outer optimizer a tensor of the wrong size.
+* Every payload carries a CRC32. The HMAC in `peer/wire.py` is optional (no swarm secret,
+  no MAC), and a flipped bit in a pseudo-gradient would otherwise be averaged silently
+  into every replica. The CRC stops accidents only; a malicious peer can recompute it, which
+  is why each codec still validates its structure (lengths, tables, padding) on its own.
+
+Wire layout shared by all codecs (little-endian, `HEADER`, 15 bytes):
+
+    magic u8 (0x5C) | codec id u8 | version u8 | element count u64 | crc32 u32 | body ...
+
+The CRC covers the first 11 header bytes and the body. What the body holds is up to each
+codec (`dense.py`, `quantize.py`).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+MAGIC = 0x5C
+HEADER = struct.Struct("<BBBQI")  # magic, codec id, version, element count, crc32
+_CRC_OFFSET = HEADER.size - 4
+
+# codec id -> name, filled as codec classes are defined; used to name the codec a payload
+# really came from when it reaches the wrong decoder.
+_NAME_BY_ID: dict[int, str] = {}
+
+
+class CodecError(ValueError):
+    """A payload (or a tensor to encode) that fails validation; the message says what is wrong.
+
+    Subclasses ValueError so callers that only know "bad input" still catch it; `optim/`
+    maps it to a rejected contribution and `peer/` to a 4xx response.
+    """
+
+
+def payload_bytes(payload: object) -> memoryview:
+    """A flat byte view of a bytes-like payload, or CodecError for anything else."""
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise CodecError(f"payload must be bytes, got {type(payload).__name__}")
+    view = memoryview(payload)
+    if not view.c_contiguous:
+        raise CodecError("payload must be a contiguous byte buffer")
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def normalize_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """`shape` (a tuple, list or torch.Size of non-negative ints) as a tuple of ints."""
+    dims = tuple(shape)
+    if not all(isinstance(d, int | np.integer) and not isinstance(d, bool) and d >= 0 for d in dims):
+        raise ValueError(f"shape must be a sequence of non-negative ints, got {shape!r}")
+    return tuple(int(d) for d in dims)
+
+
+def as_float32_values(tensor: torch.Tensor) -> np.ndarray:
+    """Flat, contiguous float32 numpy view/copy of a floating-point tensor; CodecError if it
+    holds NaN/Inf (or values beyond float32 range, which become Inf in the cast)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise CodecError(f"expected a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise CodecError(f"expected a floating-point tensor, got dtype {tensor.dtype}")
+    values = tensor.detach().to("cpu", torch.float32).contiguous().reshape(-1).numpy()
+    if not np.isfinite(values).all():
+        bad = int(values.size - np.isfinite(values).sum())
+        raise CodecError(f"tensor holds {bad} NaN/Inf value(s) (or values beyond float32 range)")
+    return values
+
+
+class Codec(ABC):
+    """Turns a float tensor into bytes and back; stateless, so safe to share between threads.
+
+    Subclasses set `name` (registry key), `codec_id` (unique byte on the wire) and implement
+    `_encode_values`, `_decode_values` and `_body_nbytes`. The public methods do the shared
+    work: dtype/finiteness checks on encode; magic, codec id, version, element count and CRC
+    checks on decode, plus a final finiteness check so no codec can return NaN/Inf.
+    """
+
+    name: ClassVar[str]
+    codec_id: ClassVar[int]
+    version: ClassVar[int] = 1
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "codec_id" in cls.__dict__:
+            taken = _NAME_BY_ID.get(cls.codec_id)
+            if taken is not None and taken != cls.name:
+                raise TypeError(f"codec id {cls.codec_id} of {cls.name!r} is taken by {taken!r}")
+            _NAME_BY_ID[cls.codec_id] = cls.name
+
+    def encode(self, tensor: torch.Tensor) -> bytes:
+        """Encode a floating-point tensor (any shape, any device) into a payload."""
+        values = as_float32_values(tensor)
+        body = self._encode_values(values)
+        prefix = HEADER.pack(MAGIC, self.codec_id, self.version, values.size, 0)[:_CRC_OFFSET]
+        crc = zlib.crc32(body, zlib.crc32(prefix))
+        return b"".join((prefix, struct.pack("<I", crc), body))
+
+    def decode(self, payload: bytes, shape: Sequence[int]) -> torch.Tensor:
+        """Decode a payload into a float32 CPU tensor of exactly `shape`, or raise CodecError."""
+        dims = normalize_shape(shape)
+        count = math.prod(dims)
+        body = self._read_header(payload, count)
+        values = self._decode_values(body, count)
+        if values.dtype != np.float32 or values.shape != (count,):  # a codec bug, not bad input
+            raise AssertionError(f"{self.name}: decoded {values.dtype}{values.shape}, want ({count},)")
+        if not np.isfinite(values).all():
+            raise CodecError(f"{self.name} payload decodes to non-finite values")
+        return torch.from_numpy(values).reshape(dims)
+
+    def nbytes(self, payload: bytes) -> int:
+        """Exact wire size of an encoded payload, in bytes."""
+        return len(payload)
+
+    def payload_nbytes(self, count: int) -> int:
+        """Exact size `encode` produces for a tensor of `count` elements (for budgets/limits)."""
+        return HEADER.size + self._body_nbytes(count)
+
+    def _read_header(self, payload: bytes, count: int) -> memoryview:
+        """Check the shared header and CRC; return the body."""
+        data = payload_bytes(payload)
+        if len(data) < HEADER.size:
+            raise CodecError(f"payload is {len(data)} bytes, shorter than the {HEADER.size}-byte header")
+        magic, codec_id, version, declared, crc = HEADER.unpack_from(data)
+        if magic != MAGIC:
+            raise CodecError(f"bad magic byte 0x{magic:02x} (want 0x{MAGIC:02x}): not a shoal codec payload")
+        if codec_id != self.codec_id:
+            other = _NAME_BY_ID.get(codec_id, f"unknown codec id {codec_id}")
+            raise CodecError(f"payload was encoded by {other!r}, not {self.name!r}")
+        if version != self.version:
+            raise CodecError(f"{self.name} payload version {version} is not supported (want {self.version})")
+        if declared != count:
+            raise CodecError(f"payload holds {declared} elements, but the expected shape has {count}")
+        body = data[HEADER.size :]
+        if zlib.crc32(body, zlib.crc32(data[:_CRC_OFFSET])) != crc:
+            raise CodecError(f"{self.name} payload fails its CRC32 check (corrupted in transit?)")
+        return body
+
+    @abstractmethod
+    def _encode_values(self, values: np.ndarray) -> bytes:
+        """Body bytes for a flat, finite float32 array."""
+
+    @abstractmethod
+    def _decode_values(self, body: memoryview, count: int) -> np.ndarray:
+        """Flat float32 array of `count` elements from a CRC-checked body; CodecError if the
+        body is not exactly what `count` elements need. Must check lengths before allocating."""
+
+    @abstractmethod
+    def _body_nbytes(self, count: int) -> int:
+        """Exact body size `_encode_values` produces for `count` elements."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

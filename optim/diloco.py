@@ -1,0 +1,80 @@
+"""DiLoCo's outer step (Douillard et al. 2023, arXiv 2311.08105, Algorithm 1).
+
+After H inner AdamW steps, replica i sends Δ_i = θ − θ_i (the pseudo-gradient), encoded
+by the run's codec (dense fp32, or int8 as in INTELLECT-1). Every peer averages the Δ_i
+of the same set of replicas and takes one SGD step with Nesterov momentum on θ:
+
+    g = mean_i Δ_i;  m ← μ·m + g;  θ ← θ − lr·(g + μ·m)
+
+which is torch.optim.SGD(nesterov=True, dampening=0), written out here so the arithmetic
+is elementwise and in a fixed order: bit-identical on every peer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from shoal.compression import CodecError, get_codec
+from shoal.optim.outer import ContributionError, OuterConfig, OuterOptimizer, Tensors
+
+
+class DiLoCo(OuterOptimizer):
+    def __init__(self, outer_weights: Mapping[str, torch.Tensor], config: OuterConfig) -> None:
+        super().__init__(outer_weights, config)
+        self.codec = get_codec(config.codec)
+        self.momentum: Tensors = {n: torch.zeros_like(t) for n, t in self.params.items()}
+
+    def contribution(self, local_weights: Mapping[str, torch.Tensor]) -> dict[str, bytes]:
+        self._check_names(list(local_weights), "local weights")
+        payload = {}
+        for name, outer in self.params.items():
+            pseudo_grad = outer - local_weights[name].detach().to("cpu", torch.float32)
+            payload[name] = self.codec.encode(pseudo_grad)
+        return payload
+
+    def decode_contribution(self, payload: Mapping[str, bytes]) -> Tensors:
+        if not isinstance(payload, Mapping):
+            raise ContributionError("contribution must be a map of tensor name to payload")
+        self._check_names(list(payload), "contribution")
+        decoded = {}
+        for name, shape in self.shapes.items():
+            blob = payload[name]
+            if not isinstance(blob, bytes):
+                raise ContributionError(f"{name}: payload must be bytes")
+            try:
+                tensor = self.codec.decode(blob, shape)
+            except CodecError as exc:
+                raise ContributionError(f"{name}: {exc}") from None
+            if not torch.isfinite(tensor).all():
+                raise ContributionError(f"{name}: non-finite values")
+            decoded[name] = tensor
+        return decoded
+
+    def apply(self, contributions: Sequence[Tensors]) -> None:
+        if not contributions:
+            return  # nobody contributed: keep θ (and momentum) as they are
+        scale = 1.0 / len(contributions)
+        for name, param in self.params.items():
+            grad = contributions[0][name].clone()
+            for other in contributions[1:]:  # fixed order, elementwise: identical on every peer
+                grad.add_(other[name])
+            grad.mul_(scale)
+            buf = self.momentum[name].mul_(self.config.momentum).add_(grad)
+            update = grad.add_(buf, alpha=self.config.momentum) if self.config.nesterov else buf
+            param.sub_(update, alpha=self.config.lr)
+
+    def state_tensors(self) -> Tensors:
+        out = {f"outer/{n}": t for n, t in self.params.items()}
+        out.update({f"momentum/{n}": t for n, t in self.momentum.items()})
+        return out
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        pairs = [(prefix + n, t) for prefix, target in (("outer/", self.params), ("momentum/", self.momentum)) for n, t in target.items()]
+        for key, current in pairs:  # check everything before changing anything
+            source = tensors.get(key)
+            if source is None or tuple(source.shape) != tuple(current.shape):
+                raise ValueError(f"state tensor {key} missing or mis-shaped")
+        for key, current in pairs:
+            current.copy_(tensors[key].to(torch.float32))

@@ -1,0 +1,109 @@
+"""Inner loop glue: H AdamW steps of one replica on its own data.
+
+The AdamW state persists across outer rounds (as in DiLoCo); after each outer step the
+replica's weights are overwritten with the new outer weights. Runs on the training
+thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+
+from shoal.train.device import autocast_context
+
+
+@dataclass(frozen=True)
+class InnerConfig:
+    """Inner-optimizer settings every peer of a run shares."""
+
+    lr: float = 4e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    batch_size: int = 16
+    seq_len: int = 128
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"--inner-lr must be positive, got {self.lr}")
+        if self.batch_size < 1 or self.seq_len < 2:
+            raise ValueError("--batch-size must be >= 1 and --seq-len >= 2")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class InnerStats:
+    steps: int
+    tokens: int
+    seconds: float
+    train_loss: float  # mean over the steps of this phase
+
+
+class InnerTrainer:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: InnerConfig,
+        batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+        device: torch.device,
+    ) -> None:
+        self.model = model.to(device)
+        self.config = config
+        self.batches = batches
+        self.device = device
+        self.params = dict(self.model.named_parameters())
+        self.optimizer = torch.optim.AdamW(
+            self.params.values(),
+            lr=config.lr,
+            betas=(config.beta1, config.beta2),
+            weight_decay=config.weight_decay,
+        )
+        self.step_count = 0
+
+    def _lr(self) -> float:
+        warmup = self.config.warmup_steps
+        if warmup and self.step_count < warmup:
+            return self.config.lr * (self.step_count + 1) / warmup
+        return self.config.lr
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(weights[name].to(param.device, param.dtype))
+
+    def local_weights(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().to("cpu", torch.float32).clone() for n, p in self.params.items()}
+
+    def run(self, steps: int, on_step: Callable[[int, float], None] | None = None) -> InnerStats:
+        """Train `steps` steps; `on_step(step_count, loss)` is called after each (for metrics)."""
+        self.model.train()
+        start, losses, tokens = time.perf_counter(), [], 0
+        for _ in range(steps):
+            x, y = next(self.batches)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self._lr()
+            with autocast_context(self.device):
+                _, loss = self.model(x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.params.values(), self.config.grad_clip)
+            self.optimizer.step()
+            self.step_count += 1
+            value = float(loss.detach())
+            losses.append(value)
+            tokens += x.numel()
+            if on_step is not None:
+                on_step(self.step_count, value)
+        seconds = time.perf_counter() - start
+        mean_loss = sum(losses) / len(losses) if losses else float("nan")
+        return InnerStats(steps=steps, tokens=tokens, seconds=seconds, train_loss=mean_loss)

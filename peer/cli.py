@@ -1,0 +1,159 @@
+"""The `shoal` command: `shoal peer` runs one peer, `shoal demo` a local swarm."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from shoal.optim.inner import InnerConfig
+from shoal.optim.outer import OuterConfig
+from shoal.peer.config import PeerConfig, ProtocolConfig, RunConfig
+
+log = logging.getLogger("shoal")
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"--listen wants HOST:PORT, got {value!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that define the run (every peer of a run must pass the same values)."""
+    from shoal.compression import CODECS
+    from shoal.optim.registry import OUTER_OPTIMIZERS
+    from shoal.train import PRESETS
+
+    run = parser.add_argument_group("run (must match across the swarm)")
+    run.add_argument("--model", default="small", choices=sorted(PRESETS), help="model size preset (default: small)")
+    run.add_argument("--inner-steps", type=int, help="H, inner steps per outer round (default: the preset's recipe)")
+    run.add_argument("--outer", default="diloco", choices=sorted(OUTER_OPTIMIZERS), help="outer optimizer")
+    run.add_argument("--codec", default="int8", choices=sorted(CODECS), help="pseudo-gradient codec (default: int8)")
+    run.add_argument("--outer-lr", type=float, default=OuterConfig.lr)
+    run.add_argument("--outer-momentum", type=float, default=OuterConfig.momentum)
+    run.add_argument("--inner-lr", type=float, help="AdamW learning rate (default: the preset's recipe)")
+    run.add_argument("--batch-size", type=int, help="sequences per inner step (default: the preset's recipe)")
+    run.add_argument("--seq-len", type=int, help="bytes per sequence (default: the preset's recipe)")
+    run.add_argument("--seed", type=int, default=0, help="initial-weights seed of the run")
+
+
+def run_config_from(args: argparse.Namespace) -> RunConfig:
+    from shoal.train import PRESETS, RECIPES
+
+    recipe = RECIPES[args.model]
+    inner = InnerConfig(
+        lr=args.inner_lr or recipe.inner_lr,
+        warmup_steps=recipe.warmup_steps,
+        batch_size=args.batch_size or recipe.batch_size,
+        seq_len=args.seq_len or recipe.seq_len,
+    )
+    outer = OuterConfig(name=args.outer, codec=args.codec, lr=args.outer_lr, momentum=args.outer_momentum)
+    return RunConfig(model_preset=args.model, model=PRESETS[args.model].to_dict(), inner=inner, outer=outer,
+                     inner_steps=args.inner_steps or recipe.inner_steps, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shoal", description="Train one model across many machines over slow links.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    peer = sub.add_parser("peer", help="run one peer (the first peer of a run needs no --bootstrap)")
+    peer.add_argument("--listen", type=_host_port, default=("127.0.0.1", 7000), metavar="HOST:PORT", help="default 127.0.0.1:7000; port 0 picks a free one")
+    peer.add_argument("--advertise", help="URL other peers reach this one at (default: http://HOST:PORT of --listen)")
+    peer.add_argument("--bootstrap", metavar="URL", help="any peer of the run, e.g. http://10.0.0.5:7000")
+    peer.add_argument("--swarm-key", default=os.environ.get("SHOAL_SWARM_KEY"), help="shared secret; every message is HMAC-signed with it (env SHOAL_SWARM_KEY)")
+    peer.add_argument("--peer-id", help="this peer's id (default: random); also picks its data shard")
+    peer.add_argument("--role", default="replica", choices=["replica"], help="replica: a full model replica")
+    peer.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default auto: cuda when present)")
+    peer.add_argument("--data", help="text file, folder or glob of .txt/.jsonl (default: this Python's standard library sources)")
+    peer.add_argument("--checkpoint-dir", help="write outer state here after every round")
+    peer.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    peer.add_argument("--rounds", type=int, help="stop after this many outer rounds (default: train until stopped)")
+    peer.add_argument("--threads", type=int, help="torch CPU threads")
+    peer.add_argument("--gather-timeout", type=float, help="seconds to wait for others' contributions (default: as long as our inner phase took, at least 10)")
+    peer.add_argument("--report", help="write this peer's round log and traffic as JSON here on exit")
+    peer.add_argument("--log-level", default="INFO")
+    add_run_arguments(peer)
+
+    demo = sub.add_parser("demo", help="a local swarm of peer processes on 127.0.0.1 with a dashboard")
+    demo.add_argument("--peers", type=int, default=3)
+    demo.add_argument("--rounds", type=int, default=6)
+    demo.add_argument("--summary", help="write the run's summary as JSON here")
+    demo.add_argument("--data", help="as for `shoal peer`")
+    demo.add_argument("--port", type=int, default=0, help="first peer's port (default: a free one)")
+    demo.add_argument("--swarm-key", default=os.environ.get("SHOAL_SWARM_KEY"))
+    add_run_arguments(demo)
+    return parser
+
+
+def peer_config_from(args: argparse.Namespace) -> PeerConfig:
+    protocol = ProtocolConfig(gather_timeout_s=args.gather_timeout)
+    extra = {"peer_id": args.peer_id} if args.peer_id else {}
+    return PeerConfig(
+        run=run_config_from(args), listen_host=args.listen[0], listen_port=args.listen[1], advertise=args.advertise,
+        bootstrap=args.bootstrap, swarm_key=args.swarm_key, role=args.role, device=args.device, data_path=args.data,
+        checkpoint_dir=args.checkpoint_dir, resume=args.resume, max_rounds=args.rounds, torch_threads=args.threads,
+        protocol=protocol, **extra,
+    )
+
+
+async def run_peer(config: PeerConfig, report: str | None = None) -> int:
+    from shoal.peer.node import Peer
+
+    node = Peer(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await node.start()
+        print(f"shoal peer {node.peer_id} serving {node.address} (dashboard: {node.address}/)", flush=True)
+        done = asyncio.create_task(node.run_until_done())
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({done, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (done, stopper):
+            task.cancel()
+    finally:
+        if report:
+            write_report(node, report)
+        await node.stop()
+    return 0
+
+
+def write_report(node, path: str) -> None:
+    data = {
+        "peer_id": node.peer_id, "address": node.address, "round": node.outer_round,
+        "rounds": node.round_log, "initial_eval_loss": node.initial_eval_loss,
+        "bytes_sent": node.traffic.bytes_sent, "bytes_received": node.traffic.bytes_received,
+        "bytes_sent_by_kind": dict(node.traffic.sent), "bytes_received_by_kind": dict(node.traffic.received),
+        "params": sum(t.numel() for t in node.outer.params.values()) if hasattr(node, "outer") else None,
+        "inner_steps_total": node.trainer.step_count if hasattr(node, "trainer") else 0,
+    }
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "peer":
+            logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+            return asyncio.run(run_peer(peer_config_from(args), args.report))
+        from shoal.peer.demo import run_demo
+
+        return run_demo(args)
+    except ValueError as exc:  # config validation: the message names the flag
+        print(f"shoal: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

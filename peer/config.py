@@ -1,0 +1,127 @@
+"""Configuration: what a run shares (RunConfig, compared on join) and what one peer chooses.
+
+Validated once at start-up; error messages name the CLI flag to change.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from shoal.optim.inner import InnerConfig
+from shoal.optim.outer import OuterConfig
+from shoal.peer.errors import ConfigMismatch
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that must be equal on every peer of one run."""
+
+    model_preset: str
+    model: dict[str, Any]  # ModelConfig.to_dict()
+    inner: InnerConfig
+    outer: OuterConfig
+    inner_steps: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.inner_steps < 1:
+            raise ValueError(f"--inner-steps must be >= 1, got {self.inner_steps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> RunConfig:
+        try:
+            return cls(
+                model_preset=str(obj["model_preset"]),
+                model=dict(obj["model"]),
+                inner=InnerConfig(**obj["inner"]),
+                outer=OuterConfig(**obj["outer"]),
+                inner_steps=int(obj["inner_steps"]),
+                seed=int(obj.get("seed", 0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigMismatch(f"unreadable run config: {exc}") from None
+
+    def check_same(self, other: RunConfig) -> None:
+        """Raise ConfigMismatch naming every differing setting."""
+        mine, theirs = _flatten(self.to_dict()), _flatten(other.to_dict())
+        diffs = [f"{k}: this peer {mine.get(k)!r}, swarm {theirs.get(k)!r}" for k in sorted(mine.keys() | theirs.keys()) if mine.get(k) != theirs.get(k)]
+        if diffs:
+            raise ConfigMismatch("run config differs from the swarm's; refusing to join. " + "; ".join(diffs))
+
+
+def _flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in obj.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """Timeouts and limits of the peer protocol, in one place."""
+
+    heartbeat_interval_s: float = 1.0
+    gossip_fanout: int = 3
+    suspect_after_s: float = 3.0
+    dead_after_s: float = 6.0
+    gather_timeout_s: float | None = None  # None: derived from the measured inner-phase time
+    min_gather_timeout_s: float = 10.0
+    agree_timeout_s: float = 5.0
+    request_timeout_s: float = 30.0
+    max_request_bytes: int = 8 * 2**20
+    max_response_bytes: int = 2 * 2**30
+    state_chunk_bytes: int = 4 * 2**20
+    max_clock_skew_s: float = 300.0
+    rounds_kept: int = 3
+
+    def gather_deadline_s(self, inner_seconds: float) -> float:
+        """How long to wait for others after publishing: as long as our own inner phase took
+        (slower peers get that much slack), never less than `min_gather_timeout_s`."""
+        if self.gather_timeout_s is not None:
+            return self.gather_timeout_s
+        return max(self.min_gather_timeout_s, inner_seconds)
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """One peer process's settings (CLI flags)."""
+
+    run: RunConfig
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0
+    advertise: str | None = None  # URL others reach us at; derived from listen when None
+    bootstrap: str | None = None
+    swarm_key: str | None = None
+    swarm_id: str | None = None  # first peer only; joiners adopt the swarm's
+    peer_id: str = field(default_factory=lambda: "peer-" + secrets.token_hex(4))
+    role: str = "replica"
+    device: str = "auto"
+    data_path: str | None = None
+    num_shards: int = 16
+    eval_batches: int = 8
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    max_rounds: int | None = None
+    linger_s: float = 60.0  # after the last round, serve until others finish theirs, at most this
+    torch_threads: int | None = None
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.listen_port < 65536:
+            raise ValueError(f"--listen port must be in 0..65535, got {self.listen_port}")
+        if self.bootstrap is not None and not self.bootstrap.startswith(("http://", "https://")):
+            raise ValueError(f"--bootstrap must be a URL like http://host:port, got {self.bootstrap!r}")
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("--resume needs --checkpoint-dir")
+        if self.max_rounds is not None and self.max_rounds < 1:
+            raise ValueError(f"--rounds must be >= 1, got {self.max_rounds}")
+        if not 0 < len(self.peer_id) <= 128:
+            raise ValueError("--peer-id must be 1..128 characters")

@@ -1,0 +1,179 @@
+"""Membership: the peer table, spread by gossip, with heartbeat-based failure detection.
+
+Protocol (SWIM-flavoured, no coordinator):
+- Every `heartbeat_interval_s` a peer bumps its own heartbeat counter and POSTs its table
+  to `gossip_fanout` random live peers (`/gossip`); the receiver merges and answers with
+  its own table, so one exchange spreads news both ways.
+- An entry is newer when its (incarnation, heartbeat) pair is larger; incarnation is the
+  owner's start time, so a restarted peer with the same id supersedes its old self.
+- Liveness is judged locally: a peer whose counter has not grown for `suspect_after_s` is
+  suspect (still waited for), after `dead_after_s` it is dead (left out of rounds and
+  gossip, shown as dead on the dashboard), after `forget_after_s` it is dropped.
+Entries from the network are validated field by field; a malformed table is rejected
+whole (ProtocolError) and changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from shoal.peer.errors import ProtocolError
+
+MAX_ENTRIES = 4096
+MAX_HISTORY_ROUNDS = 1000
+
+
+@dataclass
+class PeerInfo:
+    """One row of the peer table, as gossiped."""
+
+    peer_id: str
+    address: str
+    role: str = "replica"
+    incarnation: float = 0.0
+    heartbeat: int = 0
+    first_round: int = 0  # the first outer round others should wait for this peer
+    round: int = 0  # outer steps applied
+    step: int = 0  # inner steps taken
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    tokens_per_s: float | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    weights_hash: str | None = None
+
+    def version(self) -> tuple[float, int]:
+        return (self.incarnation, self.heartbeat)
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> PeerInfo:
+        if not isinstance(obj, dict):
+            raise ProtocolError("peer entry must be a map")
+        unknown = set(obj) - _FIELD_NAMES
+        if unknown:
+            raise ProtocolError(f"unknown peer entry fields {sorted(map(str, unknown))[:3]}")
+        kwargs = {}
+        for f in fields(cls):
+            if f.name not in obj:
+                if f.name in ("peer_id", "address"):
+                    raise ProtocolError(f"peer entry lacks {f.name}")
+                continue
+            kwargs[f.name] = _check_field(f.name, obj[f.name])
+        return cls(**kwargs)
+
+
+_FIELD_NAMES = {f.name for f in fields(PeerInfo)}
+_STRINGS = {"peer_id": 128, "address": 256, "role": 32, "weights_hash": 128}
+_INTS = {"heartbeat", "first_round", "round", "step", "bytes_sent", "bytes_received"}
+_FLOATS = {"incarnation", "train_loss", "eval_loss", "tokens_per_s"}
+
+
+def _check_field(name: str, value: Any) -> Any:
+    if value is None and name in ("train_loss", "eval_loss", "tokens_per_s", "weights_hash"):
+        return None
+    if name in _STRINGS:
+        if not isinstance(value, str) or not 0 < len(value) <= _STRINGS[name]:
+            raise ProtocolError(f"peer entry field {name} must be a non-empty string of at most {_STRINGS[name]} chars")
+        if name == "address" and not value.startswith(("http://", "https://")):
+            raise ProtocolError(f"peer address {value!r} must be an http(s) URL")
+        return value
+    if name in _INTS:
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+            raise ProtocolError(f"peer entry field {name} must be a non-negative integer")
+        return value
+    if name in _FLOATS:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ProtocolError(f"peer entry field {name} must be a finite number")
+        return float(value)
+    raise ProtocolError(f"unknown peer entry field {name}")
+
+
+class Membership:
+    """The local view of the swarm. Not thread-safe: used from the event loop only."""
+
+    def __init__(
+        self,
+        me: PeerInfo,
+        *,
+        suspect_after_s: float = 3.0,
+        dead_after_s: float = 6.0,
+        forget_after_s: float = 600.0,
+        clock=time.monotonic,
+    ) -> None:
+        self.me = me
+        self.suspect_after_s = suspect_after_s
+        self.dead_after_s = dead_after_s
+        self.forget_after_s = forget_after_s
+        self.clock = clock
+        self.peers: dict[str, PeerInfo] = {me.peer_id: me}
+        self.last_change: dict[str, float] = {me.peer_id: clock()}
+        self.history: dict[str, dict[int, dict[str, float | None]]] = {}
+        self._record_history(me)
+
+    def beat(self) -> None:
+        """Advance our own heartbeat (once per interval)."""
+        self.me.heartbeat += 1
+        self.last_change[self.me.peer_id] = self.clock()
+        self._record_history(self.me)
+
+    def merge(self, entries: Any) -> int:
+        """Merge a gossiped table; returns how many entries were news. All-or-nothing."""
+        if not isinstance(entries, list) or len(entries) > MAX_ENTRIES:
+            raise ProtocolError(f"peer table must be a list of at most {MAX_ENTRIES} entries")
+        parsed = [PeerInfo.from_wire(e) for e in entries]  # validate all before changing anything
+        news = 0
+        now = self.clock()
+        for info in parsed:
+            if info.peer_id == self.me.peer_id:
+                continue  # only we speak for ourselves
+            known = self.peers.get(info.peer_id)
+            if known is None or info.version() > known.version():
+                self.peers[info.peer_id] = info
+                self.last_change[info.peer_id] = now
+                self._record_history(info)
+                news += 1
+        self._forget_old(now)
+        return news
+
+    def status(self, peer_id: str) -> str:
+        if peer_id == self.me.peer_id:
+            return "alive"
+        silent_s = self.clock() - self.last_change.get(peer_id, -math.inf)
+        if silent_s >= self.dead_after_s:
+            return "dead"
+        return "suspect" if silent_s >= self.suspect_after_s else "alive"
+
+    def is_alive(self, peer_id: str) -> bool:
+        """Alive or merely suspect: still worth waiting for."""
+        return peer_id in self.peers and self.status(peer_id) != "dead"
+
+    def live_others(self) -> list[PeerInfo]:
+        return [p for pid, p in sorted(self.peers.items()) if pid != self.me.peer_id and self.is_alive(pid)]
+
+    def gossip_targets(self, fanout: int, rng: random.Random) -> list[PeerInfo]:
+        others = self.live_others()
+        return rng.sample(others, min(fanout, len(others)))
+
+    def table(self) -> list[dict[str, Any]]:
+        """Entries to gossip: everyone not yet dead (dead ones are judged by each peer)."""
+        return [p.to_wire() for pid, p in self.peers.items() if self.is_alive(pid)]
+
+    def _record_history(self, info: PeerInfo) -> None:
+        rounds = self.history.setdefault(info.peer_id, {})
+        if info.eval_loss is not None or info.train_loss is not None:
+            rounds[info.round] = {"eval_loss": info.eval_loss, "train_loss": info.train_loss}
+            while len(rounds) > MAX_HISTORY_ROUNDS:
+                rounds.pop(min(rounds))
+
+    def _forget_old(self, now: float) -> None:
+        for pid in [p for p, t in self.last_change.items() if now - t > self.forget_after_s and p != self.me.peer_id]:
+            self.peers.pop(pid, None)
+            self.last_change.pop(pid, None)
+            self.history.pop(pid, None)

@@ -1,0 +1,287 @@
+"""A peer: the orchestrator that wires membership, outer rounds, state sync, the training
+thread and the HTTP server together.
+
+Threads: the asyncio event loop serves HTTP, gossips and runs the round protocol; all
+torch work (inner steps, encoding our contribution, the outer step, evaluation) runs on
+one dedicated training thread, and decoding others' contributions on the default
+executor. The loop never runs torch work, so heartbeats keep flowing while we train.
+
+Life of a peer: start the server → join through `--bootstrap` (check the run config,
+take the peer table, download the current outer state) or start a new run → repeat
+{H inner steps → publish → gather → agree → outer step → evaluate → verify hash →
+checkpoint} → on stop, leave the server up for `linger_s` so that others finish the round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from aiohttp import web
+
+from shoal.optim.inner import InnerTrainer
+from shoal.optim.outer import weights_hash
+from shoal.optim.registry import build_outer
+from shoal.peer.checkpoint import load_latest, save_checkpoint
+from shoal.peer.client import PeerClient, PeerUnreachable, Traffic
+from shoal.peer.config import PeerConfig, RunConfig
+from shoal.peer.errors import ConfigMismatch, ShoalError
+from shoal.peer.membership import Membership, PeerInfo
+from shoal.peer.rounds import RoundExchange, RoundStore
+from shoal.peer.server import make_app
+from shoal.peer.statesync import StateServer, download_state
+from shoal.peer.wire import WireCodec
+from shoal.train import ByteData, build_model, evaluate, load_corpus, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+class Stopped(Exception):
+    """Raised inside the training thread when the peer is stopping."""
+
+
+class Peer:
+    def __init__(self, config: PeerConfig) -> None:
+        self.config = config
+        self.peer_id = config.peer_id
+        protocol = config.protocol
+        self.traffic = Traffic()
+        self.wire = WireCodec(
+            config.peer_id,
+            config.swarm_id or secrets.token_hex(8),
+            config.swarm_key,
+            max_body_bytes=protocol.max_request_bytes,
+            max_clock_skew_s=protocol.max_clock_skew_s,
+        )
+        self.client = PeerClient(self.wire, self.traffic, request_timeout_s=protocol.request_timeout_s, max_response_bytes=protocol.max_response_bytes)
+        self.store = RoundStore(protocol.rounds_kept)
+        self.state_server = StateServer(protocol.state_chunk_bytes)
+        self.membership: Membership  # after start(), when our address is known
+        self.outer_round = 0
+        self.address = ""
+        self.finished = asyncio.Event()
+        self._stopping = threading.Event()
+        self._train_thread = ThreadPoolExecutor(1, thread_name_prefix=f"train-{self.peer_id}")
+        self._tasks: list[asyncio.Task] = []
+        self._runner: web.AppRunner | None = None
+        self._rng = random.Random(secrets.randbits(64))
+        self.round_log: list[dict[str, Any]] = []  # one entry per applied round (tests, demo)
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def start(self, train: bool = True) -> None:
+        """Build the model, serve, join or found the run, and start training (unless
+        `train` is False: then the peer only serves and gossips)."""
+        await self._in_train(self._build)
+        self._runner = web.AppRunner(make_app(self), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.listen_host, self.config.listen_port)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.address = self.config.advertise or f"http://{self.config.listen_host}:{port}"
+        protocol = self.config.protocol
+        me = PeerInfo(self.peer_id, self.address, self.config.role, incarnation=time.time(), round=self.outer_round, first_round=self.outer_round)
+        self.membership = Membership(me, suspect_after_s=protocol.suspect_after_s, dead_after_s=protocol.dead_after_s)
+        await self.client.start()
+        if self.config.bootstrap:
+            await self._join(self.config.bootstrap)
+        self._publish_state()
+        me.round = me.first_round = self.outer_round
+        me.eval_loss = self.initial_eval_loss = await self._in_train(self._evaluate)
+        self.membership.beat()
+        log.info("[%s] serving %s (swarm %s, round %d)", self.peer_id, self.address, self.wire.swarm_id, self.outer_round)
+        self._tasks = [asyncio.create_task(self._gossip_loop())]
+        if train:
+            self._tasks.append(asyncio.create_task(self._train_loop()))
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.client.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self._train_thread.shutdown(wait=True, cancel_futures=True)
+
+    async def run_until_done(self) -> None:
+        """Train until `max_rounds` (or forever), then keep serving until every live peer
+        has reached our round (they may still need our set and hash), at most `linger_s`."""
+        await self.finished.wait()
+        deadline = time.monotonic() + self.config.linger_s
+        while time.monotonic() < deadline:
+            if all(p.round >= self.outer_round for p in self.membership.live_others()):
+                await asyncio.sleep(2 * self.config.protocol.heartbeat_interval_s)  # their last requests
+                return
+            await asyncio.sleep(0.2)
+
+    # ---- setup (training thread) ----------------------------------------------------
+
+    def _build(self) -> None:
+        config, run = self.config, self.config.run
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        self.device = resolve_device(config.device)
+        model = build_model(run.model_preset, seed=run.seed)
+        if model.config.to_dict() != run.model:
+            raise ConfigMismatch(f"preset {run.model_preset!r} builds a different model than the run's")
+        data = ByteData(load_corpus(config.data_path), num_shards=config.num_shards)
+        batches = data.train_batches(self.peer_id, run.inner.batch_size, run.inner.seq_len, seed=run.seed)
+        self.eval_set = data.eval_batches(run.inner.batch_size, run.inner.seq_len, config.eval_batches)
+        self.trainer = InnerTrainer(model, run.inner, batches, self.device)
+        self.outer = build_outer(self.trainer.local_weights(), run.outer)
+        self.state_shapes = {n: tuple(t.shape) for n, t in self.outer.state_tensors().items()}
+        if config.resume:
+            loaded = load_latest(config.checkpoint_dir)
+            if loaded is not None:
+                tensors, manifest = loaded
+                RunConfig.from_dict(manifest["run"]).check_same(run)
+                self._load_state(manifest["round"], tensors)
+                log.info("[%s] resumed from checkpoint round %d", self.peer_id, self.outer_round)
+
+    def _load_state(self, round_id: int, tensors: dict[str, torch.Tensor]) -> None:
+        self.outer.load_state_tensors(tensors)
+        self.trainer.load_weights(self.outer.params)
+        self.outer_round = round_id
+
+    def _evaluate(self) -> float:
+        return evaluate(self.trainer.model, self.eval_set, self.device)
+
+    async def _in_train(self, fn, *args) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._train_thread, fn, *args)
+
+    # ---- membership ----------------------------------------------------------------
+
+    async def _join(self, bootstrap: str) -> None:
+        request = {"peer": self.membership.me.to_wire(), "run": self.config.run.to_dict()}
+        deadline = time.monotonic() + self.config.protocol.request_timeout_s
+        while True:
+            try:
+                answer = (await self.client.call(bootstrap, "POST", "/join", request, joining=True)).payload
+                break
+            except PeerUnreachable as exc:
+                if time.monotonic() > deadline:
+                    raise ShoalError(f"cannot reach bootstrap {bootstrap}: {exc}") from None
+                await asyncio.sleep(0.5)
+        RunConfig.from_dict(answer.get("run", {})).check_same(self.config.run)
+        self.wire.swarm_id = str(answer["swarm_id"])
+        self.membership.merge(answer.get("peers"))
+        if int(answer.get("round", 0)) > 0:  # the run has moved on from the shared initial weights
+            sources = self.membership.live_others()
+            round_id, tensors, _ = await download_state(self.client, sources, self.state_shapes)
+            await self._in_train(self._load_state, round_id, tensors)
+            log.info("[%s] joined at round %d with the swarm's outer state", self.peer_id, round_id)
+
+    async def _gossip_loop(self) -> None:
+        interval = self.config.protocol.heartbeat_interval_s
+        while True:
+            me = self.membership.me
+            me.bytes_sent, me.bytes_received = self.traffic.bytes_sent, self.traffic.bytes_received
+            self.membership.beat()
+            targets = self.membership.gossip_targets(self.config.protocol.gossip_fanout, self._rng)
+            await asyncio.gather(*(self._gossip_with(p) for p in targets))
+            await asyncio.sleep(interval)
+
+    async def _gossip_with(self, peer: PeerInfo) -> None:
+        try:
+            answer = await self.client.call(peer.address, "POST", "/gossip", {"peers": self.membership.table()}, timeout_s=2 * self.config.protocol.heartbeat_interval_s + 1)
+            self.membership.merge(answer.payload.get("peers"))
+        except ShoalError as exc:
+            log.debug("[%s] gossip with %s failed: %s", self.peer_id, peer.peer_id, exc)
+
+    # ---- outer rounds ---------------------------------------------------------------
+
+    def _on_step(self, step: int, loss: float) -> None:
+        if self._stopping.is_set():
+            raise Stopped()
+        self._loop.call_soon_threadsafe(self._note_step, step, loss)
+
+    def _note_step(self, step: int, loss: float) -> None:
+        self.membership.me.step = step
+        self.membership.me.train_loss = loss
+
+    async def _decode(self, tensors: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, self.outer.decode_contribution, tensors)
+
+    async def _train_loop(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        protocol, run = self.config.protocol, self.config.run
+        exchange = RoundExchange(self.client, self.membership, self.store, protocol, self._decode)
+        try:
+            while self.config.max_rounds is None or self.outer_round < self.config.max_rounds:
+                round_id = self.outer_round
+                stats = await self._in_train(self.trainer.run, run.inner_steps, self._on_step)
+                self.membership.me.tokens_per_s = stats.tokens / max(stats.seconds, 1e-9)
+                payload = await self._in_train(lambda: self.outer.contribution(self.trainer.local_weights()))
+                own = await self._in_train(self.outer.decode_contribution, payload)  # use what others decode
+                await exchange.publish(round_id, payload, own)
+                gather_s = protocol.gather_deadline_s(stats.seconds)
+                got = await exchange.gather(round_id, gather_s)
+                final = await exchange.agree(round_id, gather_s + protocol.agree_timeout_s)
+                eval_loss, new_hash = await self._in_train(self._apply, round_id, exchange.contributions(round_id, final))
+                majority = await exchange.verify(round_id, new_hash, final)
+                if majority:
+                    round_id, tensors, _ = await download_state(self.client, majority, self.state_shapes)
+                    await self._in_train(self._load_state, round_id, tensors)
+                    new_hash = self.outer.weights_hash()
+                self._after_round(round_id, stats, eval_loss, new_hash, got, final, resynced=bool(majority))
+        except Stopped:
+            return
+        finally:
+            self.finished.set()
+
+    def _apply(self, round_id: int, contributions: list) -> tuple[float, str]:
+        self.outer.apply(contributions)
+        self.trainer.load_weights(self.outer.params)
+        self.outer_round = round_id + 1
+        return self._evaluate(), self.outer.weights_hash()
+
+    def _after_round(self, round_id: int, stats, eval_loss: float, new_hash: str, got: list[str], final: list[str], resynced: bool) -> None:
+        me = self.membership.me
+        me.round, me.eval_loss, me.train_loss, me.weights_hash = self.outer_round, eval_loss, stats.train_loss, new_hash
+        self.membership.beat()
+        self._publish_state()
+        entry = {"round": self.outer_round, "eval_loss": eval_loss, "train_loss": stats.train_loss, "weights_hash": new_hash,
+                 "gathered": got, "applied": final, "resynced": resynced, "inner_seconds": stats.seconds, "time": time.time()}
+        self.round_log.append(entry)
+        log.info("[%s] round %d done: eval %.3f, train %.3f, %d/%d contributions, hash %s%s", self.peer_id, round_id,
+                 eval_loss, stats.train_loss, len(final), len(got), new_hash[:8], " (resynced)" if resynced else "")
+
+    def _publish_state(self) -> None:
+        """Freeze the outer state for joiners and checkpoints."""
+        snapshot = {n: t.clone() for n, t in self.outer.state_tensors().items()}
+        self.membership.me.weights_hash = weights_hash(self.outer.params)
+        self.state_server.update(self.outer_round, snapshot, {"peer": self.peer_id})
+        if self.config.checkpoint_dir and self.outer_round > 0:
+            info = {"run": self.config.run.to_dict(), "peer": self.peer_id, "swarm_id": self.wire.swarm_id}
+            asyncio.get_running_loop().run_in_executor(None, save_checkpoint, self.config.checkpoint_dir, self.outer_round, snapshot, info)
+
+    # ---- dashboard -------------------------------------------------------------------
+
+    def swarm_snapshot(self) -> dict[str, Any]:
+        peers = []
+        for pid, info in sorted(self.membership.peers.items()):
+            entry = info.to_wire()
+            entry["alive"] = self.membership.status(pid) != "dead"
+            entry["status"] = self.membership.status(pid)
+            entry["last_seen"] = time.time() - (self.membership.clock() - self.membership.last_change.get(pid, 0.0))
+            peers.append(entry)
+        run = self.config.run
+        return {
+            "swarm_id": self.wire.swarm_id,
+            "self_id": self.peer_id,
+            "now": time.time(),
+            "run": {"model": run.model_preset, "outer": run.outer.name, "codec": run.outer.codec, "inner_steps": run.inner_steps,
+                    "params": sum(t.numel() for t in self.outer.params.values())},
+            "round": self.outer_round,
+            "peers": peers,
+            "history": {pid: [{"round": r, **v} for r, v in sorted(rounds.items())] for pid, rounds in self.membership.history.items()},
+            "traffic": {"sent": dict(self.traffic.sent), "received": dict(self.traffic.received)},
+        }

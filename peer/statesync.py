@@ -1,0 +1,156 @@
+"""State sync: how a joiner (or a drifted peer) gets the current outer state.
+
+Protocol:
+- `POST /state/manifest {}` → {round, size, sha256, chunk_bytes, num_chunks}: the serving
+  peer freezes its latest outer state (weights + outer optimizer state) as one safetensors
+  blob, built once per round and kept for the last two rounds.
+- `POST /state/chunk {round, index}` → {data}: one chunk of that blob; 410 Gone if the
+  round has been replaced meanwhile, and the joiner starts over from the manifest.
+- The joiner checks the blob's sha256 against the manifest, parses it with safetensors
+  (no pickle), and checks every tensor's name and shape against its own model before
+  using any of it. A peer that vanishes mid-transfer costs a retry from another peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from shoal.peer.client import PeerClient
+from shoal.peer.errors import Gone, ProtocolError, ShoalError
+from shoal.peer.membership import PeerInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StateBlob:
+    round_id: int
+    data: bytes
+    sha256: str
+    chunk_bytes: int
+
+    @property
+    def num_chunks(self) -> int:
+        return max(1, -(-len(self.data) // self.chunk_bytes))
+
+    def manifest(self) -> dict:
+        return {"round": self.round_id, "size": len(self.data), "sha256": self.sha256, "chunk_bytes": self.chunk_bytes, "num_chunks": self.num_chunks}
+
+    def chunk(self, index: int) -> bytes:
+        if not 0 <= index < self.num_chunks:
+            raise ProtocolError(f"chunk index {index} out of range 0..{self.num_chunks - 1}")
+        return self.data[index * self.chunk_bytes : (index + 1) * self.chunk_bytes]
+
+
+def serialize_state(round_id: int, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, object], chunk_bytes: int) -> StateBlob:
+    meta = {"round": str(round_id), "meta": json.dumps(dict(metadata), sort_keys=True)}
+    data = safetensors_save({n: t.contiguous() for n, t in tensors.items()}, metadata=meta)
+    return StateBlob(round_id, data, hashlib.sha256(data).hexdigest(), chunk_bytes)
+
+
+def parse_state(data: bytes, expected_shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, dict[str, torch.Tensor], dict]:
+    """Parse a state blob and check it against the expected tensor names and shapes."""
+    try:
+        tensors = safetensors_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        meta = header.get("__metadata__", {})
+        round_id = int(meta["round"])
+        extra = json.loads(meta.get("meta", "{}"))
+    except Exception as exc:  # safetensors raises its own error types on garbage
+        raise ProtocolError(f"unreadable state blob: {type(exc).__name__}: {exc}") from None
+    if set(tensors) != set(expected_shapes):
+        raise ProtocolError(f"state holds {len(tensors)} tensors, expected {len(expected_shapes)} with matching names")
+    for name, shape in expected_shapes.items():
+        if tuple(tensors[name].shape) != tuple(shape) or tensors[name].dtype != torch.float32:
+            raise ProtocolError(f"state tensor {name}: {tuple(tensors[name].shape)} {tensors[name].dtype}, expected {shape} float32")
+        if not torch.isfinite(tensors[name]).all():
+            raise ProtocolError(f"state tensor {name} holds non-finite values")
+    return round_id, tensors, extra
+
+
+class StateServer:
+    """Holds the latest frozen outer state and serves it in chunks."""
+
+    def __init__(self, chunk_bytes: int) -> None:
+        self.chunk_bytes = chunk_bytes
+        self._source: tuple[int, dict[str, torch.Tensor], dict] | None = None
+        self._blobs: dict[int, StateBlob] = {}
+        self._lock = asyncio.Lock()
+
+    def update(self, round_id: int, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+        """Offer a new snapshot (tensors must not be mutated afterwards)."""
+        self._source = (round_id, tensors, metadata)
+
+    async def latest(self) -> StateBlob:
+        if self._source is None:
+            raise Gone("no state to serve yet")
+        async with self._lock:
+            round_id, tensors, metadata = self._source
+            if round_id not in self._blobs:
+                loop = asyncio.get_running_loop()
+                blob = await loop.run_in_executor(None, serialize_state, round_id, tensors, metadata, self.chunk_bytes)
+                self._blobs[round_id] = blob
+                for old in sorted(self._blobs)[:-2]:
+                    del self._blobs[old]
+            return self._blobs[round_id]
+
+    def blob(self, round_id: int) -> StateBlob:
+        if round_id not in self._blobs:
+            raise Gone(f"state of round {round_id} is no longer served; fetch the manifest again")
+        return self._blobs[round_id]
+
+
+async def download_state(
+    client: PeerClient,
+    sources: Sequence[PeerInfo],
+    expected_shapes: Mapping[str, tuple[int, ...]],
+    *,
+    attempts: int = 3,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[int, dict[str, torch.Tensor], dict]:
+    """Download, verify and parse the outer state from the first source that delivers."""
+    errors = []
+    for attempt in range(attempts):
+        for source in sources:
+            try:
+                return await _download_from(client, source, expected_shapes, on_progress)
+            except ShoalError as exc:
+                errors.append(f"{source.peer_id}: {exc}")
+                log.warning("state download from %s failed (attempt %d): %s", source.peer_id, attempt + 1, exc)
+        await asyncio.sleep(0.5 * (attempt + 1))
+    raise ShoalError("could not download the outer state: " + "; ".join(errors[-4:]))
+
+
+async def _download_from(client, source: PeerInfo, expected_shapes, on_progress) -> tuple[int, dict[str, torch.Tensor], dict]:
+    manifest = (await client.call(source.address, "POST", "/state/manifest", {})).payload
+    try:
+        round_id, size, sha256, num_chunks = (manifest[k] for k in ("round", "size", "sha256", "num_chunks"))
+        assert isinstance(size, int) and isinstance(num_chunks, int) and isinstance(sha256, str) and 0 < num_chunks <= 1 << 20
+    except (KeyError, AssertionError):
+        raise ProtocolError(f"bad state manifest from {source.peer_id}") from None
+    if size > client.max_response_bytes:
+        raise ProtocolError(f"state of {size} bytes exceeds the {client.max_response_bytes}-byte limit")
+    parts = []
+    for index in range(num_chunks):
+        answer = (await client.call(source.address, "POST", "/state/chunk", {"round": round_id, "index": index})).payload
+        data = answer.get("data")
+        if not isinstance(data, bytes):
+            raise ProtocolError("state chunk without data")
+        parts.append(data)
+        if on_progress is not None:
+            on_progress(index + 1, num_chunks)
+    blob = b"".join(parts)
+    if len(blob) != size or hashlib.sha256(blob).hexdigest() != sha256:
+        raise ProtocolError(f"state from {source.peer_id} fails its hash check")
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, parse_state, blob, expected_shapes)

@@ -1,0 +1,193 @@
+"""Wire format: msgpack bodies, an authenticated envelope in headers, tensors as raw bytes.
+
+Every request and every response between peers is one msgpack map (never pickle). The
+envelope travels in HTTP headers so the body stays a plain map:
+
+    X-Shoal-Version   protocol version (int); a mismatch is a ProtocolError
+    X-Shoal-Swarm     swarm id; a mismatch is an AuthError ("-" only on /join requests)
+    X-Shoal-Peer      sender's peer id
+    X-Shoal-Time      sender's unix time; older/newer than `max_clock_skew_s` is an AuthError
+    X-Shoal-Encoding  "zstd" when the body is zstd-framed, "identity" otherwise
+    X-Shoal-MAC       hex HMAC-SHA256, keyed by the swarm secret, over the method, the path,
+                      the other envelope fields and the body (only when a secret is set)
+
+Binding the method and path into the MAC means a body signed for one endpoint cannot be
+replayed against another. Tensors are maps {"dtype", "shape", "data"} with little-endian
+raw bytes; `unpack_tensor` checks the dtype against an allow-list and the byte count
+against the shape (and the shape against the expected one) before touching the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+
+from shoal.compression import CodecError, FrameTooLarge, zstd_frame, zstd_unframe
+from shoal.peer.errors import AuthError, PayloadTooLarge, ProtocolError
+
+PROTOCOL_VERSION = 1
+H_VERSION, H_SWARM, H_PEER, H_TIME = "X-Shoal-Version", "X-Shoal-Swarm", "X-Shoal-Peer", "X-Shoal-Time"
+H_ENCODING, H_MAC = "X-Shoal-Encoding", "X-Shoal-MAC"
+NO_SWARM = "-"
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A decoded, authenticated message."""
+
+    sender: str
+    swarm_id: str
+    timestamp: float
+    payload: dict[str, Any]
+
+
+def _mac(key: bytes, method: str, path: str, fields: list[str], body: bytes) -> str:
+    head = "\n".join([method.upper(), path, *fields]).encode() + b"\n"
+    return hmac.new(key, head + body, hashlib.sha256).hexdigest()
+
+
+class WireCodec:
+    """Encodes and authenticates messages for one peer (its id, swarm id and secret)."""
+
+    def __init__(
+        self,
+        peer_id: str,
+        swarm_id: str,
+        swarm_key: str | None,
+        *,
+        max_body_bytes: int,
+        compress_above_bytes: int = 64 * 1024,
+        max_clock_skew_s: float = 300.0,
+    ) -> None:
+        self.peer_id = peer_id
+        self.swarm_id = swarm_id
+        self.key = swarm_key.encode() if swarm_key else None
+        self.max_body_bytes = max_body_bytes
+        self.compress_above_bytes = compress_above_bytes
+        self.max_clock_skew_s = max_clock_skew_s
+
+    def encode(self, method: str, path: str, payload: Mapping[str, Any], *, swarm_id: str | None = None) -> tuple[bytes, dict[str, str]]:
+        """Serialise `payload` and build the envelope headers for `method path`."""
+        raw = msgpack.packb(dict(payload), use_bin_type=True)
+        body, encoding = raw, "identity"
+        if len(raw) >= self.compress_above_bytes:
+            framed = zstd_frame(raw, min_size=self.compress_above_bytes)
+            if framed[0] == 1:  # the framing compressed it
+                body, encoding = framed, "zstd"
+        fields = [str(PROTOCOL_VERSION), swarm_id or self.swarm_id, self.peer_id, f"{time.time():.3f}", encoding]
+        headers = dict(zip((H_VERSION, H_SWARM, H_PEER, H_TIME, H_ENCODING), fields, strict=True))
+        if self.key is not None:
+            headers[H_MAC] = _mac(self.key, method, path, fields, body)
+        return body, headers
+
+    def sign(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> str:
+        """The MAC for `body` under the envelope fields in `headers` (needs a swarm key)."""
+        assert self.key is not None, "no swarm key to sign with"
+        fields = [headers[h] for h in (H_VERSION, H_SWARM, H_PEER, H_TIME, H_ENCODING)]
+        return _mac(self.key, method, path, fields, body)
+
+    def decode(self, method: str, path: str, headers: Mapping[str, str], body: bytes, *, any_swarm: bool = False, max_bytes: int | None = None) -> Envelope:
+        """Authenticate and parse a message; raise AuthError/ProtocolError/PayloadTooLarge.
+
+        `any_swarm` skips the swarm-id check: for a join, where one side does not know the
+        swarm id yet (the MAC still proves the other side holds the swarm key)."""
+        limit = self.max_body_bytes if max_bytes is None else max_bytes
+        if len(body) > limit:
+            raise PayloadTooLarge(f"body of {len(body)} bytes exceeds the limit of {limit}")
+        try:
+            fields = [headers[h] for h in (H_VERSION, H_SWARM, H_PEER, H_TIME, H_ENCODING)]
+        except KeyError as missing:
+            raise ProtocolError(f"missing envelope header {missing}") from None
+        version, swarm_id, sender, stamp, encoding = fields
+        if self.key is not None:
+            given = headers.get(H_MAC, "")
+            if not hmac.compare_digest(given, _mac(self.key, method, path, fields, body)):
+                raise AuthError("bad or missing HMAC: wrong swarm key?")
+        if version != str(PROTOCOL_VERSION):
+            raise ProtocolError(f"protocol version {version!r}, this peer speaks {PROTOCOL_VERSION}")
+        if swarm_id != self.swarm_id and not any_swarm:
+            raise AuthError(f"message for swarm {swarm_id!r}, this is swarm {self.swarm_id!r}")
+        try:
+            timestamp = float(stamp)
+        except ValueError:
+            raise ProtocolError(f"bad timestamp {stamp!r}") from None
+        if abs(time.time() - timestamp) > self.max_clock_skew_s:
+            raise AuthError(f"timestamp off by more than {self.max_clock_skew_s:.0f} s (clock skew or replay)")
+        if encoding == "zstd":
+            try:
+                raw = zstd_unframe(body, max_size=limit)
+            except FrameTooLarge as exc:
+                raise PayloadTooLarge(f"zstd body exceeds the limit: {exc}") from None
+            except CodecError as exc:
+                raise ProtocolError(f"bad zstd body: {exc}") from None
+        elif encoding == "identity":
+            raw = body
+        else:
+            raise ProtocolError(f"unknown encoding {encoding!r}")
+        return Envelope(sender=sender, swarm_id=swarm_id, timestamp=timestamp, payload=unpack_map(raw))
+
+
+def unpack_map(raw: bytes) -> dict[str, Any]:
+    """msgpack-decode a body that must be a map with string keys."""
+    try:
+        payload = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"body is not valid msgpack: {type(exc).__name__}") from None
+    if not isinstance(payload, dict):
+        raise ProtocolError(f"body must be a msgpack map, got {type(payload).__name__}")
+    return payload
+
+
+def pack_tensor(tensor: torch.Tensor) -> dict[str, Any]:
+    """A tensor as a msgpack-able map of dtype, shape and little-endian bytes."""
+    tensor = tensor.detach().to("cpu").contiguous()
+    if tensor.dtype not in _DTYPE_NAMES:
+        raise ValueError(f"dtype {tensor.dtype} cannot be sent")
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: ship the raw 16-bit words
+        data = tensor.view(torch.int16).numpy().astype("<i2").tobytes()
+    else:
+        data = tensor.numpy().astype(tensor.numpy().dtype.newbyteorder("<")).tobytes()
+    return {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data": data}
+
+
+def unpack_tensor(obj: Any, expected_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Validate and rebuild a tensor map; raise ProtocolError on anything inconsistent."""
+    if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
+        raise ProtocolError("tensor must be a map with exactly dtype, shape, data")
+    dtype_name, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    if dtype_name not in _DTYPES:
+        raise ProtocolError(f"unknown dtype {dtype_name!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d < 2**40 for d in shape):
+        raise ProtocolError(f"bad shape {shape!r}")
+    if expected_shape is not None and tuple(shape) != tuple(expected_shape):
+        raise ProtocolError(f"shape {tuple(shape)} does not match the expected {tuple(expected_shape)}")
+    if not isinstance(data, bytes):
+        raise ProtocolError("tensor data must be bytes")
+    dtype = _DTYPES[dtype_name]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if len(data) != numel * itemsize:
+        raise ProtocolError(f"{len(data)} data bytes for shape {tuple(shape)} of {dtype_name}")
+    if dtype == torch.bfloat16:
+        array = np.frombuffer(data, dtype="<i2").copy()
+        return torch.from_numpy(array).view(torch.bfloat16).reshape(shape)
+    array = np.frombuffer(data, dtype=np.dtype(dtype_name).newbyteorder("<")).astype(dtype_name)
+    return torch.from_numpy(array.copy()).reshape(shape)

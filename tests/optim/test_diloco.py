@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from shoal.optim.diloco import DiLoCo
+from shoal.optim.outer import ContributionError, OuterConfig, weights_hash
+
+
+def weights(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"a": torch.randn(8, 16, generator=g), "b": torch.randn(33, generator=g)}
+
+
+def test_outer_step_matches_torch_sgd_nesterov():
+    start = weights()
+    outer = DiLoCo(start, OuterConfig(codec="fp32", lr=0.7, momentum=0.9))
+    ref = {n: torch.nn.Parameter(t.clone()) for n, t in start.items()}
+    opt = torch.optim.SGD(ref.values(), lr=0.7, momentum=0.9, nesterov=True)
+    for step in range(3):
+        locals_ = [{n: t - 0.01 * torch.randn_like(t) for n, t in outer.params.items()} for _ in range(3)]
+        decoded = [outer.decode_contribution(outer.contribution(loc)) for loc in locals_]
+        outer.apply(decoded)
+        for n, p in ref.items():
+            p.grad = sum(p.detach() - loc[n] for loc in locals_) / 3
+        opt.step()
+        for n in start:
+            torch.testing.assert_close(outer.params[n], ref[n].detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_int8_contribution_is_a_quarter_and_close():
+    outer = DiLoCo({"w": torch.zeros(256, 1024)}, OuterConfig(codec="int8"))
+    local = {"w": torch.randn(256, 1024) * 1e-3}
+    payload = outer.contribution(local)
+    assert len(payload["w"]) < 0.26 * 4 * 256 * 1024
+    decoded = outer.decode_contribution(payload)["w"]
+    assert torch.linalg.norm(decoded + local["w"]) / torch.linalg.norm(local["w"]) < 0.02
+
+
+def test_apply_is_order_fixed_and_deterministic():
+    a, b = DiLoCo(weights(), OuterConfig(codec="fp32")), DiLoCo(weights(), OuterConfig(codec="fp32"))
+    contributions = [{n: torch.randn_like(t) for n, t in weights().items()} for _ in range(4)]
+    a.apply(contributions)
+    b.apply(contributions)
+    assert a.weights_hash() == b.weights_hash() != weights_hash(weights())
+
+
+def test_empty_round_changes_nothing():
+    outer = DiLoCo(weights(), OuterConfig(codec="fp32"))
+    before = outer.weights_hash()
+    outer.apply([])
+    assert outer.weights_hash() == before
+
+
+def test_bad_contributions_are_rejected():
+    outer = DiLoCo(weights(), OuterConfig(codec="fp32"))
+    good = outer.contribution(weights(1))
+    with pytest.raises(ContributionError, match="missing"):
+        outer.decode_contribution({"a": good["a"]})
+    with pytest.raises(ContributionError, match="unexpected"):
+        outer.decode_contribution({**good, "c": good["a"]})
+    with pytest.raises(ContributionError, match="a:"):
+        outer.decode_contribution({**good, "a": good["b"]})  # wrong size for a's shape
+    with pytest.raises(ContributionError):
+        outer.decode_contribution({**good, "a": "text"})
+    with pytest.raises(ValueError):  # NaN refused when encoding, before anything is sent
+        outer.contribution({**weights(1), "b": torch.full((33,), float("nan"))})
+
+
+def test_state_round_trip():
+    outer = DiLoCo(weights(), OuterConfig(codec="fp32"))
+    outer.apply([{n: torch.randn_like(t) for n, t in weights().items()}])
+    other = DiLoCo(weights(5), OuterConfig(codec="fp32"))
+    other.load_state_tensors(outer.state_tensors())
+    assert other.weights_hash() == outer.weights_hash()
+    assert torch.equal(other.momentum["a"], outer.momentum["a"])
+    with pytest.raises(ValueError):
+        other.load_state_tensors({"outer/a": torch.zeros(1)})

@@ -1,0 +1,44 @@
+import pytest
+
+from shoal.optim.inner import InnerConfig
+from shoal.optim.outer import OuterConfig
+from shoal.peer.config import PeerConfig, ProtocolConfig, RunConfig
+from shoal.peer.errors import ConfigMismatch
+
+
+def run(**kw):
+    base = dict(model_preset="tiny", model={"d_model": 32}, inner=InnerConfig(), outer=OuterConfig(), inner_steps=10)
+    return RunConfig(**{**base, **kw})
+
+
+def test_same_config_passes_and_round_trips():
+    a = run()
+    a.check_same(RunConfig.from_dict(a.to_dict()))
+
+
+def test_mismatch_names_every_differing_setting():
+    with pytest.raises(ConfigMismatch) as err:
+        run(outer=OuterConfig(codec="fp32"), model={"d_model": 64}).check_same(run())
+    assert "outer.codec" in str(err.value) and "model.d_model" in str(err.value) and "inner.lr" not in str(err.value)
+
+
+def test_unreadable_config_is_a_mismatch():
+    with pytest.raises(ConfigMismatch):
+        RunConfig.from_dict({"model_preset": "tiny"})
+
+
+def test_validation_names_flags():
+    with pytest.raises(ValueError, match="--inner-steps"):
+        run(inner_steps=0)
+    with pytest.raises(ValueError, match="--bootstrap"):
+        PeerConfig(run=run(), bootstrap="127.0.0.1:7000")
+    with pytest.raises(ValueError, match="--resume"):
+        PeerConfig(run=run(), resume=True)
+    with pytest.raises(ValueError, match="--outer-lr"):
+        OuterConfig(lr=0)
+
+
+def test_gather_deadline_follows_measured_speed():
+    assert ProtocolConfig().gather_deadline_s(3.0) == 10.0
+    assert ProtocolConfig().gather_deadline_s(42.0) == 42.0
+    assert ProtocolConfig(gather_timeout_s=5.0).gather_deadline_s(42.0) == 5.0

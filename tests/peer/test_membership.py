@@ -1,0 +1,74 @@
+import pytest
+
+from shoal.peer.errors import ProtocolError
+from shoal.peer.membership import Membership, PeerInfo
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def entry(pid, hb=1, inc=1.0, **kw):
+    return PeerInfo(pid, f"http://127.0.0.1:{1000 + len(pid)}", incarnation=inc, heartbeat=hb, **kw).to_wire()
+
+
+def make(clock=None):
+    return Membership(PeerInfo("me", "http://127.0.0.1:1"), suspect_after_s=3, dead_after_s=6, forget_after_s=60, clock=clock or Clock())
+
+
+def test_merge_takes_newer_entries_only():
+    m = make()
+    assert m.merge([entry("a", hb=5, round=2)]) == 1
+    assert m.merge([entry("a", hb=4, round=1)]) == 0
+    assert m.peers["a"].round == 2
+    assert m.merge([entry("a", hb=1, inc=2.0, round=0)]) == 1  # restarted: new incarnation wins
+    assert m.peers["a"].round == 0
+
+
+def test_nobody_speaks_for_us():
+    m = make()
+    m.merge([entry("me", hb=99, round=50)])
+    assert m.me.round == 0
+
+
+@pytest.mark.parametrize("bad", [
+    "not a list",
+    [{"peer_id": "x"}],
+    [entry("x", round=-1)],
+    [{**entry("x"), "address": "ftp://x"}],
+    [{**entry("x"), "eval_loss": float("nan")}],
+    [{**entry("x"), "unknown": 1}],
+    [entry("ok"), {**entry("bad"), "heartbeat": "1"}],
+])
+def test_malformed_tables_change_nothing(bad):
+    m = make()
+    with pytest.raises(ProtocolError):
+        m.merge(bad)
+    assert set(m.peers) == {"me"}
+
+
+def test_failure_detection_timeline():
+    clock = Clock()
+    m = make(clock)
+    m.merge([entry("a", hb=1)])
+    assert m.status("a") == "alive" and [p.peer_id for p in m.live_others()] == ["a"]
+    clock.t = 3.5
+    assert m.status("a") == "suspect" and m.is_alive("a")
+    m.merge([entry("a", hb=2)])  # a heartbeat brings it back
+    assert m.status("a") == "alive"
+    clock.t = 3.5 + 6.0
+    assert m.status("a") == "dead" and m.live_others() == [] and all(e["peer_id"] != "a" for e in m.table())
+    clock.t = 100.0
+    m.merge([])
+    assert "a" not in m.peers
+
+
+def test_history_records_losses_per_round():
+    m = make()
+    m.merge([entry("a", hb=1, round=1, eval_loss=3.0)])
+    m.merge([entry("a", hb=2, round=2, eval_loss=2.5)])
+    assert m.history["a"] == {1: {"eval_loss": 3.0, "train_loss": None}, 2: {"eval_loss": 2.5, "train_loss": None}}

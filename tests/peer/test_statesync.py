@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+from shoal.peer.errors import ProtocolError
+from shoal.peer.statesync import parse_state, serialize_state
+
+SHAPES = {"outer/w": (4, 3), "momentum/w": (4, 3)}
+
+
+def state():
+    return {"outer/w": torch.randn(4, 3), "momentum/w": torch.randn(4, 3)}
+
+
+def test_round_trip_in_chunks():
+    original = state()
+    blob = serialize_state(7, original, {"peer": "a"}, chunk_bytes=64)
+    assert blob.num_chunks > 1
+    data = b"".join(blob.chunk(i) for i in range(blob.num_chunks))
+    round_id, tensors, meta = parse_state(data, SHAPES)
+    assert round_id == 7 and meta == {"peer": "a"}
+    assert all(torch.equal(tensors[n], original[n]) for n in SHAPES)
+    with pytest.raises(ProtocolError):
+        blob.chunk(blob.num_chunks)
+
+
+def test_rejects_garbage_wrong_shapes_and_nan():
+    with pytest.raises(ProtocolError, match="unreadable"):
+        parse_state(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}", SHAPES)
+    with pytest.raises(ProtocolError):
+        parse_state(serialize_state(1, state(), {}, 1 << 20).data, {"outer/w": (3, 4), "momentum/w": (4, 3)})
+    with pytest.raises(ProtocolError):
+        parse_state(serialize_state(1, {"outer/w": torch.randn(4, 3)}, {}, 1 << 20).data, SHAPES)
+    bad = state()
+    bad["outer/w"][0, 0] = float("nan")
+    with pytest.raises(ProtocolError, match="non-finite"):
+        parse_state(serialize_state(1, bad, {}, 1 << 20).data, SHAPES)

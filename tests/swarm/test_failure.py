@@ -1,0 +1,81 @@
+"""A peer SIGKILLed mid-round: the others leave it out, finish the round within the
+deadline, see it dead within 10 s, and keep training in step. Peers are separate
+processes here, started through the real CLI."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def swarm_view(url: str):
+    try:
+        with urllib.request.urlopen(url + "/api/swarm", timeout=2) as resp:
+            return json.load(resp)
+    except OSError:
+        return None
+
+
+def wait_for(predicate, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@pytest.mark.timeout(240)
+def test_sigkilled_peer_is_left_out(corpus, tmp_path):
+    rounds = 4
+    ports = [free_port() for _ in range(3)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    procs = []
+    try:
+        for i, port in enumerate(ports):
+            cmd = [sys.executable, "-m", "shoal.peer.cli", "peer", "--listen", f"127.0.0.1:{port}", "--peer-id", f"peer-{i}",
+                   "--model", "tiny", "--inner-steps", "30", "--batch-size", "4", "--seq-len", "32", "--inner-lr", "0.003",
+                   "--data", corpus, "--rounds", str(rounds), "--threads", "1", "--report", str(tmp_path / f"peer-{i}.json")]
+            if i:
+                cmd += ["--bootstrap", urls[0]]
+            log = open(tmp_path / f"peer-{i}.log", "w")
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+            if i == 0:
+                wait_for(lambda: swarm_view(urls[0]), 60, "the first peer to serve")
+        view = wait_for(lambda: (v := swarm_view(urls[0])) and min(p["round"] for p in v["peers"]) >= 1 and len(v["peers"]) == 3 and v, 90, "round 1")
+        victim = procs[2]
+        victim.send_signal(signal.SIGKILL)  # during round 2's inner steps
+        killed_at = time.monotonic()
+        victim.wait(timeout=10)
+        wait_for(lambda: (v := swarm_view(urls[0])) and any(p["peer_id"] == "peer-2" and not p["alive"] for p in v["peers"]), 10, "peer-2 marked dead")
+        dead_after_s = time.monotonic() - killed_at
+        for proc in procs[:2]:
+            assert proc.wait(timeout=150) == 0
+        reports = [json.loads((tmp_path / f"peer-{i}.json").read_text()) for i in range(2)]
+        for report in reports:
+            assert [r["round"] for r in report["rounds"]] == list(range(1, rounds + 1))
+            assert report["rounds"][-1]["applied"] == ["peer-0", "peer-1"]
+        for a, b in zip(reports[0]["rounds"], reports[1]["rounds"], strict=True):
+            assert a["weights_hash"] == b["weights_hash"]
+        # the round the victim missed took at most the gather deadline (>= 10 s by default) more than the others
+        durations = [b["time"] - a["time"] for a, b in zip(reports[0]["rounds"], reports[0]["rounds"][1:])]
+        assert max(durations) < 45, durations
+        print(f"peer-2 seen dead after {dead_after_s:.1f} s; round times {[round(d, 1) for d in durations]}")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()

@@ -1,0 +1,34 @@
+"""A fourth peer joins mid-run, downloads the outer state in chunks and ends in step."""
+
+from dataclasses import replace
+
+from conftest import FAST_PROTOCOL, peer_config, run_async, start_swarm, stop_all, wait_until
+
+from shoal.peer.node import Peer
+
+
+def test_fourth_peer_joins_mid_run_and_converges(corpus):
+    async def scenario():
+        rounds = 5
+        # small state chunks so the download really is chunked
+        protocol = replace(FAST_PROTOCOL, state_chunk_bytes=16 * 1024)
+        peers = await start_swarm(corpus, 3, max_rounds=rounds, protocol=protocol)
+        joiner = None
+        try:
+            await wait_until(lambda: all(p.outer_round >= 2 for p in peers), 60, "round 2")
+            joiner = Peer(peer_config(corpus, "peer-3", bootstrap=peers[1].address, max_rounds=rounds, protocol=protocol))
+            await joiner.start()
+            join_round = joiner.outer_round
+            assert join_round >= 2, "the joiner must start from the swarm's current round, not from scratch"
+            assert joiner.traffic.received["chunk"] > 16 * 1024  # several chunks arrived
+            everyone = [*peers, joiner]
+            await wait_until(lambda: all(p.finished.is_set() for p in everyone), 90, "all peers finish")
+            final = {p.peer_id: p.round_log[-1]["weights_hash"] for p in everyone}
+            assert len(set(final.values())) == 1, final
+            assert all(p.outer_round == rounds for p in everyone)
+            # the joiner contributed to at least the last round
+            assert "peer-3" in peers[0].round_log[-1]["applied"]
+        finally:
+            await stop_all(peers + ([joiner] if joiner else []))
+
+    run_async(scenario(), 150)

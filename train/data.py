@@ -1,0 +1,226 @@
+"""Byte-level data: a corpus of documents, a held-out eval split, and one shard per peer.
+
+Every peer of a run must agree on two things without talking: which bytes are held out
+for evaluation (so eval losses are comparable across peers), and which shard of the
+training bytes it trains on (so replicas see different data, as in DiLoCo). Both are
+decided by sha256 of content or of the peer id, never by Python's salted `hash()` or by
+file-system order, so they come out the same on every machine with the same corpus.
+
+    documents ─► pieces (≤ 64 KiB) ─► sha256 score ─► eval pieces | train pieces
+    train pieces joined by DOC_SEPARATOR ─► cut into num_shards contiguous shards
+    peer_id ─► sha256 ─► shard index ─► random windows (x, y = x shifted by one byte)
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DOC_SEPARATOR = b"\x00"  # between documents: an end-of-document byte that source text never holds
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".jsonl")  # what a folder contributes
+DEFAULT_CORPUS_BYTES = 8 * 1024 * 1024  # the stdlib corpus stops at this size (loads in ~0.1 s)
+MAX_PIECE_BYTES = 64 * 1024  # long documents are split so that one big file cannot fill eval
+SHARD_HASH_PREFIX = b"shoal-shard:"
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the bytes come from and how they are served; every peer of a run shares it."""
+
+    path: str | None = None  # None: this Python's standard library sources
+    num_shards: int = 16
+    batch_size: int = 16
+    seq_len: int = 128
+    eval_batches: int = 8
+    eval_fraction: float = 0.03
+
+    def __post_init__(self) -> None:
+        if self.num_shards < 1:
+            raise ValueError(f"--num-shards must be >= 1, got {self.num_shards}")
+        if self.batch_size < 1 or self.seq_len < 1 or self.eval_batches < 1:
+            raise ValueError("--batch-size, --seq-len and --eval-batches must be >= 1")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+
+
+# ---- loading ------------------------------------------------------------------------
+
+
+def stdlib_source_files() -> list[Path]:
+    """The running interpreter's standard-library `.py` files in sorted relative-path
+    order, leaving out site-packages (installed, differs per machine) and test folders
+    (huge, and full of deliberately odd data)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "__pycache__"}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in skip]
+        found += [Path(dirpath, f) for f in filenames if f.endswith(".py")]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _default_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[bytes]:
+    documents, total = [], 0
+    for path in stdlib_source_files():
+        if total >= max_bytes:
+            break
+        data = path.read_bytes()
+        if data:
+            documents.append(data)
+            total += len(data)
+    if not documents:
+        raise ValueError(f"no .py files found under the standard library at {sysconfig.get_paths()['stdlib']}")
+    return documents
+
+
+def _read_file(path: Path) -> list[bytes]:
+    if path.suffix != ".jsonl":
+        return [path.read_bytes()]
+    documents = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'text' field ({exc})") from None
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{lineno}: 'text' must be a string")
+        documents.append(text.encode("utf-8"))
+    return documents
+
+
+def load_corpus(path: str | None) -> list[bytes]:
+    """Documents as raw bytes. `None`: the standard library's own sources (first ~8 MB by
+    sorted path): always present, no download, the same on every peer with the same
+    Python. Otherwise a file, a folder (recursively, files ending in .txt/.md/.py/.jsonl)
+    or a glob; a `.jsonl` file gives one document per line, its "text" field."""
+    if path is None:
+        return _default_corpus()
+    target = Path(path)
+    if target.is_file():
+        files = [target]
+    elif target.is_dir():
+        files = sorted(p for p in target.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise ValueError(f"data folder {path!r} holds no {'/'.join(TEXT_SUFFIXES)} files")
+    elif glob.has_magic(path):
+        files = sorted(Path(p) for p in glob.glob(path, recursive=True) if Path(p).is_file())
+        if not files:
+            raise ValueError(f"data glob {path!r} matches no files")
+    else:
+        raise ValueError(f"data path {path!r} does not exist")
+    documents = [doc for f in files for doc in _read_file(f) if doc]
+    if not documents:
+        raise ValueError(f"data path {path!r} holds no text (all files empty)")
+    return documents
+
+
+# ---- split, shards, batches ---------------------------------------------------------
+
+
+def _stable_score(data: bytes) -> float:
+    """A number in [0, 1) fixed by the content alone."""
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "big") / 2**64
+
+
+def shard_for(peer_id: str, num_shards: int) -> int:
+    """The shard a peer trains on: sha256 of its id, the same on every machine and run.
+    The prefix separates this use of the id's hash from others (the batch RNG seed); as it
+    happens, the demo's ids peer-0 … peer-4 land on five different shards of 16."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    digest = hashlib.sha256(SHARD_HASH_PREFIX + peer_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % num_shards
+
+
+class ByteData:
+    """Train/eval split and per-peer shards of a byte corpus.
+
+    Held-out eval: each document is cut into pieces of at most MAX_PIECE_BYTES (smaller
+    for small corpora, so there are ~100 pieces to choose from); a piece is eval when
+    the sha256 score of its content is below `eval_fraction` (at least one piece always
+    is). Identical content always lands on the same side, so duplicates cannot leak.
+    Order is kept: train pieces joined by DOC_SEPARATOR, in corpus order, form the
+    training bytes, cut into `num_shards` contiguous shards."""
+
+    def __init__(self, documents: list[bytes], num_shards: int = 16, eval_fraction: float = 0.03) -> None:
+        if num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+        if not 0 < eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+        total = sum(len(d) for d in documents)
+        if total == 0:
+            raise ValueError("the corpus is empty")
+        piece_bytes = max(256, min(MAX_PIECE_BYTES, total // 100))
+        pieces = [doc[i : i + piece_bytes] for doc in documents for i in range(0, len(doc), piece_bytes)]
+        scores = [_stable_score(p) for p in pieces]
+        is_eval = [s < eval_fraction for s in scores]
+        if not any(is_eval):
+            is_eval[int(np.argmin(scores))] = True
+        if all(is_eval):
+            raise ValueError(f"corpus too small to split into train and eval ({total} bytes)")
+        self.num_shards = num_shards
+        self.eval_bytes = self._join(p for p, e in zip(pieces, is_eval, strict=True) if e)
+        self.train_bytes = self._join(p for p, e in zip(pieces, is_eval, strict=True) if not e)
+        bounds = np.linspace(0, len(self.train_bytes), num_shards + 1).astype(np.int64)
+        self.shards = [self.train_bytes[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    @staticmethod
+    def _join(pieces: Iterator[bytes]) -> np.ndarray:
+        return np.frombuffer(DOC_SEPARATOR.join(pieces), dtype=np.uint8)
+
+    shard_for = staticmethod(shard_for)
+
+    def fingerprint(self) -> str:
+        """sha256 of the eval bytes and shard sizes: equal on two peers iff they split the
+        same corpus the same way (cheap to compare when a peer joins)."""
+        digest = hashlib.sha256(self.eval_bytes.tobytes())
+        digest.update(np.array([len(s) for s in self.shards], dtype=np.int64).tobytes())
+        return digest.hexdigest()
+
+    def peer_shard(self, peer_id: str) -> np.ndarray:
+        return self.shards[shard_for(peer_id, self.num_shards)]
+
+    def train_batches(self, peer_id: str, batch_size: int, seq_len: int, seed: int) -> Iterator[Batch]:
+        """Endless random windows from this peer's shard, as (x, y) int64 tensors of shape
+        (batch_size, seq_len); y is x shifted left by one byte (y[:, t] follows x[:, t]). The stream
+        depends only on (corpus, peer_id, seed): a restarted peer replays it."""
+        shard = self.peer_shard(peer_id)
+        if len(shard) < seq_len + 1:
+            raise ValueError(
+                f"shard of {peer_id!r} holds {len(shard)} bytes, fewer than seq_len + 1 = {seq_len + 1}; "
+                "use more data, fewer shards or a shorter seq_len"
+            )
+        peer_key = int.from_bytes(hashlib.sha256(peer_id.encode("utf-8")).digest()[:8], "big")
+        return self._windows(shard, batch_size, seq_len, np.random.default_rng([seed, peer_key]))
+
+    @staticmethod
+    def _windows(data: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator) -> Iterator[Batch]:
+        span = np.arange(seq_len + 1)
+        while True:
+            starts = rng.integers(0, len(data) - seq_len, size=batch_size)
+            window = torch.from_numpy(data[starts[:, None] + span].astype(np.int64))
+            yield window[:, :-1], window[:, 1:]
+
+    def eval_batches(self, batch_size: int, seq_len: int, num_batches: int) -> list[Batch]:
+        """A fixed list of (x, y) batches: batch_size * num_batches windows at evenly spaced
+        offsets over the eval bytes (no randomness, so every peer evaluates on exactly the
+        same bytes and the estimate covers the whole held-out set)."""
+        count = batch_size * num_batches
+        if len(self.eval_bytes) < seq_len + 1:
+            raise ValueError(f"eval split holds {len(self.eval_bytes)} bytes, fewer than seq_len + 1 = {seq_len + 1}")
+        starts = np.linspace(0, len(self.eval_bytes) - seq_len - 1, count).astype(np.int64)
+        windows = torch.from_numpy(self.eval_bytes[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
+        return [(w[:, :-1], w[:, 1:]) for w in windows.split(batch_size)]
