@@ -9,12 +9,12 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from shoal.optim.inner import InnerConfig
 from shoal.optim.outer import OuterConfig
 from shoal.peer.config import PeerConfig, ProtocolConfig, RunConfig
+from shoal.peer.errors import ShoalError
 
 log = logging.getLogger("shoal")
 
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--checkpoint-dir", help="write outer state here after every round")
     peer.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
     peer.add_argument("--rounds", type=int, help="stop after this many outer rounds (default: train until stopped)")
+    peer.add_argument("--min-peers", type=int, default=1, help="wait until this many peers (this one included) are alive before training")
     peer.add_argument("--threads", type=int, help="torch CPU threads")
     peer.add_argument("--gather-timeout", type=float, help="seconds to wait for others' contributions (default: as long as our inner phase took, at least 10)")
     peer.add_argument("--report", help="write this peer's round log and traffic as JSON here on exit")
@@ -99,7 +100,7 @@ def peer_config_from(args: argparse.Namespace) -> PeerConfig:
     return PeerConfig(
         run=run_config_from(args), listen_host=args.listen[0], listen_port=args.listen[1], advertise=args.advertise,
         bootstrap=args.bootstrap, swarm_key=args.swarm_key, role=args.role, device=args.device, data_path=args.data,
-        checkpoint_dir=args.checkpoint_dir, resume=args.resume, max_rounds=args.rounds, torch_threads=args.threads,
+        checkpoint_dir=args.checkpoint_dir, resume=args.resume, max_rounds=args.rounds, min_peers=args.min_peers, torch_threads=args.threads,
         protocol=protocol, **extra,
     )
 
@@ -121,9 +122,11 @@ async def run_peer(config: PeerConfig, report: str | None = None) -> int:
         for task in (done, stopper):
             task.cancel()
     finally:
-        if report:
-            write_report(node, report)
-        await node.stop()
+        try:
+            if report:
+                write_report(node, report)
+        finally:
+            await node.stop()
     return 0
 
 
@@ -153,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # config validation: the message names the flag
         print(f"shoal: error: {exc}", file=sys.stderr)
         return 2
+    except ShoalError as exc:  # refused join, unreachable bootstrap, ...
+        print(f"shoal: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

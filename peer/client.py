@@ -7,7 +7,6 @@ errors of `peer.errors`; network failures as `PeerUnreachable`.
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -100,5 +99,5 @@ class PeerClient:
                 if resp.status >= 300:
                     raise error_for_status(resp.status, data[:500].decode("utf-8", "replace"))
                 return self.wire.decode("RESPONSE", response_path(path), resp.headers, data, any_swarm=joining, max_bytes=limit)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise PeerUnreachable(f"{address}{path}: {type(exc).__name__}: {exc}") from None

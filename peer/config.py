@@ -110,6 +110,7 @@ class PeerConfig:
     checkpoint_dir: str | None = None
     resume: bool = False
     max_rounds: int | None = None
+    min_peers: int = 1  # wait until this many peers (us included) are alive before training
     linger_s: float = 60.0  # after the last round, serve until others finish theirs, at most this
     torch_threads: int | None = None
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
@@ -123,5 +124,7 @@ class PeerConfig:
             raise ValueError("--resume needs --checkpoint-dir")
         if self.max_rounds is not None and self.max_rounds < 1:
             raise ValueError(f"--rounds must be >= 1, got {self.max_rounds}")
+        if self.min_peers < 1:
+            raise ValueError(f"--min-peers must be >= 1, got {self.min_peers}")
         if not 0 < len(self.peer_id) <= 128:
             raise ValueError("--peer-id must be 1..128 characters")

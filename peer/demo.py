@@ -101,7 +101,7 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         for i, port in enumerate(ports):
             cmd = [sys.executable, "-m", "shoal.peer.cli", "peer", "--listen", f"127.0.0.1:{port}", "--peer-id", f"peer-{i}",
-                   "--rounds", str(args.rounds), "--threads", str(threads), "--report", str(workdir / f"peer-{i}.json"), *run_flags(args)]
+                   "--rounds", str(args.rounds), "--min-peers", str(args.peers), "--threads", str(threads), "--report", str(workdir / f"peer-{i}.json"), *run_flags(args)]
             if i > 0:
                 cmd += ["--bootstrap", urls[0]]
             env = dict(os.environ, SHOAL_SWARM_KEY=args.swarm_key or "")

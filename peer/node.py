@@ -73,6 +73,7 @@ class Peer:
         self._runner: web.AppRunner | None = None
         self._rng = random.Random(secrets.randbits(64))
         self.round_log: list[dict[str, Any]] = []  # one entry per applied round (tests, demo)
+        self.initial_eval_loss: float | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -214,6 +215,10 @@ class Peer:
         self._loop = asyncio.get_running_loop()
         protocol, run = self.config.protocol, self.config.run
         exchange = RoundExchange(self.client, self.membership, self.store, protocol, self._decode)
+        if self.config.min_peers > 1:
+            log.info("[%s] waiting for %d peers before training", self.peer_id, self.config.min_peers)
+            while len(self.membership.live_others()) + 1 < self.config.min_peers:
+                await asyncio.sleep(0.2)
         try:
             while self.config.max_rounds is None or self.outer_round < self.config.max_rounds:
                 round_id = self.outer_round

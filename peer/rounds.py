@@ -80,7 +80,7 @@ class RoundStore:
                 return None
             try:
                 await asyncio.wait_for(self._changed.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return None
         return value
 

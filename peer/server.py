@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 Handler = Callable[["Peer", Envelope], Awaitable[dict[str, Any]]]
+NODE: web.AppKey[Peer] = web.AppKey("node")
 
 
 @web.middleware
@@ -42,7 +43,7 @@ async def error_middleware(request: web.Request, handler):
     try:
         return await handler(request)
     except ShoalError as exc:
-        node: Peer = request.app["node"]
+        node: Peer = request.app[NODE]
         log.info("[%s] %s %s → %d: %s", node.peer_id, request.method, request.path, exc.status, exc)
         return web.Response(status=exc.status, text=str(exc))
 
@@ -51,7 +52,7 @@ def rpc(handler: Handler, *, any_swarm: bool = False) -> Callable[[web.Request],
     """Wrap a domain handler with envelope decoding, response signing and byte counting."""
 
     async def wrapped(request: web.Request) -> web.Response:
-        node: Peer = request.app["node"]
+        node: Peer = request.app[NODE]
         body = await request.read()  # aiohttp answers 413 itself above client_max_size
         kind = Traffic.kind(request.path)
         node.traffic.received[kind] += len(body)
@@ -124,21 +125,21 @@ async def handle_chunk(node: Peer, envelope: Envelope) -> dict[str, Any]:
 
 
 async def dashboard(request: web.Request) -> web.Response:
-    return web.Response(text=render_html(request.app["node"].swarm_snapshot()), content_type="text/html")
+    return web.Response(text=render_html(request.app[NODE].swarm_snapshot()), content_type="text/html")
 
 
 async def api_swarm(request: web.Request) -> web.Response:
-    return web.Response(text=json.dumps(request.app["node"].swarm_snapshot()), content_type="application/json")
+    return web.Response(text=json.dumps(request.app[NODE].swarm_snapshot()), content_type="application/json")
 
 
 async def metrics(request: web.Request) -> web.Response:
-    text = render_metrics(request.app["node"].swarm_snapshot())
+    text = render_metrics(request.app[NODE].swarm_snapshot())
     return web.Response(text=text, content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
 
 
 def make_app(node: Peer) -> web.Application:
     app = web.Application(client_max_size=node.config.protocol.max_request_bytes, middlewares=[error_middleware])
-    app["node"] = node
+    app[NODE] = node
     app.router.add_post("/join", rpc(handle_join, any_swarm=True))
     app.router.add_post("/gossip", rpc(handle_gossip))
     app.router.add_post("/round/contribution", rpc(handle_contribution))

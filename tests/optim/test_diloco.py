@@ -15,7 +15,7 @@ def test_outer_step_matches_torch_sgd_nesterov():
     outer = DiLoCo(start, OuterConfig(codec="fp32", lr=0.7, momentum=0.9))
     ref = {n: torch.nn.Parameter(t.clone()) for n, t in start.items()}
     opt = torch.optim.SGD(ref.values(), lr=0.7, momentum=0.9, nesterov=True)
-    for step in range(3):
+    for _ in range(3):
         locals_ = [{n: t - 0.01 * torch.randn_like(t) for n, t in outer.params.items()} for _ in range(3)]
         decoded = [outer.decode_contribution(outer.contribution(loc)) for loc in locals_]
         outer.apply(decoded)

@@ -4,10 +4,7 @@ every wait bounded."""
 from __future__ import annotations
 
 import asyncio
-
-
 import sysconfig
-
 from pathlib import Path
 
 import pytest
@@ -47,6 +44,7 @@ def peer_config(corpus: str, peer_id: str, bootstrap: str | None = None, **kw) -
 
 
 async def start_swarm(corpus: str, n: int, **kw) -> list[Peer]:
+    kw.setdefault("min_peers", n)
     first = Peer(peer_config(corpus, "peer-0", **kw))
     await first.start()
     rest = [Peer(peer_config(corpus, f"peer-{i}", bootstrap=first.address, **kw)) for i in range(1, n)]
