@@ -69,6 +69,7 @@ class Peer:
         self.finished = asyncio.Event()
         self._stopping = threading.Event()
         self._train_thread = ThreadPoolExecutor(1, thread_name_prefix=f"train-{self.peer_id}")
+        self._checkpoint_thread = ThreadPoolExecutor(1, thread_name_prefix=f"ckpt-{self.peer_id}")  # in order
         self._tasks: list[asyncio.Task] = []
         self._runner: web.AppRunner | None = None
         self._rng = random.Random(secrets.randbits(64))
@@ -111,6 +112,7 @@ class Peer:
         if self._runner is not None:
             await self._runner.cleanup()
         self._train_thread.shutdown(wait=True, cancel_futures=True)
+        self._checkpoint_thread.shutdown(wait=True)  # let the last checkpoint land
 
     async def run_until_done(self) -> None:
         """Train until `max_rounds` (or forever), then keep serving until every live peer
@@ -266,7 +268,7 @@ class Peer:
         self.state_server.update(self.outer_round, snapshot, {"peer": self.peer_id})
         if self.config.checkpoint_dir and self.outer_round > 0:
             info = {"run": self.config.run.to_dict(), "peer": self.peer_id, "swarm_id": self.wire.swarm_id}
-            asyncio.get_running_loop().run_in_executor(None, save_checkpoint, self.config.checkpoint_dir, self.outer_round, snapshot, info)
+            asyncio.get_running_loop().run_in_executor(self._checkpoint_thread, save_checkpoint, self.config.checkpoint_dir, self.outer_round, snapshot, info)
 
     # ---- dashboard -------------------------------------------------------------------
 
