@@ -39,14 +39,14 @@ def wait_for(predicate, timeout_s, what):
 
 @pytest.mark.timeout(240)
 def test_sigkilled_peer_is_left_out(corpus, tmp_path):
-    rounds = 4
+    rounds = 5
     ports = [free_port() for _ in range(3)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     procs = []
     try:
         for i, port in enumerate(ports):
             cmd = [sys.executable, "-m", "shoal.peer.cli", "peer", "--listen", f"127.0.0.1:{port}", "--peer-id", f"peer-{i}",
-                   "--model", "tiny", "--inner-steps", "30", "--batch-size", "4", "--seq-len", "32", "--inner-lr", "0.003",
+                   "--model", "tiny", "--inner-steps", "300", "--batch-size", "4", "--seq-len", "32", "--inner-lr", "0.003",
                    "--data", corpus, "--rounds", str(rounds), "--min-peers", "3", "--threads", "1", "--report", str(tmp_path / f"peer-{i}.json")]
             if i:
                 cmd += ["--bootstrap", urls[0]]
