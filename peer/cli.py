@@ -119,8 +119,11 @@ async def run_peer(config: PeerConfig, report: str | None = None) -> int:
         done = asyncio.create_task(node.run_until_done())
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({done, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (done, stopper):
-            task.cancel()
+        stopper.cancel()
+        if done.done():
+            done.result()  # re-raise a training failure: the process exits non-zero
+        else:
+            done.cancel()
     finally:
         try:
             if report:

@@ -75,6 +75,7 @@ class Peer:
         self._rng = random.Random(secrets.randbits(64))
         self.round_log: list[dict[str, Any]] = []  # one entry per applied round (tests, demo)
         self.initial_eval_loss: float | None = None
+        self.error: BaseException | None = None  # what ended the training loop, if not a stop
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -118,6 +119,8 @@ class Peer:
         """Train until `max_rounds` (or forever), then keep serving until every live peer
         has reached our round (they may still need our set and hash), at most `linger_s`."""
         await self.finished.wait()
+        if self.error is not None:
+            raise RuntimeError(f"peer {self.peer_id} stopped on an error: {self.error!r}") from self.error
         deadline = time.monotonic() + self.config.linger_s
         while time.monotonic() < deadline:
             if all(p.round >= self.outer_round for p in self.membership.live_others()):
@@ -241,6 +244,9 @@ class Peer:
                 self._after_round(round_id, stats, eval_loss, new_hash, got, final, resynced=bool(majority))
         except Stopped:
             return
+        except Exception as exc:
+            log.exception("[%s] training loop failed in round %d", self.peer_id, self.outer_round)
+            self.error = exc
         finally:
             self.finished.set()
 

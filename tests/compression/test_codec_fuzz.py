@@ -16,6 +16,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+
 from shoal.compression import CODECS, CodecError, get_codec
 from shoal.compression.base import HEADER, MAGIC
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from shoal.compression import CODECS, Codec, CodecError, get_codec
 
 SHAPES = [(1,), (), (0,), (7,), (3, 0), (65536 * 2 + 123,), (300, 257), (3, 4, 5)]

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import zstandard
+
 from shoal.compression import CodecError, FrameTooLarge, zstd_frame, zstd_unframe
 
 MB = 1 << 20

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from shoal.compression import (
     CodecError,
     indices_12bit_nbytes,

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+
 from shoal.compression import dequantize_chunks, get_codec, quantize_chunks
 
 QUANTIZERS = ["int8", "q4", "q2"]

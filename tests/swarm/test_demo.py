@@ -1,0 +1,67 @@
+"""`shoal demo` end to end (tiny model), and Ctrl-C leaves no process behind."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+DEMO = [sys.executable, "-m", "shoal.peer.cli", "demo", "--model", "tiny", "--inner-steps", "20"]
+
+
+def children_of(workdir: str) -> list[int]:
+    """Peer processes whose command line points into the demo's work folder."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if workdir in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.mark.timeout(180)
+def test_demo_writes_a_summary(corpus, tmp_path):
+    summary_path = tmp_path / "s.json"
+    done = subprocess.run([*DEMO, "--peers", "2", "--rounds", "3", "--data", corpus, "--summary", str(summary_path)],
+                          capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "dashboard: http://127.0.0.1:" in done.stdout and "round 3/3" in done.stdout
+    summary = json.loads(summary_path.read_text())
+    for key in ("peers", "rounds", "eval_loss_first", "eval_loss_last", "bytes_sent_total", "bytes_ddp_equivalent", "wall_seconds"):
+        assert key in summary, key
+    assert summary["peers"] == 2 and summary["rounds"] == 3 and summary["final_weights_agree"]
+    assert summary["eval_loss_last"] < summary["eval_loss_initial"]
+    assert summary["bytes_ddp_equivalent"] > summary["bytes_sent_total"] > 0
+    workdir = re.search(r"logs in (\S+)", done.stdout).group(1)
+    assert children_of(workdir) == []
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_stops_every_peer(corpus):
+    demo = subprocess.Popen([*DEMO, "--peers", "2", "--rounds", "1000", "--data", corpus], stdout=subprocess.PIPE, text=True)
+    try:
+        workdir = None
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = demo.stdout.readline()
+            if m := re.search(r"logs in (\S+)", line):
+                workdir = m.group(1)
+            if re.match(r"round \d+/", line):
+                break
+        assert workdir and len(children_of(workdir)) == 2
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=30) == 130
+        assert children_of(workdir) == []
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        for pid in children_of(workdir) if workdir else []:
+            os.kill(pid, signal.SIGKILL)
