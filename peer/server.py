@@ -97,19 +97,22 @@ async def handle_contribution(node: Peer, envelope: Envelope) -> dict[str, Any]:
     return {"round": round_id, "peer": owner, "tensors": tensors}
 
 
-async def handle_set(node: Peer, envelope: Envelope) -> dict[str, Any]:
+async def _round_record(node: Peer, envelope: Envelope, table: dict[int, Any], what: str) -> tuple[int, Any]:
+    """Long-poll one of the RoundStore's per-round tables (sets, hashes)."""
     round_id, wait_s = check_round_request(envelope.payload)
-    peers = await node.store.wait_for(lambda: node.store.sets.get(round_id), wait_s)
-    if peers is None:
-        raise NotFound(f"no round-{round_id} set yet")
+    value = await node.store.wait_for(lambda: table.get(round_id), wait_s)
+    if value is None:
+        raise NotFound(f"no round-{round_id} {what} yet")
+    return round_id, value
+
+
+async def handle_set(node: Peer, envelope: Envelope) -> dict[str, Any]:
+    round_id, peers = await _round_record(node, envelope, node.store.sets, "set")
     return {"round": round_id, "peers": peers}
 
 
 async def handle_hash(node: Peer, envelope: Envelope) -> dict[str, Any]:
-    round_id, wait_s = check_round_request(envelope.payload)
-    weights_hash = await node.store.wait_for(lambda: node.store.hashes.get(round_id), wait_s)
-    if weights_hash is None:
-        raise NotFound(f"no round-{round_id} hash yet")
+    round_id, weights_hash = await _round_record(node, envelope, node.store.hashes, "hash")
     return {"round": round_id, "hash": weights_hash}
 
 

@@ -4,27 +4,17 @@ processes here, started through the real CLI."""
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from shoal.peer.demo import fetch_json, free_port
 
 
 def swarm_view(url: str):
-    try:
-        with urllib.request.urlopen(url + "/api/swarm", timeout=2) as resp:
-            return json.load(resp)
-    except OSError:
-        return None
+    return fetch_json(url + "/api/swarm")
 
 
 def wait_for(predicate, timeout_s, what):
