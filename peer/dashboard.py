@@ -1,89 +1,173 @@
 """The swarm dashboard, rendered from one snapshot dict (what `/api/swarm` returns).
 
-Pure functions, no I/O: `render_html` gives a self-contained page (inline CSS and SVG,
-no scripts or resources from elsewhere, so it works offline) that reloads itself;
-`render_metrics` gives Prometheus text format 0.0.4. Every string in a snapshot came
-from the network (peer ids, addresses, roles), so all of it is escaped.
+Pure functions, no I/O (not even the clock: ages are relative to `snapshot["now"]`):
+- `render_html`: one self-contained page (inline CSS, inline SVG chart, no resource from
+  anywhere, so it works offline and leaks nothing). Every few seconds a tiny inline
+  script re-fetches the page itself and swaps the body in: the server stays the only
+  renderer, and an unreachable peer leaves the last view up and retries, where a
+  `<meta refresh>` would strand the browser on an error page (it remains as the
+  `<noscript>` fallback).
+- `render_metrics`: Prometheus text exposition format 0.0.4.
+
+Every string in a snapshot came from the network (peer ids, addresses, roles, run
+config), so each one is escaped where it is written; numbers go through `_fmt`, which
+prints only finite reals, so a string or NaN where a number belongs shows as "–".
 """
 
 from __future__ import annotations
 
 import math
-import time
+import numbers
 from collections import Counter
 from html import escape
 from typing import Any
 
 REFRESH_S = 3
-COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
+DASH = "–"
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
+           "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
+STATES = ("alive", "suspect", "dead")
 CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
-h1{font-size:20px;margin:0 0 4px}.sub{color:#666;margin-bottom:16px}
-table{border-collapse:collapse;background:#fff;margin:12px 0}
-th,td{padding:4px 10px;border-bottom:1px solid #e4e4e4;text-align:right;white-space:nowrap}
-th{background:#f0f0f0}td.l,th.l{text-align:left}
-.dead{color:#aaa}.dead td.state{color:#c62828;font-weight:600}td.state{color:#2e7d32}
-.suspect td.state{color:#ef6c00}.drift{background:#ffe0e0;color:#b71c1c;font-weight:600}
-.cards{display:flex;gap:12px;flex-wrap:wrap}.card{background:#fff;border:1px solid #e4e4e4;padding:8px 14px}
-.card b{display:block;font-size:18px}svg{background:#fff;border:1px solid #e4e4e4}
-code{font-size:12px}
+body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222;background:#f7f7f8}
+h1{font-size:20px;margin:0 0 2px}h2{font-size:16px;margin:22px 0 6px}.sub{color:#666}
+code{font:12px ui-monospace,monospace}a{color:#1f5fa8}.muted{color:#888;font-size:12px}
+.cards{display:flex;gap:10px;flex-wrap:wrap;margin:14px 0 6px}
+.card{background:#fff;border:1px solid #e2e2e6;border-radius:6px;padding:6px 14px;color:#666}
+.card b{display:block;font-size:17px;color:#222}.bad{color:#c62828}.warn{color:#ef6c00}
+.scroll{overflow-x:auto}table{border-collapse:collapse;background:#fff;border:1px solid #e2e2e6;font-size:13px}
+th,td{padding:4px 8px;border-bottom:1px solid #eee;text-align:right;white-space:nowrap}
+th{background:#f0f0f3;font-weight:600}.l{text-align:left}
+tr.dead td{color:#aaa}td.st{font-weight:600;color:#2e7d32}tr.suspect td.st{color:#ef6c00}
+tr.dead td.st{color:#c62828}tr.dead td.st::before{content:"✕ "}tr.me{background:#f3f8ff}
+td.drift{background:#ffe0e0}td.drift code{color:#b71c1c;font-weight:700}
+.sw{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:6px}
+svg{background:#fff;border:1px solid #e2e2e6;border-radius:6px;max-width:100%;height:auto}
 """
+# Re-fetch this page and swap the body in; scripts inside innerHTML never run.
+SCRIPT = f"""<script>setInterval(()=>{{if(document.hidden)return;
+fetch(location.href,{{cache:"no-store"}}).then(r=>{{if(!r.ok)throw r.status;return r.text()}})
+.then(t=>{{document.body.innerHTML=new DOMParser().parseFromString(t,"text/html").body.innerHTML}})
+.catch(()=>{{const e=document.getElementById("live");if(e)e.textContent="peer unreachable, retrying"}})}},{REFRESH_S * 1000});
+</script>"""
 
 
-def _num(value: Any, fmt: str = "{:.3f}") -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    try:
-        return fmt.format(value)
-    except (TypeError, ValueError):
-        return "–"
+def _real(value: Any) -> bool:
+    """A finite int/float (numpy included), not a bool, not a string from the wire."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    """Format a number from the network, or "–" when it is missing or not a finite number."""
+    return format(float(value), spec) if _real(value) else DASH
+
+
+def _text(value: Any, default: str = DASH) -> str:
+    """Escape a network string for HTML text or a quoted attribute."""
+    return default if value is None or value == "" else escape(str(value))
 
 
 def human_bytes(n: Any) -> str:
-    if not isinstance(n, (int, float)) or n < 0:
-        return "–"
+    """Decimal units (1 kB = 1000 B), like most network tools report."""
+    if not _real(n) or n < 0:
+        return DASH
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
-    return "–"
+    return DASH
 
 
-def _ago(now: float, then: Any) -> str:
-    if not isinstance(then, (int, float)):
-        return "–"
-    seconds = max(0.0, now - then)
-    return f"{seconds:.0f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago"
+def _run_value(value: Any) -> str:
+    if not _real(value):
+        return _text(value)
+    return _fmt(value, ",.0f") if float(value).is_integer() else _fmt(value, ".4g")
 
 
-def _majority_hash(peers: list[dict]) -> str | None:
-    hashes = Counter(p.get("weights_hash") for p in peers if p.get("alive", True) and p.get("weights_hash"))
-    return hashes.most_common(1)[0][0] if hashes else None
+def _ago(now: Any, then: Any) -> str:
+    if not (_real(now) and _real(then)):
+        return DASH
+    seconds = max(0.0, now - then)  # another clock may be slightly ahead
+    for limit, div, unit in ((120, 1, "s"), (7200, 60, "min"), (172800, 3600, "h")):
+        if seconds < limit:
+            return f"{seconds / div:.0f} {unit} ago"
+    return f"{seconds / 86400:.0f} d ago"
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _state(peer: dict[str, Any]) -> str:
+    """alive/suspect/dead from a known word only: the value also becomes a CSS class."""
+    status = peer.get("status")
+    if status in STATES:
+        return status
+    return "alive" if peer.get("alive", True) else "dead"
 
 
-def render_chart(history: dict[str, list[dict]], width: int = 760, height: int = 280) -> str:
-    """Eval loss (solid) and train loss (dashed) per peer against outer round, as SVG."""
-    left, right, top, bottom = 52, 150, 14, 34
-    series = []
-    for i, (peer_id, points) in enumerate(sorted(history.items())):
-        for key, dash in (("eval_loss", ""), ("train_loss", "4 3")):
-            xy = [(p.get("round"), p.get(key)) for p in points if isinstance(p, dict)]
-            xy = [(float(x), float(y)) for x, y in xy if _finite(x) and _finite(y)]
+def odd_hashes(peers: list[dict[str, Any]]) -> set[str]:
+    """Weights hashes of live peers that differ from the majority; all of them on a tie.
+
+    Replicas must stay bit-identical, so any difference is worth a red cell; with no
+    strict majority there is no "right" hash to trust, so every one is flagged.
+    """
+    counts = Counter(str(p["weights_hash"]) for p in peers if _state(p) != "dead" and p.get("weights_hash"))
+    ranked = counts.most_common()
+    if len(ranked) < 2:
+        return set()
+    if ranked[0][1] == ranked[1][1]:
+        return set(counts)
+    return set(counts) - {ranked[0][0]}
+
+
+def colours(peer_ids: list[str]) -> dict[str, str]:
+    """Stable colour per peer (sorted ids), shared by the table swatch and the chart."""
+    out = {}
+    for i, pid in enumerate(sorted(set(peer_ids))):
+        out[pid] = PALETTE[i] if i < len(PALETTE) else f"hsl({(i * 137.5) % 360:.0f},60%,42%)"
+    return out
+
+
+def _ticks(lo: float, hi: float, target: int = 5, integer: bool = False) -> tuple[float, list[float]]:
+    """1-2-2.5-5 x 10^k tick step covering [lo, hi]; returns (step, ticks)."""
+    raw = max((hi - lo) / target, 1e-12)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw * (1 - 1e-9))
+    if integer:
+        step = max(1.0, float(math.ceil(step)))
+    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+    return step, [k * step for k in range(first, last + 1)]
+
+
+def _series(history: Any) -> list[tuple[str, str, list[tuple[float, float]]]]:
+    """(peer_id, "eval"/"train", points sorted by round); non-finite values skipped."""
+    out = []
+    items = sorted(history.items(), key=lambda kv: str(kv[0])) if isinstance(history, dict) else []
+    for peer_id, points in items:
+        rows = [p for p in points if isinstance(p, dict)] if isinstance(points, list) else []
+        for kind in ("eval", "train"):
+            xy = sorted((float(p["round"]), float(p[f"{kind}_loss"])) for p in rows
+                        if _real(p.get("round")) and _real(p.get(f"{kind}_loss")))
             if xy:
-                series.append((peer_id, COLOURS[i % len(COLOURS)], dash, xy))
+                out.append((str(peer_id), kind, xy))
+    return out
+
+
+def render_chart(history: Any, palette: dict[str, str] | None = None, width: int = 900) -> str:
+    """Eval loss (solid) and train loss (dashed) per peer against outer round, as inline SVG."""
+    series = _series(history)
     if not series:
-        return f'<svg width="{width}" height="60" role="img"><text x="12" y="35" fill="#888">no losses reported yet</text></svg>'
+        return (f'<svg width="{width}" height="60" role="img"><text x="14" y="36" fill="#888">'
+                "no losses reported yet</text></svg>")
+    peer_ids = sorted({pid for pid, _, _ in series})
+    palette = {**colours(peer_ids), **(palette or {})}
+    left, right, top, bottom = 56, 190, 14, 40
+    height = max(300, top + bottom + 18 * len(peer_ids) + 40)  # room for the legend
+    plot_w, plot_h = width - left - right, height - top - bottom
     xs = [x for *_, xy in series for x, _ in xy]
     ys = [y for *_, xy in series for _, y in xy]
-    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
-    y0, y1 = min(ys), max(ys)
-    if y1 - y0 < 1e-6:
-        y0, y1 = y0 - 0.5, y1 + 0.5
-    plot_w, plot_h = width - left - right, height - top - bottom
+    x_step, x_ticks = _ticks(min(xs), max(max(xs), min(xs) + 1), 8, integer=True)
+    lo, hi = min(ys), max(ys)
+    pad = max(abs(hi) * 0.05, 0.05) if hi - lo < 1e-9 else 0.0
+    y_step, y_ticks = _ticks(lo - pad, hi + pad, 5)
+    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
+    decimals = len(f"{y_step:.9f}".rstrip("0").split(".")[1])  # as many as the step needs
 
     def sx(x: float) -> float:
         return left + (x - x0) / (x1 - x0) * plot_w
@@ -91,79 +175,113 @@ def render_chart(history: dict[str, list[dict]], width: int = 760, height: int =
     def sy(y: float) -> float:
         return top + (y1 - y) / (y1 - y0) * plot_h
 
-    parts = [f'<svg width="{width}" height="{height}" role="img" aria-label="loss over rounds">']
-    for k in range(5):  # y ticks
-        y = y0 + (y1 - y0) * k / 4
-        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#eee"/>')
-        parts.append(f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end" font-size="11">{y:.2f}</text>')
-    step = max(1, math.ceil((x1 - x0) / 10))
-    for x in range(int(x0), int(x1) + 1, step):  # x ticks
-        parts.append(f'<text x="{sx(x):.1f}" y="{top + plot_h + 16}" text-anchor="middle" font-size="11">{x}</text>')
-    parts.append(f'<text x="{left + plot_w / 2:.0f}" y="{height - 4}" text-anchor="middle" font-size="12">outer round</text>')
-    parts.append(f'<text x="14" y="{top + plot_h / 2:.0f}" transform="rotate(-90 14 {top + plot_h / 2:.0f})" text-anchor="middle" font-size="12">loss (nats)</text>')
-    parts.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#ccc"/>')
-    legend_y = top + 10
-    for peer_id, colour, dash, xy in series:
+    base = top + plot_h
+    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="loss over rounds" font-size="11">',
+             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#ccc"/>']
+    for y in y_ticks:
+        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#eee"/>'
+                     f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.{decimals}f}</text>')
+    for x in x_ticks:
+        parts.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{base}" y2="{base + 4}" stroke="#999"/>'
+                     f'<text x="{sx(x):.1f}" y="{base + 16}" text-anchor="middle">{x:.0f}</text>')
+    parts.append(f'<text x="{left + plot_w / 2:.0f}" y="{height - 6}" text-anchor="middle" font-size="12">outer round</text>'
+                 f'<text transform="translate(15 {top + plot_h / 2:.0f}) rotate(-90)" text-anchor="middle" '
+                 f'font-size="12">loss (nats)</text>')
+    for peer_id, kind, xy in series:
+        colour, label = palette[peer_id], escape(peer_id)
+        style = ' stroke-dasharray="5 4" stroke-opacity="0.65"' if kind == "train" else ""
         points = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in xy)
-        dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2"{dash_attr} points="{points}"><title>{escape(peer_id)}</title></polyline>')
-        if len(xy) == 1:
-            parts.append(f'<circle cx="{sx(xy[0][0]):.1f}" cy="{sy(xy[0][1]):.1f}" r="3" fill="{colour}"/>')
-        if not dash:
-            parts.append(f'<line x1="{left + plot_w + 10}" x2="{left + plot_w + 28}" y1="{legend_y}" y2="{legend_y}" stroke="{colour}" stroke-width="2"/>')
-            parts.append(f'<text x="{left + plot_w + 32}" y="{legend_y + 4}" font-size="11">{escape(peer_id[:16])}</text>')
-            legend_y += 16
-    parts.append(f'<text x="{left + plot_w + 10}" y="{legend_y + 10}" font-size="10" fill="#777">solid: eval, dashed: train</text>')
-    parts.append("</svg>")
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2"{style} data-peer="{label}" '
+                     f'points="{points}"><title>{label} {kind} loss</title></polyline>')
+        if kind == "eval" and len(xy) <= 40:  # markers make sparse data (1-2 rounds) visible
+            parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{colour}"/>' for x, y in xy]
+    lx = left + plot_w + 14
+    for i, peer_id in enumerate(peer_ids):
+        ly = top + 8 + 18 * i
+        shown = escape(peer_id if len(peer_id) <= 20 else peer_id[:19] + "…")
+        parts.append(f'<line x1="{lx}" x2="{lx + 20}" y1="{ly}" y2="{ly}" stroke="{palette[peer_id]}" stroke-width="2"/>'
+                     f'<text x="{lx + 26}" y="{ly + 4}">{shown}<title>{escape(peer_id)}</title></text>')
+    ly = top + 8 + 18 * len(peer_ids) + 6
+    parts.append(f'<line x1="{lx}" x2="{lx + 20}" y1="{ly}" y2="{ly}" stroke="#555" stroke-width="2"/>'
+                 f'<text x="{lx + 26}" y="{ly + 4}" fill="#666">eval</text>'
+                 f'<line x1="{lx + 60}" x2="{lx + 80}" y1="{ly}" y2="{ly}" stroke="#555" stroke-width="2" '
+                 f'stroke-dasharray="5 4"/><text x="{lx + 86}" y="{ly + 4}" fill="#666">train</text></svg>')
     return "".join(parts)
 
 
+def _peer_row(p: dict[str, Any], now: Any, self_id: Any, odd: set[str], palette: dict[str, str]) -> str:
+    state, pid = _state(p), str(p.get("peer_id", ""))
+    weights_hash = str(p.get("weights_hash") or "")
+    drift = ' class="drift" title="differs from the majority"' if weights_hash in odd and state != "dead" else ""
+    swatch = f'<span class="sw" style="background:{palette[pid]}"></span>' if pid in palette else ""
+    me = pid == str(self_id)
+    cells = [
+        f'<td class="l">{swatch}<code>{_text(pid)}</code>{" (this peer)" if me else ""}</td>',
+        f'<td class="l">{_text(p.get("address"))}</td><td class="l">{_text(p.get("role"))}</td>',
+        f'<td>{_fmt(p.get("round"), ".0f")}</td><td>{_fmt(p.get("step"), ".0f")}</td>',
+        f'<td>{_fmt(p.get("train_loss"))}</td><td>{_fmt(p.get("eval_loss"))}</td>',
+        f'<td>{_fmt(p.get("tokens_per_s"), ",.0f")}</td>',
+        f'<td>{human_bytes(p.get("bytes_sent"))}</td><td>{human_bytes(p.get("bytes_received"))}</td>',
+        f'<td>{_ago(now, p.get("last_seen"))}</td><td class="st l">{state}</td>',
+        f'<td{drift}><code>{_text(weights_hash[:8])}</code></td>',
+    ]
+    return f'<tr class="{state}{" me" if me else ""}">{"".join(cells)}</tr>'
+
+
 def render_html(snapshot: dict[str, Any]) -> str:
-    now = snapshot.get("now") or time.time()
-    peers = [p for p in snapshot.get("peers", []) if isinstance(p, dict)]
-    run = snapshot.get("run", {}) or {}
-    majority = _majority_hash(peers)
-    alive = sum(1 for p in peers if p.get("alive", True))
-    rows = []
-    for p in peers:
-        state = p.get("status") or ("alive" if p.get("alive", True) else "dead")
-        weights_hash = p.get("weights_hash") or ""
-        drift = ' class="drift"' if weights_hash and majority and weights_hash != majority and p.get("alive", True) else ""
-        me = " (this peer)" if p.get("peer_id") == snapshot.get("self_id") else ""
-        rows.append(
-            f'<tr class="{escape(str(state))}"><td class="l"><code>{escape(str(p.get("peer_id", "?")))}</code>{me}</td>'
-            f'<td class="l">{escape(str(p.get("address", "")))}</td><td class="l">{escape(str(p.get("role", "")))}</td>'
-            f'<td>{_num(p.get("round"), "{}")}</td><td>{_num(p.get("step"), "{}")}</td>'
-            f'<td>{_num(p.get("train_loss"))}</td><td>{_num(p.get("eval_loss"))}</td><td>{_num(p.get("tokens_per_s"), "{:,.0f}")}</td>'
-            f'<td>{human_bytes(p.get("bytes_sent"))}</td><td>{human_bytes(p.get("bytes_received"))}</td>'
-            f'<td>{_ago(now, p.get("last_seen"))}</td><td class="state">{escape(str(state))}</td>'
-            f'<td{drift}><code>{escape(weights_hash[:8]) or "–"}</code></td></tr>'
-        )
-    sent = sum(p.get("bytes_sent", 0) for p in peers if isinstance(p.get("bytes_sent"), int))
-    cards = [("round", _num(snapshot.get("round"), "{}")), ("peers alive", f"{alive} / {len(peers)}"), ("bytes sent (swarm)", human_bytes(sent)),
-             ("model", escape(str(run.get("model", "–")))), ("outer / codec", f'{escape(str(run.get("outer", "–")))} / {escape(str(run.get("codec", "–")))}'),
-             ("inner steps H", _num(run.get("inner_steps"), "{}"))]
-    card_html = "".join(f'<div class="card">{label}<b>{value}</b></div>' for label, value in cards)
-    header = "".join(f"<th{' class=l' if h in ('peer', 'address', 'role') else ''}>{h}</th>" for h in
-                     ("peer", "address", "role", "round", "step", "train loss", "eval loss", "tokens/s", "sent", "received", "last seen", "state", "weights"))
+    """The whole dashboard page for one snapshot; safe with hostile strings in it."""
+    peers = [p for p in snapshot.get("peers") or [] if isinstance(p, dict)]
+    run = snapshot.get("run") if isinstance(snapshot.get("run"), dict) else {}
+    history = snapshot.get("history") if isinstance(snapshot.get("history"), dict) else {}
+    palette = colours([str(p.get("peer_id", "")) for p in peers] + [str(k) for k in history])
+    odd = odd_hashes(peers)
+    dead = sum(1 for p in peers if _state(p) == "dead")
+    drifted = sum(1 for p in peers if _state(p) != "dead" and str(p.get("weights_hash") or "") in odd)
+    sent = sum(p["bytes_sent"] for p in peers if _real(p.get("bytes_sent")))
+    swarm_id, self_id = snapshot.get("swarm_id"), snapshot.get("self_id")
+    cards = [
+        ("round", _fmt(snapshot.get("round"), ".0f")),
+        ("peers", f'{len(peers) - dead} alive <span class="{"bad" if dead else "muted"}">· {dead} dead</span>'),
+        ("weights", f'<span class="bad">{drifted} differ</span>' if drifted else "in sync"),
+        ("bytes sent (all peers)", human_bytes(sent)),
+        ("model", _text(run.get("model"))), ("outer optimizer", _text(run.get("outer"))),
+        ("codec", _text(run.get("codec"))), ("inner steps H", _fmt(run.get("inner_steps"), ".0f")),
+    ]
+    extra = [f"{_text(k)} {_run_value(v)}" for k, v in run.items()
+             if k not in ("model", "outer", "codec", "inner_steps") and not isinstance(v, (dict, list))]
+    heads = ["peer", "address", "role", "round", "step", "train loss", "eval loss", "tokens/s",
+             "sent", "received", "last seen", "state", "weights"]
+    head = "".join(f'<th{" class=l" if h in ("peer", "address", "role", "state") else ""}>{h}</th>' for h in heads)
+    rows = "".join(_peer_row(p, snapshot.get("now"), self_id, odd, palette) for p in peers)
+    if not rows:
+        rows = f'<tr><td class="l muted" colspan="{len(heads)}">no peers known yet</td></tr>'
     return (
-        f'<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="{REFRESH_S}">'
-        f"<title>shoal · {escape(str(snapshot.get('swarm_id', '')))}</title><style>{CSS}</style></head><body>"
-        f"<h1>shoal swarm <code>{escape(str(snapshot.get('swarm_id', '?')))}</code></h1>"
-        f'<div class="sub">served by <code>{escape(str(snapshot.get("self_id", "?")))}</code> · '
-        f"refreshes every {REFRESH_S} s · <a href=\"/api/swarm\">json</a> · <a href=\"/metrics\">metrics</a></div>"
-        f'<div class="cards">{card_html}</div>'
-        f"<table><tr>{header}</tr>{''.join(rows)}</table>"
-        f"<h2 style=\"font-size:16px\">loss over rounds</h2>{render_chart(snapshot.get('history', {}) or {})}"
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f'<noscript><meta http-equiv="refresh" content="{REFRESH_S}"></noscript>'
+        f"<title>shoal · {_text(swarm_id, '?')}</title><style>{CSS}</style>{SCRIPT}</head><body>"
+        f"<h1>shoal swarm <code>{_text(swarm_id, '?')}</code></h1>"
+        f'<div class="sub">served by peer <code>{_text(self_id, "?")}</code> · '
+        f'<span id="live">live, refreshes every {REFRESH_S} s</span> · '
+        '<a href="/api/swarm">json</a> · <a href="/metrics">metrics</a></div>'
+        f'<div class="cards">{"".join(f"<div class=card>{k}<b>{v}</b></div>" for k, v in cards)}</div>'
+        f'<div class="muted">{" · ".join(extra)}</div>'
+        f'<h2>peers</h2><div class="scroll"><table><tr>{head}</tr>{rows}</table></div>'
+        f"<h2>loss over rounds</h2>{render_chart(history, palette)}"
         "</body></html>"
     )
 
 
 def _label(value: Any) -> str:
+    """Prometheus label value escaping: backslash, double quote, newline."""
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-PEER_GAUGES = [
+def _sample(value: Any) -> str:
+    return str(int(value)) if isinstance(value, numbers.Integral) else repr(float(value))
+
+
+PEER_METRICS = [
     ("shoal_peer_round", "round", "gauge", "Outer rounds applied by the peer."),
     ("shoal_peer_step", "step", "gauge", "Inner steps taken by the peer."),
     ("shoal_peer_train_loss", "train_loss", "gauge", "Mean training loss of the peer's last inner phase (nats)."),
@@ -175,18 +293,25 @@ PEER_GAUGES = [
 
 
 def render_metrics(snapshot: dict[str, Any]) -> str:
-    peers = [p for p in snapshot.get("peers", []) if isinstance(p, dict)]
-    alive = sum(1 for p in peers if p.get("alive", True))
-    lines = [
-        "# HELP shoal_peers Peers in this peer's table, by state.", "# TYPE shoal_peers gauge",
-        f'shoal_peers{{state="alive"}} {alive}', f'shoal_peers{{state="dead"}} {len(peers) - alive}',
-    ]
-    if _finite(snapshot.get("round")):
-        lines += ["# HELP shoal_round Outer rounds applied by this peer.", "# TYPE shoal_round gauge", f"shoal_round {snapshot['round']}"]
-    lines += ["# HELP shoal_peer_alive 1 if the peer is alive in this peer's view.", "# TYPE shoal_peer_alive gauge"]
-    lines += [f'shoal_peer_alive{{peer="{_label(p.get("peer_id"))}"}} {int(bool(p.get("alive", True)))}' for p in peers]
-    for metric, key, kind, help_text in PEER_GAUGES:
-        samples = [f'{metric}{{peer="{_label(p.get("peer_id"))}"}} {p[key]}' for p in peers if _finite(p.get(key))]
-        if samples:
-            lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}", *samples]
+    """Prometheus text format 0.0.4; samples whose value is missing, NaN or not a number are left out."""
+    peers = [p for p in snapshot.get("peers") or [] if isinstance(p, dict)]
+    run = snapshot.get("run") if isinstance(snapshot.get("run"), dict) else {}
+    dead = sum(1 for p in peers if _state(p) == "dead")
+
+    def family(name: str, kind: str, help_text: str, samples: list[str]) -> list[str]:
+        return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples] if samples else []
+
+    info = {"swarm_id": snapshot.get("swarm_id", ""), "peer": snapshot.get("self_id", ""),
+            **{k: run.get(k, "") for k in ("model", "outer", "codec")}}
+    info_labels = ",".join(f'{k}="{_label(v)}"' for k, v in info.items())
+    lines = family("shoal_peers", "gauge", "Peers in this peer's table, by state.",
+                   [f'shoal_peers{{state="alive"}} {len(peers) - dead}', f'shoal_peers{{state="dead"}} {dead}'])
+    lines += family("shoal_round", "gauge", "Outer rounds applied by this peer.",
+                    [f"shoal_round {_sample(snapshot['round'])}"] if _real(snapshot.get("round")) else [])
+    lines += family("shoal_run_info", "gauge", "Run this peer belongs to (always 1).", [f"shoal_run_info{{{info_labels}}} 1"])
+    lines += family("shoal_peer_alive", "gauge", "1 if the peer is alive (or suspect) in this peer's view.",
+                    [f'shoal_peer_alive{{peer="{_label(p.get("peer_id", ""))}"}} {int(_state(p) != "dead")}' for p in peers])
+    for name, key, kind, help_text in PEER_METRICS:
+        lines += family(name, kind, help_text, [f'{name}{{peer="{_label(p.get("peer_id", ""))}"}} {_sample(p[key])}'
+                                                for p in peers if _real(p.get(key))])
     return "\n".join(lines) + "\n"

@@ -1,68 +1,179 @@
+"""Dashboard rendering: complete, offline, escaped HTML and valid Prometheus text."""
+
+from __future__ import annotations
+
 import math
 import re
+from html import escape
+from html.parser import HTMLParser
+from typing import Any
 
-from shoal.peer.dashboard import render_chart, render_html, render_metrics
+from shoal.peer.dashboard import human_bytes, odd_hashes, render_chart, render_html, render_metrics
 
-EVIL = '<script>alert(1)</script>'
+EVIL_ID = "<script>alert(1)</script>"
+EVIL_ADDRESS = '"><img src=x onerror=alert(1)>'
+ALLOWED_TAGS = {"html", "head", "meta", "noscript", "title", "style", "script", "body", "h1", "h2",
+                "div", "span", "code", "a", "b", "table", "tr", "th", "td", "svg", "rect", "line",
+                "text", "polyline", "circle"}
 
 
-def snapshot(**kw):
+def example_snapshot(**overrides: Any) -> dict[str, Any]:
+    """Four peers: two in sync, one drifted, one dead with hostile strings."""
+    def peer(pid: str, port: int, **kw: Any) -> dict[str, Any]:
+        base = {"peer_id": pid, "address": f"http://127.0.0.1:{port}", "role": "replica", "alive": True,
+                "round": 12, "step": 600, "train_loss": 3.41, "eval_loss": 3.52, "tokens_per_s": 5120.0,
+                "bytes_sent": 12_345_678, "bytes_received": 9_000_000, "last_seen": 997.0,
+                "weights_hash": "a1b2c3d4e5f60718"}
+        return {**base, **kw}
+
     peers = [
-        {"peer_id": "peer-0", "address": "http://127.0.0.1:7000", "role": "replica", "alive": True, "status": "alive", "round": 3, "step": 150,
-         "train_loss": 2.1, "eval_loss": 2.2, "tokens_per_s": 5000.0, "bytes_sent": 12_345_678, "bytes_received": 9_000_000, "last_seen": 99.0, "weights_hash": "aaaa1111"},
-        {"peer_id": "peer-1", "address": "http://127.0.0.1:7001", "role": "replica", "alive": True, "round": 3, "step": 150,
-         "train_loss": None, "eval_loss": float("nan"), "tokens_per_s": None, "bytes_sent": 10, "bytes_received": 20, "last_seen": 98.0, "weights_hash": "aaaa1111"},
-        {"peer_id": "peer-2", "address": "http://127.0.0.1:7002", "role": "replica", "alive": True, "round": 3, "step": 150,
-         "eval_loss": 2.3, "bytes_sent": 0, "bytes_received": 0, "last_seen": 97.0, "weights_hash": "bbbb2222"},
-        {"peer_id": EVIL, "address": '"><img src=x onerror=alert(1)>', "role": "replica", "alive": False, "status": "dead", "round": 1, "step": 50,
-         "bytes_sent": 0, "bytes_received": 0, "last_seen": 50.0, "weights_hash": None},
+        peer("peer-a", 7000),
+        peer("peer-b", 7001, train_loss=None, eval_loss=float("nan"), tokens_per_s=None, last_seen=999.0),
+        peer("peer-c", 7002, weights_hash="ffff0000deadbeef", bytes_sent=2_048, last_seen=960.0),
+        peer(EVIL_ID, 7003, address=EVIL_ADDRESS, role="<b>bold</b>", alive=False, round=4, step=200,
+             last_seen=700.0, weights_hash=None),
     ]
-    history = {"peer-0": [{"round": 0, "eval_loss": 5.5, "train_loss": None}, {"round": 1, "eval_loss": 3.0, "train_loss": 3.2}, {"round": 3, "eval_loss": 2.2, "train_loss": 2.1}],
-               "peer-1": [{"round": 1, "eval_loss": 3.1, "train_loss": None}], EVIL: [{"round": 1, "eval_loss": 4.0}]}
-    base = {"swarm_id": "s1", "self_id": "peer-0", "now": 100.0, "run": {"model": "small", "outer": "diloco", "codec": "int8", "inner_steps": 50},
-            "round": 3, "peers": peers, "history": history}
-    return {**base, **kw}
+
+    def curve(offset: float, rounds: int) -> list[dict[str, Any]]:
+        return [{"round": r, "eval_loss": 7.8 * 0.75**r + 3 + offset,
+                 "train_loss": 7.6 * 0.75**r + 2.8 + offset + 0.15 * math.sin(r + 10 * offset)} for r in range(rounds)]
+
+    history = {"peer-a": curve(0.0, 13), "peer-b": curve(0.25, 5) + [{"round": 5, "eval_loss": None}],
+               "peer-c": curve(0.5, 13), EVIL_ID: [{"round": r, "eval_loss": 8 - r} for r in range(4)]}
+    snapshot = {"swarm_id": "swarm-7f3a", "self_id": "peer-a", "now": 1000.0,
+                "run": {"model": "tiny", "outer": "diloco", "codec": "int8", "inner_steps": 50, "params": 1_234_567},
+                "round": 12, "peers": peers, "history": history}
+    return {**snapshot, **overrides}
 
 
-def test_page_shows_every_peer_and_a_chart():
-    page = render_html(snapshot())
-    for pid in ("peer-0", "peer-1", "peer-2"):
+class TagCollector(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.attrs: list[tuple[str, str | None]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        self.attrs += attrs
+
+
+def parse(page: str) -> TagCollector:
+    collector = TagCollector()
+    collector.feed(page)
+    return collector
+
+
+def test_page_shows_every_peer_header_and_units() -> None:
+    page = render_html(example_snapshot())
+    assert page.startswith("<!doctype html>") and page.endswith("</html>")
+    for pid in ("peer-a", "peer-b", "peer-c", escape(EVIL_ID)):
         assert pid in page
-    assert page.count("<svg") == 1 and page.count("<polyline") >= 4  # eval lines for 3 peers + train lines
-    assert "12.3 MB" in page and "1 s ago" in page and 'http-equiv="refresh"' in page
+    for text in ("swarm-7f3a", "tiny", "diloco", "int8", "3 alive", "1 dead", "12.3 MB", "2.0 kB", "3 s ago",
+                 "5 min ago", "1,234,567", "(this peer)"):
+        assert text in page, text
+    assert "–" in page and not re.search(r">\s*-?(nan|inf)\b", page, re.IGNORECASE)
 
 
-def test_page_is_offline_and_escapes_network_strings():
-    page = render_html(snapshot())
-    assert EVIL not in page and "<img" not in page and "&lt;script&gt;" in page
-    assert not re.search(r'(src|href)="(https?:)?//', page)
-    assert "<script" not in page
+def test_chart_has_a_polyline_per_peer_with_history() -> None:
+    page = render_html(example_snapshot())
+    assert page.count("<svg") == 1
+    for pid in ("peer-a", "peer-b", "peer-c", escape(EVIL_ID)):
+        assert re.search(rf'<polyline[^>]*stroke="#[0-9a-f]{{6}}"[^>]*data-peer="{re.escape(pid)}"', page), pid
+    assert page.count("<polyline") == 7  # eval for 4 peers, train for 3 (the dead peer has none)
+    assert page.count('stroke-dasharray="5 4" stroke-opacity') == 3
+    colours = set(re.findall(r'<polyline fill="none" stroke="(#[0-9a-f]{6})"', page))
+    assert len(colours) == 4  # distinct per peer
 
 
-def test_dead_and_drifted_peers_are_marked():
-    page = render_html(snapshot())
-    assert re.search(r'<tr class="dead">.*?&lt;script', page)
-    assert re.search(r'class="drift"><code>bbbb2222', page)
-    assert 'class="drift"><code>aaaa1111' not in page
+def test_page_is_offline() -> None:
+    page = render_html(example_snapshot())
+    urls = [v for k, v in parse(page).attrs if k in ("src", "href", "action", "xlink:href") and v]
+    assert urls and all(u.startswith("/") and not u.startswith("//") for u in urls), urls
+    assert "url(" not in page and "@import" not in page and "<link" not in page
 
 
-def test_empty_swarm_and_odd_values_render():
-    page = render_html({"peers": [], "history": {}})
-    assert "no losses reported yet" in page
-    assert "<svg" in render_chart({"p": [{"round": 2, "eval_loss": 3.0}]})  # one point
-    assert "no losses" in render_chart({"p": [{"round": 1, "eval_loss": math.inf}]})
-    render_html({"peers": [{"peer_id": "x"}], "history": {"x": "garbage"}})
+def test_network_strings_cannot_inject_markup() -> None:
+    hostile = example_snapshot(swarm_id=EVIL_ID, self_id=EVIL_ADDRESS,
+                               run={"model": EVIL_ID, "outer": EVIL_ADDRESS, "codec": "<i>", EVIL_ID: EVIL_ADDRESS})
+    page = render_html(hostile)
+    assert EVIL_ID not in page and "<img" not in page and "<b>bold" not in page
+    tree = parse(page)
+    assert set(tree.tags) <= ALLOWED_TAGS and tree.tags.count("script") == 1
+    assert not any(name.startswith("on") for name, _ in tree.attrs)
+    assert escape(EVIL_ADDRESS) in page
 
 
-METRIC_LINE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"(,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*")*\})? [-+0-9.eE]+$')
+def test_dead_peer_and_drifted_hash_are_marked() -> None:
+    page = render_html(example_snapshot())
+    assert re.search(r'<tr class="dead">.*?&lt;script&gt;.*?<td class="st l">dead</td>', page)
+    assert re.search(r'<td class="drift"[^>]*><code>ffff0000</code>', page)
+    assert not re.search(r'<td class="drift"[^>]*><code>a1b2c3d4', page)
+    assert ">a1b2c3d4<" in page and "a1b2c3d4e" not in page  # shortened to 8 chars
 
 
-def test_metrics_are_valid_prometheus_text():
-    text = render_metrics(snapshot(peers=snapshot()["peers"] + [{"peer_id": 'a"b\\c\nd', "alive": True, "round": 2}]))
+def test_hash_tie_flags_every_hash() -> None:
+    peers = [{"peer_id": "x", "weights_hash": "11"}, {"peer_id": "y", "weights_hash": "22"},
+             {"peer_id": "z", "weights_hash": "33", "alive": False}]
+    assert odd_hashes(peers) == {"11", "22"}
+    assert odd_hashes(peers[:1]) == set() and odd_hashes([]) == set()
+
+
+def test_empty_swarm_history_and_garbage_render() -> None:
+    for snapshot in ({}, {"peers": [], "history": {}}, {"peers": None, "run": None, "history": None}):
+        page = render_html(snapshot)
+        assert "no losses reported yet" in page and "no peers known yet" in page
+    page = render_html({"peers": [{"peer_id": "x", "round": "<b>", "step": True, "bytes_sent": "9",
+                                   "weights_hash": 1234, "last_seen": None}, "not a peer"],
+                        "history": {"x": "garbage", "y": [None, {"round": "1", "eval_loss": 2.0}]}, "now": "later"})
+    assert "&lt;b&gt;" not in page and "no losses reported yet" in page  # a string is not a number
+    assert re.search(r"<tr class=\"alive\"><td class=\"l\"><span[^>]*></span><code>x</code></td>.*?<td>–</td><td>–</td>", page)
+
+
+def test_chart_with_one_point_and_skipped_values() -> None:
+    one = render_chart({"p": [{"round": 2, "eval_loss": 3.0}]})
+    assert one.count("<polyline") == 1 and "<circle" in one and ">2<" in one
+    assert "no losses" in render_chart({"p": [{"round": 1, "eval_loss": math.inf}, {"round": 2, "eval_loss": None}]})
+    gap = render_chart({"p": [{"round": r, "eval_loss": None if r == 2 else 5.0 - r} for r in range(5)]})
+    assert len(re.search(r'points="([^"]*)"', gap).group(1).split()) == 4
+    many = render_chart({f"peer-{i:02d}": [{"round": r, "eval_loss": 4 - r / 100} for r in range(300)] for i in range(15)})
+    assert many.count("<polyline") == 15 and "<circle" not in many
+
+
+def test_human_bytes() -> None:
+    assert [human_bytes(n) for n in (0, 999, 1_500, 12_345_678, 3e12, None, float("nan"), -1, True)] == \
+        ["0 B", "999 B", "1.5 kB", "12.3 MB", "3.0 TB", "–", "–", "–", "–"]
+
+
+LABEL_VALUE = r'"(?:[^"\\\n]|\\[\\"n])*"'
+LABELS = rf"\{{[a-zA-Z_][a-zA-Z0-9_]*={LABEL_VALUE}(?:,[a-zA-Z_][a-zA-Z0-9_]*={LABEL_VALUE})*\}}"
+SAMPLE = re.compile(rf"^([a-zA-Z_:][a-zA-Z0-9_:]*)({LABELS})? (-?[0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?)$")
+
+
+def test_metrics_are_valid_prometheus_text() -> None:
+    weird = 'a"b\\c\nd'
+    snapshot = example_snapshot()
+    snapshot["peers"].append({"peer_id": weird, "alive": True, "round": 2, "eval_loss": None})
+    text = render_metrics(snapshot)
     assert text.endswith("\n")
+    typed: dict[str, str] = {}
     for line in text.splitlines():
-        assert line.startswith("# ") or METRIC_LINE.match(line), line
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert name not in typed and kind in ("gauge", "counter")
+            typed[name] = kind
+        elif not line.startswith("# HELP "):
+            match = SAMPLE.match(line)
+            assert match, line
+            assert match.group(1) in typed, line  # declared before its samples
     assert 'shoal_peers{state="alive"} 4' in text and 'shoal_peers{state="dead"} 1' in text
     assert 'peer="a\\"b\\\\c\\nd"' in text
-    assert 'shoal_peer_eval_loss{peer="peer-1"}' not in text  # NaN skipped
-    assert 'shoal_peer_bytes_sent_total{peer="peer-0"} 12345678' in text and "shoal_round 3" in text
+    assert 'shoal_peer_eval_loss{peer="peer-b"}' not in text and 'shoal_peer_tokens_per_second{peer="peer-b"}' not in text
+    assert 'shoal_peer_eval_loss{peer="a' not in text  # None skipped
+    assert 'shoal_peer_bytes_sent_total{peer="peer-a"} 12345678' in text and "shoal_round 12\n" in text
+    assert typed["shoal_peer_bytes_sent_total"] == "counter" and 'shoal_peer_alive{peer="peer-c"} 1' in text
+    assert 'shoal_peer_train_loss{peer="peer-a"} 3.41' in text
+
+
+def test_metrics_of_an_empty_snapshot() -> None:
+    text = render_metrics({})
+    assert 'shoal_peers{state="alive"} 0' in text and "shoal_round" not in text and text.endswith("\n")
