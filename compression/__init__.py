@@ -1,6 +1,6 @@
 """shoal.compression: tensor codecs (bytes on the wire for pseudo-gradients) and framing.
 
-    codec = get_codec("int8")                  # or "fp32", "fp16", "q4", "q2"
+    codec = get_codec("int8")                  # or "fp32", "fp16", "q4", "q2", "topk"
     payload = codec.encode(pseudo_grad)        # self-describing bytes
     tensor = codec.decode(payload, shape)      # float32, exactly `shape`, or CodecError
 
@@ -20,9 +20,11 @@ from .packing import (
 )
 from .quantize import Int8Codec, Q2Codec, Q4Codec, QuantizeCodec, dequantize_chunks, quantize_chunks
 from .registry import CODECS, get_codec
+from .topk import ChunkLayout, TopKCodec, chunk_layout
 
 __all__ = [
     "CODECS",
+    "ChunkLayout",
     "Codec",
     "CodecError",
     "Fp16Codec",
@@ -32,6 +34,8 @@ __all__ = [
     "Q2Codec",
     "Q4Codec",
     "QuantizeCodec",
+    "TopKCodec",
+    "chunk_layout",
     "dequantize_chunks",
     "get_codec",
     "indices_12bit_nbytes",

@@ -10,9 +10,10 @@ from typing import Any
 from .base import Codec
 from .dense import Fp16Codec, Fp32Codec
 from .quantize import Int8Codec, Q2Codec, Q4Codec
+from .topk import TopKCodec
 
 CODECS: dict[str, type[Codec]] = {
-    codec.name: codec for codec in (Fp32Codec, Fp16Codec, Int8Codec, Q4Codec, Q2Codec)
+    codec.name: codec for codec in (Fp32Codec, Fp16Codec, Int8Codec, Q4Codec, Q2Codec, TopKCodec)
 }
 
 

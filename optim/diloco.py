@@ -65,16 +65,5 @@ class DiLoCo(OuterOptimizer):
             update = grad.add_(buf, alpha=self.config.momentum) if self.config.nesterov else buf
             param.sub_(update, alpha=self.config.lr)
 
-    def state_tensors(self) -> Tensors:
-        out = {f"outer/{n}": t for n, t in self.params.items()}
-        out.update({f"momentum/{n}": t for n, t in self.momentum.items()})
-        return out
-
-    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        pairs = [(prefix + n, t) for prefix, target in (("outer/", self.params), ("momentum/", self.momentum)) for n, t in target.items()]
-        for key, current in pairs:  # check everything before changing anything
-            source = tensors.get(key)
-            if source is None or tuple(source.shape) != tuple(current.shape):
-                raise ValueError(f"state tensor {key} missing or mis-shaped")
-        for key, current in pairs:
-            current.copy_(tensors[key].to(torch.float32))
+    def state_groups(self) -> dict[str, Tensors]:
+        return {"outer/": self.params, "momentum/": self.momentum}

@@ -28,16 +28,22 @@ class OuterConfig:
     """Settings every peer of a run must share (compared when a peer joins)."""
 
     name: str = "diloco"
-    lr: float = 0.7
-    momentum: float = 0.9
+    lr: float = 0.7  # DiLoCo's outer lr; SparseLoCo's α
+    momentum: float = 0.9  # DiLoCo's Nesterov momentum (SparseLoCo has none)
     nesterov: bool = True
     codec: str = "int8"
+    error_decay: float = 0.95  # SparseLoCo's error-feedback β
+    topk: int = 64  # SparseLoCo's values kept per 4096-element chunk
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"--outer-lr must be positive, got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"--outer-momentum must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.error_decay <= 1:
+            raise ValueError(f"--error-decay must be in [0, 1], got {self.error_decay}")
+        if not 1 <= self.topk <= 4096:
+            raise ValueError(f"--topk must be in 1..4096, got {self.topk}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,13 +78,25 @@ class OuterOptimizer(ABC):
     def apply(self, contributions: Sequence[Tensors]) -> None:
         """Aggregate the round's decoded contributions and step the outer weights."""
 
-    @abstractmethod
+    def state_groups(self) -> dict[str, Tensors]:
+        """The shared state by prefix: outer weights, plus optimizer state (e.g. momentum).
+        Local-only state (SparseLoCo's error buffer) is not part of it."""
+        return {"outer/": self.params}
+
     def state_tensors(self) -> Tensors:
         """Outer weights and optimizer state, flat, for checkpoints and joiners."""
+        return {prefix + n: t for prefix, group in self.state_groups().items() for n, t in group.items()}
 
-    @abstractmethod
     def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Inverse of `state_tensors`; raise ValueError on missing or mis-shaped entries."""
+        """Inverse of `state_tensors`; checks every entry before changing any, and raises
+        ValueError on a missing or mis-shaped one."""
+        targets = self.state_tensors()
+        for key, current in targets.items():
+            source = tensors.get(key)
+            if source is None or tuple(source.shape) != tuple(current.shape):
+                raise ValueError(f"state tensor {key} missing or mis-shaped")
+        for key, current in targets.items():
+            current.copy_(tensors[key].to(torch.float32))
 
     def weights_hash(self) -> str:
         return weights_hash(self.params)

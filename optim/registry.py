@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from shoal.optim.diloco import DiLoCo
 from shoal.optim.outer import OuterConfig, OuterOptimizer
+from shoal.optim.sparseloco import SparseLoCo
 
-OUTER_OPTIMIZERS: dict[str, type[OuterOptimizer]] = {"diloco": DiLoCo}
+OUTER_OPTIMIZERS: dict[str, type[OuterOptimizer]] = {"diloco": DiLoCo, "sparseloco": SparseLoCo}
+
+# Per-algorithm defaults (DESIGN.md): what a flag left unset means for each optimizer.
+OUTER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "diloco": {"lr": 0.7, "momentum": 0.9, "codec": "int8"},
+    "sparseloco": {"lr": 1.0, "momentum": 0.0, "codec": "topk"},
+}
+
+
+def outer_config(name: str, **overrides: Any) -> OuterConfig:
+    """The OuterConfig for `name`, its defaults overridden by the non-None `overrides`."""
+    if name not in OUTER_OPTIMIZERS:
+        raise ValueError(f"--outer {name!r} is not one of {sorted(OUTER_OPTIMIZERS)}")
+    settings = {**OUTER_DEFAULTS.get(name, {}), **{k: v for k, v in overrides.items() if v is not None}}
+    return OuterConfig(name=name, **settings)
 
 
 def build_outer(outer_weights: Mapping[str, torch.Tensor], config: OuterConfig) -> OuterOptimizer:

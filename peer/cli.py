@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 from shoal.optim.inner import InnerConfig
-from shoal.optim.outer import OuterConfig
 from shoal.peer.config import PeerConfig, ProtocolConfig, RunConfig
 from shoal.peer.errors import ShoalError
 
@@ -36,9 +35,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--model", default="small", choices=sorted(PRESETS), help="model size preset (default: small)")
     run.add_argument("--inner-steps", type=int, help="H, inner steps per outer round (default: the preset's recipe)")
     run.add_argument("--outer", default="diloco", choices=sorted(OUTER_OPTIMIZERS), help="outer optimizer")
-    run.add_argument("--codec", default="int8", choices=sorted(CODECS), help="pseudo-gradient codec (default: int8)")
-    run.add_argument("--outer-lr", type=float, default=OuterConfig.lr)
-    run.add_argument("--outer-momentum", type=float, default=OuterConfig.momentum)
+    run.add_argument("--codec", choices=sorted(CODECS), help="pseudo-gradient codec (default: int8 for diloco, topk for sparseloco)")
+    run.add_argument("--outer-lr", type=float, help="outer learning rate (default: 0.7 for diloco, 1.0 for sparseloco)")
+    run.add_argument("--outer-momentum", type=float, help="outer Nesterov momentum (default: 0.9 for diloco)")
+    run.add_argument("--error-decay", type=float, help="sparseloco's error-feedback decay (default 0.95)")
+    run.add_argument("--topk", type=int, help="sparseloco's values kept per 4096-element chunk (default 64)")
     run.add_argument("--inner-lr", type=float, help="AdamW learning rate (default: the preset's recipe)")
     run.add_argument("--batch-size", type=int, help="sequences per inner step (default: the preset's recipe)")
     run.add_argument("--seq-len", type=int, help="bytes per sequence (default: the preset's recipe)")
@@ -46,6 +47,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_config_from(args: argparse.Namespace) -> RunConfig:
+    from shoal.optim.registry import outer_config
     from shoal.train import PRESETS, RECIPES
 
     recipe = RECIPES[args.model]
@@ -55,7 +57,8 @@ def run_config_from(args: argparse.Namespace) -> RunConfig:
         batch_size=args.batch_size or recipe.batch_size,
         seq_len=args.seq_len or recipe.seq_len,
     )
-    outer = OuterConfig(name=args.outer, codec=args.codec, lr=args.outer_lr, momentum=args.outer_momentum)
+    outer = outer_config(args.outer, codec=args.codec, lr=args.outer_lr, momentum=args.outer_momentum,
+                         error_decay=args.error_decay, topk=args.topk)
     return RunConfig(model_preset=args.model, model=PRESETS[args.model].to_dict(), inner=inner, outer=outer,
                      inner_steps=args.inner_steps or recipe.inner_steps, seed=args.seed)
 

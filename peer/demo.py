@@ -41,9 +41,8 @@ def fetch_json(url: str, timeout_s: float = 2.0) -> dict[str, Any] | None:
 
 
 def run_flags(args: argparse.Namespace) -> list[str]:
-    flags = ["--model", args.model, "--outer", args.outer, "--codec", args.codec, "--seed", str(args.seed),
-             "--outer-lr", str(args.outer_lr), "--outer-momentum", str(args.outer_momentum)]
-    for flag in ("inner_steps", "inner_lr", "batch_size", "seq_len", "data"):
+    flags = ["--model", args.model, "--outer", args.outer, "--seed", str(args.seed)]
+    for flag in ("codec", "outer_lr", "outer_momentum", "error_decay", "topk", "inner_steps", "inner_lr", "batch_size", "seq_len", "data"):
         value = getattr(args, flag)
         if value is not None:
             flags += ["--" + flag.replace("_", "-"), str(value)]
@@ -75,11 +74,13 @@ def summarize(args: argparse.Namespace, reports: list[dict], wall_s: float) -> d
     contribution_bytes = sum(r["bytes_sent_by_kind"].get("contribution", 0) for r in reports)
     final_hashes = {r["rounds"][-1]["weights_hash"] for r in reports if r["rounds"]}
     return {
-        "peers": n, "rounds": len(evals), "model": args.model, "params": params, "codec": args.codec, "outer": args.outer,
+        "peers": n, "rounds": len(evals), "model": args.model, "params": params, "codec": run.outer.codec, "outer": args.outer,
         "inner_steps": run.inner_steps, "tokens_total": steps * run.inner.batch_size * run.inner.seq_len,
         "eval_loss_initial": first["initial_eval_loss"],
         "eval_loss_first": evals[0] if evals else None, "eval_loss_last": evals[-1] if evals else None,
         "eval_loss_per_round": evals,
+        # cumulative over the swarm, at the end of each round (peers' own counters)
+        "bytes_sent_per_round": [sum(r["rounds"][i]["bytes_sent"] for r in reports if i < len(r["rounds"])) for i in range(len(evals))],
         "bytes_sent_total": sent, "bytes_sent_contributions": contribution_bytes,
         "bytes_sent_by_peer": {r["peer_id"]: r["bytes_sent"] for r in reports},
         "bytes_ddp_equivalent": ddp_bytes, "ddp_over_sent": ddp_bytes / sent if sent else None,

@@ -262,7 +262,8 @@ class Peer:
         self.membership.beat()
         self._publish_state()
         entry = {"round": self.outer_round, "eval_loss": eval_loss, "train_loss": stats.train_loss, "weights_hash": new_hash,
-                 "gathered": got, "applied": final, "resynced": resynced, "inner_seconds": stats.seconds, "time": time.time()}
+                 "gathered": got, "applied": final, "resynced": resynced, "inner_seconds": stats.seconds, "time": time.time(),
+                 "bytes_sent": self.traffic.bytes_sent, "contribution_bytes_sent": self.traffic.sent["contribution"]}
         self.round_log.append(entry)
         log.info("[%s] round %d done: eval %.3f, train %.3f, %d/%d contributions, hash %s%s", self.peer_id, round_id,
                  eval_loss, stats.train_loss, len(final), len(got), new_hash[:8], " (resynced)" if resynced else "")

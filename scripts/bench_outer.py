@@ -1,12 +1,13 @@
-"""Run `shoal demo` once per codec with the same seeds, data and token budget, side by
-side, and report what each put on the wire and how far it got.
+"""Outer optimizers and codecs side by side: the same seeds, data, peers and token budget.
 
-    python scripts/demo_codecs.py --peers 3 --rounds 6 --codecs fp32 int8 --out results/demo_codecs.json
+    python scripts/bench_outer.py --peers 3 --rounds 6 \
+        --methods diloco:fp32 diloco:int8 sparseloco:topk --out results/bench_outer.json
 
-Each run is the real thing: separate peer processes on 127.0.0.1 exchanging pseudo-
-gradients over HTTP. The ratios compare the contribution bytes (pseudo-gradient traffic)
-and all bytes (incl. gossip, joins and hashes) against the first codec listed, and against
-what fp32 data-parallel training would have sent for the same inner steps.
+Each method is one real `shoal demo` run: separate peer processes on 127.0.0.1 exchanging
+pseudo-gradients over HTTP. Reports eval loss per round and bytes sent per peer; ratios
+are against the first method listed (the dense baseline) and against what fp32
+data-parallel training would have sent for the same inner steps. Writes JSON and a PNG
+of eval loss against bytes sent.
 """
 
 from __future__ import annotations
@@ -16,8 +17,42 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+
+def run_method(method: str, args: argparse.Namespace) -> dict:
+    outer, _, codec = method.partition(":")
+    with tempfile.TemporaryDirectory() as tmp:
+        summary_path = Path(tmp) / "summary.json"
+        cmd = [sys.executable, "-m", "shoal.peer.cli", "demo", "--peers", str(args.peers), "--rounds", str(args.rounds),
+               "--model", args.model, "--outer", outer, "--summary", str(summary_path), *args.extra]
+        if codec:
+            cmd += ["--codec", codec]
+        if args.inner_steps:
+            cmd += ["--inner-steps", str(args.inner_steps)]
+        print(f"== {method}: shoal {' '.join(cmd[3:])}", flush=True)
+        subprocess.run(cmd, check=True)
+        return json.loads(summary_path.read_text())
+
+
+def plot(runs: dict[str, dict], peers: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, s in runs.items():
+        per_peer_mb = [0.0] + [b / peers / 1e6 for b in s["bytes_sent_per_round"]]
+        ax.plot(per_peer_mb, [s["eval_loss_initial"], *s["eval_loss_per_round"]], marker="o", label=method)
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set_xlabel("MB sent per peer (cumulative)")
+    ax.set_ylabel("held-out loss (nats)")
+    ax.set_title(f"{peers} peers, same token budget")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> int:
@@ -25,41 +60,37 @@ def main() -> int:
     parser.add_argument("--peers", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--model", default="small")
-    parser.add_argument("--codecs", nargs="+", default=["fp32", "int8"])
-    parser.add_argument("--out", default="results/demo_codecs.json")
+    parser.add_argument("--inner-steps", type=int)
+    parser.add_argument("--methods", nargs="+", default=["diloco:fp32", "diloco:int8", "sparseloco:topk"], help="OUTER[:CODEC] ...")
+    parser.add_argument("--out", default="results/bench_outer.json")
+    parser.add_argument("extra", nargs="*", help="more flags for every `shoal demo` (after --)")
     args = parser.parse_args()
 
-    runs = {}
-    for codec in args.codecs:
-        with tempfile.TemporaryDirectory() as tmp:
-            summary_path = Path(tmp) / "summary.json"
-            cmd = [sys.executable, "-m", "shoal.peer.cli", "demo", "--peers", str(args.peers), "--rounds", str(args.rounds),
-                   "--model", args.model, "--codec", codec, "--summary", str(summary_path)]
-            print(f"== {codec}: {' '.join(cmd[2:])}", flush=True)
-            started = time.monotonic()
-            subprocess.run(cmd, check=True)
-            runs[codec] = json.loads(summary_path.read_text())
-            runs[codec]["command_seconds"] = round(time.monotonic() - started, 1)
-
-    base = args.codecs[0]
+    runs = {m: run_method(m, args) for m in args.methods}
+    base_name = args.methods[0]
+    base = runs[base_name]
     rows = []
-    for codec, s in runs.items():
+    for method, s in runs.items():
         rows.append({
-            "codec": codec, "eval_loss_last": s["eval_loss_last"], "bytes_sent_total": s["bytes_sent_total"],
-            "bytes_sent_contributions": s["bytes_sent_contributions"],
-            "contribution_bytes_vs_" + base: s["bytes_sent_contributions"] / runs[base]["bytes_sent_contributions"],
-            "total_bytes_vs_" + base: s["bytes_sent_total"] / runs[base]["bytes_sent_total"],
+            "method": method, "eval_loss_last": s["eval_loss_last"],
+            "eval_loss_vs_base": s["eval_loss_last"] / base["eval_loss_last"] - 1.0,
+            "bytes_sent_per_peer": s["bytes_sent_total"] / s["peers"],
+            "contribution_bytes_per_peer": s["bytes_sent_contributions"] / s["peers"],
+            "contribution_bytes_vs_base": s["bytes_sent_contributions"] / base["bytes_sent_contributions"],
+            "bits_per_param_per_round": 8 * s["bytes_sent_contributions"] / (s["peers"] * (s["peers"] - 1) * s["rounds"] * s["params"]) if s["peers"] > 1 else None,
             "ddp_over_sent": s["ddp_over_sent"], "wall_seconds": s["wall_seconds"],
         })
-    result = {"peers": args.peers, "rounds": args.rounds, "model": args.model, "rows": rows, "runs": runs}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"peers": args.peers, "rounds": args.rounds, "model": args.model, "base": base_name, "rows": rows, "runs": runs}, indent=1))
+    plot(runs, args.peers, out.with_suffix(".png"))
 
-    print(f"\n{'codec':6s} {'eval loss':>9s} {'contrib MB':>10s} {'vs ' + base:>8s} {'total MB':>9s} {'DDP/sent':>9s} {'wall s':>7s}")
+    print(f"\n{'method':18s} {'eval loss':>9s} {'vs base':>8s} {'MB/peer':>8s} {'contrib vs base':>15s} {'bits/param':>10s} {'DDP/sent':>9s} {'wall s':>7s}")
     for r in rows:
-        print(f"{r['codec']:6s} {r['eval_loss_last']:9.3f} {r['bytes_sent_contributions'] / 1e6:10.1f} "
-              f"{r['contribution_bytes_vs_' + base]:8.3f} {r['bytes_sent_total'] / 1e6:9.1f} {r['ddp_over_sent']:9.1f} {r['wall_seconds']:7.1f}")
-    print(f"written to {args.out}")
+        bits = r["bits_per_param_per_round"]
+        print(f"{r['method']:18s} {r['eval_loss_last']:9.3f} {r['eval_loss_vs_base']:+8.2%} {r['bytes_sent_per_peer'] / 1e6:8.2f} "
+              f"{r['contribution_bytes_vs_base']:15.4f} {bits if bits is None else f'{bits:.3f}':>10} {r['ddp_over_sent']:9.1f} {r['wall_seconds']:7.1f}")
+    print(f"written to {out} and {out.with_suffix('.png')}")
     return 0
 
 

@@ -9,8 +9,9 @@ import torch
 from shoal.compression import CODECS, Codec, CodecError, get_codec
 
 SHAPES = [(1,), (), (0,), (7,), (3, 0), (65536 * 2 + 123,), (300, 257), (3, 4, 5)]
-# relative L2 error bounds on gaussian data (measured: int8 0.0135, q4 0.21, q2 0.59)
-REL_ERROR = {"fp32": 0.0, "fp16": 1e-3, "int8": 0.02, "q4": 0.25, "q2": 0.65}
+# relative L2 error bounds on gaussian data (measured: int8 0.0135, q4 0.21, q2 0.59; topk
+# keeps 64 of 4096 per chunk, 0.84-0.94: sparse by design, see test_topk.py)
+REL_ERROR = {"fp32": 0.0, "fp16": 1e-3, "int8": 0.02, "q4": 0.25, "q2": 0.65, "topk": 0.96}
 
 
 def rel_error(decoded: torch.Tensor, original: torch.Tensor) -> float:
@@ -18,7 +19,7 @@ def rel_error(decoded: torch.Tensor, original: torch.Tensor) -> float:
 
 
 def test_registry_names_and_ids() -> None:
-    assert set(CODECS) == {"fp32", "fp16", "int8", "q4", "q2"}
+    assert set(CODECS) == {"fp32", "fp16", "int8", "q4", "q2", "topk"}
     ids = [codec.codec_id for codec in CODECS.values()]
     assert len(set(ids)) == len(ids)
     for name, codec_class in CODECS.items():
@@ -50,7 +51,11 @@ def test_round_trip(name: str, shape: tuple[int, ...]) -> None:
     original = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape) * 1000 + sum(shape)))
     payload = codec.encode(original)
     assert isinstance(payload, bytes)
-    assert codec.nbytes(payload) == len(payload) == codec.payload_nbytes(original.numel())
+    assert codec.nbytes(payload) == len(payload)
+    if name == "topk":  # its chunking depends on the shape, and zstd may shrink it
+        assert len(payload) <= codec.payload_nbytes(shape)
+    else:
+        assert len(payload) == codec.payload_nbytes(original.numel())
     decoded = codec.decode(payload, shape)
     assert decoded.dtype == torch.float32 and decoded.device.type == "cpu"
     assert decoded.shape == torch.Size(shape)

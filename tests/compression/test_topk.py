@@ -1,0 +1,247 @@
+"""The `topk` codec (SparseLoCo's wire format): which entries it keeps, what they decode to,
+its size on the small model, and refusal of every malformed payload."""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from shoal.compression import (
+    CodecError,
+    TopKCodec,
+    chunk_layout,
+    get_codec,
+    pack_bits,
+    pack_indices_12bit,
+)
+from shoal.compression.base import HEADER, MAGIC
+from shoal.train import build_model
+
+REFERENCE_SHAPES = [(130, 70), (4097,), (3, 5, 7), (1,), (64, 64), (), (200, 3), (2, 9000)]
+CRC_AT = HEADER.size - 4
+BODY_AT = HEADER.size + 6  # after the geometry fields: the frame flag
+
+
+def reference_topk(tensor: torch.Tensor, k: int = 64, chunk: int = 4096, tile: int = 64) -> list[int]:
+    """Flat indices of the top-k |x| per chunk/tile, chunk by chunk, increasing within a
+    chunk: a slow loop written from the spec, independent of the codec's vectorised path."""
+    flat_index = torch.arange(tensor.numel()).reshape(tensor.shape)
+    if tensor.dim() == 2:
+        rows, cols = tensor.shape
+        blocks = [
+            (tensor[r : r + tile, c : c + tile], flat_index[r : r + tile, c : c + tile])
+            for r in range(0, rows, tile)
+            for c in range(0, cols, tile)
+        ]
+    else:
+        flat, index = tensor.reshape(-1), flat_index.reshape(-1)
+        blocks = [(flat[s : s + chunk], index[s : s + chunk]) for s in range(0, flat.numel(), chunk)]
+    kept: list[int] = []
+    for values, indices in blocks:
+        values, indices = values.reshape(-1), indices.reshape(-1)
+        order = sorted(range(values.numel()), key=lambda i: -abs(float(values[i])))
+        kept += sorted(int(indices[i]) for i in order[: min(k, values.numel())])
+    return kept
+
+
+def reseal(data: bytes | bytearray) -> bytes:
+    """Recompute the CRC, as a peer that means harm would."""
+    data = bytearray(data)
+    crc = zlib.crc32(bytes(data[HEADER.size :]), zlib.crc32(bytes(data[:CRC_AT])))
+    data[CRC_AT : HEADER.size] = struct.pack("<I", crc)
+    return bytes(data)
+
+
+def forge(shape, positions, codes=None, table=(-1.0, -0.5, 0.5, 1.0), geometry=(64, 4096, 64, 2)) -> bytes:
+    """A stored (not zstd) topk payload with a valid CRC, from its parts."""
+    positions = np.asarray(positions, dtype=np.int64)
+    codes = np.zeros(positions.size, dtype=np.uint8) if codes is None else np.asarray(codes, dtype=np.uint8)
+    inner = np.asarray(table, dtype="<f4").tobytes() + pack_bits(codes, 2) + pack_indices_12bit(positions)
+    body = struct.pack("<HHBB", *geometry) + b"\0" + inner
+    return reseal(HEADER.pack(MAGIC, TopKCodec.codec_id, 1, math.prod(shape), 0) + body)
+
+
+def honest_positions(shape) -> np.ndarray:
+    """In-chunk positions 0..k_eff-1 of every chunk: a valid position list for `shape`."""
+    sizes = chunk_layout(shape).chunk_sizes()
+    return np.concatenate([np.arange(min(64, int(n))) for n in sizes])
+
+
+@pytest.mark.parametrize("shape", REFERENCE_SHAPES, ids=str)
+def test_keeps_exactly_the_top_k_per_chunk(shape) -> None:
+    codec = TopKCodec()
+    tensor = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape) + len(shape)))
+    expected = reference_topk(tensor)
+    indices, values = codec.topk_select(tensor)
+    assert indices.dtype == torch.int64 and values.dtype == torch.float32
+    assert indices.tolist() == expected
+    assert torch.equal(values, tensor.reshape(-1)[indices])
+    payload = codec.encode(tensor)
+    assert len(payload) <= codec.payload_nbytes(shape)
+    sent, decoded = codec.decode_sparse(payload, shape)
+    assert sent.tolist() == expected
+    dense = codec.decode(payload, shape)
+    assert dense.shape == torch.Size(shape) and dense.dtype == torch.float32
+    mask = torch.zeros(tensor.numel(), dtype=torch.bool)
+    mask[sent] = True
+    assert torch.equal(dense.reshape(-1)[sent], decoded)
+    assert not dense.reshape(-1)[~mask].any()
+
+
+@pytest.mark.parametrize("shape", [(130, 70), (9000,)], ids=str)
+def test_ties_keep_exactly_k_lowest_positions_first(shape) -> None:
+    # the reference's stable sort keeps the lowest positions among equal magnitudes
+    codec = TopKCodec()
+    small_ints = torch.randint(-2, 3, shape, generator=torch.Generator().manual_seed(4)).float()
+    for tensor in (small_ints, torch.zeros(shape)):
+        indices, _ = codec.topk_select(tensor)
+        assert indices.tolist() == reference_topk(tensor)
+        assert codec.decode_sparse(codec.encode(tensor), shape)[0].tolist() == reference_topk(tensor)
+
+
+def test_decoded_values_are_bin_means() -> None:
+    codec = TopKCodec()
+    tensor = torch.randn(300, 200, generator=torch.Generator().manual_seed(1))
+    _, kept = codec.topk_select(tensor)
+    _, decoded = codec.decode_sparse(codec.encode(tensor), tensor.shape)
+    levels = decoded.unique()
+    assert 2 <= levels.numel() <= 4
+    for level in levels:  # each decoded level is the mean of the original values sent to it
+        assert float(kept[decoded == level].mean()) == pytest.approx(float(level), rel=1e-5)
+    assert float(decoded.double().sum()) == pytest.approx(float(kept.double().sum()), rel=1e-4)  # unbiased
+
+
+def test_small_model_bits_per_parameter() -> None:
+    codec = get_codec("topk")
+    model = build_model("small", seed=0)
+    generator = torch.Generator().manual_seed(0)
+    bits = params = 0
+    for param in model.parameters():
+        payload = codec.encode(torch.randn(param.shape, generator=generator))
+        assert len(payload) <= codec.payload_nbytes(param.shape)
+        bits += 8 * len(payload)
+        params += param.numel()
+    # 64/4096 kept x (12 + 2) bits = 0.219, plus headers, geometry, tables and the 1-D
+    # norm weights (64 of 128 kept)
+    assert bits / params <= 0.25
+
+
+def test_zstd_frame_when_it_helps_and_exact() -> None:
+    # 257 columns: the last tile column is 1 wide, so all 64 of its entries are kept and
+    # their positions 0..63 compress
+    codec = TopKCodec()
+    tensor = torch.randn(300, 257, generator=torch.Generator().manual_seed(2))
+    payload = codec.encode(tensor)
+    assert payload[BODY_AT] == 1 and len(payload) < codec.payload_nbytes(tensor.shape)
+    sent, _ = codec.decode_sparse(payload, tensor.shape)
+    assert sent.tolist() == reference_topk(tensor)
+
+
+def test_forged_payload_round_trip_and_options() -> None:
+    shape = (130, 70)
+    positions = honest_positions(shape)
+    sent, values = TopKCodec().decode_sparse(forge(shape, positions), shape)
+    assert sent.numel() == positions.size and (values == -1.0).all()
+    with pytest.raises(ValueError, match="tile"):
+        TopKCodec(tile=65)
+    with pytest.raises(ValueError, match="chunk"):
+        TopKCodec(chunk=4097)
+    for bad in (3, 2.0, True):
+        with pytest.raises(ValueError, match="bits"):
+            TopKCodec(bits=bad)
+    assert TopKCodec().payload_nbytes(np.int64(4097)) == TopKCodec().payload_nbytes((4097,))
+
+
+@pytest.mark.parametrize("shape", [(130, 70), (9000,)], ids=str)
+def test_duplicate_unordered_and_out_of_range_positions(shape) -> None:
+    codec, good = TopKCodec(), honest_positions(shape)
+    sizes = chunk_layout(shape).chunk_sizes()
+    duplicate = good.copy()
+    duplicate[5] = duplicate[4]
+    with pytest.raises(CodecError, match="strictly increasing"):
+        codec.decode_sparse(forge(shape, duplicate), shape)
+    swapped = good.copy()
+    swapped[[3, 4]] = swapped[[4, 3]]
+    with pytest.raises(CodecError, match="strictly increasing"):
+        codec.decode(forge(shape, swapped), shape)
+    outside = good.copy()
+    outside[64 + 63] = sizes[1]  # one past the end of the second (ragged or full) chunk
+    if sizes[1] < 4096:
+        with pytest.raises(CodecError, match="outside chunk 1"):
+            codec.decode(forge(shape, outside), shape)
+    last = good.copy()
+    last[-1] = sizes[-1]  # one past the end of the ragged last chunk
+    with pytest.raises(CodecError, match="outside"):
+        codec.decode_sparse(forge(shape, last), shape)
+
+
+def test_bad_table_geometry_and_lengths() -> None:
+    shape, codec = (130, 70), TopKCodec()
+    positions = honest_positions(shape)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(CodecError, match="non-finite"):
+            codec.decode(forge(shape, positions, table=(0.0, bad, 1.0, 2.0)), shape)
+    with pytest.raises(CodecError, match="k=32"):
+        codec.decode(forge(shape, positions, geometry=(32, 4096, 64, 2)), shape)
+    with pytest.raises(CodecError, match="k=32"):
+        codec.decode(TopKCodec(k=32).encode(torch.randn(shape)), shape)
+    with pytest.raises(CodecError, match="need"):
+        codec.decode(forge(shape, positions[:-1]), shape)
+    with pytest.raises(CodecError, match="need"):
+        codec.decode(forge(shape, np.concatenate((positions, [0, 1]))), shape)
+
+
+def test_byte_flips_truncation_garbage_and_wrong_shape() -> None:
+    codec = TopKCodec()
+    shape = (130, 70)
+    payload = codec.encode(torch.randn(shape, generator=torch.Generator().manual_seed(3)))
+    rng = np.random.default_rng(0)
+    for offset in range(len(payload)):  # every byte: the CRC catches it
+        corrupt = bytearray(payload)
+        corrupt[offset] ^= int(rng.integers(1, 256))
+        with pytest.raises(CodecError):
+            codec.decode(bytes(corrupt), shape)
+    for cut in range(len(payload)):
+        for candidate in (payload[:cut], reseal(payload[:cut]) if cut >= HEADER.size else payload[:cut]):
+            with pytest.raises(CodecError):
+                codec.decode_sparse(candidate, shape)
+    with pytest.raises(CodecError, match="bytes"):
+        codec.decode(reseal(payload + b"\0"), shape)
+    # resealed flips in the body: another valid tensor at worst, never a crash
+    for offset in range(HEADER.size, len(payload)):
+        corrupt = bytearray(payload)
+        corrupt[offset] ^= int(rng.integers(1, 256))
+        try:
+            dense = codec.decode(reseal(corrupt), shape)
+        except CodecError:
+            continue
+        assert dense.shape == shape and torch.isfinite(dense).all()
+    for length in [0, 3, HEADER.size, 50, 400, 10_000]:
+        garbage = rng.integers(0, 256, length, dtype=np.uint8).tobytes()
+        with pytest.raises(CodecError):
+            codec.decode(garbage, shape)
+        forged = HEADER.pack(MAGIC, TopKCodec.codec_id, 1, math.prod(shape), 0) + garbage
+        with pytest.raises(CodecError):
+            codec.decode(reseal(forged), shape)
+    for wrong in [(70, 131), (131, 70), (9101,), (2**40,)]:
+        with pytest.raises(CodecError):
+            codec.decode(payload, wrong)
+    # same element count, other geometry: (9100,) keeps 192 values, (130, 70) keeps 332
+    with pytest.raises(CodecError, match="need"):
+        codec.decode(payload, (9100,))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_refused(bad: float) -> None:
+    tensor = torch.randn(64, 64)
+    tensor[3, 7] = bad
+    codec = TopKCodec()
+    with pytest.raises(CodecError, match="NaN/Inf"):
+        codec.encode(tensor)
+    with pytest.raises(CodecError, match="NaN/Inf"):
+        codec.topk_select(tensor)
