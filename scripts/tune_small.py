@@ -4,8 +4,8 @@ What the demo does, minus the network: R replicas start from the same init
 (`build_model(preset, seed)`), each with its own persistent AdamW (the peers' own
 InnerTrainer: warmup, grad clipping, wd on every weight), each trains H steps on its own
 shard (peer ids "peer-0", "peer-1", ...) on one CPU thread; then the real DiLoCo outer step
-(optim/diloco.py: pseudo-gradients Δ_i = θ_outer − θ_i through the run's codec, mean,
-SGD with Nesterov momentum) and every replica ← θ_outer; the eval loss after each round on
+(`--outer`: DiLoCo or SparseLoCo from optim/, pseudo-gradients through the run's codec)
+and every replica ← θ_outer; the eval loss after each round on
 the same fixed eval batches a peer uses (`--eval-batches`, the peers' default 8), plus a
 larger set (`--big-eval-batches`) to see how noisy the small one is.
 
@@ -26,9 +26,8 @@ import time
 
 import torch
 
-from shoal.optim.diloco import DiLoCo
 from shoal.optim.inner import InnerConfig, InnerTrainer
-from shoal.optim.outer import OuterConfig
+from shoal.optim.registry import build_outer, outer_config
 from shoal.train import PRESETS, RECIPES, ByteData, build_model, evaluate, load_corpus
 
 
@@ -44,9 +43,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, help="(default: the recipe's)")
     parser.add_argument("--batch-size", type=int, help="(default: the recipe's)")
     parser.add_argument("--seq-len", type=int, help="(default: the recipe's)")
-    parser.add_argument("--outer-lr", type=float, default=OuterConfig.lr)
-    parser.add_argument("--outer-momentum", type=float, default=OuterConfig.momentum)
-    parser.add_argument("--codec", default=OuterConfig.codec, help="pseudo-gradient codec (demo default: int8)")
+    parser.add_argument("--outer", default="diloco", help="outer optimizer (diloco, sparseloco)")
+    parser.add_argument("--outer-lr", type=float, help="(default: the optimizer's)")
+    parser.add_argument("--outer-momentum", type=float, help="(default: the optimizer's)")
+    parser.add_argument("--codec", help="pseudo-gradient codec (default: the optimizer's; int8 for diloco)")
     parser.add_argument("--eval-batches", type=int, default=8, help="what a peer evaluates on (PeerConfig default 8)")
     parser.add_argument("--big-eval-batches", type=int, default=64, help="a larger eval set, to gauge noise (0: skip)")
     parser.add_argument("--num-shards", type=int, default=16)
@@ -70,7 +70,7 @@ def main() -> None:
         seq_len=args.seq_len or recipe.seq_len,
     )
     inner_steps = args.inner_steps or recipe.inner_steps
-    outer_config = OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum, codec=args.codec)
+    outer_settings = outer_config(args.outer, lr=args.outer_lr, momentum=args.outer_momentum, codec=args.codec)
     device = torch.device("cpu")
 
     start = time.perf_counter()
@@ -84,10 +84,12 @@ def main() -> None:
         replica = build_model(config, seed=args.seed)
         batches = data.train_batches(peer_id, inner.batch_size, inner.seq_len, seed=args.seed)
         trainers.append(InnerTrainer(replica, inner, batches, device))
-    outer = DiLoCo(dict(init.named_parameters()), outer_config)
+    # one outer optimizer per replica: each keeps its own local state (SparseLoCo's error
+    # buffer); all apply the same decoded contributions, so their weights stay identical
+    outers = [build_outer(dict(init.named_parameters()), outer_settings) for _ in trainers]
     shards = [data.shard_for(f"peer-{i}", args.num_shards) for i in range(args.peers)]
     print(f"model {config.to_dict()} params {config.num_params:,}")
-    print(f"inner {inner.to_dict()} H={inner_steps}  outer {outer_config.to_dict()}  shards {shards}")
+    print(f"inner {inner.to_dict()} H={inner_steps}  outer {outer_settings.to_dict()}  shards {shards}")
     initial = evaluate(trainers[0].model, eval_set, device)
     print(f"setup {time.perf_counter() - start:.1f} s, initial eval {initial:.3f}")
 
@@ -95,10 +97,11 @@ def main() -> None:
     for round_id in range(1, args.rounds + 1):
         stats = [t.run(inner_steps) for t in trainers]
         train_seconds += sum(s.seconds for s in stats)
-        contributions = [outer.decode_contribution(outer.contribution(t.local_weights())) for t in trainers]
-        outer.apply(contributions)
+        contributions = [o.decode_contribution(o.contribution(t.local_weights())) for o, t in zip(outers, trainers, strict=True)]
+        for outer in outers:
+            outer.apply(contributions)
         for trainer in trainers:
-            trainer.load_weights(outer.params)
+            trainer.load_weights(outers[0].params)
         eval_loss = evaluate(trainers[0].model, eval_set, device)
         big_loss = evaluate(trainers[0].model, big_eval, device) if big_eval else None
         train_loss = sum(s.train_loss for s in stats) / len(stats)
@@ -111,7 +114,7 @@ def main() -> None:
     print(f"total wall {wall:.0f} s (training {train_seconds:.0f} s); final eval {rows[-1]['eval_loss']:.3f}")
     if args.json:
         result = {"model": config.to_dict(), "params": config.num_params, "inner": inner.to_dict(), "inner_steps": inner_steps,
-                  "outer": outer_config.to_dict(), "peers": args.peers, "initial_eval_loss": initial, "rounds": rows,
+                  "outer": outer_settings.to_dict(), "peers": args.peers, "initial_eval_loss": initial, "rounds": rows,
                   "wall_s": wall, "train_s": train_seconds}
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
