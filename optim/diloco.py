@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from shoal.compression import CodecError, get_codec
+from shoal.compression import get_codec
 from shoal.optim.outer import ContributionError, OuterConfig, OuterOptimizer, Tensors
 
 
@@ -35,21 +35,10 @@ class DiLoCo(OuterOptimizer):
         return payload
 
     def decode_contribution(self, payload: Mapping[str, bytes]) -> Tensors:
-        if not isinstance(payload, Mapping):
-            raise ContributionError("contribution must be a map of tensor name to payload")
-        self._check_names(list(payload), "contribution")
-        decoded = {}
-        for name, shape in self.shapes.items():
-            blob = payload[name]
-            if not isinstance(blob, bytes):
-                raise ContributionError(f"{name}: payload must be bytes")
-            try:
-                tensor = self.codec.decode(blob, shape)
-            except CodecError as exc:
-                raise ContributionError(f"{name}: {exc}") from None
+        decoded = self._decode_each(payload, self.codec.decode)
+        for name, tensor in decoded.items():
             if not torch.isfinite(tensor).all():
                 raise ContributionError(f"{name}: non-finite values")
-            decoded[name] = tensor
         return decoded
 
     def apply(self, contributions: Sequence[Tensors]) -> None:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
+
+from shoal.compression import CodecError
 
 Tensors = dict[str, torch.Tensor]
 
@@ -71,11 +74,12 @@ class OuterOptimizer(ABC):
         """Encode this replica's pseudo-gradient θ − θ_local for publication."""
 
     @abstractmethod
-    def decode_contribution(self, payload: Mapping[str, bytes]) -> Tensors:
-        """Decode and validate a peer's contribution; raise ContributionError if unusable."""
+    def decode_contribution(self, payload: Mapping[str, bytes]) -> Any:
+        """Decode and validate a peer's contribution into what `apply` takes (dense tensors
+        for DiLoCo, indices and values for SparseLoCo); raise ContributionError if unusable."""
 
     @abstractmethod
-    def apply(self, contributions: Sequence[Tensors]) -> None:
+    def apply(self, contributions: Sequence[Any]) -> None:
         """Aggregate the round's decoded contributions and step the outer weights."""
 
     def state_groups(self) -> dict[str, Tensors]:
@@ -100,6 +104,23 @@ class OuterOptimizer(ABC):
 
     def weights_hash(self) -> str:
         return weights_hash(self.params)
+
+    def _decode_each(self, payload: Mapping[str, bytes], decode: Callable[[bytes, tuple[int, ...]], Any]) -> dict[str, Any]:
+        """Validate a contribution's names and decode each tensor's payload with `decode`
+        (a codec method), turning codec errors into ContributionError."""
+        if not isinstance(payload, Mapping):
+            raise ContributionError("contribution must be a map of tensor name to payload")
+        self._check_names(list(payload), "contribution")
+        decoded = {}
+        for name, shape in self.shapes.items():
+            blob = payload[name]
+            if not isinstance(blob, bytes):
+                raise ContributionError(f"{name}: payload must be bytes")
+            try:
+                decoded[name] = decode(blob, shape)
+            except CodecError as exc:
+                raise ContributionError(f"{name}: {exc}") from None
+        return decoded
 
     def _check_names(self, names: Sequence[str] | set[str], what: str) -> None:
         missing, extra = set(self.params) - set(names), set(names) - set(self.params)

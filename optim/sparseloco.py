@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from shoal.compression import CodecError, TopKCodec, get_codec
-from shoal.optim.outer import ContributionError, OuterConfig, OuterOptimizer, Tensors
+from shoal.compression import TopKCodec, get_codec
+from shoal.optim.outer import OuterConfig, OuterOptimizer, Tensors
 
 
 @dataclass(frozen=True)
@@ -63,19 +63,8 @@ class SparseLoCo(OuterOptimizer):
         return payload
 
     def decode_contribution(self, payload: Mapping[str, bytes]) -> SparseContribution:
-        if not isinstance(payload, Mapping):
-            raise ContributionError("contribution must be a map of tensor name to payload")
-        self._check_names(list(payload), "contribution")
-        indices, values = {}, {}
-        for name, shape in self.shapes.items():
-            blob = payload[name]
-            if not isinstance(blob, bytes):
-                raise ContributionError(f"{name}: payload must be bytes")
-            try:
-                indices[name], values[name] = self.codec.decode_sparse(blob, shape)
-            except CodecError as exc:
-                raise ContributionError(f"{name}: {exc}") from None
-        return SparseContribution(indices, values)
+        pairs = self._decode_each(payload, self.codec.decode_sparse)
+        return SparseContribution({n: p[0] for n, p in pairs.items()}, {n: p[1] for n, p in pairs.items()})
 
     def apply(self, contributions: Sequence[SparseContribution]) -> None:
         if not contributions:
