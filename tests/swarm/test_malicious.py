@@ -1,0 +1,52 @@
+"""A peer that publishes NaN pseudo-gradients is left out by every honest peer, and the
+honest peers' weights stay finite and identical."""
+
+import struct
+import zlib
+
+import numpy as np
+import torch
+from conftest import peer_config, run_async, start_swarm, stop_all, tiny_run, wait_until
+
+from shoal.compression import get_codec
+from shoal.compression.base import _CRC_OFFSET, HEADER, MAGIC
+from shoal.optim.outer import OuterConfig
+from shoal.peer.node import Peer
+
+
+def nan_payload(count: int) -> bytes:
+    """A well-formed fp32 payload (right header, length and CRC) full of NaN."""
+    codec = get_codec("fp32")
+    body = np.full(count, np.nan, dtype="<f4").tobytes()
+    prefix = HEADER.pack(MAGIC, codec.codec_id, codec.version, count, 0)[:_CRC_OFFSET]
+    return prefix + struct.pack("<I", zlib.crc32(body, zlib.crc32(prefix))) + body
+
+
+def test_nan_contributions_are_dropped(corpus, caplog):
+    run = tiny_run(outer=OuterConfig(codec="fp32"))
+
+    async def scenario():
+        honest = await start_swarm(corpus, 2, max_rounds=3, run=run, min_peers=3)
+        attacker = Peer(peer_config(corpus, "peer-2", bootstrap=honest[0].address, max_rounds=3, run=run, min_peers=3))
+        await attacker.start()
+        # no await between start() and the patch: the training task has not run yet
+        shapes = attacker.outer.shapes
+        attacker.outer.contribution = lambda local: {n: nan_payload(int(np.prod(s))) for n, s in shapes.items()}
+        attacker.outer.decode_contribution = lambda payload: {n: torch.zeros(s) for n, s in shapes.items()}
+        everyone = [*honest, attacker]
+        try:
+            await wait_until(lambda: all(p.finished.is_set() for p in everyone), 90, "3 rounds")
+            for a, b in zip(honest[0].round_log, honest[1].round_log, strict=True):
+                assert a["applied"] == b["applied"] == ["peer-0", "peer-1"]
+                assert a["weights_hash"] == b["weights_hash"]
+            assert all(torch.isfinite(t).all() for t in honest[0].outer.params.values())
+            refused = [r.getMessage() for r in caplog.records if "dropped peer-2's" in r.getMessage()]
+            assert len(refused) >= 2 and all("non-finite" in m for m in refused), refused  # fetched, then refused
+            # the attacker's own set includes itself, but the intersection with the honest
+            # peers' sets does not: it applied what they applied
+            assert attacker.round_log[-1]["weights_hash"] == honest[0].round_log[-1]["weights_hash"]
+        finally:
+            await stop_all(everyone)
+
+    caplog.set_level("WARNING", logger="shoal.peer.rounds")
+    run_async(scenario(), 120)
