@@ -20,6 +20,7 @@ from shoal.compression import (
     pack_indices_12bit,
 )
 from shoal.compression.base import HEADER, MAGIC
+from shoal.compression.topk import kth_largest_per_row
 from shoal.train import build_model
 
 REFERENCE_SHAPES = [(130, 70), (4097,), (3, 5, 7), (1,), (64, 64), (), (200, 3), (2, 9000)]
@@ -245,3 +246,24 @@ def test_non_finite_input_refused(bad: float) -> None:
         codec.encode(tensor)
     with pytest.raises(CodecError, match="NaN/Inf"):
         codec.topk_select(tensor)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "zero_rows", "padded"])
+def test_kth_largest_per_row_matches_a_full_partition(kind):
+    """The two-pass selection is exact: same k-th largest as one np.partition, on random
+    widths and k, with ties, all-zero rows (every entry a candidate) and -1 padding."""
+    rng = np.random.default_rng(hash(kind) % 2**32)
+    for _ in range(60):
+        width = int(rng.integers(1, 5000))
+        n_rows = int(rng.integers(0, 30))
+        k = int(rng.integers(1, min(width, 200) + 1))
+        rows = rng.standard_normal((n_rows, width)).astype(np.float32)
+        if kind == "ties":
+            rows = np.round(rows * 2) / 2
+        elif kind == "zero_rows":
+            rows[: n_rows // 2] = 0
+        elif kind == "padded":
+            rows = np.abs(rows)
+            rows[:, width // 2 :] = -1
+        expected = np.partition(rows, width - k, axis=1)[:, width - k]
+        np.testing.assert_array_equal(kth_largest_per_row(rows, k), expected)

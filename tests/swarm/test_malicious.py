@@ -11,6 +11,7 @@ from conftest import peer_config, run_async, start_swarm, stop_all, tiny_run, wa
 from shoal.compression import get_codec
 from shoal.compression.base import _CRC_OFFSET, HEADER, MAGIC
 from shoal.optim.outer import OuterConfig
+from shoal.optim.registry import outer_config
 from shoal.peer.node import Peer
 
 
@@ -49,4 +50,48 @@ def test_nan_contributions_are_dropped(corpus, caplog):
             await stop_all(everyone)
 
     caplog.set_level("WARNING", logger="shoal.peer.rounds")
+    run_async(scenario(), 120)
+
+
+def test_huge_sparse_contribution_is_clipped_to_the_median(corpus):
+    """SparseLoCo over the network: a peer sending a valid top-k payload a million times
+    larger than an honest one moves the honest peers' weights no further than the clipping
+    bound allows, ‖Δθ‖ ≤ α·√n·median norm (each clipped contribution has norm ≤ median,
+    and a per-index mean of them has norm ≤ the root of their summed squares)."""
+    run = tiny_run(outer=outer_config("sparseloco"))
+
+    async def scenario():
+        honest = await start_swarm(corpus, 2, max_rounds=3, run=run, min_peers=3)
+        attacker = Peer(peer_config(corpus, "peer-2", bootstrap=honest[0].address, max_rounds=3, run=run, min_peers=3))
+        await attacker.start()
+        outer = attacker.outer
+        gen = torch.Generator().manual_seed(0)
+        outer.contribution = lambda local: {
+            n: outer.codec.encode(1e3 * torch.randn(s, generator=gen)) for n, s in outer.shapes.items()
+        }
+        steps = []  # per round on peer-0: contribution norms, ‖Δθ‖
+        watched = honest[0].outer
+        real_apply = watched.apply
+
+        def apply(contributions):
+            before = {n: t.clone() for n, t in watched.params.items()}
+            real_apply(contributions)
+            moved = sum(float((watched.params[n] - before[n]).double().square().sum()) for n in before) ** 0.5
+            steps.append(([c.norm() for c in contributions], moved))
+
+        watched.apply = apply
+        everyone = [*honest, attacker]
+        try:
+            await wait_until(lambda: all(p.finished.is_set() for p in everyone), 90, "3 rounds")
+            assert len(steps) == 3
+            for a, b in zip(honest[0].round_log, honest[1].round_log, strict=True):
+                assert a["applied"] == b["applied"] == ["peer-0", "peer-1", "peer-2"]  # finite: not dropped
+                assert a["weights_hash"] == b["weights_hash"]
+            for norms, moved in steps:
+                median = sorted(norms)[1]
+                assert max(norms) > 1e4 * median  # the attacker's really is huge
+                assert 0 < moved <= watched.config.lr * len(norms) ** 0.5 * median * (1 + 1e-5), (norms, moved)
+        finally:
+            await stop_all(everyone)
+
     run_async(scenario(), 120)
