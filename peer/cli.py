@@ -35,9 +35,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--model", default="small", choices=sorted(PRESETS), help="model size preset (default: small)")
     run.add_argument("--inner-steps", type=int, help="H, inner steps per outer round (default: the preset's recipe)")
     run.add_argument("--outer", default="diloco", choices=sorted(OUTER_OPTIMIZERS), help="outer optimizer")
-    run.add_argument("--codec", choices=sorted(CODECS), help="pseudo-gradient codec (default: int8 for diloco, topk for sparseloco)")
-    run.add_argument("--outer-lr", type=float, help="outer learning rate (default: 0.7 for diloco, 1.0 for sparseloco)")
-    run.add_argument("--outer-momentum", type=float, help="outer Nesterov momentum (default: 0.9 for diloco)")
+    run.add_argument("--codec", choices=sorted(CODECS), help="pseudo-gradient codec (default: int8 for diloco and noloco, topk for sparseloco)")
+    run.add_argument("--outer-lr", type=float, help="outer learning rate (default: 0.7 for diloco and noloco's η, 1.0 for sparseloco)")
+    run.add_argument("--outer-momentum", type=float, help="outer momentum (default: 0.9 Nesterov for diloco, 0.5 for noloco, 0 for sparseloco)")
     run.add_argument("--error-decay", type=float, help="sparseloco's error-feedback decay (default 0.95)")
     run.add_argument("--topk", type=int, help="sparseloco's values kept per 4096-element chunk (default 64)")
     run.add_argument("--inner-lr", type=float, help="AdamW learning rate (default: the preset's recipe)")
@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--min-peers", type=int, default=1, help="wait until this many peers (this one included) are alive before training")
     peer.add_argument("--threads", type=int, help="torch CPU threads")
     peer.add_argument("--gather-timeout", type=float, help="seconds to wait for others' contributions (default: as long as our inner phase took, at least 10)")
+    peer.add_argument("--partner-timeout", type=float, default=10.0, help="noloco: seconds to wait for the step's partner before stepping alone (default 10)")
     peer.add_argument("--report", help="write this peer's round log and traffic as JSON here on exit")
     peer.add_argument("--log-level", default="INFO")
     add_run_arguments(peer)
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def peer_config_from(args: argparse.Namespace) -> PeerConfig:
-    protocol = ProtocolConfig(gather_timeout_s=args.gather_timeout)
+    protocol = ProtocolConfig(gather_timeout_s=args.gather_timeout, partner_timeout_s=args.partner_timeout)
     extra = {"peer_id": args.peer_id} if args.peer_id else {}
     return PeerConfig(
         run=run_config_from(args), listen_host=args.listen[0], listen_port=args.listen[1], advertise=args.advertise,

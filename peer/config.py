@@ -75,12 +75,17 @@ class ProtocolConfig:
     gather_timeout_s: float | None = None  # None: derived from the measured inner-phase time
     min_gather_timeout_s: float = 10.0
     agree_timeout_s: float = 5.0
+    partner_timeout_s: float = 10.0  # NoLoCo: the longest a peer waits for its partner
     request_timeout_s: float = 30.0
     max_request_bytes: int = 8 * 2**20
     max_response_bytes: int = 2 * 2**30
     state_chunk_bytes: int = 4 * 2**20
     max_clock_skew_s: float = 300.0
     rounds_kept: int = 3
+
+    def __post_init__(self) -> None:
+        if not self.partner_timeout_s > 0:
+            raise ValueError(f"--partner-timeout must be positive, got {self.partner_timeout_s}")
 
     def gather_deadline_s(self, inner_seconds: float) -> float:
         """How long to wait for others after publishing: as long as our own inner phase took

@@ -209,7 +209,16 @@ def render_chart(history: Any, palette: dict[str, str] | None = None, width: int
     return "".join(parts)
 
 
-def _peer_row(p: dict[str, Any], now: Any, self_id: Any, odd: set[str], palette: dict[str, str]) -> str:
+def weights_spread(peers: list[dict[str, Any]]) -> str:
+    """NoLoCo replicas differ by design: the swarm's spread is the RMS distance of the live
+    peers' slow weights to their last partners' (mean and max over peers)."""
+    distances = [float(p["partner_distance"]) for p in peers if _state(p) != "dead" and _real(p.get("partner_distance"))]
+    if not distances:
+        return DASH
+    return f'spread {_fmt(sum(distances) / len(distances), ".2e")} <span class="muted">max {_fmt(max(distances), ".2e")}</span>'
+
+
+def _peer_row(p: dict[str, Any], now: Any, self_id: Any, odd: set[str], palette: dict[str, str], pairwise: bool = False) -> str:
     state, pid = _state(p), str(p.get("peer_id", ""))
     weights_hash = str(p.get("weights_hash") or "")
     drift = ' class="drift" title="differs from the majority"' if weights_hash in odd and state != "dead" else ""
@@ -225,6 +234,8 @@ def _peer_row(p: dict[str, Any], now: Any, self_id: Any, odd: set[str], palette:
         f'<td>{_ago(now, p.get("last_seen"))}</td><td class="st l">{state}</td>',
         f'<td{drift}><code>{_text(weights_hash[:8])}</code></td>',
     ]
+    if pairwise:
+        cells.append(f'<td class="l"><code>{_text(p.get("partner"))}</code> {_fmt(p.get("partner_distance"), ".2e")}</td>')
     return f'<tr class="{state}{" me" if me else ""}">{"".join(cells)}</tr>'
 
 
@@ -234,7 +245,8 @@ def render_html(snapshot: dict[str, Any]) -> str:
     run = snapshot.get("run") if isinstance(snapshot.get("run"), dict) else {}
     history = snapshot.get("history") if isinstance(snapshot.get("history"), dict) else {}
     palette = colours([str(p.get("peer_id", "")) for p in peers] + [str(k) for k in history])
-    odd = odd_hashes(peers)
+    pairwise = run.get("outer") == "noloco"  # replicas are not meant to agree
+    odd = set() if pairwise else odd_hashes(peers)
     dead = sum(1 for p in peers if _state(p) == "dead")
     drifted = sum(1 for p in peers if _state(p) != "dead" and str(p.get("weights_hash") or "") in odd)
     sent = sum(p["bytes_sent"] for p in peers if _real(p.get("bytes_sent")))
@@ -242,7 +254,7 @@ def render_html(snapshot: dict[str, Any]) -> str:
     cards = [
         ("round", _fmt(snapshot.get("round"), ".0f")),
         ("peers", f'{len(peers) - dead} alive <span class="{"bad" if dead else "muted"}">· {dead} dead</span>'),
-        ("weights", f'<span class="bad">{drifted} differ</span>' if drifted else "in sync"),
+        ("weights", weights_spread(peers) if pairwise else f'<span class="bad">{drifted} differ</span>' if drifted else "in sync"),
         ("bytes sent (all peers)", human_bytes(sent)),
         ("model", _text(run.get("model"))), ("outer optimizer", _text(run.get("outer"))),
         ("codec", _text(run.get("codec"))), ("inner steps H", _fmt(run.get("inner_steps"), ".0f")),
@@ -250,9 +262,9 @@ def render_html(snapshot: dict[str, Any]) -> str:
     extra = [f"{_text(k)} {_run_value(v)}" for k, v in run.items()
              if k not in ("model", "outer", "codec", "inner_steps") and not isinstance(v, (dict, list))]
     heads = ["peer", "address", "role", "round", "step", "train loss", "eval loss", "tokens/s",
-             "sent", "received", "last seen", "state", "weights"]
-    head = "".join(f'<th{" class=l" if h in ("peer", "address", "role", "state") else ""}>{h}</th>' for h in heads)
-    rows = "".join(_peer_row(p, snapshot.get("now"), self_id, odd, palette) for p in peers)
+             "sent", "received", "last seen", "state", "weights"] + (["partner · distance"] if pairwise else [])
+    head = "".join(f'<th{" class=l" if h in ("peer", "address", "role", "state", "partner · distance") else ""}>{h}</th>' for h in heads)
+    rows = "".join(_peer_row(p, snapshot.get("now"), self_id, odd, palette, pairwise) for p in peers)
     if not rows:
         rows = f'<tr><td class="l muted" colspan="{len(heads)}">no peers known yet</td></tr>'
     return (
@@ -289,6 +301,7 @@ PEER_METRICS = [
     ("shoal_peer_tokens_per_second", "tokens_per_s", "gauge", "Training throughput of the peer."),
     ("shoal_peer_bytes_sent_total", "bytes_sent", "counter", "Body bytes the peer sent."),
     ("shoal_peer_bytes_received_total", "bytes_received", "counter", "Body bytes the peer received."),
+    ("shoal_peer_partner_distance", "partner_distance", "gauge", "NoLoCo: RMS distance of the peer's slow weights to its last partner's."),
 ]
 
 

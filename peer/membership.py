@@ -45,6 +45,8 @@ class PeerInfo:
     bytes_sent: int = 0
     bytes_received: int = 0
     weights_hash: str | None = None
+    partner: str | None = None  # NoLoCo: the peer of the last exchange
+    partner_distance: float | None = None  # NoLoCo: RMS(φ_self − φ_partner) at that exchange
 
     def version(self) -> tuple[float, int]:
         return (self.incarnation, self.heartbeat)
@@ -70,13 +72,13 @@ class PeerInfo:
 
 
 _FIELD_NAMES = {f.name for f in fields(PeerInfo)}
-_STRINGS = {"peer_id": 128, "address": 256, "role": 32, "weights_hash": 128}
+_STRINGS = {"peer_id": 128, "address": 256, "role": 32, "weights_hash": 128, "partner": 128}
 _INTS = {"heartbeat", "first_round", "round", "step", "bytes_sent", "bytes_received"}
-_FLOATS = {"incarnation", "train_loss", "eval_loss", "tokens_per_s"}
+_FLOATS = {"incarnation", "train_loss", "eval_loss", "tokens_per_s", "partner_distance"}
 
 
 def _check_field(name: str, value: Any) -> Any:
-    if value is None and name in ("train_loss", "eval_loss", "tokens_per_s", "weights_hash"):
+    if value is None and name in ("train_loss", "eval_loss", "tokens_per_s", "weights_hash", "partner", "partner_distance"):
         return None
     if name in _STRINGS:
         if not isinstance(value, str) or not 0 < len(value) <= _STRINGS[name]:
@@ -168,7 +170,8 @@ class Membership:
     def _record_history(self, info: PeerInfo) -> None:
         rounds = self.history.setdefault(info.peer_id, {})
         if info.eval_loss is not None or info.train_loss is not None:
-            rounds[info.round] = {"eval_loss": info.eval_loss, "train_loss": info.train_loss}
+            rounds[info.round] = {"eval_loss": info.eval_loss, "train_loss": info.train_loss,
+                                  "partner_distance": info.partner_distance}
             while len(rounds) > MAX_HISTORY_ROUNDS:
                 rounds.pop(min(rounds))
 

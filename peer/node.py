@@ -9,7 +9,8 @@ executor. The loop never runs torch work, so heartbeats keep flowing while we tr
 Life of a peer: start the server → join through `--bootstrap` (check the run config,
 take the peer table, download the current outer state) or start a new run → repeat
 {H inner steps → publish → gather → agree → outer step → evaluate → verify hash →
-checkpoint} → on stop, leave the server up for `linger_s` so that others finish the round.
+checkpoint}; with a pairwise outer optimizer (NoLoCo) the middle is {publish → fetch one
+random partner's contribution, waiting at most `partner_timeout_s` → outer step} → on stop, leave the server up for `linger_s` so that others finish the round.
 """
 
 from __future__ import annotations
@@ -232,11 +233,16 @@ class Peer:
                 payload = await self._in_train(lambda: self.outer.contribution(self.trainer.local_weights()))
                 own = await self._in_train(self.outer.decode_contribution, payload)  # use what others decode
                 await exchange.publish(round_id, payload, own)
-                gather_s = protocol.gather_deadline_s(stats.seconds)
-                got = await exchange.gather(round_id, gather_s)
-                final = await exchange.agree(round_id, gather_s + protocol.agree_timeout_s)
-                eval_loss, new_hash = await self._in_train(self._apply, round_id, exchange.contributions(round_id, final))
-                majority = await exchange.verify(round_id, new_hash, final)
+                if getattr(self.outer, "pairwise", False):
+                    got = final = await self._exchange_with_partner(exchange, round_id)
+                    eval_loss, new_hash = await self._in_train(self._apply, round_id, exchange.contributions(round_id, final))
+                    majority = []  # NoLoCo replicas do not agree on weights: nothing to verify
+                else:
+                    gather_s = protocol.gather_deadline_s(stats.seconds)
+                    got = await exchange.gather(round_id, gather_s)
+                    final = await exchange.agree(round_id, gather_s + protocol.agree_timeout_s)
+                    eval_loss, new_hash = await self._in_train(self._apply, round_id, exchange.contributions(round_id, final))
+                    majority = await exchange.verify(round_id, new_hash, final)
                 if majority:
                     round_id, tensors, _ = await download_state(self.client, majority, self.state_shapes)
                     await self._in_train(self._load_state, round_id, tensors)
@@ -250,6 +256,20 @@ class Peer:
         finally:
             self.finished.set()
 
+    async def _exchange_with_partner(self, exchange: RoundExchange, round_id: int) -> list[str]:
+        """NoLoCo: fetch one random live replica's contribution for this step, waiting at most
+        `partner_timeout_s`; returns the group (us, plus the partner if it answered). A
+        failed partner costs this step its averaging, never more than the timeout."""
+        candidates = [p for p in self.membership.live_others() if p.role == "replica" and p.first_round <= round_id]
+        if not candidates:
+            return [self.peer_id]
+        partner = self._rng.choice(candidates)
+        if not await exchange.fetch(round_id, partner, self.config.protocol.partner_timeout_s):
+            log.info("[%s] step %d: partner %s did not answer; stepping alone", self.peer_id, round_id, partner.peer_id)
+            return [self.peer_id]
+        self.membership.me.partner = partner.peer_id
+        return sorted([self.peer_id, partner.peer_id])
+
     def _apply(self, round_id: int, contributions: list) -> tuple[float, str]:
         self.outer.apply(contributions)
         self.trainer.load_weights(self.outer.params)
@@ -259,11 +279,13 @@ class Peer:
     def _after_round(self, round_id: int, stats, eval_loss: float, new_hash: str, got: list[str], final: list[str], resynced: bool) -> None:
         me = self.membership.me
         me.round, me.eval_loss, me.train_loss, me.weights_hash = self.outer_round, eval_loss, stats.train_loss, new_hash
+        me.partner_distance = getattr(self.outer, "partner_distance", None)
         self.membership.beat()
         self._publish_state()
         entry = {"round": self.outer_round, "eval_loss": eval_loss, "train_loss": stats.train_loss, "weights_hash": new_hash,
                  "gathered": got, "applied": final, "resynced": resynced, "inner_seconds": stats.seconds, "time": time.time(),
-                 "bytes_sent": self.traffic.bytes_sent, "contribution_bytes_sent": self.traffic.sent["contribution"]}
+                 "bytes_sent": self.traffic.bytes_sent, "contribution_bytes_sent": self.traffic.sent["contribution"],
+                 "partner_distance": me.partner_distance}
         self.round_log.append(entry)
         log.info("[%s] round %d done: eval %.3f, train %.3f, %d/%d contributions, hash %s%s", self.peer_id, round_id,
                  eval_loss, stats.train_loss, len(final), len(got), new_hash[:8], " (resynced)" if resynced else "")

@@ -155,6 +155,12 @@ class RoundExchange:
         await asyncio.gather(*fetches)
         return sorted(self.decoded.get(round_id, {}))
 
+    async def fetch(self, round_id: int, peer: PeerInfo, timeout_s: float) -> bool:
+        """Fetch one peer's round-r contribution, waiting for it at most `timeout_s` (NoLoCo's
+        partner exchange). True if it arrived and decoded."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        return await self._fetch_contribution(round_id, peer.peer_id, peer, deadline, wait=True)
+
     async def agree(self, round_id: int, timeout_s: float) -> list[str]:
         """Step 3: the intersection of the participants' sets. Returns the final set.
 

@@ -177,3 +177,17 @@ def test_metrics_are_valid_prometheus_text() -> None:
 def test_metrics_of_an_empty_snapshot() -> None:
     text = render_metrics({})
     assert 'shoal_peers{state="alive"} 0' in text and "shoal_round" not in text and text.endswith("\n")
+
+
+def test_noloco_shows_partners_and_spread_instead_of_drift() -> None:
+    snapshot = example_snapshot(run={"model": "tiny", "outer": "noloco", "codec": "int8", "inner_steps": 50})
+    for peer, partner, distance in zip(snapshot["peers"], ["peer-b", "peer-a", "peer-a", "peer-c"], [2e-3, 4e-3, 6e-3, 1.0],
+                                       strict=True):
+        peer.update(partner=partner, partner_distance=distance)
+    page = render_html(snapshot)
+    assert 'class="drift"' not in page  # differing hashes are expected without all-reduce
+    assert "partner · distance" in page and "<code>peer-b</code> 2.00e-03" in page
+    assert "spread 4.00e-03" in page and "max 6.00e-03" in page  # the dead peer's 1.0 is left out
+    metrics = render_metrics(snapshot)
+    assert 'shoal_peer_partner_distance{peer="peer-c"} 0.006' in metrics
+    assert "partner" not in render_html(example_snapshot())  # DiLoCo pages are unchanged

@@ -70,5 +70,8 @@ def test_failure_detection_timeline():
 def test_history_records_losses_per_round():
     m = make()
     m.merge([entry("a", hb=1, round=1, eval_loss=3.0)])
-    m.merge([entry("a", hb=2, round=2, eval_loss=2.5)])
-    assert m.history["a"] == {1: {"eval_loss": 3.0, "train_loss": None}, 2: {"eval_loss": 2.5, "train_loss": None}}
+    m.merge([entry("a", hb=2, round=2, eval_loss=2.5, partner_distance=0.01)])
+    assert m.history["a"] == {
+        1: {"eval_loss": 3.0, "train_loss": None, "partner_distance": None},
+        2: {"eval_loss": 2.5, "train_loss": None, "partner_distance": 0.01},
+    }

@@ -68,3 +68,43 @@ def test_sigkilled_peer_is_left_out(corpus, tmp_path):
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+
+
+@pytest.mark.timeout(240)
+def test_noloco_never_stalls_longer_than_the_partner_timeout(corpus, tmp_path):
+    """NoLoCo with a peer SIGKILLed mid-run: the others keep stepping; the time any step
+    spends beyond its own inner phase (waiting for a partner) stays under the partner
+    timeout plus a small margin for encoding and evaluation."""
+    steps, partner_timeout = 6, 4.0
+    ports = [free_port() for _ in range(3)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    procs = []
+    try:
+        for i, port in enumerate(ports):
+            cmd = [sys.executable, "-m", "shoal.peer.cli", "peer", "--listen", f"127.0.0.1:{port}", "--peer-id", f"peer-{i}",
+                   "--model", "tiny", "--inner-steps", "150", "--batch-size", "4", "--seq-len", "32", "--inner-lr", "0.003",
+                   "--outer", "noloco", "--partner-timeout", str(partner_timeout), "--data", corpus, "--rounds", str(steps),
+                   "--min-peers", "3", "--threads", "1", "--report", str(tmp_path / f"peer-{i}.json")]
+            if i:
+                cmd += ["--bootstrap", urls[0]]
+            log = open(tmp_path / f"peer-{i}.log", "w")
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+            if i == 0:
+                wait_for(lambda: swarm_view(urls[0]), 60, "the first peer to serve")
+        wait_for(lambda: (v := swarm_view(urls[0])) and len(v["peers"]) == 3 and min(p["round"] for p in v["peers"]) >= 1, 90, "step 1")
+        procs[2].send_signal(signal.SIGKILL)
+        procs[2].wait(timeout=10)
+        for proc in procs[:2]:
+            assert proc.wait(timeout=150) == 0
+        for i in range(2):
+            rounds = json.loads((tmp_path / f"peer-{i}.json").read_text())["rounds"]
+            assert [r["round"] for r in rounds] == list(range(1, steps + 1))
+            assert rounds[-1]["applied"] == ["peer-0", "peer-1"]  # the survivors pair up
+            stalls = [b["time"] - a["time"] - b["inner_seconds"] for a, b in zip(rounds, rounds[1:], strict=False)]
+            print(f"peer-{i} waits beyond its inner phase: {[round(s, 2) for s in stalls]} s")
+            assert max(stalls) < partner_timeout + 2.0, stalls
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
