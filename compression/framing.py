@@ -13,6 +13,8 @@ carry their own).
 
 from __future__ import annotations
 
+import threading
+
 import zstandard
 
 from .base import CodecError, payload_bytes
@@ -31,14 +33,26 @@ class FrameTooLarge(CodecError):
         self.limit = limit
 
 
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """A compressor per thread and level (they are not thread-safe; building one costs
+    about as much as compressing a few KB)."""
+    cache = _local.__dict__.setdefault("compressors", {})
+    if level not in cache:
+        # the declared content size (written by default) lets the receiver check the size
+        # before allocating; the content checksum catches corruption where no MAC is set
+        cache[level] = zstandard.ZstdCompressor(level=level, write_checksum=True)
+    return cache[level]
+
+
 def zstd_frame(data: bytes, level: int = 3, min_size: int = 1024) -> bytes:
     """Flag byte + data, zstd-compressed at `level` if `data` is at least `min_size` bytes
     and compression makes it smaller; otherwise stored (len(data) + 1 bytes)."""
     raw = bytes(payload_bytes(data))
     if len(raw) >= min_size:
-        # the declared content size (written by default) lets the receiver check the size
-        # before allocating; the content checksum catches corruption where no MAC is set
-        compressed = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(raw)
+        compressed = _compressor(level).compress(raw)
         if len(compressed) < len(raw):
             return bytes((FLAG_ZSTD,)) + compressed
     return bytes((FLAG_RAW,)) + raw

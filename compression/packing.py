@@ -33,15 +33,17 @@ def packed_nbytes(count: int, bits: int) -> int:
     return (count * bits + 7) // 8
 
 
-def pack_bits(codes: np.ndarray, bits: int) -> bytes:
-    """Pack a 1-D uint8 array of codes < 2**bits into bytes, 8 // bits codes per byte."""
+def pack_bits(codes: np.ndarray, bits: int, *, checked: bool = True) -> bytes:
+    """Pack a 1-D uint8 array of codes < 2**bits into bytes, 8 // bits codes per byte.
+    `checked=False` skips the range check, for callers whose codes are in range by
+    construction (a quantizer's output)."""
     _check_bits(bits)
     codes = np.asarray(codes)
     if codes.dtype != np.uint8 or codes.ndim != 1:
         raise ValueError(f"codes must be a 1-D uint8 array, got {codes.dtype}{codes.shape}")
     if bits == 8:
         return codes.tobytes()
-    if codes.size and int(codes.max()) >= 1 << bits:
+    if checked and codes.size and int(codes.max()) >= 1 << bits:
         raise ValueError(f"code {int(codes.max())} does not fit in {bits} bits")
     per_byte = 8 // bits
     pad = -codes.size % per_byte
@@ -81,12 +83,13 @@ def indices_12bit_nbytes(count: int) -> int:
     return (count * 12 + 7) // 8
 
 
-def pack_indices_12bit(indices: np.ndarray) -> bytes:
-    """Pack a 1-D array of integer indices in [0, 4096) into 12 bits each."""
+def pack_indices_12bit(indices: np.ndarray, *, checked: bool = True) -> bytes:
+    """Pack a 1-D array of integer indices in [0, 4096) into 12 bits each (`checked=False`:
+    the caller guarantees the range)."""
     indices = np.asarray(indices)
     if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
         raise ValueError(f"indices must be a 1-D integer array, got {indices.dtype}{indices.shape}")
-    if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= 4096):
+    if checked and indices.size and (int(indices.min()) < 0 or int(indices.max()) >= 4096):
         raise ValueError("12-bit indices must lie in [0, 4096)")
     count = indices.size
     padded = np.zeros(count + count % 2, dtype=np.uint16)

@@ -67,35 +67,76 @@ def _quantize_rows(rows: np.ndarray, bits: int, range_sigmas: float) -> tuple[np
     n_bins = 1 << bits
     n_rows, width = rows.shape
     mean = rows.mean(axis=1, dtype=np.float64)
-    # float32 work arrays keep this fast; their precision only moves bin edges, and the
-    # table is computed from the codes actually assigned, so any assignment decodes
-    # consistently. Overflow (|x| near float32 max) gives inf/NaN positions, mapped below.
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
         position = rows - mean.astype(np.float32)[:, None]
         sigma = np.sqrt(np.einsum("ij,ij->i", position, position, dtype=np.float64) / width)
-        bin_width = 2.0 * range_sigmas * sigma / n_bins
-        scale = np.where(bin_width > 0, 1.0 / bin_width, 0.0).astype(np.float32)
-        position *= scale[:, None]  # σ = 0: every value sits at the centre bin
-        position += n_bins / 2
-        np.floor(position, out=position)
-        # fmax/fmin (not clip) also send NaN (0·inf in degenerate chunks) to a valid bin
-        np.fmax(position, 0, out=position)
-        np.fmin(position, n_bins - 1, out=position)
-    codes = position.astype(np.uint8)
-
+    codes, bin_width = _codes(position, sigma, range_sigmas, n_bins, lambda per_group: per_group[:, None])
     keys = codes.astype(np.intp)
     keys += (np.arange(n_rows, dtype=np.intp) * n_bins)[:, None]
-    keys = keys.reshape(-1)
-    sums = np.bincount(keys, weights=rows.reshape(-1), minlength=n_rows * n_bins)
-    counts = np.bincount(keys, minlength=n_rows * n_bins)
-    sums, counts = sums.reshape(n_rows, n_bins), counts.reshape(n_rows, n_bins)
+    return codes, _bin_means(keys.reshape(-1), rows.reshape(-1), mean, bin_width, n_bins)
+
+
+def _codes(position: np.ndarray, sigma: np.ndarray, range_sigmas: float, n_bins: int, spread) -> tuple[np.ndarray, np.ndarray]:
+    """Bin codes (uint8) of mean-centred float32 values `position` (overwritten), and the bin
+    width per group: 2**bits bins over ±range_sigmas·σ, outliers clamped into the end bins.
+    `spread` maps a per-group array onto the elements (broadcast or repeat).
+
+    float32 work arrays keep this fast; their precision only moves bin edges, and the table
+    is computed from the codes actually assigned, so any assignment decodes consistently.
+    Overflow (|x| near float32 max) gives inf/NaN positions, mapped to valid bins."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        bin_width = 2.0 * range_sigmas * sigma / n_bins
+        scale = np.where(bin_width > 0, 1.0 / bin_width, 0.0).astype(np.float32)
+        position *= spread(scale)  # σ = 0: every value sits at the centre bin
+        position += n_bins / 2
+        np.floor(position, out=position)
+        # fmax/fmin (not clip) also send NaN (0·inf in degenerate groups) to a valid bin
+        np.fmax(position, 0, out=position)
+        np.fmin(position, n_bins - 1, out=position)
+    return position.astype(np.uint8), bin_width
+
+
+def _bin_means(keys: np.ndarray, values: np.ndarray, mean: np.ndarray, bin_width: np.ndarray, n_bins: int) -> np.ndarray:
+    """Per group g and bin b (key = g·n_bins + b), the mean of the values coded there; an
+    empty bin gets its centre mean + (b + 1/2 − n_bins/2)·bin_width (no code refers to it)."""
+    n_groups = mean.size
+    sums = np.bincount(keys, weights=values, minlength=n_groups * n_bins).reshape(n_groups, n_bins)
+    counts = np.bincount(keys, minlength=n_groups * n_bins).reshape(n_groups, n_bins)
     with np.errstate(over="ignore", invalid="ignore"):
         centres = mean[:, None] + (np.arange(n_bins) + 0.5 - n_bins / 2) * bin_width[:, None]
         table = np.where(counts > 0, sums / np.maximum(counts, 1), centres)
     # finite by construction for used bins (a mean of finite float32s); empty-bin centres of
-    # huge-σ chunks may overflow, and the receiver refuses non-finite tables
-    table = np.nan_to_num(table, nan=0.0, posinf=_F32_MAX, neginf=-_F32_MAX)
-    return codes, np.clip(table, -_F32_MAX, _F32_MAX).astype(np.float32)
+    # huge-σ groups may overflow, and the receiver refuses non-finite tables
+    if not np.isfinite(table).all() or np.abs(table).max(initial=0.0) > _F32_MAX:
+        table = np.clip(np.nan_to_num(table, nan=0.0, posinf=_F32_MAX, neginf=-_F32_MAX), -_F32_MAX, _F32_MAX)
+    return table.astype(np.float32)
+
+
+def quantize_segments(
+    values: np.ndarray, lengths: np.ndarray, bits: int, range_sigmas: float = 6.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize consecutive segments of a flat finite float32 array, each with its own range
+    and table, as `quantize_chunks` does for one chunk. For many small groups at once (the
+    top-k values of every tensor of a model: one call instead of one per tensor).
+
+    Returns (table float32 [len(lengths), 2**bits], codes uint8 [len(values)]). Every length
+    must be positive and they must sum to len(values)."""
+    values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    lengths = np.asarray(lengths, dtype=np.intp)
+    if lengths.size and (lengths.min() < 1 or int(lengths.sum()) != values.size):
+        raise ValueError("segment lengths must be positive and sum to the number of values")
+    n_bins = 1 << bits
+    if lengths.size == 0:
+        return np.zeros((0, n_bins), dtype=np.float32), np.zeros(0, dtype=np.uint8)
+    starts = np.cumsum(lengths) - lengths
+    segment = np.repeat(np.arange(lengths.size, dtype=np.intp), lengths)
+    mean = np.add.reduceat(values.astype(np.float64), starts) / lengths
+    with np.errstate(over="ignore", invalid="ignore"):
+        position = values - mean.astype(np.float32)[segment]
+        sigma = np.sqrt(np.add.reduceat(np.square(position, dtype=np.float64), starts) / lengths)
+    codes, bin_width = _codes(position, sigma, range_sigmas, n_bins, lambda per_group: per_group[segment])
+    keys = segment * n_bins + codes
+    return _bin_means(keys, values, mean, bin_width, n_bins), codes
 
 
 def quantize_chunks(

@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
@@ -51,7 +53,7 @@ from .packing import (
     unpack_bits,
     unpack_indices_12bit,
 )
-from .quantize import quantize_chunks
+from .quantize import quantize_segments
 
 MAX_CHUNK_ELEMENTS = 4096  # positions are sent in 12 bits
 _GEOMETRY = struct.Struct("<HHBB")  # k, chunk, tile, bits
@@ -94,8 +96,17 @@ class ChunkLayout:
         heights, widths = self._edges()
         return sum(nh * nw * min(k, h * w) for h, nh in heights for w, nw in widths)
 
+    @cached_property
+    def _heights_widths(self) -> tuple[np.ndarray, np.ndarray]:
+        heights, widths = self._compute_heights_widths()
+        heights.flags.writeable = widths.flags.writeable = False  # shared by every caller
+        return heights, widths
+
     def heights_widths(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per grid row, the block height; per grid column, the block width (int64)."""
+        """Per grid row, the block height; per grid column, the block width (int64, read-only)."""
+        return self._heights_widths
+
+    def _compute_heights_widths(self) -> tuple[np.ndarray, np.ndarray]:
         heights = np.full(self.grid_rows, self.tile_rows, dtype=np.int64)
         widths = np.full(self.grid_cols, self.tile_cols, dtype=np.int64)
         if heights.size:
@@ -109,21 +120,40 @@ class ChunkLayout:
         heights, widths = self.heights_widths()
         return np.multiply.outer(heights, widths).reshape(-1)
 
-    def flat_indices(self, chunk_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Flat indices into the tensor of (chunk, row-major position inside that chunk)."""
-        heights, widths = self.heights_widths()
-        grid_row, grid_col = np.divmod(chunk_ids, self.grid_cols)
-        row_in, col_in = np.divmod(positions, widths[grid_col])
-        return (grid_row * self.tile_rows + row_in) * self.cols + grid_col * self.tile_cols + col_in
+    @cached_property
+    def chunk_origin(self) -> np.ndarray:
+        """Per chunk, the flat index of its first element (int64, read-only)."""
+        grid_row, grid_col = np.divmod(np.arange(self.num_chunks, dtype=np.int64), self.grid_cols)
+        origin = grid_row * self.tile_rows * self.cols + grid_col * self.tile_cols
+        origin.flags.writeable = False
+        return origin
 
 
 def chunk_layout(shape: Sequence[int], chunk: int = 4096, tile: int = 64) -> ChunkLayout:
     """The chunking of a tensor of `shape`: tile x tile blocks for 2-D, else `chunk`-element
-    runs of the flattened tensor (see module doc)."""
-    dims = normalize_shape(shape)
+    runs of the flattened tensor (see module doc). Memoized: a model has few shapes, and
+    a layout caches its block sizes."""
+    return _layout(normalize_shape(shape), chunk, tile)
+
+
+@lru_cache(maxsize=4096)
+def _layout(dims: tuple[int, ...], chunk: int, tile: int) -> ChunkLayout:
     if len(dims) == 2:
         return ChunkLayout(dims[0], dims[1], tile, tile)
     return ChunkLayout(1, math.prod(dims), 1, chunk)
+
+
+_scratch = threading.local()
+
+
+def _workspace(name: str, size: int, dtype: type) -> np.ndarray:
+    """A flat scratch array of `size` elements, reused by this thread across calls (grown
+    when too small). Whatever is returned from the codec must not be a view of one."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(name)
+    if buffer is None or buffer.size < size or buffer.dtype != dtype:
+        buffer = buffers[name] = np.empty(max(size, 1), dtype=dtype)
+    return buffer[:size]
 
 
 def kth_largest_per_row(rows: np.ndarray, k: int, stride: int = 8) -> np.ndarray:
@@ -139,15 +169,16 @@ def kth_largest_per_row(rows: np.ndarray, k: int, stride: int = 8) -> np.ndarray
     n_rows, width = rows.shape
 
     def full(part: np.ndarray) -> np.ndarray:
-        return np.partition(part, width - k, axis=1)[:, width - k]
+        return -np.partition(-part, k - 1, axis=1)[:, k - 1]
 
     sample_width = -(-width // stride)
     j = 2 * k // stride
     if j < 1 or sample_width < 4 * j or n_rows == 0:
         return full(rows)
-    sample = rows[:, ::stride]
-    floor = np.partition(sample, sample_width - j, axis=1)[:, sample_width - j]
-    is_candidate = rows >= floor[:, None]
+    # selections below run on negated values, k-th smallest: numpy's introselect is
+    # several times faster with the target near the front than near the back
+    floor = -np.partition(-rows[:, ::stride], j - 1, axis=1)[:, j - 1]
+    is_candidate = np.greater_equal(rows, floor[:, None], out=_workspace("candidate", rows.size, np.bool_).reshape(rows.shape))
     counts = np.count_nonzero(is_candidate, axis=1)
     result = np.empty(n_rows, dtype=rows.dtype)
     short = counts < k
@@ -159,12 +190,37 @@ def kth_largest_per_row(rows: np.ndarray, k: int, stride: int = 8) -> np.ndarray
         flat = np.flatnonzero(is_candidate)  # row-major: grouped by row (7x faster than 2-D nonzero)
         row_of = flat // width
         starts = np.cumsum(counts) - counts
-        candidates = np.full((n_rows, int(counts.max())), -np.inf, dtype=rows.dtype)
-        candidates[row_of, np.arange(flat.size) - starts[row_of]] = rows.reshape(-1)[flat]
-        cand_width = candidates.shape[1]
+        negated = np.full((n_rows, int(counts.max())), np.inf, dtype=rows.dtype)
+        negated[row_of, np.arange(flat.size) - starts[row_of]] = -rows.reshape(-1)[flat]
         enough = ~short
-        result[enough] = np.partition(candidates[enough], cand_width - k, axis=1)[:, cand_width - k]
+        result[enough] = -np.partition(negated[enough], k - 1, axis=1)[:, k - 1]
     return result
+
+
+@dataclass(frozen=True)
+class _ReceivePlan:
+    """Per kept slot (in wire order) of a tensor's payload: the chunk it belongs to, that
+    chunk's size and width, and the flat index of the chunk's first element. A pure
+    function of (layout, k), so computed once per shape (read-only arrays)."""
+
+    owner: np.ndarray
+    size: np.ndarray
+    width: np.ndarray
+    base: np.ndarray
+    same_chunk: np.ndarray  # slot i+1 is in the same chunk as slot i
+
+
+@lru_cache(maxsize=4096)
+def _receive_plan(layout: ChunkLayout, k: int) -> _ReceivePlan:
+    # kept_total(k) >= number of chunks (each keeps >= 1), and the payload was already
+    # checked to be kept_total-sized: these arrays are bounded by what was received
+    sizes = layout.chunk_sizes()
+    owner = np.repeat(np.arange(sizes.size, dtype=np.int64), np.minimum(sizes, k))
+    _, widths = layout.heights_widths()
+    arrays = (owner, sizes[owner], widths[owner % layout.grid_cols], layout.chunk_origin[owner], owner[1:] == owner[:-1])
+    for array in arrays:
+        array.flags.writeable = False
+    return _ReceivePlan(*arrays)
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> int:
@@ -205,79 +261,118 @@ class TopKCodec(Codec):
         chunk, positions increasing within a chunk; values are the exact (unquantized) ones.
         CodecError for non-float or non-finite tensors."""
         values = as_float32_values(tensor)
-        flat, _ = self._select(values, chunk_layout(tuple(tensor.shape), self.chunk, self.tile))
+        [(flat, _)] = self._select_many([values], [chunk_layout(tuple(tensor.shape), self.chunk, self.tile)])
         return torch.from_numpy(flat), torch.from_numpy(values[flat])
 
-    def _select(self, values: np.ndarray, layout: ChunkLayout) -> tuple[np.ndarray, np.ndarray]:
-        """Flat indices and in-chunk positions (both int64, chunk order, positions increasing
-        within a chunk) of the kept entries of flat float32 `values`.
-
-        Chunks become the rows of a matrix of |x| (padded with -1 where ragged); per row the
-        k-th largest is found by `kth_largest_per_row` (introselect in two passes) and
-        everything at or above it is kept, which a row-major
-        flatnonzero returns already in wire order. Ties at the threshold keep the lowest
-        positions, so a row never keeps more than min(k, chunk size)."""
-        if layout.num_chunks == 0:
-            empty = np.empty(0, dtype=np.int64)
-            return empty, empty
+    @staticmethod
+    def _write_blocks(values: np.ndarray, layout: ChunkLayout, out: np.ndarray) -> None:
+        """|x| into `out` ([num_chunks, tile_rows·tile_cols] float32) with one chunk per row,
+        in one pass (abs of a transposed view); ragged chunks padded with -1 (never kept:
+        thresholds are >= 0)."""
         tr, tc, gr, gc = layout.tile_rows, layout.tile_cols, layout.grid_rows, layout.grid_cols
-        magnitude = np.abs(values).reshape(layout.rows, layout.cols)
-        if (gr * tr, gc * tc) != magnitude.shape:
+        matrix = values.reshape(layout.rows, layout.cols)
+        if (gr * tr, gc * tc) != matrix.shape:  # ragged edges: pad (a copy, rare and small)
             padded = np.full((gr * tr, gc * tc), -1.0, dtype=np.float32)
-            padded[: layout.rows, : layout.cols] = magnitude
-            magnitude = padded
-        blocks = np.ascontiguousarray(magnitude.reshape(gr, tr, gc, tc).transpose(0, 2, 1, 3)).reshape(gr * gc, tr * tc)
+            padded[: layout.rows, : layout.cols] = matrix
+            np.abs(padded[: layout.rows, : layout.cols], out=padded[: layout.rows, : layout.cols])
+            np.copyto(out.reshape(gr, gc, tr, tc), padded.reshape(gr, tr, gc, tc).transpose(0, 2, 1, 3))
+        else:
+            np.abs(matrix.reshape(gr, tr, gc, tc).transpose(0, 2, 1, 3), out=out.reshape(gr, gc, tr, tc))
+
+    def _keep(self, blocks: np.ndarray, quota: np.ndarray) -> np.ndarray:
+        """Boolean mask of the kept entries: per row everything at or above its k-th largest
+        (`kth_largest_per_row`); ties at that threshold keep the lowest positions, so a row
+        never keeps more than its quota min(k, chunk size)."""
         width = blocks.shape[1]
-        threshold = kth_largest_per_row(blocks, min(self.k, width))
-        threshold = np.maximum(threshold, 0.0)[:, None]  # 0 > -1: padding is never kept
-        keep = blocks >= threshold
-        quota = np.minimum(layout.chunk_sizes(), self.k)
-        over = np.flatnonzero(keep.sum(axis=1) > quota)
+        threshold = np.maximum(kth_largest_per_row(blocks, min(self.k, width)), 0.0)[:, None]
+        keep = np.greater_equal(blocks, threshold, out=_workspace("keep", blocks.size, np.bool_).reshape(blocks.shape))
+        over = np.flatnonzero(np.count_nonzero(keep, axis=1) > quota)
         if over.size:  # ties at the threshold: all above it, then the first equal ones
             rows, limit = blocks[over], threshold[over]
             above = rows > limit
             equal = rows == limit
             room = (quota[over] - above.sum(axis=1))[:, None]
             keep[over] = above | (equal & (np.cumsum(equal, axis=1) <= room))
-        chunk_ids, padded_pos = np.divmod(np.flatnonzero(keep), width)  # 7x faster than 2-D nonzero
-        _, widths = layout.heights_widths()
-        width_of = widths[chunk_ids % gc]
-        row_in, col_in = np.divmod(padded_pos, tc)
-        positions = row_in * width_of + col_in
-        return layout.flat_indices(chunk_ids, positions), positions
+        return keep
+
+    def _select_many(self, values: Sequence[np.ndarray], layouts: Sequence[ChunkLayout]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per tensor, the flat indices and in-chunk positions (both int64, chunk order,
+        positions increasing within a chunk) of its kept entries.
+
+        The chunks of all tensors are stacked as the rows of one matrix per chunk width, so
+        thresholds, ties and the row-major flatnonzero (which yields wire order) each run
+        once for a whole model instead of once per tensor."""
+        empty = np.empty(0, dtype=np.int64)
+        result: list[tuple[np.ndarray, np.ndarray]] = [(empty, empty)] * len(values)
+        by_width: dict[int, list[int]] = {}
+        for i, layout in enumerate(layouts):
+            if layout.num_chunks:
+                by_width.setdefault(layout.tile_rows * layout.tile_cols, []).append(i)
+        for width, members in by_width.items():
+            first_rows = np.cumsum([0] + [layouts[i].num_chunks for i in members])
+            # a reused per-thread buffer: a fresh one costs more in page faults than the copy
+            blocks = _workspace("blocks", int(first_rows[-1]) * width, np.float32).reshape(-1, width)
+            for j, i in enumerate(members):
+                self._write_blocks(values[i], layouts[i], blocks[first_rows[j] : first_rows[j + 1]])
+            quota = np.concatenate([np.minimum(layouts[i].chunk_sizes(), self.k) for i in members])
+            kept = np.flatnonzero(self._keep(blocks, quota))
+            bounds = np.searchsorted(kept, first_rows * width)
+            for j, i in enumerate(members):
+                layout = layouts[i]
+                chunk_ids, padded_pos = np.divmod(kept[bounds[j] : bounds[j + 1]] - first_rows[j] * width, width)
+                _, widths = layout.heights_widths()
+                row_in, col_in = np.divmod(padded_pos, layout.tile_cols)
+                positions = row_in * widths[chunk_ids % layout.grid_cols] + col_in
+                result[i] = (layout.chunk_origin[chunk_ids] + row_in * layout.cols + col_in, positions)
+        return result
 
     # -- wire ------------------------------------------------------------------------
 
     def encode(self, tensor: torch.Tensor) -> bytes:
         """Encode a floating-point tensor (any shape, any device) into a payload."""
-        values = as_float32_values(tensor)
-        body = self._encode_body(values, tuple(tensor.shape))
-        prefix = HEADER.pack(MAGIC, self.codec_id, self.version, values.size, 0)[:_CRC_OFFSET]
-        crc = zlib.crc32(body, zlib.crc32(prefix))
-        return b"".join((prefix, struct.pack("<I", crc), body))
+        return self.encode_many([tensor])[0]
 
-    def _encode_body(self, values: np.ndarray, shape: tuple[int, ...]) -> bytes:
-        flat, positions = self._select(values, chunk_layout(shape, self.chunk, self.tile))
-        kept = values[flat]
-        if kept.size:
-            table, codes = quantize_chunks(kept, self.bits, kept.size, self.range_sigmas)
-        else:
-            table, codes = np.zeros((1, 1 << self.bits), dtype=np.float32), np.zeros(0, dtype=np.uint8)
-        inner = b"".join((
-            table.astype("<f4").tobytes(),
-            pack_bits(codes, self.bits),
-            pack_indices_12bit(positions),
-        ))
-        return _GEOMETRY.pack(self.k, self.chunk, self.tile, self.bits) + zstd_frame(inner)
+    def encode_many(self, tensors: Sequence[torch.Tensor]) -> list[bytes]:
+        """`encode` of several tensors (a model's pseudo-gradient, tensor by tensor), with
+        the selection and the value quantization batched over all of them: on the `small`
+        model's 30 tensors, about 3x faster than 30 calls of a per-tensor path."""
+        values = [as_float32_values(t) for t in tensors]
+        payloads = []
+        for value, body in zip(values, self._bodies(values, [tuple(t.shape) for t in tensors]), strict=True):
+            prefix = HEADER.pack(MAGIC, self.codec_id, self.version, value.size, 0)[:_CRC_OFFSET]
+            crc = zlib.crc32(body, zlib.crc32(prefix))
+            payloads.append(b"".join((prefix, struct.pack("<I", crc), body)))
+        return payloads
+
+    def _bodies(self, values: Sequence[np.ndarray], shapes: Sequence[tuple[int, ...]]) -> list[bytes]:
+        selected = self._select_many(values, [chunk_layout(shape, self.chunk, self.tile) for shape in shapes])
+        kept = [v[flat] for v, (flat, _) in zip(values, selected, strict=True)]
+        lengths = np.array([k.size for k in kept], dtype=np.intp)
+        nonempty = lengths > 0
+        tables = np.zeros((len(kept), 1 << self.bits), dtype=np.float32)
+        codes = np.empty(0, dtype=np.uint8)
+        if nonempty.any():
+            tables[nonempty], codes = quantize_segments(np.concatenate(kept), lengths[nonempty], self.bits, self.range_sigmas)
+        ends = np.cumsum(lengths)
+        geometry = _GEOMETRY.pack(self.k, self.chunk, self.tile, self.bits)
+        bodies = []
+        for i, (_, positions) in enumerate(selected):
+            inner = b"".join((
+                tables[i].astype("<f4").tobytes(),
+                pack_bits(codes[ends[i] - lengths[i] : ends[i]], self.bits, checked=False),  # quantizer output
+                pack_indices_12bit(positions, checked=False),  # in-chunk positions: < 4096 by layout
+            ))
+            bodies.append(geometry + zstd_frame(inner))
+        return bodies
 
     def decode(self, payload: bytes, shape: Sequence[int]) -> torch.Tensor:
         """A dense float32 CPU tensor of `shape`: zeros except the sent entries; CodecError
         for anything malformed."""
         dims = normalize_shape(shape)
         flat, values = self.decode_sparse(payload, dims)
-        dense = torch.zeros(math.prod(dims), dtype=torch.float32)
-        dense[flat] = values
-        return dense.reshape(dims)
+        dense = np.zeros(math.prod(dims), dtype=np.float32)
+        dense[flat.numpy()] = values.numpy()
+        return torch.from_numpy(dense).reshape(dims)
 
     def decode_sparse(self, payload: bytes, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(flat indices int64, values float32) a peer sent for a tensor of `shape`, in
@@ -309,21 +404,18 @@ class TopKCodec(Codec):
         codes_end = 4 * n_bins + packed_nbytes(n_kept, self.bits)
         codes = unpack_bits(inner[4 * n_bins : codes_end], self.bits, n_kept)
         positions = unpack_indices_12bit(inner[codes_end:], n_kept).astype(np.int64)
-        # n_kept >= number of chunks (each keeps >= 1), and inner is n_kept-sized: bounded
-        sizes = layout.chunk_sizes()
-        per_chunk = np.minimum(sizes, self.k)
-        owner = np.repeat(np.arange(sizes.size, dtype=np.int64), per_chunk)
-        outside = positions >= sizes[owner]
+        plan = _receive_plan(layout, self.k)
+        outside = positions >= plan.size
         if outside.any():
             at = int(np.argmax(outside))
             raise CodecError(
-                f"topk position {int(positions[at])} lies outside chunk {int(owner[at])} "
-                f"of {int(sizes[owner[at]])} elements"
+                f"topk position {int(positions[at])} lies outside chunk {int(plan.owner[at])} "
+                f"of {int(plan.size[at])} elements"
             )
-        same_chunk = owner[1:] == owner[:-1]
-        if (same_chunk & (positions[1:] <= positions[:-1])).any():
+        if (plan.same_chunk & (positions[1:] <= positions[:-1])).any():
             raise CodecError("topk positions within a chunk must be strictly increasing (duplicate or unordered)")
-        flat = layout.flat_indices(owner, positions)
+        row_in, col_in = np.divmod(positions, plan.width)
+        flat = plan.base + row_in * layout.cols + col_in
         values = table.astype(np.float32)[codes]
         return torch.from_numpy(flat), torch.from_numpy(values)
 
@@ -339,7 +431,7 @@ class TopKCodec(Codec):
 
     # The base class's hooks see only a flat array; for them the tensor is 1-D.
     def _encode_values(self, values: np.ndarray) -> bytes:
-        return self._encode_body(values, (values.size,))
+        return self._bodies([values], [(values.size,)])[0]
 
     def _decode_values(self, body: memoryview, count: int) -> np.ndarray:
         raise NotImplementedError("topk decodes through decode/decode_sparse, which know the shape")

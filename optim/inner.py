@@ -46,6 +46,13 @@ class InnerStats:
     seconds: float
     train_loss: float  # mean over the steps of this phase
 
+    def __add__(self, other: InnerStats) -> InnerStats:
+        """Two phases as one (Streaming DiLoCo's overlapped steps plus the rest)."""
+        steps = self.steps + other.steps
+        losses = [(s.train_loss, s.steps) for s in (self, other) if s.steps]
+        mean = sum(loss * n for loss, n in losses) / steps if steps else float("nan")
+        return InnerStats(steps, self.tokens + other.tokens, self.seconds + other.seconds, mean)
+
 
 class InnerTrainer:
     def __init__(

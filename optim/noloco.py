@@ -30,6 +30,7 @@ import torch
 
 from shoal.compression import TopKCodec, get_codec
 from shoal.optim.outer import ContributionError, OuterConfig, OuterOptimizer, Tensors
+from shoal.optim.sparseloco import send_with_error_feedback
 
 PHI, DELTA = "phi/", "delta/"
 
@@ -43,7 +44,7 @@ class PairContribution:
 
 
 class NoLoCo(OuterOptimizer):
-    pairwise = True  # the node exchanges with one partner instead of running a round
+    pairwise = True
 
     def __init__(self, outer_weights: Mapping[str, torch.Tensor], config: OuterConfig) -> None:
         super().__init__(outer_weights, config)
@@ -58,18 +59,13 @@ class NoLoCo(OuterOptimizer):
 
     def contribution(self, local_weights: Mapping[str, torch.Tensor]) -> dict[str, bytes]:
         self._check_names(list(local_weights), "local weights")
-        payload = {}
-        for name, phi in self.params.items():
-            progress = local_weights[name].detach().to("cpu", torch.float32) - phi
-            if self.error is not None:
-                error = self.error[name].mul_(self.config.error_decay).add_(progress)
-                payload[DELTA + name] = self.codec.encode(error)
-                indices, values = self.codec.decode_sparse(payload[DELTA + name], self.shapes[name])
-                error.view(-1).index_add_(0, indices, values, alpha=-1.0)
-            else:
-                payload[DELTA + name] = self.codec.encode(progress)
-            payload[PHI + name] = self.phi_codec.encode(phi - self.origin[name])
-        return payload
+        progress = {n: local_weights[n].detach().to("cpu", torch.float32) - phi for n, phi in self.params.items()}
+        payload = {PHI + n: self.phi_codec.encode(phi - self.origin[n]) for n, phi in self.params.items()}
+        if self.error is None:
+            payload.update({DELTA + n: self.codec.encode(d) for n, d in progress.items()})
+            return payload
+        sent = send_with_error_feedback(self.codec, self.error, progress, self.config.error_decay)
+        return payload | {DELTA + n: blob for n, blob in sent.items()}
 
     def decode_contribution(self, payload: Mapping[str, bytes]) -> PairContribution:
         if not isinstance(payload, Mapping):

@@ -37,6 +37,9 @@ class OuterConfig:
     codec: str = "int8"
     error_decay: float = 0.95  # SparseLoCo's error-feedback β
     topk: int = 64  # SparseLoCo's values kept per 4096-element chunk
+    fragments: int = 1  # Streaming DiLoCo's P
+    overlap: int = 0  # Streaming DiLoCo's τ: inner steps the exchange overlaps
+    mix: float = 0.5  # Streaming DiLoCo's α in θ_local ← α·θ_local + (1−α)·θ_outer
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -47,6 +50,12 @@ class OuterConfig:
             raise ValueError(f"--error-decay must be in [0, 1], got {self.error_decay}")
         if not 1 <= self.topk <= 4096:
             raise ValueError(f"--topk must be in 1..4096, got {self.topk}")
+        if self.fragments < 1:
+            raise ValueError(f"--fragments must be >= 1, got {self.fragments}")
+        if self.overlap < 0:
+            raise ValueError(f"--overlap must be >= 0, got {self.overlap}")
+        if not 0 <= self.mix < 1:
+            raise ValueError(f"--mix must be in [0, 1), got {self.mix}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,7 +71,13 @@ def weights_hash(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 class OuterOptimizer(ABC):
-    """One outer algorithm (DiLoCo, ...): contribution → publish/gather → apply."""
+    """One outer algorithm (DiLoCo, ...): contribution → publish/gather → apply.
+
+    The hooks below the abstract methods default to plain DiLoCo-style rounds: H inner
+    steps, a round barrier, local weights replaced by the outer ones; NoLoCo and
+    Streaming DiLoCo override them."""
+
+    pairwise = False  # True: exchange with one partner per step instead of the whole round
 
     def __init__(self, outer_weights: Mapping[str, torch.Tensor], config: OuterConfig) -> None:
         self.config = config
@@ -81,6 +96,22 @@ class OuterOptimizer(ABC):
     @abstractmethod
     def apply(self, contributions: Sequence[Any]) -> None:
         """Aggregate the round's decoded contributions and step the outer weights."""
+
+    @property
+    def overlap_steps(self) -> int:
+        """Inner steps of the next round that run while this round's exchange completes."""
+        return 0
+
+    def begin_round(self, round_id: int) -> None:  # noqa: B027 - a hook most optimizers leave empty
+        """Called before `contribution` for round `round_id`."""
+
+    def round_steps(self, round_id: int, inner_steps: int) -> int:
+        """Inner steps before round `round_id`'s contribution (H by default)."""
+        return inner_steps
+
+    def merged_local(self, local_weights: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """The local weights to continue from after `apply`: the outer weights by default."""
+        return self.params
 
     def state_groups(self) -> dict[str, Tensors]:
         """The shared state by prefix: outer weights, plus optimizer state (e.g. momentum).

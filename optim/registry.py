@@ -11,14 +11,16 @@ from shoal.optim.diloco import DiLoCo
 from shoal.optim.noloco import NoLoCo
 from shoal.optim.outer import OuterConfig, OuterOptimizer
 from shoal.optim.sparseloco import SparseLoCo
+from shoal.optim.streaming import StreamingDiLoCo
 
-OUTER_OPTIMIZERS: dict[str, type[OuterOptimizer]] = {"diloco": DiLoCo, "sparseloco": SparseLoCo, "noloco": NoLoCo}
+OUTER_OPTIMIZERS: dict[str, type[OuterOptimizer]] = {"diloco": DiLoCo, "sparseloco": SparseLoCo, "noloco": NoLoCo, "streaming": StreamingDiLoCo}
 
 # Per-algorithm defaults (DESIGN.md): what a flag left unset means for each optimizer.
 OUTER_DEFAULTS: dict[str, dict[str, Any]] = {
     "diloco": {"lr": 0.7, "momentum": 0.9, "codec": "int8"},
     "sparseloco": {"lr": 1.0, "momentum": 0.0, "codec": "topk"},
     "noloco": {"lr": 0.7, "momentum": 0.5, "codec": "int8"},
+    "streaming": {"lr": 0.7, "momentum": 0.9, "codec": "q4", "fragments": 4, "overlap": 5, "mix": 0.5},
 }
 
 

@@ -31,6 +31,18 @@ from shoal.compression import TopKCodec, get_codec
 from shoal.optim.outer import OuterConfig, OuterOptimizer, Tensors
 
 
+def send_with_error_feedback(codec: TopKCodec, error: Tensors, update: Mapping[str, torch.Tensor], decay: float) -> dict[str, bytes]:
+    """e ← β·e + update; payload = top-k of e (all tensors encoded in one batch);
+    e ← e − decoded(payload). Returns the payload by tensor name; `error` is updated in place."""
+    for name, value in update.items():
+        error[name].mul_(decay).add_(value)
+    payload = dict(zip(error, codec.encode_many(list(error.values())), strict=True))
+    for name, buffer in error.items():
+        indices, values = codec.decode_sparse(payload[name], tuple(buffer.shape))
+        buffer.view(-1).index_add_(0, indices, values, alpha=-1.0)
+    return payload
+
+
 @dataclass(frozen=True)
 class SparseContribution:
     """One peer's decoded contribution: per tensor, the flat indices it sent and their values."""
@@ -53,14 +65,8 @@ class SparseLoCo(OuterOptimizer):
 
     def contribution(self, local_weights: Mapping[str, torch.Tensor]) -> dict[str, bytes]:
         self._check_names(list(local_weights), "local weights")
-        payload = {}
-        beta = self.config.error_decay
-        for name, outer in self.params.items():
-            error = self.error[name].mul_(beta).add_(outer - local_weights[name].detach().to("cpu", torch.float32))
-            payload[name] = self.codec.encode(error)
-            indices, values = self.codec.decode_sparse(payload[name], self.shapes[name])
-            error.view(-1).index_add_(0, indices, values, alpha=-1.0)  # e ← e − decoded(sent)
-        return payload
+        pseudo_grad = {n: outer - local_weights[n].detach().to("cpu", torch.float32) for n, outer in self.params.items()}
+        return send_with_error_feedback(self.codec, self.error, pseudo_grad, self.config.error_decay)
 
     def decode_contribution(self, payload: Mapping[str, bytes]) -> SparseContribution:
         pairs = self._decode_each(payload, self.codec.decode_sparse)

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from shoal.optim.inner import InnerConfig
@@ -35,11 +36,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--model", default="small", choices=sorted(PRESETS), help="model size preset (default: small)")
     run.add_argument("--inner-steps", type=int, help="H, inner steps per outer round (default: the preset's recipe)")
     run.add_argument("--outer", default="diloco", choices=sorted(OUTER_OPTIMIZERS), help="outer optimizer")
-    run.add_argument("--codec", choices=sorted(CODECS), help="pseudo-gradient codec (default: int8 for diloco and noloco, topk for sparseloco)")
+    run.add_argument("--codec", choices=sorted(CODECS), help="pseudo-gradient codec (default: int8 for diloco and noloco, topk for sparseloco, q4 for streaming)")
     run.add_argument("--outer-lr", type=float, help="outer learning rate (default: 0.7 for diloco and noloco's η, 1.0 for sparseloco)")
     run.add_argument("--outer-momentum", type=float, help="outer momentum (default: 0.9 Nesterov for diloco, 0.5 for noloco, 0 for sparseloco)")
     run.add_argument("--error-decay", type=float, help="sparseloco's error-feedback decay (default 0.95)")
     run.add_argument("--topk", type=int, help="sparseloco's values kept per 4096-element chunk (default 64)")
+    run.add_argument("--fragments", type=int, help="streaming: P, parameter fragments synced in turn (default 4)")
+    run.add_argument("--overlap", type=int, help="streaming: τ, inner steps each exchange overlaps (default 5)")
+    run.add_argument("--mix", type=float, help="streaming: α in θ_local ← α·θ_local + (1−α)·θ_outer (default 0.5)")
     run.add_argument("--inner-lr", type=float, help="AdamW learning rate (default: the preset's recipe)")
     run.add_argument("--batch-size", type=int, help="sequences per inner step (default: the preset's recipe)")
     run.add_argument("--seq-len", type=int, help="bytes per sequence (default: the preset's recipe)")
@@ -58,7 +62,8 @@ def run_config_from(args: argparse.Namespace) -> RunConfig:
         seq_len=args.seq_len or recipe.seq_len,
     )
     outer = outer_config(args.outer, codec=args.codec, lr=args.outer_lr, momentum=args.outer_momentum,
-                         error_decay=args.error_decay, topk=args.topk)
+                         error_decay=args.error_decay, topk=args.topk, fragments=args.fragments, overlap=args.overlap,
+                         mix=args.mix)
     return RunConfig(model_preset=args.model, model=PRESETS[args.model].to_dict(), inner=inner, outer=outer,
                      inner_steps=args.inner_steps or recipe.inner_steps, seed=args.seed)
 
@@ -83,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--threads", type=int, help="torch CPU threads")
     peer.add_argument("--gather-timeout", type=float, help="seconds to wait for others' contributions (default: as long as our inner phase took, at least 10)")
     peer.add_argument("--partner-timeout", type=float, default=10.0, help="noloco: seconds to wait for the step's partner before stepping alone (default 10)")
+    peer.add_argument("--eval-every", type=int, default=1, help="evaluate on the held-out split after every N-th round and the last (default 1)")
     peer.add_argument("--report", help="write this peer's round log and traffic as JSON here on exit")
     peer.add_argument("--log-level", default="INFO")
     add_run_arguments(peer)
@@ -105,6 +111,7 @@ def peer_config_from(args: argparse.Namespace) -> PeerConfig:
         run=run_config_from(args), listen_host=args.listen[0], listen_port=args.listen[1], advertise=args.advertise,
         bootstrap=args.bootstrap, swarm_key=args.swarm_key, role=args.role, device=args.device, data_path=args.data,
         checkpoint_dir=args.checkpoint_dir, resume=args.resume, max_rounds=args.rounds, min_peers=args.min_peers, torch_threads=args.threads,
+        eval_every=args.eval_every,
         protocol=protocol, **extra,
     )
 
@@ -145,6 +152,8 @@ def write_report(node, path: str) -> None:
         "bytes_sent_by_kind": dict(node.traffic.sent), "bytes_received_by_kind": dict(node.traffic.received),
         "params": sum(t.numel() for t in node.outer.params.values()) if hasattr(node, "outer") else None,
         "inner_steps_total": node.trainer.step_count if hasattr(node, "trainer") else 0,
+        "train_started_at": node.train_started_at, "finished_at": time.time(),
+        "inner_seconds_total": node.inner_seconds_total, "longest_stall_s": node.longest_stall_s,
     }
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))

@@ -28,6 +28,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.inner_steps < 1:
             raise ValueError(f"--inner-steps must be >= 1, got {self.inner_steps}")
+        between_syncs = self.inner_steps // self.outer.fragments
+        if between_syncs < 1:
+            raise ValueError(f"--fragments {self.outer.fragments} exceeds --inner-steps {self.inner_steps}: some rounds would have no steps")
+        if self.outer.overlap >= between_syncs:
+            raise ValueError(f"--overlap {self.outer.overlap} must be less than the {between_syncs} inner steps between syncs (H/P)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,6 +117,7 @@ class PeerConfig:
     data_path: str | None = None
     num_shards: int = 16
     eval_batches: int = 8
+    eval_every: int = 1  # evaluate after every N-th outer round (and the last)
     checkpoint_dir: str | None = None
     resume: bool = False
     max_rounds: int | None = None
@@ -129,6 +135,8 @@ class PeerConfig:
             raise ValueError("--resume needs --checkpoint-dir")
         if self.max_rounds is not None and self.max_rounds < 1:
             raise ValueError(f"--rounds must be >= 1, got {self.max_rounds}")
+        if self.eval_every < 1:
+            raise ValueError(f"--eval-every must be >= 1, got {self.eval_every}")
         if self.min_peers < 1:
             raise ValueError(f"--min-peers must be >= 1, got {self.min_peers}")
         if not 0 < len(self.peer_id) <= 128:

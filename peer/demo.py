@@ -42,7 +42,7 @@ def fetch_json(url: str, timeout_s: float = 2.0) -> dict[str, Any] | None:
 
 def run_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--model", args.model, "--outer", args.outer, "--seed", str(args.seed)]
-    for flag in ("codec", "outer_lr", "outer_momentum", "error_decay", "topk", "inner_steps", "inner_lr", "batch_size", "seq_len", "data"):
+    for flag in ("codec", "outer_lr", "outer_momentum", "error_decay", "topk", "fragments", "overlap", "mix", "inner_steps", "inner_lr", "batch_size", "seq_len", "data"):
         value = getattr(args, flag)
         if value is not None:
             flags += ["--" + flag.replace("_", "-"), str(value)]

@@ -77,6 +77,10 @@ class Peer:
         self.round_log: list[dict[str, Any]] = []  # one entry per applied round (tests, demo)
         self.initial_eval_loss: float | None = None
         self.error: BaseException | None = None  # what ended the training loop, if not a stop
+        self.train_started_at: float | None = None  # wall clock of the first inner step
+        self.inner_seconds_total = 0.0
+        self.longest_stall_s = 0.0
+        self._last_inner_end: float | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -219,42 +223,81 @@ class Peer:
 
     async def _train_loop(self) -> None:
         self._loop = asyncio.get_running_loop()
-        protocol, run = self.config.protocol, self.config.run
-        exchange = RoundExchange(self.client, self.membership, self.store, protocol, self._decode)
+        run = self.config.run
+        exchange = RoundExchange(self.client, self.membership, self.store, self.config.protocol, self._decode)
         if self.config.min_peers > 1:
             log.info("[%s] waiting for %d peers before training", self.peer_id, self.config.min_peers)
             while len(self.membership.live_others()) + 1 < self.config.min_peers:
                 await asyncio.sleep(0.2)
+        round_id, pending, early = self.outer_round, None, None
         try:
-            while self.config.max_rounds is None or self.outer_round < self.config.max_rounds:
-                round_id = self.outer_round
-                stats = await self._in_train(self.trainer.run, run.inner_steps, self._on_step)
+            while True:
+                if pending is not None:
+                    # the last round's exchange completes while the first τ steps of this one run
+                    # (τ = 0 but for Streaming DiLoCo); its outer step and merge follow them
+                    more = self.config.max_rounds is None or round_id + 1 < self.config.max_rounds
+                    steps = self.outer.overlap_steps if more else 0
+                    early, _ = await asyncio.gather(self._in_train(self._inner, steps), pending)
+                    pending, round_id = None, self.outer_round
+                if self.config.max_rounds is not None and round_id >= self.config.max_rounds:
+                    break
+                steps = self.outer.round_steps(round_id, run.inner_steps) - (early.steps if early else 0)
+                stats = await self._in_train(self._inner, max(0, steps))
+                stats, early = (early + stats if early else stats), None
                 self.membership.me.tokens_per_s = stats.tokens / max(stats.seconds, 1e-9)
-                payload = await self._in_train(lambda: self.outer.contribution(self.trainer.local_weights()))
-                own = await self._in_train(self.outer.decode_contribution, payload)  # use what others decode
-                await exchange.publish(round_id, payload, own)
-                if getattr(self.outer, "pairwise", False):
-                    got = final = await self._exchange_with_partner(exchange, round_id)
-                    eval_loss, new_hash = await self._in_train(self._apply, round_id, exchange.contributions(round_id, final))
-                    majority = []  # NoLoCo replicas do not agree on weights: nothing to verify
-                else:
-                    gather_s = protocol.gather_deadline_s(stats.seconds)
-                    got = await exchange.gather(round_id, gather_s)
-                    final = await exchange.agree(round_id, gather_s + protocol.agree_timeout_s)
-                    eval_loss, new_hash = await self._in_train(self._apply, round_id, exchange.contributions(round_id, final))
-                    majority = await exchange.verify(round_id, new_hash, final)
-                if majority:
-                    round_id, tensors, _ = await download_state(self.client, majority, self.state_shapes)
-                    await self._in_train(self._load_state, round_id, tensors)
-                    new_hash = self.outer.weights_hash()
-                self._after_round(round_id, stats, eval_loss, new_hash, got, final, resynced=bool(majority))
+                payload, own = await self._in_train(self._contribution, round_id)
+                pending = asyncio.create_task(self._sync_round(exchange, round_id, stats, payload, own))
         except Stopped:
             return
         except Exception as exc:
             log.exception("[%s] training loop failed in round %d", self.peer_id, self.outer_round)
             self.error = exc
         finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
             self.finished.set()
+
+    def _inner(self, steps: int):
+        """Run inner steps (training thread), keeping the utilization bookkeeping: seconds
+        spent in inner steps, and the longest stretch between two inner phases (waiting for
+        the network, encoding, the outer step, evaluation)."""
+        if steps == 0:
+            return self.trainer.run(0)
+        begin = time.monotonic()
+        if self._last_inner_end is None:
+            self.train_started_at = time.time()
+        else:
+            self.longest_stall_s = max(self.longest_stall_s, begin - self._last_inner_end)
+        stats = self.trainer.run(steps, self._on_step)
+        self._last_inner_end = time.monotonic()
+        self.inner_seconds_total += stats.seconds
+        return stats
+
+    def _contribution(self, round_id: int) -> tuple[dict[str, bytes], Any]:
+        self.outer.begin_round(round_id)
+        payload = self.outer.contribution(self.trainer.local_weights())
+        return payload, self.outer.decode_contribution(payload)  # use what others decode
+
+    async def _sync_round(self, exchange: RoundExchange, round_id: int, stats, payload: dict[str, bytes], own: Any) -> None:
+        """Publish our contribution, settle the round with the swarm (or with one partner),
+        step the outer weights, verify and log."""
+        protocol = self.config.protocol
+        await exchange.publish(round_id, payload, own)
+        if self.outer.pairwise:
+            got = final = await self._exchange_with_partner(exchange, round_id)
+            eval_loss, new_hash = await self._in_train(self._apply, round_id, exchange.contributions(round_id, final))
+            majority = []  # NoLoCo replicas do not agree on weights: nothing to verify
+        else:
+            gather_s = protocol.gather_deadline_s(stats.seconds)
+            got = await exchange.gather(round_id, gather_s)
+            final = await exchange.agree(round_id, gather_s + protocol.agree_timeout_s)
+            eval_loss, new_hash = await self._in_train(self._apply, round_id, exchange.contributions(round_id, final))
+            majority = await exchange.verify(round_id, new_hash, final)
+        if majority:
+            round_id, tensors, _ = await download_state(self.client, majority, self.state_shapes)
+            await self._in_train(self._load_state, round_id, tensors)
+            new_hash = self.outer.weights_hash()
+        self._after_round(round_id, stats, eval_loss, new_hash, got, final, resynced=bool(majority))
 
     async def _exchange_with_partner(self, exchange: RoundExchange, round_id: int) -> list[str]:
         """NoLoCo: fetch one random live replica's contribution for this step, waiting at most
@@ -270,15 +313,19 @@ class Peer:
         self.membership.me.partner = partner.peer_id
         return sorted([self.peer_id, partner.peer_id])
 
-    def _apply(self, round_id: int, contributions: list) -> tuple[float, str]:
+    def _apply(self, round_id: int, contributions: list) -> tuple[float | None, str]:
         self.outer.apply(contributions)
-        self.trainer.load_weights(self.outer.params)
+        self.trainer.load_weights(self.outer.merged_local(self.trainer.local_weights()))
         self.outer_round = round_id + 1
-        return self._evaluate(), self.outer.weights_hash()
+        last = self.config.max_rounds is not None and self.outer_round >= self.config.max_rounds
+        evaluate = self.outer_round % self.config.eval_every == 0 or last
+        return (self._evaluate() if evaluate else None), self.outer.weights_hash()
 
-    def _after_round(self, round_id: int, stats, eval_loss: float, new_hash: str, got: list[str], final: list[str], resynced: bool) -> None:
+    def _after_round(self, round_id: int, stats, eval_loss: float | None, new_hash: str, got: list[str], final: list[str], resynced: bool) -> None:
         me = self.membership.me
-        me.round, me.eval_loss, me.train_loss, me.weights_hash = self.outer_round, eval_loss, stats.train_loss, new_hash
+        me.round, me.train_loss, me.weights_hash = self.outer_round, stats.train_loss, new_hash
+        if eval_loss is not None:  # not evaluated this round (--eval-every): keep the last
+            me.eval_loss = eval_loss
         me.partner_distance = getattr(self.outer, "partner_distance", None)
         self.membership.beat()
         self._publish_state()
@@ -287,8 +334,8 @@ class Peer:
                  "bytes_sent": self.traffic.bytes_sent, "contribution_bytes_sent": self.traffic.sent["contribution"],
                  "partner_distance": me.partner_distance}
         self.round_log.append(entry)
-        log.info("[%s] round %d done: eval %.3f, train %.3f, %d/%d contributions, hash %s%s", self.peer_id, round_id,
-                 eval_loss, stats.train_loss, len(final), len(got), new_hash[:8], " (resynced)" if resynced else "")
+        log.info("[%s] round %d done: eval %s, train %.3f, %d/%d contributions, hash %s%s", self.peer_id, round_id,
+                 "-" if eval_loss is None else f"{eval_loss:.3f}", stats.train_loss, len(final), len(got), new_hash[:8], " (resynced)" if resynced else "")
 
     def _publish_state(self) -> None:
         """Freeze the outer state for joiners and checkpoints."""

@@ -14,8 +14,10 @@ Per codec and input:
   e ← e − decoded(send)), ‖Σ decoded − Σ x_t‖ / ‖Σ x_t‖. Random inputs use fresh x_t each
   round; the real Δ uses x_t = a_t·Δ + 0.1·rms(Δ)·ξ_t per tensor, a_t ~ U(0.5, 1.5),
   ξ_t ~ N(0, 1) (a stand-in for successive rounds' pseudo-gradients, which are similar);
-* `encode_eps` / `decode_eps`: elements per second, median of `--repeats`, one torch
-  thread. hivemind's encode is compress + SerializeToString, its decode ParseFromString
+* `encode_eps` / `decode_eps`: elements per second, median of at least `--repeats` calls
+  and of as many as fit in a second, one torch thread; a model's tensors are encoded the
+  way the codec's user does it (topk: one `encode_many` call, as SparseLoCo does; the
+  others, hivemind's included: one call per tensor). hivemind's encode is compress + SerializeToString, its decode ParseFromString
   + extract, so both sides go to and from bytes;
 * ratios against hivemind's Uniform8BitQuantization on the same input: bytes and
   encode+decode time.
@@ -52,16 +54,22 @@ BASELINE = "hm-uniform8"
 
 @dataclass
 class Coder:
-    """A codec as two functions: tensor -> bytes, (bytes, shape) -> float32 tensor."""
+    """A codec as two functions: tensor -> bytes, (bytes, shape) -> float32 tensor; and
+    how a whole input (a model's tensors) is encoded: one call per tensor, unless the codec
+    batches them (topk's encode_many, which SparseLoCo uses for its contributions)."""
 
     name: str
     encode: Callable[[torch.Tensor], bytes]
     decode: Callable[[bytes, tuple[int, ...]], torch.Tensor]
+    encode_all: Callable[[list[torch.Tensor]], list[bytes]] | None = None
+
+    def encode_input(self, tensors: list[torch.Tensor]) -> list[bytes]:
+        return self.encode_all(tensors) if self.encode_all else [self.encode(t) for t in tensors]
 
 
 def our_coder(name: str) -> Coder:
     codec = get_codec(name)
-    return Coder(name, codec.encode, codec.decode)
+    return Coder(name, codec.encode, codec.decode, getattr(codec, "encode_many", None))
 
 
 def hivemind_coders() -> tuple[list[Coder], str | None]:
@@ -121,9 +129,11 @@ def real_delta(inner_steps: int, seed: int) -> dict[str, torch.Tensor]:
     return {n: (start[n] - after[n].detach().float()).contiguous() for n in start}
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
+def median_time(fn: Callable[[], object], repeats: int, min_total_s: float = 1.0) -> float:
+    """Median over at least `repeats` calls, and over as many as fit in `min_total_s`
+    (millisecond-long calls on a shared VM need dozens of samples for a stable median)."""
+    times: list[float] = []
+    while len(times) < repeats or (sum(times) < min_total_s and len(times) < 500):
         begin = time.perf_counter()
         fn()
         times.append(time.perf_counter() - begin)
@@ -134,11 +144,11 @@ def measure(coder: Coder, tensors: dict[str, torch.Tensor], rounds_of: Callable[
             rounds: int, repeats: int) -> dict:
     """All metrics of one codec on one input (a dict of tensors coded one by one)."""
     count = sum(t.numel() for t in tensors.values())
-    payloads = {n: coder.encode(t) for n, t in tensors.items()}
+    payloads = dict(zip(tensors, coder.encode_input(list(tensors.values())), strict=True))
     wire_bytes = sum(len(p) for p in payloads.values())
     err2 = sum(float((coder.decode(payloads[n], tuple(t.shape)) - t).double().square().sum()) for n, t in tensors.items())
     norm2 = sum(float(t.double().square().sum()) for t in tensors.values())
-    encode_s = median_time(lambda: [coder.encode(t) for t in tensors.values()], repeats)
+    encode_s = median_time(lambda: coder.encode_input(list(tensors.values())), repeats)
     decode_s = median_time(lambda: [coder.decode(payloads[n], tuple(t.shape)) for n, t in tensors.items()], repeats)
 
     # error feedback: Σ sent = Σ x_t − e_final, so the error of the sum is ‖e_final‖ / ‖Σ x_t‖
@@ -148,7 +158,9 @@ def measure(coder: Coder, tensors: dict[str, torch.Tensor], rounds_of: Callable[
         for n, x in rounds_of(round_id).items():
             error[n] += x
             total[n] += x
-            error[n] -= coder.decode(coder.encode(error[n]), tuple(x.shape))
+        sent = dict(zip(error, coder.encode_input(list(error.values())), strict=True))
+        for n, e in error.items():
+            e -= coder.decode(sent[n], tuple(e.shape))
     ef_err2 = sum(float(e.double().square().sum()) for e in error.values())
     ef_norm2 = sum(float(t.double().square().sum()) for t in total.values())
     return {

@@ -1,0 +1,98 @@
+"""Run a shoal swarm across emulated slow links: one peer process per network namespace
+(`scripts/wan/netns.py`), each link shaped to the given rate; root needed.
+
+    sudo python scripts/wan/swarm.py --peers 4 --rate 10mbit --rounds 6 --out /tmp/wan \\
+        -- --model small --outer diloco --codec int8
+
+Flags after `--` go to every `shoal peer`. Peer i listens on 10.77.0.<i+1>:7000 in its own
+namespace; the others bootstrap from peer 0. Each writes its report (round log, traffic,
+inner-step time) to OUT/peer-<i>.json; peer logs go to OUT/peer-<i>.log. The namespaces
+are torn down when the swarm ends, fails, times out or is interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from netns import Wan  # noqa: E402
+
+PORT = 7000
+
+
+def run_swarm(peers: int, rates: Sequence[str] | None, rounds: int, out: Path, flags: Sequence[str],
+              timeout_s: float = 1800.0, prefix: str = "shoal") -> list[dict]:
+    """Start the swarm, wait for every peer to finish its rounds, return their reports.
+    `rates` None: no namespaces, every peer on 127.0.0.1 (unshaped loopback, no root)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if rates is None:
+        ports = [_free_port() for _ in range(peers)]
+        return _launch(peers, rounds, out, flags, timeout_s, [f"127.0.0.1:{p}" for p in ports], lambda i, argv: argv)
+    with Wan(peers, rates, prefix) as wan:
+        return _launch(peers, rounds, out, flags, timeout_s, [f"{wan.address(i)}:{PORT}" for i in range(peers)], wan.exec_args)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(peers: int, rounds: int, out: Path, flags: Sequence[str], timeout_s: float, listen: list[str],
+            wrap: Callable[[int, list[str]], list[str]]) -> list[dict]:
+    procs: list[subprocess.Popen] = []
+    try:
+        for i in range(peers):
+            cmd = [sys.executable, "-m", "shoal.peer.cli", "peer", "--listen", listen[i], "--peer-id", f"peer-{i}",
+                   "--rounds", str(rounds), "--min-peers", str(peers), "--report", str(out / f"peer-{i}.json"), *flags]
+            if i:
+                cmd += ["--bootstrap", f"http://{listen[0]}"]
+            with open(out / f"peer-{i}.log", "w") as log:
+                procs.append(subprocess.Popen(wrap(i, cmd), stdout=log, stderr=subprocess.STDOUT))
+            if i == 0:
+                time.sleep(3.0)  # let the first peer bind before others bootstrap (they retry anyway)
+        deadline = time.monotonic() + timeout_s
+        for i, proc in enumerate(procs):
+            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            if code:
+                raise RuntimeError(f"peer-{i} exited with {code}; see {out / f'peer-{i}.log'}")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    return [json.loads((out / f"peer-{i}.json").read_text()) for i in range(peers)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--peers", type=int, default=4)
+    parser.add_argument("--rate", nargs="+", default=["10mbit"], help="one rate for all peers, or one per peer; 'loopback': no namespaces")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--out", default="wan-run")
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("flags", nargs=argparse.REMAINDER, help="-- then flags for every `shoal peer`")
+    args = parser.parse_args(argv)
+    flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
+    rates = None if args.rate == ["loopback"] else args.rate
+    reports = run_swarm(args.peers, rates, args.rounds, Path(args.out), flags, args.timeout)
+    for report in reports:
+        last = report["rounds"][-1] if report["rounds"] else {}
+        print(f"{report['peer_id']}: {len(report['rounds'])} rounds, eval {last.get('eval_loss', float('nan')):.3f}, "
+              f"sent {report['bytes_sent'] / 1e6:.1f} MB, longest stall {report['longest_stall_s']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
