@@ -292,12 +292,28 @@ class Peer:
             got = await exchange.gather(round_id, gather_s)
             final = await exchange.agree(round_id, gather_s + protocol.agree_timeout_s)
             eval_loss, new_hash = await self._in_train(self._apply, round_id, exchange.contributions(round_id, final))
-            majority = await exchange.verify(round_id, new_hash, final)
+            if self.outer.overlap_steps:
+                # the others publish their hashes only after their own overlapped steps: check
+                # in the background instead of holding our training for the slowest peer
+                self._tasks = [t for t in self._tasks if not t.done()]
+                self._tasks.append(asyncio.create_task(self._verify_later(exchange, round_id, new_hash, final)))
+                majority = []
+            else:
+                majority = await exchange.verify(round_id, new_hash, final)
         if majority:
             round_id, tensors, _ = await download_state(self.client, majority, self.state_shapes)
             await self._in_train(self._load_state, round_id, tensors)
             new_hash = self.outer.weights_hash()
         self._after_round(round_id, stats, eval_loss, new_hash, got, final, resynced=bool(majority))
+
+    async def _verify_later(self, exchange: RoundExchange, round_id: int, new_hash: str, final: list[str]) -> None:
+        """Streaming DiLoCo's hash check, off the training path; a peer in the minority
+        resyncs between two inner phases (the training thread runs one job at a time)."""
+        majority = await exchange.verify(round_id, new_hash, final)
+        if majority:
+            synced_round, tensors, _ = await download_state(self.client, majority, self.state_shapes)
+            await self._in_train(self._load_state, synced_round, tensors)
+            log.warning("[%s] round %d: resynced the outer state from the majority", self.peer_id, round_id)
 
     async def _exchange_with_partner(self, exchange: RoundExchange, round_id: int) -> list[str]:
         """NoLoCo: fetch one random live replica's contribution for this step, waiting at most
