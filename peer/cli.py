@@ -154,6 +154,7 @@ def write_report(node, path: str) -> None:
         "inner_steps_total": node.trainer.step_count if hasattr(node, "trainer") else 0,
         "train_started_at": node.train_started_at, "finished_at": time.time(),
         "inner_seconds_total": node.inner_seconds_total, "longest_stall_s": node.longest_stall_s,
+        "eval_seconds_total": node.eval_seconds_total,
     }
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))

@@ -80,6 +80,7 @@ class Peer:
         self.train_started_at: float | None = None  # wall clock of the first inner step
         self.inner_seconds_total = 0.0
         self.longest_stall_s = 0.0
+        self.eval_seconds_total = 0.0
         self._last_inner_end: float | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -163,7 +164,11 @@ class Peer:
         self.outer_round = round_id
 
     def _evaluate(self) -> float:
-        return evaluate(self.trainer.model, self.eval_set, self.device)
+        begin = time.monotonic()
+        loss = evaluate(self.trainer.model, self.eval_set, self.device)
+        if self._last_inner_end is not None:  # during training: measurement, not sync overhead
+            self.eval_seconds_total += time.monotonic() - begin
+        return loss
 
     async def _in_train(self, fn, *args) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._train_thread, fn, *args)

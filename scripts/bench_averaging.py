@@ -100,8 +100,14 @@ def shoal_worker(rank: int, n: int, size: int, method: str, corpus: str, barrier
 
 def hivemind_worker(rank: int, n: int, size: int, method: str, matchmaking: float, barrier, addresses, results) -> None:
     torch.set_num_threads(1)
+    mp.set_start_method("fork", force=True)  # hivemind's DHT and averager are fork-started processes
     import hivemind
     from hivemind import compression as hm_compression
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_codecs import patch_hivemind_extract
+
+    patch_hivemind_extract()
 
     initial = [] if rank == 0 else None
     while initial is None:

@@ -72,6 +72,23 @@ def our_coder(name: str) -> Coder:
     return Coder(name, codec.encode, codec.decode, getattr(codec, "encode_many", None))
 
 
+def _extract_quantized(self, serialized):  # hivemind's Quantization.extract, numpy>=2.4-safe
+    codebook_size = int(np.frombuffer(serialized.buffer, count=1, dtype=np.int64)[0])
+    codebook = np.frombuffer(serialized.buffer, offset=8, count=codebook_size, dtype=self.codebook_dtype)
+    quantized = np.frombuffer(serialized.buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
+    quantized = torch.as_tensor(quantized, dtype=torch.int64).reshape(tuple(serialized.size))
+    codebook = torch.as_tensor(codebook).to(dtype=getattr(torch, serialized.dtype))
+    return codebook[quantized]
+
+
+def patch_hivemind_extract() -> None:
+    """hivemind 1.1.12's Quantization.extract calls int() on a 1-element array, which numpy
+    >= 2.4 refuses; replace it process-wide (same arithmetic) before any hivemind decode."""
+    from hivemind.compression.quantization import Quantization
+
+    Quantization.extract = _extract_quantized
+
+
 def hivemind_coders() -> tuple[list[Coder], str | None]:
     """hivemind's codecs, or ([], why not) if hivemind cannot be imported."""
     try:
@@ -85,19 +102,7 @@ def hivemind_coders() -> tuple[list[Coder], str | None]:
     except Exception as exc:  # any import failure is reported in the table, not fatal
         return [], f"hivemind not importable: {type(exc).__name__}: {exc}"
 
-    def extract_quantized(self, serialized):  # hivemind's Quantization.extract, numpy>=2.4-safe
-        codebook_size = int(np.frombuffer(serialized.buffer, count=1, dtype=np.int64)[0])
-        codebook = np.frombuffer(serialized.buffer, offset=8, count=codebook_size, dtype=self.codebook_dtype)
-        quantized = np.frombuffer(serialized.buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
-        quantized = torch.as_tensor(quantized, dtype=torch.int64).reshape(tuple(serialized.size))
-        codebook = torch.as_tensor(codebook).to(dtype=getattr(torch, serialized.dtype))
-        return codebook[quantized]
-
-    class Uniform8(Uniform8BitQuantization):
-        extract = extract_quantized
-
-    class Quantile8(Quantile8BitQuantization):
-        extract = extract_quantized
+    patch_hivemind_extract()
 
     def wrap(name: str, compression) -> Coder:
         def encode(tensor: torch.Tensor) -> bytes:
@@ -110,7 +115,8 @@ def hivemind_coders() -> tuple[list[Coder], str | None]:
 
         return Coder(name, encode, decode)
 
-    coders = [wrap("hm-fp16", Float16Compression()), wrap("hm-uniform8", Uniform8()), wrap("hm-quantile8", Quantile8())]
+    coders = [wrap("hm-fp16", Float16Compression()), wrap("hm-uniform8", Uniform8BitQuantization()),
+              wrap("hm-quantile8", Quantile8BitQuantization())]
     return coders, None
 
 
@@ -259,7 +265,7 @@ def main() -> None:
 
     result = {
         "command": "python scripts/bench_codecs.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (False, None)),
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items() if v not in (False, None)),
         "torch_threads": 1,
         "torch": torch.__version__,
         "numpy": np.__version__,

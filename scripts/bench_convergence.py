@@ -17,7 +17,8 @@ H-th), on the same held-out split, so the curves share their x positions in toke
 are per peer link, both directions, through `scripts/wan/netns.py` (root); `loopback` runs
 on 127.0.0.1 without shaping. Per method and rate the JSON has the curves and:
 * `utilization`: time in inner steps / time from the first inner step to the end, mean
-  over peers;
+  over peers; `utilization_excl_eval`: the same with the time spent evaluating (the
+  benchmark's own measurement, ~0.5 s of one core per evaluation) taken out of the span;
 * `longest_stall_s`: the longest stretch any peer spent between two inner phases
   (waiting for others, encoding, outer step, evaluation);
 * `bytes_sent_per_peer`, `peak_round_bytes_per_peer` (the largest upload of one round).
@@ -67,7 +68,10 @@ def summarize(reports: list[dict], tokens_per_step: int, steps_per_round: int) -
             "bytes_sent_per_peer": statistics.fmean(r["rounds"][i]["bytes_sent"] for r in reports if i < len(r["rounds"])),
             "seconds": max(r["rounds"][i]["time"] for r in reports if i < len(r["rounds"])) - start,
         })
-    utilization = [r["inner_seconds_total"] / max(1e-9, r["rounds"][-1]["time"] - r["train_started_at"]) for r in reports]
+    spans = [r["rounds"][-1]["time"] - r["train_started_at"] for r in reports]
+    utilization = [r["inner_seconds_total"] / max(1e-9, span) for r, span in zip(reports, spans, strict=True)]
+    # evaluation is the benchmark's measurement, not training: utilization without it
+    training = [r["inner_seconds_total"] / max(1e-9, span - r["eval_seconds_total"]) for r, span in zip(reports, spans, strict=True)]
     uploads = [b["contribution_bytes_sent"] - a["contribution_bytes_sent"]
                for r in reports for a, b in zip([{"contribution_bytes_sent": 0}, *r["rounds"]], r["rounds"], strict=False)]
     return {
@@ -80,6 +84,8 @@ def summarize(reports: list[dict], tokens_per_step: int, steps_per_round: int) -
         "peak_round_bytes_per_peer": max(uploads) if uploads else 0,
         "utilization": statistics.fmean(utilization),
         "utilization_per_peer": utilization,
+        "utilization_excl_eval": statistics.fmean(training),
+        "eval_seconds_per_peer": statistics.fmean(r["eval_seconds_total"] for r in reports),
         "longest_stall_s": max(r["longest_stall_s"] for r in reports),
         "curve": curve,
     }
@@ -153,7 +159,7 @@ def main() -> int:
             row.update(flags=cmd_flags, steps_per_peer=steps, launcher_seconds=time.monotonic() - begin)
             results[rate][name] = row
             print(f"   final eval {row['final_eval_loss']:.3f}, {row['bytes_sent_per_peer'] / 1e6:.1f} MB/peer, "
-                  f"utilization {row['utilization']:.1%}, longest stall {row['longest_stall_s']:.1f} s, "
+                  f"utilization {row['utilization']:.1%} ({row['utilization_excl_eval']:.1%} excl. eval), longest stall {row['longest_stall_s']:.1f} s, "
                   f"wall {row['wall_seconds']:.0f} s", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -165,11 +171,11 @@ def main() -> int:
     except ImportError:
         document["plots"] = "matplotlib not installed (pip install -e '.[plot]')"
     out.write_text(json.dumps(document, indent=1))
-    print(f"{'rate':<9} {'method':<12} {'final eval':>10} {'MB/peer':>9} {'peak MB/round':>13} {'util':>6} {'stall s':>8} {'wall s':>7}")
+    print(f"{'rate':<9} {'method':<12} {'final eval':>10} {'MB/peer':>9} {'peak MB/round':>13} {'util':>6} {'w/o eval':>8} {'stall s':>8} {'wall s':>7}")
     for rate, rows in results.items():
         for name, row in rows.items():
             print(f"{rate:<9} {name:<12} {row['final_eval_loss']:10.3f} {row['bytes_sent_per_peer'] / 1e6:9.2f} "
-                  f"{row['peak_round_bytes_per_peer'] / 1e6:13.3f} {row['utilization']:6.1%} {row['longest_stall_s']:8.1f} "
+                  f"{row['peak_round_bytes_per_peer'] / 1e6:13.3f} {row['utilization']:6.1%} {row['utilization_excl_eval']:8.1%} {row['longest_stall_s']:8.1f} "
                   f"{row['wall_seconds']:7.0f}")
     print(f"written to {out}")
     return 0
