@@ -9,8 +9,10 @@ executor. The loop never runs torch work, so heartbeats keep flowing while we tr
 Life of a peer: start the server → join through `--bootstrap` (check the run config,
 take the peer table, download the current outer state) or start a new run → repeat
 {H inner steps → publish → gather → agree → outer step → evaluate → verify hash →
-checkpoint}; with a pairwise outer optimizer (NoLoCo) the middle is {publish → fetch one
-random partner's contribution, waiting at most `partner_timeout_s` → outer step} → on stop, leave the server up for `linger_s` so that others finish the round.
+checkpoint} → on stop, leave the server up for `linger_s` so that others finish the round.
+With NoLoCo the middle is {publish → fetch one random partner's contribution, waiting at
+most `partner_timeout_s` → outer step}; with Streaming DiLoCo each round's exchange runs
+while the next round's first τ inner steps train.
 """
 
 from __future__ import annotations
@@ -290,35 +292,34 @@ class Peer:
         await exchange.publish(round_id, payload, own)
         if self.outer.pairwise:
             got = final = await self._exchange_with_partner(exchange, round_id)
-            eval_loss, new_hash = await self._in_train(self._apply, round_id, exchange.contributions(round_id, final))
-            majority = []  # NoLoCo replicas do not agree on weights: nothing to verify
         else:
             gather_s = protocol.gather_deadline_s(stats.seconds)
             got = await exchange.gather(round_id, gather_s)
             final = await exchange.agree(round_id, gather_s + protocol.agree_timeout_s)
-            eval_loss, new_hash = await self._in_train(self._apply, round_id, exchange.contributions(round_id, final))
-            if self.outer.overlap_steps:
-                # the others publish their hashes only after their own overlapped steps: check
-                # in the background instead of holding our training for the slowest peer
-                self._tasks = [t for t in self._tasks if not t.done()]
-                self._tasks.append(asyncio.create_task(self._verify_later(exchange, round_id, new_hash, final)))
-                majority = []
-            else:
-                majority = await exchange.verify(round_id, new_hash, final)
-        if majority:
-            round_id, tensors, _ = await download_state(self.client, majority, self.state_shapes)
-            await self._in_train(self._load_state, round_id, tensors)
-            new_hash = self.outer.weights_hash()
-        self._after_round(round_id, stats, eval_loss, new_hash, got, final, resynced=bool(majority))
+        eval_loss, new_hash = await self._in_train(self._apply, round_id, exchange.contributions(round_id, final))
+        resynced = False
+        if self.outer.pairwise:
+            pass  # NoLoCo replicas do not agree on weights: nothing to verify
+        elif self.outer.overlap_steps:
+            # the others publish their hashes only after their own overlapped steps: check in
+            # the background instead of holding our training for the slowest peer
+            self._tasks = [t for t in self._tasks if not t.done()]
+            self._tasks.append(asyncio.create_task(self._verify(exchange, round_id, new_hash, final)))
+        else:
+            resynced = await self._verify(exchange, round_id, new_hash, final)
+            new_hash = self.outer.weights_hash() if resynced else new_hash
+        self._after_round(round_id, stats, eval_loss, new_hash, got, final, resynced)
 
-    async def _verify_later(self, exchange: RoundExchange, round_id: int, new_hash: str, final: list[str]) -> None:
-        """Streaming DiLoCo's hash check, off the training path; a peer in the minority
-        resyncs between two inner phases (the training thread runs one job at a time)."""
+    async def _verify(self, exchange: RoundExchange, round_id: int, new_hash: str, final: list[str]) -> bool:
+        """Compare weight hashes with the round's participants; a peer in the minority
+        downloads the majority's outer state (loaded between two inner phases: the training
+        thread runs one job at a time). True if it resynced."""
         majority = await exchange.verify(round_id, new_hash, final)
         if majority:
             synced_round, tensors, _ = await download_state(self.client, majority, self.state_shapes)
             await self._in_train(self._load_state, synced_round, tensors)
-            log.warning("[%s] round %d: resynced the outer state from the majority", self.peer_id, round_id)
+            log.warning("[%s] round %d: resynced the outer state from the majority (now round %d)", self.peer_id, round_id, synced_round)
+        return bool(majority)
 
     async def _exchange_with_partner(self, exchange: RoundExchange, round_id: int) -> list[str]:
         """NoLoCo: fetch one random live replica's contribution for this step, waiting at most
