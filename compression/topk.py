@@ -98,22 +98,18 @@ class ChunkLayout:
 
     @cached_property
     def _heights_widths(self) -> tuple[np.ndarray, np.ndarray]:
-        heights, widths = self._compute_heights_widths()
-        heights.flags.writeable = widths.flags.writeable = False  # shared by every caller
-        return heights, widths
-
-    def heights_widths(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per grid row, the block height; per grid column, the block width (int64, read-only)."""
-        return self._heights_widths
-
-    def _compute_heights_widths(self) -> tuple[np.ndarray, np.ndarray]:
         heights = np.full(self.grid_rows, self.tile_rows, dtype=np.int64)
         widths = np.full(self.grid_cols, self.tile_cols, dtype=np.int64)
         if heights.size:
             heights[-1] = self.rows - (self.grid_rows - 1) * self.tile_rows
         if widths.size:
             widths[-1] = self.cols - (self.grid_cols - 1) * self.tile_cols
+        heights.flags.writeable = widths.flags.writeable = False  # shared by every caller
         return heights, widths
+
+    def heights_widths(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per grid row, the block height; per grid column, the block width (int64, read-only)."""
+        return self._heights_widths
 
     def chunk_sizes(self) -> np.ndarray:
         """Elements per chunk, in chunk order (int64 [num_chunks])."""

@@ -110,7 +110,8 @@ class OuterOptimizer(ABC):
         return inner_steps
 
     def merged_local(self, local_weights: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-        """The local weights to continue from after `apply`: the outer weights by default."""
+        """The local weights to continue from after `apply`, given the live ones (read only):
+        the outer weights by default."""
         return self.params
 
     def state_groups(self) -> dict[str, Tensors]:

@@ -337,7 +337,7 @@ class Peer:
 
     def _apply(self, round_id: int, contributions: list) -> tuple[float | None, str]:
         self.outer.apply(contributions)
-        self.trainer.load_weights(self.outer.merged_local(self.trainer.local_weights()))
+        self.trainer.load_weights(self.outer.merged_local(self.trainer.params))  # the live parameters: no copy unless merged
         self.outer_round = round_id + 1
         last = self.config.max_rounds is not None and self.outer_round >= self.config.max_rounds
         evaluate = self.outer_round % self.config.eval_every == 0 or last

@@ -2,6 +2,7 @@
 deadline, see it dead within 10 s, and keep training in step. Peers are separate
 processes here, started through the real CLI."""
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -27,23 +28,38 @@ def wait_for(predicate, timeout_s, what):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-@pytest.mark.timeout(240)
-def test_sigkilled_peer_is_left_out(corpus, tmp_path):
-    rounds = 5
+@contextlib.contextmanager
+def three_peers(corpus, tmp_path, rounds: int, inner_steps: int, *flags: str):
+    """Three `shoal peer` processes on free ports (tiny model, peer-1 and peer-2 bootstrap
+    from peer-0), each writing its report to tmp_path; yields (processes, urls) and kills
+    whatever is still running on the way out."""
     ports = [free_port() for _ in range(3)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     procs = []
     try:
         for i, port in enumerate(ports):
             cmd = [sys.executable, "-m", "shoal.peer.cli", "peer", "--listen", f"127.0.0.1:{port}", "--peer-id", f"peer-{i}",
-                   "--model", "tiny", "--inner-steps", "300", "--batch-size", "4", "--seq-len", "32", "--inner-lr", "0.003",
-                   "--data", corpus, "--rounds", str(rounds), "--min-peers", "3", "--threads", "1", "--report", str(tmp_path / f"peer-{i}.json")]
+                   "--model", "tiny", "--inner-steps", str(inner_steps), "--batch-size", "4", "--seq-len", "32",
+                   "--inner-lr", "0.003", "--data", corpus, "--rounds", str(rounds), "--min-peers", "3", "--threads", "1",
+                   "--report", str(tmp_path / f"peer-{i}.json"), *flags]
             if i:
                 cmd += ["--bootstrap", urls[0]]
-            log = open(tmp_path / f"peer-{i}.log", "w")
-            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+            with open(tmp_path / f"peer-{i}.log", "w") as log:
+                procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
             if i == 0:
                 wait_for(lambda: swarm_view(urls[0]), 60, "the first peer to serve")
+        yield procs, urls
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+@pytest.mark.timeout(240)
+def test_sigkilled_peer_is_left_out(corpus, tmp_path):
+    rounds = 5
+    with three_peers(corpus, tmp_path, rounds, 300) as (procs, urls):
         wait_for(lambda: (v := swarm_view(urls[0])) and min(p["round"] for p in v["peers"]) >= 1 and len(v["peers"]) == 3 and v, 90, "round 1")
         victim = procs[2]
         victim.send_signal(signal.SIGKILL)  # during round 2's inner steps
@@ -63,11 +79,6 @@ def test_sigkilled_peer_is_left_out(corpus, tmp_path):
         durations = [b["time"] - a["time"] for a, b in zip(reports[0]["rounds"], reports[0]["rounds"][1:], strict=False)]
         assert max(durations) < 45, durations
         print(f"peer-2 seen dead after {dead_after_s:.1f} s; round times {[round(d, 1) for d in durations]}")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
 
 
 @pytest.mark.timeout(240)
@@ -76,21 +87,7 @@ def test_noloco_never_stalls_longer_than_the_partner_timeout(corpus, tmp_path):
     spends beyond its own inner phase (waiting for a partner) stays under the partner
     timeout plus a small margin for encoding and evaluation."""
     steps, partner_timeout = 6, 4.0
-    ports = [free_port() for _ in range(3)]
-    urls = [f"http://127.0.0.1:{p}" for p in ports]
-    procs = []
-    try:
-        for i, port in enumerate(ports):
-            cmd = [sys.executable, "-m", "shoal.peer.cli", "peer", "--listen", f"127.0.0.1:{port}", "--peer-id", f"peer-{i}",
-                   "--model", "tiny", "--inner-steps", "150", "--batch-size", "4", "--seq-len", "32", "--inner-lr", "0.003",
-                   "--outer", "noloco", "--partner-timeout", str(partner_timeout), "--data", corpus, "--rounds", str(steps),
-                   "--min-peers", "3", "--threads", "1", "--report", str(tmp_path / f"peer-{i}.json")]
-            if i:
-                cmd += ["--bootstrap", urls[0]]
-            log = open(tmp_path / f"peer-{i}.log", "w")
-            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
-            if i == 0:
-                wait_for(lambda: swarm_view(urls[0]), 60, "the first peer to serve")
+    with three_peers(corpus, tmp_path, steps, 150, "--outer", "noloco", "--partner-timeout", str(partner_timeout)) as (procs, urls):
         wait_for(lambda: (v := swarm_view(urls[0])) and len(v["peers"]) == 3 and min(p["round"] for p in v["peers"]) >= 1, 90, "step 1")
         procs[2].send_signal(signal.SIGKILL)
         procs[2].wait(timeout=10)
@@ -103,8 +100,3 @@ def test_noloco_never_stalls_longer_than_the_partner_timeout(corpus, tmp_path):
             stalls = [b["time"] - a["time"] - b["inner_seconds"] for a, b in zip(rounds, rounds[1:], strict=False)]
             print(f"peer-{i} waits beyond its inner phase: {[round(s, 2) for s in stalls]} s")
             assert max(stalls) < partner_timeout + 2.0, stalls
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
