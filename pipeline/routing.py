@@ -1,0 +1,416 @@
+"""Routing: which peer of the next pipeline stage gets a microbatch.
+
+Each stage is served by several interchangeable peers (replicas of the same layers) that
+join, slow down and die. Before every hop the pipeline asks a `Router` for one peer among
+the live ones serving that stage, then tells it how the task went:
+
+    peer = router.choose(stage, live_peers, microbatch=m, task_size=1.0, backward=False)
+    ... send the activations; on success ...
+    router.report(peer, seconds=elapsed, task_size=1.0, backward=False)
+    ... on unreachable / timeout / error ...
+    router.failed(peer)          # banned for a while; choose() again to retry elsewhere
+
+Two routers, chosen by name (`build_router`, `ROUTERS`):
+
+* `random` (`RandomRouter`): NoLoCo's routing (Kolehmainen et al. 2025, arXiv 2506.10911):
+  microbatches go to a random replica, balanced by walking a shuffled permutation.
+* `swarm` (`SwarmRouter`): SWARM parallelism's stochastic wiring (Ryabinin et al. 2023,
+  arXiv 2301.11913): send each task where it is projected to finish first, measuring each
+  peer's throughput as it goes, so faster peers get proportionally more work.
+
+Both share `PeerBook` (per-peer measurements and the ban rule: a failed peer is skipped for
+`ban_s`, doubling on repeat failures up to `max_ban_s`; a success resets the count) and
+`Assignments` (which peer a microbatch went to at a stage, so that asking again for the same
+microbatch, e.g. its backward pass, returns that peer while it stays usable).
+
+Microbatch ids must be unique over the run (e.g. `step * per_step + index`): a repeated id
+is taken as the same microbatch coming back. Everything is pure Python and deterministic
+given the seed, the sequence of calls and the injected clock. The methods take a lock, so a
+router may be shared by the event loop and the training thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+Clock = Callable[[], float]
+
+
+class RoutingError(Exception):
+    """Base of the errors raised by routers."""
+
+
+class NoRoute(RoutingError):
+    """No peer serves the stage: `choose` was given no candidates."""
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Knobs shared by the routers (each ignores those it has no use for)."""
+
+    ban_s: float = 10.0  # first ban after a failure; doubles per repeat failure
+    max_ban_s: float = 120.0  # cap on a single ban
+    ema_alpha: float = 0.1  # weight of a new throughput sample in the EMA
+    backward_cost: float = 2.5  # a backward task costs this many forward tasks
+    default_throughput: float = 1.0  # task units/s assumed while no candidate is measured
+    forget_after_s: float = 600.0  # drop the stats of a peer unseen for this long
+    remember_microbatches: int = 4096  # (stage, microbatch) -> peer entries kept
+
+    def __post_init__(self) -> None:
+        for name in ("ban_s", "max_ban_s", "backward_cost", "default_throughput", "forget_after_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"routing option {name} must be a positive number, got {value!r}")
+        if self.max_ban_s < self.ban_s:
+            raise ValueError(
+                f"routing option max_ban_s ({self.max_ban_s}) must be >= ban_s ({self.ban_s})"
+            )
+        if not 0.0 < self.ema_alpha <= 1.0:
+            raise ValueError(f"routing option ema_alpha must be in (0, 1], got {self.ema_alpha!r}")
+        if self.remember_microbatches < 1:
+            raise ValueError(
+                f"routing option remember_microbatches must be >= 1, got {self.remember_microbatches!r}"
+            )
+
+
+@dataclass
+class PeerStats:
+    """What a router knows about one peer; times are on the router's clock."""
+
+    throughput: float | None = None  # EMA of task units per second; None until measured
+    busy_until: float = 0.0  # projected time the peer's queued work is done (swarm)
+    pending_cost: float = 0.0  # task units sent to it and not yet reported (swarm)
+    banned_until: float = 0.0
+    ban_strikes: int = 0  # consecutive failures; sets the next ban's length
+    tasks_done: int = 0
+    tasks_failed: int = 0
+    last_seen: float = 0.0
+
+
+class PeerBook:
+    """Per-peer stats, created lazily, plus the one ban rule both routers use."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.peers: dict[str, PeerStats] = {}
+
+    def get(self, peer_id: str, now: float) -> PeerStats:
+        stats = self.peers.get(peer_id)
+        if stats is None:
+            stats = self.peers[peer_id] = PeerStats(last_seen=now)
+        stats.last_seen = max(stats.last_seen, now)
+        return stats
+
+    def succeeded(self, peer_id: str, now: float, throughput_sample: float) -> PeerStats:
+        """A finished task: fold its throughput into the EMA and reset the ban count (a ban
+        already running is served out)."""
+        stats = self.get(peer_id, now)
+        alpha = self.config.ema_alpha
+        previous = stats.throughput
+        stats.throughput = (
+            throughput_sample
+            if previous is None
+            else (1 - alpha) * previous + alpha * throughput_sample
+        )
+        stats.tasks_done += 1
+        stats.ban_strikes = 0
+        return stats
+
+    def failed(self, peer_id: str, now: float) -> PeerStats:
+        """Ban the peer for ban_s * 2**(strikes-1), at most max_ban_s."""
+        stats = self.get(peer_id, now)
+        stats.tasks_failed += 1
+        stats.ban_strikes += 1
+        ban_s = min(
+            self.config.ban_s * 2.0 ** min(stats.ban_strikes - 1, 60), self.config.max_ban_s
+        )
+        stats.banned_until = max(stats.banned_until, now + ban_s)
+        return stats
+
+    def usable(self, candidates: Sequence[str], now: float) -> list[str]:
+        """The unbanned candidates, or, if all are banned, the one whose ban ends first
+        (earliest in `candidates` on a tie): never empty for a non-empty list."""
+        open_peers = [p for p in candidates if self.get(p, now).banned_until <= now]
+        if open_peers:
+            return open_peers
+        return [min(candidates, key=lambda p: self.peers[p].banned_until)]
+
+    def forget_stale(self, now: float) -> None:
+        """Drop peers unseen for forget_after_s whose ban (if any) is over."""
+        horizon = now - self.config.forget_after_s
+        for peer_id in [
+            p for p, s in self.peers.items() if s.last_seen < horizon and s.banned_until <= now
+        ]:
+            del self.peers[peer_id]
+
+    def snapshot(self, now: float) -> dict[str, dict[str, Any]]:
+        return {
+            peer_id: {
+                "throughput": s.throughput,
+                "busy_until": s.busy_until,
+                "busy_for_s": max(0.0, s.busy_until - now),
+                "banned_until": s.banned_until,
+                "banned_for_s": max(0.0, s.banned_until - now),
+                "ban_strikes": s.ban_strikes,
+                "tasks_done": s.tasks_done,
+                "tasks_failed": s.tasks_failed,
+                "seen_ago_s": max(0.0, now - s.last_seen),
+            }
+            for peer_id, s in sorted(self.peers.items())
+        }
+
+
+class Assignments:
+    """(stage, microbatch) -> peer, the most recent `capacity` entries."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._peer_by_key: OrderedDict[tuple[int, int], str] = OrderedDict()
+
+    def get(self, stage: int, microbatch: int) -> str | None:
+        return self._peer_by_key.get((stage, microbatch))
+
+    def remember(self, stage: int, microbatch: int, peer_id: str) -> None:
+        self._peer_by_key[(stage, microbatch)] = peer_id
+        self._peer_by_key.move_to_end((stage, microbatch))
+        while len(self._peer_by_key) > self.capacity:
+            self._peer_by_key.popitem(last=False)
+
+
+def _peer_ids(candidates: Sequence[str], stage: int) -> list[str]:
+    """Candidates deduplicated and sorted, so results do not depend on their order."""
+    if isinstance(candidates, str):
+        raise TypeError("candidates must be a sequence of peer ids, not a single string")
+    peer_ids = sorted(set(candidates))
+    if not peer_ids:
+        raise NoRoute(f"no live peer serves stage {stage}")
+    return peer_ids
+
+
+def _check_task(task_size: float, seconds: float | None = None) -> None:
+    if not (math.isfinite(task_size) and task_size > 0):
+        raise ValueError(f"task_size must be a positive number, got {task_size!r}")
+    if seconds is not None and not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"seconds must be a non-negative number, got {seconds!r}")
+
+
+_MIN_SECONDS = 1e-6  # a task timed at 0 s (coarse clock) counts as this long
+
+
+class Router(ABC):
+    """Chooses, per hop, the peer of the next stage that gets a microbatch."""
+
+    name: str = ""
+
+    def __init__(
+        self, seed: int = 0, *, config: RouterConfig | None = None, clock: Clock = time.monotonic
+    ) -> None:
+        self.config = config or RouterConfig()
+        self.clock = clock
+        self.rng = random.Random(seed)
+        self.book = PeerBook(self.config)
+        self.assignments = Assignments(self.config.remember_microbatches)
+        self._lock = threading.Lock()
+
+    @abstractmethod
+    def choose(
+        self,
+        stage: int,
+        candidates: Sequence[str],
+        *,
+        microbatch: int,
+        task_size: float = 1.0,
+        backward: bool = False,
+    ) -> str:
+        """One peer id from `candidates` (the live peers serving `stage`); NoRoute if empty."""
+
+    def report(
+        self, peer_id: str, *, seconds: float, task_size: float, backward: bool = False
+    ) -> None:
+        """A task finished on `peer_id` in `seconds`: update its throughput."""
+        _check_task(task_size, seconds)
+        with self._lock:
+            now = self.clock()
+            cost = self._cost(task_size, backward)
+            self._settle(
+                self.book.succeeded(peer_id, now, cost / max(seconds, _MIN_SECONDS)), cost, now
+            )
+
+    def failed(self, peer_id: str) -> None:
+        """`peer_id` failed a task (unreachable, timeout, error): ban it for a while."""
+        with self._lock:
+            now = self.clock()
+            stats = self.book.failed(peer_id, now)
+            stats.pending_cost = 0.0  # its queued tasks are lost with it and will be retried
+            stats.busy_until = min(stats.busy_until, now)
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-able per-peer stats for the dashboard (times on the router's clock)."""
+        with self._lock:
+            return {"router": self.name, "peers": self.book.snapshot(self.clock())}
+
+    def _cost(self, task_size: float, backward: bool) -> float:
+        return task_size * (self.config.backward_cost if backward else 1.0)
+
+    def _settle(self, stats: PeerStats, cost: float, now: float) -> None:
+        """A task is done: re-project busy_until from the work still queued (pending_cost,
+        which only SwarmRouter books) at the updated throughput."""
+        stats.pending_cost = max(0.0, stats.pending_cost - cost)
+        if stats.pending_cost <= 1e-12 or stats.throughput is None:
+            stats.pending_cost = 0.0
+            stats.busy_until = min(stats.busy_until, now)
+        else:
+            stats.busy_until = now + stats.pending_cost / stats.throughput
+
+    def _begin(self, stage: int, candidates: Sequence[str]) -> tuple[list[str], float]:
+        peer_ids = _peer_ids(candidates, stage)
+        now = self.clock()
+        for peer_id in peer_ids:
+            self.book.get(peer_id, now)  # created lazily; marks them seen before the sweep
+        self.book.forget_stale(now)
+        return peer_ids, now
+
+
+class RandomRouter(Router):
+    """NoLoCo's routing: a random replica per microbatch, balanced.
+
+    Per stage a shuffled cycle of the current candidates; each new microbatch takes the
+    next peer of the cycle, so n consecutive microbatches over n replicas use each once. The
+    cycle is reshuffled when used up or when the candidate set changes. Banned peers are
+    skipped (swapped later into the cycle) while an unbanned candidate exists. A microbatch
+    asked for again (its backward pass, a retry) gets the peer it had if that peer is still
+    usable, else a random usable one; either way it takes no new slot of the cycle.
+    """
+
+    name = "random"
+
+    def __init__(
+        self, seed: int = 0, *, config: RouterConfig | None = None, clock: Clock = time.monotonic
+    ) -> None:
+        super().__init__(seed, config=config, clock=clock)
+        # stage -> (members, shuffled order, index of the next slot)
+        self._cycles: dict[int, tuple[frozenset[str], list[str], int]] = {}
+
+    def choose(
+        self,
+        stage: int,
+        candidates: Sequence[str],
+        *,
+        microbatch: int,
+        task_size: float = 1.0,
+        backward: bool = False,
+    ) -> str:
+        _check_task(task_size)
+        with self._lock:
+            peer_ids, now = self._begin(stage, candidates)
+            usable = self.book.usable(peer_ids, now)
+            previous = self.assignments.get(stage, microbatch)
+            if previous in usable:
+                return previous
+            peer_id = (
+                self.rng.choice(usable)
+                if previous is not None
+                else self._next_in_cycle(stage, peer_ids, set(usable))
+            )
+            self.assignments.remember(stage, microbatch, peer_id)
+            return peer_id
+
+    def _next_in_cycle(self, stage: int, peer_ids: list[str], usable: set[str]) -> str:
+        members = frozenset(peer_ids)
+        cycle = self._cycles.get(stage)
+        for attempt in range(2):
+            if attempt or cycle is None or cycle[0] != members or cycle[2] >= len(cycle[1]):
+                order = list(peer_ids)
+                self.rng.shuffle(order)
+                cycle = (members, order, 0)
+            members, order, index = cycle
+            found = next((i for i in range(index, len(order)) if order[i] in usable), None)
+            if found is not None:
+                # Swap the chosen peer into this slot so a skipped (banned) one keeps its turn.
+                order[index], order[found] = order[found], order[index]
+                self._cycles[stage] = (members, order, index + 1)
+                return order[index]
+        # Unreachable: a fresh cycle holds every candidate and `usable` is a non-empty subset.
+        raise AssertionError("usable peers outside the candidate set")
+
+
+class SwarmRouter(Router):
+    """SWARM's stochastic wiring: each task goes where it is projected to finish first.
+
+    Per peer: an EMA of throughput (task units per second, weight `ema_alpha`) and a
+    projected busy-until time. A task costs task_size (x backward_cost, about 2.5, for a
+    backward pass). `choose` picks the unbanned candidate minimising
+
+        max(now, busy_until[p]) + cost / throughput[p]
+
+    then adds cost / throughput[p] to its busy_until, so load spreads in proportion to
+    speed. A never-measured peer is given the throughput of the fastest measured candidate
+    (default_throughput if none) and wins ties, so a newcomer is tried at once without
+    being flooded; remaining ties go to a seeded RNG. `report` folds task_size x factor /
+    seconds into the EMA and re-projects busy_until from the work still outstanding;
+    `failed` bans the peer and drops its outstanding work. A backward pass of a microbatch
+    goes to the peer that ran its forward at that stage (it holds the activations) while
+    that peer is usable.
+    """
+
+    name = "swarm"
+
+    def choose(
+        self,
+        stage: int,
+        candidates: Sequence[str],
+        *,
+        microbatch: int,
+        task_size: float = 1.0,
+        backward: bool = False,
+    ) -> str:
+        _check_task(task_size)
+        with self._lock:
+            peer_ids, now = self._begin(stage, candidates)
+            usable = self.book.usable(peer_ids, now)
+            cost = self._cost(task_size, backward)
+            measured = [t for p in peer_ids if (t := self.book.peers[p].throughput) is not None]
+            assumed = max(measured, default=self.config.default_throughput)
+            forward_peer = self.assignments.get(stage, microbatch) if backward else None
+
+            def projected_finish(peer_id: str) -> tuple[float, int, float]:
+                stats = self.book.peers[peer_id]
+                seconds = cost / (stats.throughput or assumed)
+                return (
+                    max(now, stats.busy_until) + seconds,
+                    stats.throughput is not None,
+                    self.rng.random(),
+                )
+
+            peer_id = forward_peer if forward_peer in usable else min(usable, key=projected_finish)
+            stats = self.book.peers[peer_id]
+            if stats.busy_until <= now:
+                # The projection says its queue drained; forget work whose report never came.
+                stats.pending_cost = 0.0
+            stats.pending_cost += cost
+            stats.busy_until = max(now, stats.busy_until) + cost / (stats.throughput or assumed)
+            self.assignments.remember(stage, microbatch, peer_id)
+            return peer_id
+
+
+ROUTERS: dict[str, type[Router]] = {"random": RandomRouter, "swarm": SwarmRouter}
+
+
+def build_router(name: str, seed: int, *, clock: Clock = time.monotonic, **options: Any) -> Router:
+    """The router registered as `name`; `options` are `RouterConfig` fields."""
+    if name not in ROUTERS:
+        raise ValueError(f"--router {name!r} is not one of {sorted(ROUTERS)}")
+    known = {field.name for field in dataclasses.fields(RouterConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown routing option(s) {unknown}; known: {sorted(known)}")
+    return ROUTERS[name](seed, config=RouterConfig(**options), clock=clock)
