@@ -37,8 +37,22 @@ HEADER = struct.Struct("<BBBQI")  # magic, codec id, version, element count, crc
 _CRC_OFFSET = HEADER.size - 4
 
 # codec id -> name, filled as codec classes are defined; used to name the codec a payload
-# really came from when it reaches the wrong decoder.
+# really came from when it reaches the wrong decoder. Tensor codecs (`Codec`) and activation
+# codecs (`activation.py`) share this one namespace, so their payloads never look alike.
 _NAME_BY_ID: dict[int, str] = {}
+
+
+def register_codec_id(codec_id: int, name: str) -> None:
+    """Claim the wire byte `codec_id` for the codec `name`; TypeError if another codec has it."""
+    taken = _NAME_BY_ID.get(codec_id)
+    if taken is not None and taken != name:
+        raise TypeError(f"codec id {codec_id} of {name!r} is taken by {taken!r}")
+    _NAME_BY_ID[codec_id] = name
+
+
+def codec_name(codec_id: int) -> str:
+    """The name of the codec that owns `codec_id`, for error messages."""
+    return _NAME_BY_ID.get(codec_id, f"unknown codec id {codec_id}")
 
 
 class CodecError(ValueError):
@@ -97,10 +111,7 @@ class Codec(ABC):
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         if "codec_id" in cls.__dict__:
-            taken = _NAME_BY_ID.get(cls.codec_id)
-            if taken is not None and taken != cls.name:
-                raise TypeError(f"codec id {cls.codec_id} of {cls.name!r} is taken by {taken!r}")
-            _NAME_BY_ID[cls.codec_id] = cls.name
+            register_codec_id(cls.codec_id, cls.name)
 
     def encode(self, tensor: torch.Tensor) -> bytes:
         """Encode a floating-point tensor (any shape, any device) into a payload."""
@@ -139,8 +150,7 @@ class Codec(ABC):
         if magic != MAGIC:
             raise CodecError(f"bad magic byte 0x{magic:02x} (want 0x{MAGIC:02x}): not a shoal codec payload")
         if codec_id != self.codec_id:
-            other = _NAME_BY_ID.get(codec_id, f"unknown codec id {codec_id}")
-            raise CodecError(f"payload was encoded by {other!r}, not {self.name!r}")
+            raise CodecError(f"payload was encoded by {codec_name(codec_id)!r}, not {self.name!r}")
         if version != self.version:
             raise CodecError(f"{self.name} payload version {version} is not supported (want {self.version})")
         if declared != count:

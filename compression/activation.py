@@ -1,0 +1,357 @@
+"""Activation codecs: the residual stream between pipeline stages, as bytes.
+
+Stage s sends stage s+1 the residual stream h (batch, seq, d_model) of each microbatch and
+gets back its gradient g = dL/dh. The message carries the microbatch's token ids anyway
+(stage peers need them), so a codec may use them.
+
+    codec = get_activation_codec("int8")              # "none", "int8", "subspace" (basis=...)
+    payload = codec.encode(h, token_ids)              # forward
+    h = codec.decode(payload, token_ids, d_model)     # float32 CPU (batch, seq, d_model)
+    payload = codec.encode_grad(g, token_ids)         # backward
+    g = codec.decode_grad(payload, token_ids, d_model)
+
+Codecs (bytes per token of the body; forward and backward payloads are the same size):
+
+    none      4·d       raw float32, lossless
+    int8      d + 4     per token: int8 codes of x / s, s = absmax / 127 as float32 (not
+                        float16: gradient rows are often below float16's normal range)
+    subspace  2·k       k float16 coordinates in a fixed subspace (see SubspaceActivationCodec)
+
+plus `header_nbytes` per payload: 24, and 33 for subspace. At d_model = 128: 512, 132 and
+(k = 31, ratio 8) 62 bytes per token.
+
+Wire layout (little-endian, `ACTIVATION_HEADER`, 24 bytes), with base.py's conventions:
+same magic byte, codec ids from the same namespace, a version and a CRC32:
+
+    magic u8 (0x5C) | codec id u8 | version u8 | direction u8 (0 activation, 1 gradient)
+    | batch u32 | seq u32 | d_model u32 | token ids crc32 u32 | crc32 u32 | body ...
+
+The CRC covers the first 20 header bytes and the body; the body starts with a fixed,
+codec-specific prefix (subspace: basis id and scale exponent, 9 bytes). The token ids CRC
+(over the ids as little-endian int64) ties a payload to its microbatch: decoding it against
+other ids (a mixed-up microbatch, which for `subspace` would silently add the wrong E0 rows)
+is refused. The direction byte stops a gradient from being decoded as an activation.
+
+Decode takes the shape from the receiver (token_ids.shape + d_model) and accepts a payload
+only if it describes exactly that shape and body length; encode refuses NaN/Inf, and decode
+refuses any payload that would produce them. Every failure is a CodecError saying why.
+"""
+
+from __future__ import annotations
+
+import inspect
+import struct
+import zlib
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from .base import MAGIC, CodecError, codec_name, payload_bytes, register_codec_id
+from .subspace_basis import BASIS_ID_NBYTES, SubspaceBasis
+
+ACTIVATION_HEADER = struct.Struct("<BBBBIIIII")
+_CRC_OFFSET = ACTIVATION_HEADER.size - 4
+FORWARD, BACKWARD = 0, 1
+_DIRECTION = {FORWARD: "an activation", BACKWARD: "a gradient"}
+_U32_LIMIT = 1 << 32
+
+
+def _check_token_ids(token_ids: object) -> torch.Tensor:
+    """token_ids as a contiguous int64 CPU (batch, seq) tensor, or CodecError."""
+    if not isinstance(token_ids, torch.Tensor):
+        raise CodecError(f"token_ids must be a torch.Tensor, got {type(token_ids).__name__}")
+    if token_ids.dtype == torch.bool or token_ids.is_floating_point() or token_ids.is_complex():
+        raise CodecError(f"token_ids must be an integer tensor, got dtype {token_ids.dtype}")
+    if token_ids.ndim != 2 or max(token_ids.shape) >= _U32_LIMIT:
+        raise CodecError(f"token_ids must be (batch, seq), got shape {tuple(token_ids.shape)}")
+    return token_ids.detach().to("cpu", torch.int64).contiguous()
+
+
+def _token_ids_crc(ids: torch.Tensor) -> int:
+    return zlib.crc32(np.ascontiguousarray(ids.numpy(), dtype="<i8"))
+
+
+class ActivationCodec(ABC):
+    """Residual stream (or its gradient) ↔ bytes; stateless apart from caches, thread-safe.
+
+    Subclasses set `name`, `codec_id` (a byte unused by base.py's codecs) and `prefix_nbytes`,
+    and implement `_token_nbytes`, `_encode_rows` and `_decode_rows` on (tokens, d_model)
+    float32 rows. The public methods do the shared checks and the header."""
+
+    name: ClassVar[str]
+    codec_id: ClassVar[int]
+    version: ClassVar[int] = 1
+    prefix_nbytes: ClassVar[int] = 0  # fixed body bytes before the per-token data
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "codec_id" in cls.__dict__:
+            register_codec_id(cls.codec_id, f"activation:{cls.name}")
+
+    # ---- public API ------------------------------------------------------------------
+
+    def encode(self, h: torch.Tensor, token_ids: torch.Tensor) -> bytes:
+        """Payload for the residual stream h (batch, seq, d_model) of the microbatch token_ids."""
+        return self._encode(h, token_ids, FORWARD)
+
+    def decode(self, payload: bytes, token_ids: torch.Tensor, d_model: int) -> torch.Tensor:
+        """float32 CPU tensor (*token_ids.shape, d_model) from an `encode` payload, or CodecError."""
+        return self._decode(payload, token_ids, d_model, FORWARD)
+
+    def encode_grad(self, g: torch.Tensor, token_ids: torch.Tensor) -> bytes:
+        """Payload for g = dL/dh (batch, seq, d_model), sent back to the previous stage."""
+        return self._encode(g, token_ids, BACKWARD)
+
+    def decode_grad(self, payload: bytes, token_ids: torch.Tensor, d_model: int) -> torch.Tensor:
+        """float32 CPU tensor (*token_ids.shape, d_model) from an `encode_grad` payload."""
+        return self._decode(payload, token_ids, d_model, BACKWARD)
+
+    def bytes_per_token(self, d_model: int) -> float:
+        """Exact wire bytes per token of a payload (either direction), without the fixed
+        `header_nbytes`; `payload_nbytes` gives a whole payload."""
+        return float(self._token_nbytes(d_model))
+
+    @property
+    def header_nbytes(self) -> int:
+        """Fixed bytes of every payload: the shared header plus this codec's prefix."""
+        return ACTIVATION_HEADER.size + self.prefix_nbytes
+
+    def payload_nbytes(self, n_tokens: int, d_model: int) -> int:
+        """Exact len() of a payload for n_tokens = batch·seq tokens, either direction."""
+        return self.header_nbytes + n_tokens * self._token_nbytes(d_model)
+
+    # ---- shared framing ---------------------------------------------------------------
+
+    def _encode(self, tensor: torch.Tensor, token_ids: torch.Tensor, direction: int) -> bytes:
+        what = _DIRECTION[direction]
+        ids = _check_token_ids(token_ids)
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise CodecError(f"{self.name}: {what} must be a floating-point torch.Tensor")
+        if tensor.ndim != 3 or tuple(tensor.shape[:2]) != tuple(ids.shape) or not 1 <= tensor.shape[2] < _U32_LIMIT:
+            raise CodecError(
+                f"{self.name}: {what} of shape {tuple(tensor.shape)} is not token_ids "
+                f"{tuple(ids.shape)} + (d_model,)"
+            )
+        batch, seq, d_model = tensor.shape
+        rows = tensor.detach().float().reshape(batch * seq, d_model)
+        if not bool(torch.isfinite(rows).all()):
+            raise CodecError(f"{self.name}: refusing to encode {what} holding NaN/Inf")
+        body = self._encode_rows(rows, ids.reshape(-1), direction)
+        if len(body) != self.payload_nbytes(batch * seq, d_model) - ACTIVATION_HEADER.size:
+            raise AssertionError(f"{self.name}: encoded {len(body)} body bytes, a codec bug")
+        prefix = ACTIVATION_HEADER.pack(
+            MAGIC, self.codec_id, self.version, direction, batch, seq, d_model, _token_ids_crc(ids), 0
+        )[:_CRC_OFFSET]
+        crc = zlib.crc32(body, zlib.crc32(prefix))
+        return b"".join((prefix, struct.pack("<I", crc), body))
+
+    def _decode(self, payload: bytes, token_ids: torch.Tensor, d_model: int, direction: int) -> torch.Tensor:
+        if isinstance(d_model, bool) or not isinstance(d_model, int) or not 1 <= d_model < _U32_LIMIT:
+            raise ValueError(f"d_model must be a positive int, got {d_model!r}")
+        self._token_nbytes(d_model)  # the receiver's own d_model must suit the codec (ValueError)
+        ids = _check_token_ids(token_ids)
+        data = payload_bytes(payload)
+        if len(data) < ACTIVATION_HEADER.size:
+            raise CodecError(f"payload is {len(data)} bytes, shorter than the {ACTIVATION_HEADER.size}-byte header")
+        magic, codec_id, version, sent_direction, batch, seq, sent_d, ids_crc, crc = ACTIVATION_HEADER.unpack_from(data)
+        if magic != MAGIC:
+            raise CodecError(f"bad magic byte 0x{magic:02x} (want 0x{MAGIC:02x}): not a shoal codec payload")
+        if codec_id != self.codec_id:
+            raise CodecError(f"payload was encoded by {codec_name(codec_id)!r}, not 'activation:{self.name}'")
+        if version != self.version:
+            raise CodecError(f"{self.name} payload version {version} is not supported (want {self.version})")
+        if sent_direction != direction:
+            sent = _DIRECTION.get(sent_direction, f"unknown direction {sent_direction}")
+            raise CodecError(f"{self.name} payload carries {sent}, but {_DIRECTION[direction]} was expected")
+        if (batch, seq, sent_d) != (*ids.shape, d_model):
+            raise CodecError(
+                f"{self.name} payload describes shape {(batch, seq, sent_d)}, expected {(*ids.shape, d_model)}"
+            )
+        if ids_crc != _token_ids_crc(ids):
+            raise CodecError(f"{self.name} payload was encoded for other token ids (wrong microbatch?)")
+        n_tokens = batch * seq
+        expected = self.payload_nbytes(n_tokens, d_model)
+        if len(data) != expected:
+            raise CodecError(f"{self.name} payload is {len(data)} bytes; {n_tokens} tokens × d_model {d_model} need {expected}")
+        body = data[ACTIVATION_HEADER.size :]
+        if zlib.crc32(body, zlib.crc32(data[:_CRC_OFFSET])) != crc:
+            raise CodecError(f"{self.name} payload fails its CRC32 check (corrupted in transit?)")
+        rows = self._decode_rows(body, ids.reshape(-1), d_model, direction)
+        if rows.dtype != torch.float32 or tuple(rows.shape) != (n_tokens, d_model):  # a codec bug
+            raise AssertionError(f"{self.name}: decoded {rows.dtype}{tuple(rows.shape)}")
+        if not bool(torch.isfinite(rows).all()):
+            raise CodecError(f"{self.name} payload decodes to non-finite values")
+        return rows.reshape(batch, seq, d_model)
+
+    # ---- per-codec hooks --------------------------------------------------------------
+
+    @abstractmethod
+    def _token_nbytes(self, d_model: int) -> int:
+        """Body bytes per token after the prefix."""
+
+    @abstractmethod
+    def _encode_rows(self, rows: torch.Tensor, ids: torch.Tensor, direction: int) -> bytes:
+        """Body (prefix + per-token data) for finite float32 rows (tokens, d_model) on any
+        device; ids are the flat int64 CPU token ids."""
+
+    @abstractmethod
+    def _decode_rows(self, body: memoryview, ids: torch.Tensor, d_model: int, direction: int) -> torch.Tensor:
+        """float32 CPU rows (tokens, d_model) from a CRC-checked body of the exact length."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class RawActivationCodec(ActivationCodec):
+    """Lossless: raw little-endian float32, 4·d_model bytes per token."""
+
+    name = "none"
+    codec_id = 16
+
+    def _token_nbytes(self, d_model: int) -> int:
+        return 4 * d_model
+
+    def _encode_rows(self, rows: torch.Tensor, ids: torch.Tensor, direction: int) -> bytes:
+        return rows.cpu().numpy().astype("<f4", copy=False).tobytes()
+
+    def _decode_rows(self, body: memoryview, ids: torch.Tensor, d_model: int, direction: int) -> torch.Tensor:
+        values = np.frombuffer(body, dtype="<f4").astype(np.float32)  # a writable copy we own
+        return torch.from_numpy(values).reshape(ids.numel(), d_model)
+
+
+class Int8ActivationCodec(ActivationCodec):
+    """Per-token int8: row r is sent as its scale s_r = absmax_r / 127 (float32) and the int8
+    codes round(x / s_r) in [-127, 127]; d_model + 4 bytes per token, error ≤ s_r / 2.
+
+    Body: scales float32[tokens] | codes int8[tokens, d_model]. A zero row has s = 0."""
+
+    name = "int8"
+    codec_id = 17
+
+    def _token_nbytes(self, d_model: int) -> int:
+        return d_model + 4
+
+    def _encode_rows(self, rows: torch.Tensor, ids: torch.Tensor, direction: int) -> bytes:
+        scales = rows.abs().amax(dim=1) / 127.0
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        codes = torch.round(rows / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+        return b"".join((scales.cpu().numpy().astype("<f4").tobytes(), codes.cpu().numpy().tobytes()))
+
+    def _decode_rows(self, body: memoryview, ids: torch.Tensor, d_model: int, direction: int) -> torch.Tensor:
+        n_tokens = ids.numel()
+        scales = np.frombuffer(body, dtype="<f4", count=n_tokens)
+        if not (np.isfinite(scales).all() and (scales >= 0).all()):
+            raise CodecError("int8 payload holds a negative or non-finite row scale")
+        codes = np.frombuffer(body, dtype=np.int8, offset=4 * n_tokens).reshape(n_tokens, d_model)
+        if codes.size and codes.min() < -127:
+            raise CodecError("int8 payload holds code -128, which the encoder never produces")
+        with np.errstate(over="ignore"):  # a huge scale overflows; refused as non-finite
+            values = codes.astype(np.float32) * scales.astype(np.float32)[:, None]
+        return torch.from_numpy(values)
+
+
+# fp16 transport of subspace coordinates: the payload's largest |coordinate| is scaled by a
+# power of two into [2^14, 2^15) (exact in float32, and far from float16's ±65504 limit), so
+# small gradients keep float16's full 11-bit precision instead of falling into its
+# subnormals (< 6.1e-5) — the loss-scaling idea of mixed-precision training, per payload.
+_SUBSPACE_PREFIX = struct.Struct(f"<{BASIS_ID_NBYTES}sb")  # basis id, scale exponent i8
+_TARGET_EXPONENT = 15
+
+
+class SubspaceActivationCodec(ActivationCodec):
+    """Protocol Models' subspace codec (arXiv 2506.01260): 2·k bytes per token.
+
+    Forward: z = (h − E0[token]) U, sent as k float16 values per token; decode E0[token] + z U^T.
+    Backward: U^T g sent the same way; decode U U^T g. Body: basis id (8 bytes) | scale
+    exponent e (i8) | float16[tokens, k] holding z·2^e (see `_SUBSPACE_PREFIX`).
+
+    Why this is exact when every learnable write to the residual stream lies in span(U)
+    (`pipeline/subspace.confine_`): the stream is then h = E0[token] + U c, so the forward
+    recovers h up to the float16 rounding of c. Backward: each upstream block adds U·(…)
+    to the stream (its confined output projections W = U U^T W), so the chain rule reaches
+    that block's inputs, and its non-writing parameters (qkv, gate, up, norm gains), only
+    through U^T g: their gradients are exact. The part of g outside span(U) only flows on
+    along the residual connections, unchanged, to the writing weights and the embedding:
+    dL/dW = g x^T and dL/dE[token] lack it, and only their projections U U^T dL/dW and
+    (dL/dE) U U^T are exact — which is all a confined parameter may move by.
+    `pipeline/subspace.confine_grads_` applies that projection before the optimizer step,
+    so a run with this codec follows an uncompressed confined run (tests/pipeline).
+    """
+
+    name = "subspace"
+    codec_id = 18
+    prefix_nbytes = _SUBSPACE_PREFIX.size
+
+    def __init__(self, basis: SubspaceBasis) -> None:
+        if not isinstance(basis, SubspaceBasis):
+            raise TypeError(f"subspace codec needs a SubspaceBasis, got {type(basis).__name__}")
+        self.basis = basis
+
+    def _token_nbytes(self, d_model: int) -> int:
+        self._check_d_model(d_model, ValueError)
+        return 2 * self.basis.k
+
+    def _check_d_model(self, d_model: int, error: type[Exception]) -> None:
+        if d_model != self.basis.d_model:
+            raise error(f"subspace basis {self.basis.basis_id} is for d_model {self.basis.d_model}, not {d_model}")
+
+    def _check_ids(self, ids: torch.Tensor) -> None:
+        if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < self.basis.vocab_size):
+            raise CodecError(f"subspace codec: token ids outside [0, {self.basis.vocab_size})")
+
+    def _encode_rows(self, rows: torch.Tensor, ids: torch.Tensor, direction: int) -> bytes:
+        self._check_d_model(rows.shape[1], CodecError)
+        U, E0 = self.basis.on(rows.device)
+        if direction == FORWARD:
+            self._check_ids(ids)
+            rows = rows - E0[ids.to(rows.device)]
+        coords = (rows @ U).cpu().numpy()
+        peak = float(np.abs(coords).max(initial=0.0))
+        exponent = 0 if peak == 0.0 else min(127, max(-127, _TARGET_EXPONENT - int(np.frexp(peak)[1])))
+        scaled = np.ldexp(coords, exponent).astype("<f2")
+        return b"".join((_SUBSPACE_PREFIX.pack(self.basis.basis_id_bytes, exponent), scaled.tobytes()))
+
+    def _decode_rows(self, body: memoryview, ids: torch.Tensor, d_model: int, direction: int) -> torch.Tensor:
+        self._check_d_model(d_model, ValueError)
+        basis_id, exponent = _SUBSPACE_PREFIX.unpack_from(body)
+        if basis_id != self.basis.basis_id_bytes:
+            raise CodecError(
+                f"subspace basis out of sync: payload was projected on basis {basis_id.hex()}, "
+                f"this peer holds {self.basis.basis_id}"
+            )
+        scaled = np.frombuffer(body, dtype="<f2", offset=_SUBSPACE_PREFIX.size)
+        if not np.isfinite(scaled).all():
+            raise CodecError("subspace payload holds non-finite float16 coordinates")
+        with np.errstate(over="ignore"):  # a lying exponent overflows; refused as non-finite
+            coords = np.ldexp(scaled.astype(np.float32), -exponent)
+        rows = torch.from_numpy(coords).reshape(ids.numel(), self.basis.k) @ self.basis.U.T
+        if direction == FORWARD:
+            self._check_ids(ids)
+            rows = rows + self.basis.E0[ids]
+        return rows
+
+    def __repr__(self) -> str:
+        return f"SubspaceActivationCodec({self.basis!r})"
+
+
+ACTIVATION_CODECS: dict[str, type[ActivationCodec]] = {
+    codec.name: codec for codec in (RawActivationCodec, Int8ActivationCodec, SubspaceActivationCodec)
+}
+
+
+def get_activation_codec(name: str, **options: Any) -> ActivationCodec:
+    """An activation codec by name, e.g. `get_activation_codec("subspace", basis=basis)`.
+
+    ValueError naming the known codecs for an unknown name; TypeError for a wrong option."""
+    try:
+        codec_class = ACTIVATION_CODECS[name]
+    except (KeyError, TypeError):
+        known = ", ".join(sorted(ACTIVATION_CODECS))
+        raise ValueError(f"unknown activation codec {name!r}; known activation codecs: {known}") from None
+    try:
+        inspect.signature(codec_class).bind(**options)
+    except TypeError as exc:
+        raise TypeError(f"activation codec {name!r} options {sorted(options)}: {exc}") from None
+    return codec_class(**options)
