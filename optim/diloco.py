@@ -21,8 +21,10 @@ from shoal.optim.outer import ContributionError, OuterConfig, OuterOptimizer, Te
 
 
 class DiLoCo(OuterOptimizer):
-    def __init__(self, outer_weights: Mapping[str, torch.Tensor], config: OuterConfig) -> None:
-        super().__init__(outer_weights, config)
+    supports_slices = True
+
+    def __init__(self, outer_weights: Mapping[str, torch.Tensor], config: OuterConfig, slices: Sequence[Sequence[str]] | None = None) -> None:
+        super().__init__(outer_weights, config, slices)
         self.codec = get_codec(config.codec)
         self.momentum: Tensors = {n: torch.zeros_like(t) for n, t in self.params.items()}
 
@@ -42,14 +44,16 @@ class DiLoCo(OuterOptimizer):
         return decoded
 
     def apply(self, contributions: Sequence[Tensors]) -> None:
-        if not contributions:
-            return  # nobody contributed: keep θ (and momentum) as they are
-        scale = 1.0 / len(contributions)
         for name, param in self.params.items():
-            grad = contributions[0][name].clone()
-            for other in contributions[1:]:  # fixed order, elementwise: identical on every peer
-                grad.add_(other[name])
-            grad.mul_(scale)
+            # the mean over the contributions that hold this tensor (with pipeline stages, a
+            # stage's slice is averaged over the full replicas and that stage's peers)
+            held = self.holders(contributions, name)
+            if not held:
+                continue  # nobody contributed: keep θ (and momentum) as they are
+            grad = held[0].clone()
+            for other in held[1:]:  # fixed order, elementwise: identical on every peer
+                grad.add_(other)
+            grad.mul_(1.0 / len(held))
             buf = self.momentum[name].mul_(self.config.momentum).add_(grad)
             update = grad.add_(buf, alpha=self.config.momentum) if self.config.nesterov else buf
             param.sub_(update, alpha=self.config.lr)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from shoal.train.device import autocast_context
+from shoal.train.evaluate import evaluate
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,15 @@ class InnerConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup over the run's first `warmup_steps`, then constant."""
+        if self.warmup_steps and step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        return self.lr
+
+    def optimizer(self, params) -> torch.optim.AdamW:
+        return torch.optim.AdamW(params, lr=self.lr, betas=(self.beta1, self.beta2), weight_decay=self.weight_decay)
 
 
 @dataclass
@@ -67,19 +77,8 @@ class InnerTrainer:
         self.batches = batches
         self.device = device
         self.params = dict(self.model.named_parameters())
-        self.optimizer = torch.optim.AdamW(
-            self.params.values(),
-            lr=config.lr,
-            betas=(config.beta1, config.beta2),
-            weight_decay=config.weight_decay,
-        )
+        self.optimizer = config.optimizer(self.params.values())
         self.step_count = 0
-
-    def _lr(self) -> float:
-        warmup = self.config.warmup_steps
-        if warmup and self.step_count < warmup:
-            return self.config.lr * (self.step_count + 1) / warmup
-        return self.config.lr
 
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         with torch.no_grad():
@@ -89,6 +88,10 @@ class InnerTrainer:
     def local_weights(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().to("cpu", torch.float32).clone() for n, p in self.params.items()}
 
+    def evaluate(self, batches) -> float:
+        """Held-out loss of the current local weights."""
+        return evaluate(self.model, batches, self.device)
+
     def run(self, steps: int, on_step: Callable[[int, float], None] | None = None) -> InnerStats:
         """Train `steps` steps; `on_step(step_count, loss)` is called after each (for metrics)."""
         self.model.train()
@@ -97,7 +100,7 @@ class InnerTrainer:
             x, y = next(self.batches)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             for group in self.optimizer.param_groups:
-                group["lr"] = self._lr()
+                group["lr"] = self.config.lr_at(self.step_count)
             with autocast_context(self.device):
                 _, loss = self.model(x, y)
             self.optimizer.zero_grad(set_to_none=True)

@@ -78,11 +78,23 @@ class OuterOptimizer(ABC):
     Streaming DiLoCo override them."""
 
     pairwise = False  # True: exchange with one partner per step instead of the whole round
+    supports_slices = False  # True: peers holding different slices of the model can share a round
 
-    def __init__(self, outer_weights: Mapping[str, torch.Tensor], config: OuterConfig) -> None:
+    def __init__(self, outer_weights: Mapping[str, torch.Tensor], config: OuterConfig, slices: Sequence[Sequence[str]] | None = None) -> None:
+        """`outer_weights` are the tensors this peer holds: the whole model for a full
+        replica, one stage's slice for a pipeline stage peer. `slices` partitions the
+        whole model's names into the run's stage slices (None: one slice, the weights
+        given); a contribution must carry every name of a slice or none of it."""
         self.config = config
         self.params: Tensors = {n: t.detach().to("cpu", torch.float32).clone() for n, t in outer_weights.items()}
         self.shapes = {n: tuple(t.shape) for n, t in self.params.items()}
+        self.slices: list[list[str]] = [list(s) for s in slices] if slices is not None else [list(self.params)]
+        self._slice_of = {name: index for index, names in enumerate(self.slices) for name in names}
+        missing = set(self.params) - set(self._slice_of)
+        if missing:
+            raise ValueError(f"weights {sorted(missing)[:3]} belong to no slice of the model")
+        if len(self.slices) > 1 and not self.supports_slices:
+            raise ValueError(f"--outer {config.name} does not support pipeline stages (slices of the model); use diloco or sparseloco")
 
     @abstractmethod
     def contribution(self, local_weights: Mapping[str, torch.Tensor]) -> dict[str, bytes]:
@@ -139,12 +151,25 @@ class OuterOptimizer(ABC):
 
     def _decode_each(self, payload: Mapping[str, bytes], decode: Callable[[bytes, tuple[int, ...]], Any]) -> dict[str, Any]:
         """Validate a contribution's names and decode each tensor's payload with `decode`
-        (a codec method), turning codec errors into ContributionError."""
+        (a codec method), turning codec errors into ContributionError. Only the tensors
+        this peer holds are decoded: a stage peer skips the rest of a full replica's
+        contribution, and gets nothing (an empty map) from another stage's."""
         if not isinstance(payload, Mapping):
             raise ContributionError("contribution must be a map of tensor name to payload")
-        self._check_names(list(payload), "contribution")
+        names = set(payload)
+        if not names:
+            raise ContributionError("contribution: holds no tensors")
+        unknown = names - set(self._slice_of)
+        if unknown:
+            raise ContributionError(f"contribution: unexpected {sorted(map(str, unknown))[:3]}")
+        for index in {self._slice_of[n] for n in names}:
+            missing = set(self.slices[index]) - names
+            if missing:
+                raise ContributionError(f"contribution: missing {sorted(missing)[:3]} (slice {index} must be sent whole)")
         decoded = {}
         for name, shape in self.shapes.items():
+            if name not in payload:
+                continue
             blob = payload[name]
             if not isinstance(blob, bytes):
                 raise ContributionError(f"{name}: payload must be bytes")
@@ -153,6 +178,10 @@ class OuterOptimizer(ABC):
             except CodecError as exc:
                 raise ContributionError(f"{name}: {exc}") from None
         return decoded
+
+    def holders(self, contributions: Sequence[Mapping[str, Any]], name: str) -> list[Any]:
+        """The decoded tensors of `name` among contributions (maps by name), in order."""
+        return [c[name] for c in contributions if name in c]
 
     def _check_names(self, names: Sequence[str] | set[str], what: str) -> None:
         missing, extra = set(self.params) - set(names), set(names) - set(self.params)

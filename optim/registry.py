@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,9 +32,11 @@ def outer_config(name: str, **overrides: Any) -> OuterConfig:
     return OuterConfig(name=name, **settings)
 
 
-def build_outer(outer_weights: Mapping[str, torch.Tensor], config: OuterConfig) -> OuterOptimizer:
+def build_outer(outer_weights: Mapping[str, torch.Tensor], config: OuterConfig, slices: Sequence[Sequence[str]] | None = None) -> OuterOptimizer:
+    """The run's outer optimizer over `outer_weights` (a whole model, or one stage's slice
+    of it when `slices` partitions the model into pipeline stages)."""
     try:
         cls = OUTER_OPTIMIZERS[config.name]
     except KeyError:
         raise ValueError(f"--outer {config.name!r} is not one of {sorted(OUTER_OPTIMIZERS)}") from None
-    return cls(outer_weights, config)
+    return cls(outer_weights, config, slices) if slices is not None else cls(outer_weights, config)

@@ -11,7 +11,9 @@ Per replica, with error buffer e (local, never shared; a joiner starts with e = 
 Every peer aggregates the round's contributions the same way:
 
     clip: each contribution is scaled to at most the median L2 norm of the round's
-          contributions (a huge or malicious one weighs no more than a typical one)
+          contributions (a huge or malicious one weighs no more than a typical one);
+          with pipeline stages, per stage slice of the model, over the contributions
+          that hold that slice, so full replicas and stage peers clip it alike
     agg[i] = mean over the peers that sent index i of their (clipped) value
     θ ← θ − α·agg                          α = `lr` (1.0), no outer momentum
 
@@ -28,19 +30,21 @@ from dataclasses import dataclass
 import torch
 
 from shoal.compression import TopKCodec, get_codec
-from shoal.optim.outer import OuterConfig, OuterOptimizer, Tensors
+from shoal.compression.topk import BatchCodecError
+from shoal.optim.outer import ContributionError, OuterConfig, OuterOptimizer, Tensors
 
 
 def send_with_error_feedback(codec: TopKCodec, error: Tensors, update: Mapping[str, torch.Tensor], decay: float) -> dict[str, bytes]:
     """e ← β·e + update; payload = top-k of e (all tensors encoded in one batch);
-    e ← e − decoded(payload). Returns the payload by tensor name; `error` is updated in place."""
+    e ← e − decoded(payload) (decoded in one batch too). Returns the payload by tensor name;
+    `error` is updated in place."""
     for name, value in update.items():
         error[name].mul_(decay).add_(value)
-    payload = dict(zip(error, codec.encode_many(list(error.values())), strict=True))
-    for name, buffer in error.items():
-        indices, values = codec.decode_sparse(payload[name], tuple(buffer.shape))
+    payloads = codec.encode_many(list(error.values()))
+    decoded = codec.decode_sparse_many(payloads, [tuple(buffer.shape) for buffer in error.values()])
+    for buffer, (indices, values) in zip(error.values(), decoded, strict=True):
         buffer.view(-1).index_add_(0, indices, values, alpha=-1.0)
-    return payload
+    return dict(zip(error, payloads, strict=True))
 
 
 @dataclass(frozen=True)
@@ -50,13 +54,20 @@ class SparseContribution:
     indices: dict[str, torch.Tensor]
     values: dict[str, torch.Tensor]
 
-    def norm(self) -> float:
-        return sum(float(v.double().square().sum()) for v in self.values.values()) ** 0.5
+    def __contains__(self, name: str) -> bool:
+        return name in self.values
+
+    def norm(self, names: Sequence[str] | None = None) -> float:
+        """L2 norm over `names` (default: every tensor it holds)."""
+        values = self.values.values() if names is None else [self.values[n] for n in names]
+        return sum(float(v.double().square().sum()) for v in values) ** 0.5
 
 
 class SparseLoCo(OuterOptimizer):
-    def __init__(self, outer_weights: Mapping[str, torch.Tensor], config: OuterConfig) -> None:
-        super().__init__(outer_weights, config)
+    supports_slices = True
+
+    def __init__(self, outer_weights: Mapping[str, torch.Tensor], config: OuterConfig, slices: Sequence[Sequence[str]] | None = None) -> None:
+        super().__init__(outer_weights, config, slices)
         codec = get_codec(config.codec, k=config.topk) if config.codec == "topk" else get_codec(config.codec)
         if not isinstance(codec, TopKCodec):
             raise ValueError(f"--outer sparseloco needs --codec topk, got {config.codec!r}")
@@ -69,21 +80,32 @@ class SparseLoCo(OuterOptimizer):
         return send_with_error_feedback(self.codec, self.error, pseudo_grad, self.config.error_decay)
 
     def decode_contribution(self, payload: Mapping[str, bytes]) -> SparseContribution:
-        pairs = self._decode_each(payload, self.codec.decode_sparse)
-        return SparseContribution({n: p[0] for n, p in pairs.items()}, {n: p[1] for n, p in pairs.items()})
+        # names and payload types checked as for every optimizer; the codec work in one batch
+        blobs = self._decode_each(payload, lambda blob, _shape: blob)
+        names = list(blobs)
+        try:
+            pairs = self.codec.decode_sparse_many([blobs[n] for n in names], [self.shapes[n] for n in names])
+        except BatchCodecError as exc:
+            raise ContributionError(f"{names[exc.index]}: {exc}") from None
+        return SparseContribution({n: p[0] for n, p in zip(names, pairs, strict=True)},
+                                  {n: p[1] for n, p in zip(names, pairs, strict=True)})
 
     def apply(self, contributions: Sequence[SparseContribution]) -> None:
-        if not contributions:
-            return
-        norms = [c.norm() for c in contributions]
-        median = statistics.median_low(norms)
-        scales = [1.0 if n <= median or n == 0 else median / n for n in norms]
-        for name, param in self.params.items():
-            total = torch.zeros(param.numel())
-            senders = torch.zeros(param.numel())
-            for contribution, scale in zip(contributions, scales, strict=True):
-                idx = contribution.indices[name]
-                total.index_add_(0, idx, contribution.values[name], alpha=scale)
-                senders.index_add_(0, idx, torch.ones(idx.numel()))
-            aggregate = total.div_(senders.clamp_(min=1.0))
-            param.view(-1).sub_(aggregate, alpha=self.config.lr)
+        for names in self.slices:
+            names = [n for n in names if n in self.params]
+            held = [c for c in contributions if names and names[0] in c]
+            if not held:
+                continue
+            norms = [c.norm(names) for c in held]
+            median = statistics.median_low(norms)
+            scales = [1.0 if n <= median or n == 0 else median / n for n in norms]
+            for name in names:
+                param = self.params[name]
+                total = torch.zeros(param.numel())
+                senders = torch.zeros(param.numel())
+                for contribution, scale in zip(held, scales, strict=True):
+                    idx = contribution.indices[name]
+                    total.index_add_(0, idx, contribution.values[name], alpha=scale)
+                    senders.index_add_(0, idx, torch.ones(idx.numel()))
+                aggregate = total.div_(senders.clamp_(min=1.0))
+                param.view(-1).sub_(aggregate, alpha=self.config.lr)

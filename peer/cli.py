@@ -48,6 +48,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--batch-size", type=int, help="sequences per inner step (default: the preset's recipe)")
     run.add_argument("--seq-len", type=int, help="bytes per sequence (default: the preset's recipe)")
     run.add_argument("--seed", type=int, default=0, help="initial-weights seed of the run")
+    run.add_argument("--stages", type=int, default=0, help="pipeline stages S of the run's pipeline replicas (default 0: full replicas only)")
 
 
 def run_config_from(args: argparse.Namespace) -> RunConfig:
@@ -65,7 +66,7 @@ def run_config_from(args: argparse.Namespace) -> RunConfig:
                          error_decay=args.error_decay, topk=args.topk, fragments=args.fragments, overlap=args.overlap,
                          mix=args.mix)
     return RunConfig(model_preset=args.model, model=PRESETS[args.model].to_dict(), inner=inner, outer=outer,
-                     inner_steps=args.inner_steps or recipe.inner_steps, seed=args.seed)
+                     inner_steps=args.inner_steps or recipe.inner_steps, seed=args.seed, stages=args.stages)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--bootstrap", metavar="URL", help="any peer of the run, e.g. http://10.0.0.5:7000")
     peer.add_argument("--swarm-key", default=os.environ.get("SHOAL_SWARM_KEY"), help="shared secret; every message is HMAC-signed with it (env SHOAL_SWARM_KEY)")
     peer.add_argument("--peer-id", help="this peer's id (default: random); also picks its data shard")
-    peer.add_argument("--role", default="replica", choices=["replica"], help="replica: a full model replica")
+    peer.add_argument("--role", default="replica", choices=["replica", "stage"], help="replica: a full model replica; stage: one stage of a pipeline replica (needs --stages)")
+    peer.add_argument("--stage", type=int, help="--role stage: the stage to serve (default: the least served one in the swarm); stage 0 holds the data and drives the pipeline")
+    peer.add_argument("--activation", default="none", help="--role stage: activation codec of this pipeline replica: none, int8 or subspace:RATIO (e.g. subspace:32)")
+    peer.add_argument("--microbatch-size", type=int, default=4, help="stage 0: sequences per microbatch (default 4)")
+    peer.add_argument("--in-flight", type=int, default=4, help="stage 0: microbatches in the pipeline at once (default 4)")
+    peer.add_argument("--router", default="swarm", choices=["random", "swarm"], help="stage 0: per-hop choice among a stage's peers (default swarm: least projected busy time)")
     peer.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default auto: cuda when present)")
     peer.add_argument("--data", help="text file, folder or glob of .txt/.jsonl (default: this Python's standard library sources)")
     peer.add_argument("--checkpoint-dir", help="write outer state here after every round")
@@ -109,7 +115,8 @@ def peer_config_from(args: argparse.Namespace) -> PeerConfig:
     extra = {"peer_id": args.peer_id} if args.peer_id else {}
     return PeerConfig(
         run=run_config_from(args), listen_host=args.listen[0], listen_port=args.listen[1], advertise=args.advertise,
-        bootstrap=args.bootstrap, swarm_key=args.swarm_key, role=args.role, device=args.device, data_path=args.data,
+        bootstrap=args.bootstrap, swarm_key=args.swarm_key, role=args.role, stage=args.stage, activation=args.activation,
+        microbatch_size=args.microbatch_size, in_flight=args.in_flight, router=args.router, device=args.device, data_path=args.data,
         checkpoint_dir=args.checkpoint_dir, resume=args.resume, max_rounds=args.rounds, min_peers=args.min_peers, torch_threads=args.threads,
         eval_every=args.eval_every,
         protocol=protocol, **extra,

@@ -24,8 +24,13 @@ class RunConfig:
     outer: OuterConfig
     inner_steps: int
     seed: int = 0
+    stages: int = 0  # pipeline stages S (0: full replicas only); stage peers hold slices
 
     def __post_init__(self) -> None:
+        if self.stages == 1 or self.stages < 0:
+            raise ValueError(f"--stages must be 0 (no pipeline) or >= 2, got {self.stages}")
+        if self.stages and self.outer.name not in ("diloco", "sparseloco"):
+            raise ValueError(f"--stages needs --outer diloco or sparseloco (the outer rounds average stage slices), got {self.outer.name}")
         if self.inner_steps < 1:
             raise ValueError(f"--inner-steps must be >= 1, got {self.inner_steps}")
         between_syncs = self.inner_steps // self.outer.fragments
@@ -47,6 +52,7 @@ class RunConfig:
                 outer=OuterConfig(**obj["outer"]),
                 inner_steps=int(obj["inner_steps"]),
                 seed=int(obj.get("seed", 0)),
+                stages=int(obj.get("stages", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigMismatch(f"unreadable run config: {exc}") from None
@@ -112,7 +118,12 @@ class PeerConfig:
     swarm_key: str | None = None
     swarm_id: str | None = None  # first peer only; joiners adopt the swarm's
     peer_id: str = field(default_factory=lambda: "peer-" + secrets.token_hex(4))
-    role: str = "replica"
+    role: str = "replica"  # "replica" (the whole model) or "stage" (one pipeline stage)
+    stage: int | None = None  # --role stage: which one (None: the least served, chosen on join)
+    activation: str = "none"  # --role stage: the pipeline replica's activation codec
+    microbatch_size: int = 4  # stage 0: sequences per microbatch
+    in_flight: int = 4  # stage 0: microbatches in the pipeline at once
+    router: str = "swarm"  # stage 0: how a hop picks among a stage's peers (random, swarm)
     device: str = "auto"
     data_path: str | None = None
     num_shards: int = 16
@@ -139,5 +150,13 @@ class PeerConfig:
             raise ValueError(f"--eval-every must be >= 1, got {self.eval_every}")
         if self.min_peers < 1:
             raise ValueError(f"--min-peers must be >= 1, got {self.min_peers}")
+        if self.role not in ("replica", "stage"):
+            raise ValueError(f"--role must be replica or stage, got {self.role!r}")
+        if self.role == "stage" and not self.run.stages:
+            raise ValueError("--role stage needs a pipelined run: --stages S (S >= 2) on every peer")
+        if self.stage is not None and not 0 <= self.stage < max(self.run.stages, 1):
+            raise ValueError(f"--stage must be in 0..{self.run.stages - 1}, got {self.stage}")
+        if self.microbatch_size < 1 or self.in_flight < 1:
+            raise ValueError("--microbatch-size and --in-flight must be >= 1")
         if not 0 < len(self.peer_id) <= 128:
             raise ValueError("--peer-id must be 1..128 characters")

@@ -56,3 +56,8 @@ _BY_STATUS = {cls.status: cls for cls in (ProtocolError, AuthError, NotFound, Co
 def error_for_status(status: int, message: str) -> ShoalError:
     """The typed error a client raises for a non-2xx response."""
     return _BY_STATUS.get(status, ShoalError)(f"HTTP {status}: {message}")
+
+
+class Stopped(Exception):
+    """Raised inside the training thread when the peer is stopping (not a protocol error)."""
+

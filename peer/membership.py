@@ -47,6 +47,8 @@ class PeerInfo:
     weights_hash: str | None = None
     partner: str | None = None  # NoLoCo: the peer of the last exchange
     partner_distance: float | None = None  # NoLoCo: RMS(φ_self − φ_partner) at that exchange
+    stage: int | None = None  # role "stage": the pipeline stage this peer serves
+    activation: str | None = None  # role "stage": the activation codec of its pipeline replica
 
     def version(self) -> tuple[float, int]:
         return (self.incarnation, self.heartbeat)
@@ -72,13 +74,13 @@ class PeerInfo:
 
 
 _FIELD_NAMES = {f.name for f in fields(PeerInfo)}
-_STRINGS = {"peer_id": 128, "address": 256, "role": 32, "weights_hash": 128, "partner": 128}
-_INTS = {"heartbeat", "first_round", "round", "step", "bytes_sent", "bytes_received"}
+_STRINGS = {"peer_id": 128, "address": 256, "role": 32, "weights_hash": 128, "partner": 128, "activation": 64}
+_INTS = {"heartbeat", "first_round", "round", "step", "bytes_sent", "bytes_received", "stage"}
 _FLOATS = {"incarnation", "train_loss", "eval_loss", "tokens_per_s", "partner_distance"}
 
 
 def _check_field(name: str, value: Any) -> Any:
-    if value is None and name in ("train_loss", "eval_loss", "tokens_per_s", "weights_hash", "partner", "partner_distance"):
+    if value is None and name in ("train_loss", "eval_loss", "tokens_per_s", "weights_hash", "partner", "partner_distance", "stage", "activation"):
         return None
     if name in _STRINGS:
         if not isinstance(value, str) or not 0 < len(value) <= _STRINGS[name]:

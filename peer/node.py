@@ -18,6 +18,7 @@ while the next round's first τ inner steps train.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import secrets
@@ -35,19 +36,19 @@ from shoal.optim.registry import build_outer
 from shoal.peer.checkpoint import load_latest, save_checkpoint
 from shoal.peer.client import PeerClient, PeerUnreachable, Traffic
 from shoal.peer.config import PeerConfig, RunConfig
-from shoal.peer.errors import ConfigMismatch, ShoalError
+from shoal.peer.errors import ConfigMismatch, ShoalError, Stopped
 from shoal.peer.membership import Membership, PeerInfo
 from shoal.peer.rounds import RoundExchange, RoundStore
 from shoal.peer.server import make_app
+from shoal.peer.stagepeer import build_stage_trainer, choose_stage, covers, same_slice_as
 from shoal.peer.statesync import StateServer, download_state
 from shoal.peer.wire import WireCodec
-from shoal.train import ByteData, build_model, evaluate, load_corpus, resolve_device
+from shoal.pipeline.routing import Router
+from shoal.pipeline.service import StageService
+from shoal.pipeline.stages import StagePlan
+from shoal.train import ByteData, build_model, load_corpus, parameter_names, resolve_device
 
 log = logging.getLogger(__name__)
-
-
-class Stopped(Exception):
-    """Raised inside the training thread when the peer is stopping."""
 
 
 class Peer:
@@ -84,13 +85,17 @@ class Peer:
         self.longest_stall_s = 0.0
         self.eval_seconds_total = 0.0
         self._last_inner_end: float | None = None
+        self.stage_service: StageService | None = None  # --role stage, stages 1..S−1
+        self.router: Router | None = None  # --role stage, stage 0
 
     # ---- lifecycle -------------------------------------------------------------------
 
     async def start(self, train: bool = True) -> None:
         """Build the model, serve, join or found the run, and start training (unless
-        `train` is False: then the peer only serves and gossips)."""
-        await self._in_train(self._build)
+        `train` is False: then the peer only serves and gossips). A stage peer without
+        `--stage` picks its stage from the swarm's table, so it joins before building."""
+        self._loop = asyncio.get_running_loop()
+        await self._in_train(self._build_data)
         self._runner = web.AppRunner(make_app(self), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.listen_host, self.config.listen_port)
@@ -98,11 +103,20 @@ class Peer:
         port = self._runner.addresses[0][1]
         self.address = self.config.advertise or f"http://{self.config.listen_host}:{port}"
         protocol = self.config.protocol
-        me = PeerInfo(self.peer_id, self.address, self.config.role, incarnation=time.time(), round=self.outer_round, first_round=self.outer_round)
+        me = PeerInfo(self.peer_id, self.address, self.config.role, incarnation=time.time(), stage=self.config.stage,
+                      activation=self.config.activation if self.config.role == "stage" else None)
         self.membership = Membership(me, suspect_after_s=protocol.suspect_after_s, dead_after_s=protocol.dead_after_s)
         await self.client.start()
-        if self.config.bootstrap:
-            await self._join(self.config.bootstrap)
+        joined_round = await self._join(self.config.bootstrap) if self.config.bootstrap else 0
+        if self.config.role == "stage" and me.stage is None:
+            me.stage = choose_stage(self.membership, self.config.run.stages)
+            log.info("[%s] serving pipeline stage %d (the least served)", self.peer_id, me.stage)
+        await self._in_train(self._build_trainer)
+        if joined_round > 0:  # the run has moved on from the shared initial weights
+            sources = [p for p in self.membership.live_others() if covers(p, me)]
+            round_id, tensors, _ = await download_state(self.client, sources, self.state_shapes)
+            await self._in_train(self._load_state, round_id, tensors)
+            log.info("[%s] joined at round %d with the swarm's outer state", self.peer_id, round_id)
         self._publish_state()
         me.round = me.first_round = self.outer_round
         me.eval_loss = self.initial_eval_loss = await self._in_train(self._evaluate)
@@ -120,7 +134,8 @@ class Peer:
         await self.client.close()
         if self._runner is not None:
             await self._runner.cleanup()
-        self._train_thread.shutdown(wait=True, cancel_futures=True)
+        # off the loop: a stage-0 training thread may be waiting for a coroutine on it
+        await asyncio.get_running_loop().run_in_executor(None, functools.partial(self._train_thread.shutdown, wait=True, cancel_futures=True))
         self._checkpoint_thread.shutdown(wait=True)  # let the last checkpoint land
 
     async def run_until_done(self) -> None:
@@ -138,19 +153,28 @@ class Peer:
 
     # ---- setup (training thread) ----------------------------------------------------
 
-    def _build(self) -> None:
+    def _build_data(self) -> None:
         config, run = self.config, self.config.run
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.device = resolve_device(config.device)
-        model = build_model(run.model_preset, seed=run.seed)
+        data = ByteData(load_corpus(config.data_path), num_shards=config.num_shards)
+        self.batches = data.train_batches(self.peer_id, run.inner.batch_size, run.inner.seq_len, seed=run.seed)
+        self.eval_set = data.eval_batches(run.inner.batch_size, run.inner.seq_len, config.eval_batches)
+
+    def _build_trainer(self) -> None:
+        """The model (or this stage's slice of it), its inner trainer and the outer optimizer."""
+        config, run = self.config, self.config.run
+        model = build_model(run.model_preset, seed=run.seed, device="meta")
         if model.config.to_dict() != run.model:
             raise ConfigMismatch(f"preset {run.model_preset!r} builds a different model than the run's")
-        data = ByteData(load_corpus(config.data_path), num_shards=config.num_shards)
-        batches = data.train_batches(self.peer_id, run.inner.batch_size, run.inner.seq_len, seed=run.seed)
-        self.eval_set = data.eval_batches(run.inner.batch_size, run.inner.seq_len, config.eval_batches)
-        self.trainer = InnerTrainer(model, run.inner, batches, self.device)
-        self.outer = build_outer(self.trainer.local_weights(), run.outer)
+        slices = StagePlan(run.stages, model.config.n_layers).slices(parameter_names(model)) if run.stages else None
+        if config.role == "stage":
+            self.trainer = build_stage_trainer(self, model.config, self.membership.me.stage)
+        else:
+            model = build_model(run.model_preset, seed=run.seed)
+            self.trainer = InnerTrainer(model, run.inner, self.batches, self.device)
+        self.outer = build_outer(self.trainer.local_weights(), run.outer, slices)
         self.state_shapes = {n: tuple(t.shape) for n, t in self.outer.state_tensors().items()}
         if config.resume:
             loaded = load_latest(config.checkpoint_dir)
@@ -167,7 +191,7 @@ class Peer:
 
     def _evaluate(self) -> float:
         begin = time.monotonic()
-        loss = evaluate(self.trainer.model, self.eval_set, self.device)
+        loss = self.trainer.evaluate(self.eval_set)
         if self._last_inner_end is not None:  # during training: measurement, not sync overhead
             self.eval_seconds_total += time.monotonic() - begin
         return loss
@@ -177,7 +201,8 @@ class Peer:
 
     # ---- membership ----------------------------------------------------------------
 
-    async def _join(self, bootstrap: str) -> None:
+    async def _join(self, bootstrap: str) -> int:
+        """Introduce ourselves to the run through `bootstrap`; returns the run's round."""
         request = {"peer": self.membership.me.to_wire(), "run": self.config.run.to_dict()}
         deadline = time.monotonic() + self.config.protocol.request_timeout_s
         while True:
@@ -191,11 +216,7 @@ class Peer:
         RunConfig.from_dict(answer.get("run", {})).check_same(self.config.run)
         self.wire.swarm_id = str(answer["swarm_id"])
         self.membership.merge(answer.get("peers"))
-        if int(answer.get("round", 0)) > 0:  # the run has moved on from the shared initial weights
-            sources = self.membership.live_others()
-            round_id, tensors, _ = await download_state(self.client, sources, self.state_shapes)
-            await self._in_train(self._load_state, round_id, tensors)
-            log.info("[%s] joined at round %d with the swarm's outer state", self.peer_id, round_id)
+        return int(answer.get("round", 0))
 
     async def _gossip_loop(self) -> None:
         interval = self.config.protocol.heartbeat_interval_s
@@ -229,7 +250,6 @@ class Peer:
         return await asyncio.get_running_loop().run_in_executor(None, self.outer.decode_contribution, tensors)
 
     async def _train_loop(self) -> None:
-        self._loop = asyncio.get_running_loop()
         run = self.config.run
         exchange = RoundExchange(self.client, self.membership, self.store, self.config.protocol, self._decode)
         if self.config.min_peers > 1:
@@ -297,6 +317,8 @@ class Peer:
             got = await exchange.gather(round_id, gather_s)
             final = await exchange.agree(round_id, gather_s + protocol.agree_timeout_s)
         eval_loss, new_hash = await self._in_train(self._apply, round_id, exchange.contributions(round_id, final))
+        if self.stage_service is not None:
+            self.stage_service.round_applied()
         resynced = False
         if self.outer.pairwise:
             pass  # NoLoCo replicas do not agree on weights: nothing to verify
@@ -314,7 +336,8 @@ class Peer:
         """Compare weight hashes with the round's participants; a peer in the minority
         downloads the majority's outer state (loaded between two inner phases: the training
         thread runs one job at a time). True if it resynced."""
-        majority = await exchange.verify(round_id, new_hash, final)
+        same_slice = [p for p in final if p in self.membership.peers and same_slice_as(self.membership.peers[p], self.membership.me)]
+        majority = await exchange.verify(round_id, new_hash, same_slice)
         if majority:
             synced_round, tensors, _ = await download_state(self.client, majority, self.state_shapes)
             await self._in_train(self._load_state, synced_round, tensors)

@@ -12,6 +12,7 @@ endpoints (`/`, `/api/swarm`, `/metrics`) are read-only and unauthenticated.
     POST /round/hash          {round, wait_s}        → {round, hash} | 404
     POST /state/manifest      {}                     → {round, size, sha256, chunk_bytes, num_chunks}
     POST /state/chunk         {round, index}         → {round, index, data} | 410
+    POST /stage/forward, /stage/backward, /stage/step    (stage peers; pipeline/protocol.py)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from shoal.peer.errors import NotFound, ProtocolError, ShoalError
 from shoal.peer.membership import PeerInfo
 from shoal.peer.rounds import check_round_request
 from shoal.peer.wire import Envelope
+from shoal.pipeline.worker import UnknownMicrobatch
 
 if TYPE_CHECKING:
     from shoal.peer.node import Peer
@@ -129,6 +131,23 @@ async def handle_chunk(node: Peer, envelope: Envelope) -> dict[str, Any]:
     return {"round": round_id, "index": index, "data": node.state_server.blob(round_id).chunk(index)}
 
 
+def stage_rpc(method: str) -> Handler:
+    """A `/stage/*` handler: hand the payload to this peer's StageService; malformed
+    requests and payloads are 400, a backward for an unknown microbatch 404."""
+
+    async def handler(node: Peer, envelope: Envelope) -> dict[str, Any]:
+        if node.stage_service is None:
+            raise NotFound("this peer serves no block stage")
+        try:
+            return await getattr(node.stage_service, method)(envelope.payload)
+        except UnknownMicrobatch as exc:
+            raise NotFound(f"no saved input for microbatch {exc.args[0]!r}") from None
+        except ValueError as exc:  # StageRequestError, CodecError
+            raise ProtocolError(str(exc)) from None
+
+    return handler
+
+
 async def dashboard(request: web.Request) -> web.Response:
     return web.Response(text=render_html(request.app[NODE].swarm_snapshot()), content_type="text/html", headers={"Content-Security-Policy": CSP})
 
@@ -152,6 +171,8 @@ def make_app(node: Peer) -> web.Application:
     app.router.add_post("/round/hash", rpc(handle_hash))
     app.router.add_post("/state/manifest", rpc(handle_manifest))
     app.router.add_post("/state/chunk", rpc(handle_chunk))
+    for method in ("forward", "backward", "step"):
+        app.router.add_post(f"/stage/{method}", rpc(stage_rpc(method)))
     app.router.add_get("/", dashboard)
     app.router.add_get("/api/swarm", api_swarm)
     app.router.add_get("/metrics", metrics)

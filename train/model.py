@@ -81,6 +81,8 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     # unit tests: a training step takes milliseconds
     "tiny": ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=96, max_seq_len=64),
+    # pipeline tests: tiny, with enough blocks for 4 stages
+    "tiny-deep": ModelConfig(d_model=32, n_layers=4, n_heads=2, d_ff=96, max_seq_len=64),
     # the CPU demo (`shoal demo`): tuned with scripts/tune_small.py, see train/recipe.py
     "small": ModelConfig(d_model=128, n_layers=4, n_heads=4, d_ff=384, max_seq_len=256),
     # ~25M: a laptop-class GPU or a patient CPU

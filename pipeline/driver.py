@@ -1,0 +1,221 @@
+"""Stage 0 drives a pipeline replica: it cuts each inner step's batch into microbatches and
+runs them through the stage peers and back, several at a time.
+
+One microbatch (S stages, "→" is one HTTP hop, chosen per hop by the router):
+
+    embed(x) ─→ stage 1 ─→ … ─→ stage S−1 ─→ loss, dL/dh  (stage 0)
+    commit ←── stage 1 ←── … ←── stage S−1 ←──┘            (same peers, reverse order)
+
+Up to `max_in_flight` microbatches run concurrently, so while stage 2 computes microbatch
+j, stage 1 already works on j+1 (each stage serves its requests one at a time, in
+order). When every microbatch of the step is back, stage 0 takes its own inner step and
+tells every stage peer to take theirs (`/stage/step`); each averages the gradients of
+the microbatches it saw (a replica that saw none only counts the step). With one peer per stage that is
+exactly the whole batch's gradient (tests/pipeline checks it against the unsplit model).
+
+Failures: a forward hop that fails (peer unreachable, timeout, error) bans that peer in the
+router and goes to another replica of the stage; a backward hop that fails sends the whole
+microbatch round again through other peers (only the peer that ran a forward holds its
+input). Stages downstream of the failure then count that microbatch twice in their
+step's mean; rare, and bounded by `max_attempts`. A stage with no live peer left fails the
+step with PipelineBroken after the attempts.
+
+The driver does no torch work on the event loop: embedding, loss and codec work run on
+`compute` (an executor); hops go through `call`, which `peer/` implements with its client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shoal.compression.activation import ActivationCodec
+from shoal.pipeline.protocol import Microbatch
+from shoal.pipeline.routing import NoRoute, Router
+from shoal.pipeline.stages import StagePlan
+from shoal.pipeline.worker import EdgeWorker
+
+log = logging.getLogger(__name__)
+
+Call = Callable[[str, str, dict[str, Any], float], Awaitable[dict[str, Any]]]  # (peer id, path, payload, timeout_s) → answer
+
+
+class HopFailed(Exception):
+    """A hop to a stage peer failed (the `call` implementation raises it, or anything else)."""
+
+
+class PipelineBroken(RuntimeError):
+    """A microbatch could not get through the pipeline in `max_attempts` attempts."""
+
+
+@dataclass(frozen=True)
+class DriverConfig:
+    microbatch_size: int = 4  # sequences per microbatch
+    max_in_flight: int = 4  # microbatches in the pipeline at once
+    hop_timeout_s: float = 30.0
+    max_attempts: int = 4  # per microbatch
+    retry_pause_s: float = 0.5  # before a microbatch's next attempt
+
+    def __post_init__(self) -> None:
+        if self.microbatch_size < 1 or self.max_in_flight < 1 or self.max_attempts < 1:
+            raise ValueError("--microbatch-size, --in-flight and attempts must be >= 1")
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the step's microbatches
+    tokens: int
+    retries: int  # microbatch attempts that failed and ran again
+
+
+class PipelineDriver:
+    def __init__(
+        self,
+        edge: EdgeWorker,
+        plan: StagePlan,
+        codec: ActivationCodec,
+        router: Router,
+        call: Call,
+        stage_peers: Callable[[int], Sequence[str]],
+        compute: Executor,
+        config: DriverConfig,
+        name: str = "driver",
+    ) -> None:
+        self.edge, self.plan, self.codec, self.router = edge, plan, codec, router
+        self.call, self.stage_peers, self.compute, self.config = call, stage_peers, compute, config
+        self.name = name
+        self.d_model = edge.module.config.d_model
+        self._ids = itertools.count()
+        self.round = 0  # outer round the next microbatches belong to (set by the peer)
+        self.retries_total = 0
+        self.hop_seconds: dict[int, float] = {}  # stage → seconds of its last forward hop
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
+
+    # ---- one inner step ---------------------------------------------------------------
+
+    async def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> StepResult:
+        """Run one inner step's batch through the pipeline, then step every stage."""
+        retries_before = self.retries_total
+        loss = await self.accumulate(x, y)
+        await self._run(self.edge.step)
+        await self._step_stages(step, loss)
+        return StepResult(loss, x.numel(), self.retries_total - retries_before)
+
+    async def accumulate(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Forward and backward every microbatch of (x, y), leaving the gradients
+        accumulated on every stage; returns the mean loss."""
+        size = self.config.microbatch_size
+        gate = asyncio.Semaphore(self.config.max_in_flight)
+
+        async def one(start: int) -> float:
+            async with gate:
+                return await self._microbatch(x[start : start + size], y[start : start + size])
+
+        losses = await asyncio.gather(*(one(s) for s in range(0, x.size(0), size)))
+        return sum(losses) / len(losses)
+
+    async def _microbatch(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        for attempt in range(self.config.max_attempts):
+            mb_id = next(self._ids)
+            mb = Microbatch(f"{self.name}/{mb_id}", x)
+            try:
+                h = await self._run(self.edge.embed, x)
+                path = []
+                for stage in range(1, self.plan.num_stages):
+                    peer, h = await self._forward(stage, mb_id, mb, h, keep=True)
+                    path.append(peer)
+                loss, grad, head_grads = await self._run(self.edge.head, h, y)
+                for stage in range(self.plan.num_stages - 1, 0, -1):
+                    grad = await self._backward(stage, path[stage - 1], mb, grad)
+                await self._run(self.edge.commit, x, grad, head_grads)
+                return loss
+            except (HopFailed, NoRoute) as exc:
+                self.retries_total += 1
+                log.warning("[%s] microbatch %s attempt %d failed: %s", self.name, mb.key, attempt + 1, exc)
+                await asyncio.sleep(self.config.retry_pause_s)
+        raise PipelineBroken(f"a microbatch failed {self.config.max_attempts} times; is every stage served?")
+
+    async def _forward(self, stage: int, mb_id: int, mb: Microbatch, h: torch.Tensor, keep: bool) -> tuple[str, torch.Tensor]:
+        """One forward hop, trying other replicas of the stage when one fails."""
+        tried: set[str] = set()
+        while True:
+            candidates = [p for p in self.stage_peers(stage) if p not in tried]
+            peer = self.router.choose(stage, candidates, microbatch=mb_id, task_size=mb.tokens.numel())
+            tried.add(peer)
+            payload = await self._run(self.codec.encode, h, mb.tokens)
+            request = {**mb.to_wire(), "stage": stage, "round": self.round, "codec": self.codec.name, "act": payload, "keep": keep}
+            begin = time.monotonic()
+            try:
+                answer = await self.call(peer, "/stage/forward", request, self.config.hop_timeout_s)
+                out = await self._run(self.codec.decode, answer.get("act"), mb.tokens, self.d_model)
+            except Exception as exc:  # noqa: BLE001 - any failure of a hop means: try another replica
+                self.router.failed(peer)
+                log.info("[%s] forward to stage %d peer %s failed: %s", self.name, stage, peer, exc)
+                if not [p for p in self.stage_peers(stage) if p not in tried]:
+                    raise HopFailed(f"stage {stage}: no replica answered ({exc})") from None
+                continue
+            seconds = time.monotonic() - begin
+            self.router.report(peer, seconds=seconds, task_size=mb.tokens.numel())
+            self.hop_seconds[stage] = seconds
+            return peer, out
+
+    async def _backward(self, stage: int, peer: str, mb: Microbatch, grad: torch.Tensor) -> torch.Tensor:
+        payload = await self._run(self.codec.encode_grad, grad, mb.tokens)
+        request = {**mb.to_wire(), "stage": stage, "codec": self.codec.name, "grad": payload}
+        begin = time.monotonic()
+        try:
+            answer = await self.call(peer, "/stage/backward", request, self.config.hop_timeout_s)
+            out = await self._run(self.codec.decode_grad, answer.get("grad"), mb.tokens, self.d_model)
+        except Exception as exc:  # noqa: BLE001 - the peer holding this microbatch's input is gone
+            self.router.failed(peer)
+            raise HopFailed(f"backward at stage {stage} peer {peer}: {exc}") from None
+        self.router.report(peer, seconds=time.monotonic() - begin, task_size=mb.tokens.numel(), backward=True)
+        return out
+
+    async def _step_stages(self, step: int, loss: float) -> None:
+        """Tell every live stage peer that this inner step is done: those that served
+        microbatches of it step on their accumulated gradients, every one counts it toward
+        the outer round. A peer that does not answer steps with the next step instead."""
+        request = {"step": step, "round": self.round, "train_loss": loss}
+        targets = [(stage, peer) for stage in range(1, self.plan.num_stages) for peer in self.stage_peers(stage)]
+        calls = [self.call(peer, "/stage/step", {**request, "stage": stage}, self.config.hop_timeout_s) for stage, peer in targets]
+        for (stage, peer), result in zip(targets, await asyncio.gather(*calls, return_exceptions=True), strict=True):
+            if isinstance(result, BaseException):
+                log.warning("[%s] step %d: stage %d peer %s did not step: %s", self.name, step, stage, peer, result)
+
+    # ---- evaluation -------------------------------------------------------------------
+
+    async def evaluate(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Mean held-out loss through the pipeline (forward only, nothing kept)."""
+        size = self.config.microbatch_size
+        gate = asyncio.Semaphore(self.config.max_in_flight)
+
+        async def one(x: torch.Tensor, y: torch.Tensor) -> float:
+            async with gate:
+                for attempt in range(self.config.max_attempts):
+                    mb_id = next(self._ids)
+                    mb = Microbatch(f"{self.name}/{mb_id}", x)
+                    try:
+                        h = await self._run(self.edge.embed, x)
+                        for stage in range(1, self.plan.num_stages):
+                            _, h = await self._forward(stage, mb_id, mb, h, keep=False)
+                        return await self._run(self.edge.evaluate_loss, h, y)
+                    except (HopFailed, NoRoute) as exc:
+                        log.warning("[%s] eval microbatch attempt %d failed: %s", self.name, attempt + 1, exc)
+                        await asyncio.sleep(self.config.retry_pause_s)
+                raise PipelineBroken("an evaluation microbatch could not get through the pipeline")
+
+        pieces = [(x[s : s + size], y[s : s + size]) for x, y in batches for s in range(0, x.size(0), size)]
+        losses = await asyncio.gather(*(one(x, y) for x, y in pieces))
+        weights = [x.numel() for x, _ in pieces]
+        return sum(loss * w for loss, w in zip(losses, weights, strict=True)) / sum(weights)

@@ -1,0 +1,182 @@
+"""The compute side of a pipeline stage: forward, backward and inner steps on one slice.
+
+A stage never keeps an autograd graph between a microbatch's forward and its backward:
+it keeps the microbatch's *input* and recomputes the forward under autograd when the
+gradient arrives (activation recomputation). That holds one activation per microbatch in
+flight instead of every intermediate, lets an inner step happen while other microbatches
+are between their forward and backward (their graphs would otherwise see weights changed
+in place), and costs one extra forward per microbatch. What is saved is freed by the
+backward, or after `saved_ttl_s` if the backward never comes (its driver died).
+
+Gradients accumulate over the microbatches of one inner step; `step()` averages them
+over the microbatches this stage saw, clips, and takes an AdamW step with the run's
+schedule. With compression `subspace` the slice is kept confined to the subspace
+(pipeline/subspace.py): gradients projected before every step, weights after every step
+and every outer update.
+
+All methods are called from one compute thread at a time (the peer's), plus
+`load_weights`/`local_weights` from the training thread; a lock orders them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from shoal.compression import SubspaceBasis
+from shoal.optim.inner import InnerConfig
+from shoal.pipeline.stages import BlockStage, EdgeStage
+from shoal.pipeline.subspace import confine_, confine_grads_
+
+
+class UnknownMicrobatch(KeyError):
+    """A backward for a microbatch this stage holds no input for (never seen, expired,
+    or lost with a restart): the driver must run the microbatch again."""
+
+
+class SliceTrainer:
+    """Inner-step state shared by both kinds of stage: the slice's parameters, AdamW,
+    gradient accumulation, and the weights the outer rounds read and write."""
+
+    def __init__(self, module: nn.Module, config: InnerConfig, device: torch.device, basis: SubspaceBasis | None = None) -> None:
+        self.module = module.to(device)
+        self.config = config
+        self.device = device
+        self.basis = basis
+        self.params = dict(module.named_parameters())
+        self.optimizer = config.optimizer(self.params.values())
+        self.lock = threading.Lock()
+        self.step_count = 0
+        self.microbatches = 0  # accumulated since the last step
+        self._outer_offset: dict[str, torch.Tensor] = {}
+        if basis is not None:
+            self.load_weights({n: p.detach().clone() for n, p in self.params.items()})
+
+    def step(self) -> bool:
+        """One inner step on the gradients accumulated since the last; False (and no
+        step) if this stage saw no microbatch since then."""
+        with self.lock:
+            if self.microbatches == 0:
+                return False
+            for param in self.params.values():
+                if param.grad is not None:
+                    param.grad.div_(self.microbatches)
+            if self.basis is not None:
+                confine_grads_(self.params, self.basis)
+            if self.config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.params.values(), self.config.grad_clip)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.config.lr_at(self.step_count)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.microbatches = 0
+            self.step_count += 1
+            if self.basis is not None:
+                confine_(self.params, self.basis)
+            return True
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Continue from `weights` (the outer weights after a round). With a confining
+        codec the weights are projected, and the part projected away is remembered so that
+        `local_weights` reports progress relative to the projection: the pseudo-gradient is
+        then confine(θ) − θ_local, this replica's training, not a pull of the shared
+        weights toward the subspace."""
+        with self.lock, torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(weights[name].to(param.device, param.dtype))
+            if self.basis is not None:
+                confine_(self.params, self.basis)
+                self._outer_offset = {n: (weights[n].to("cpu", torch.float32) - p.detach().to("cpu", torch.float32)) for n, p in self.params.items()}
+
+    def local_weights(self) -> dict[str, torch.Tensor]:
+        with self.lock:
+            local = {n: p.detach().to("cpu", torch.float32).clone() for n, p in self.params.items()}
+        for name, offset in self._outer_offset.items():
+            local[name].add_(offset)
+        return local
+
+
+class BlockWorker(SliceTrainer):
+    """Stages 1..S−1: forward keeps the input, backward recomputes and returns dL/d(input)."""
+
+    module: BlockStage
+
+    def __init__(self, module: BlockStage, config: InnerConfig, device: torch.device, basis: SubspaceBasis | None = None, saved_ttl_s: float = 300.0) -> None:
+        super().__init__(module, config, device, basis)
+        self.saved_ttl_s = saved_ttl_s
+        self._saved: dict[str, tuple[float, torch.Tensor]] = {}
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._saved)
+
+    def forward(self, key: str, h: torch.Tensor, keep: bool = True) -> torch.Tensor:
+        with self.lock, torch.no_grad():
+            self._expire()
+            h = h.to(self.device)
+            if keep:
+                self._saved[key] = (time.monotonic(), h)
+            return self.module(h).float().cpu()
+
+    def backward(self, key: str, grad_out: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            entry = self._saved.pop(key, None)
+            if entry is None:
+                raise UnknownMicrobatch(key)
+            h = entry[1].detach().requires_grad_(True)
+            with torch.enable_grad():
+                out = self.module(h)
+            out.backward(grad_out.to(out.device, out.dtype))
+            self.microbatches += 1
+            return h.grad.float().cpu()
+
+    def _expire(self) -> None:
+        cutoff = time.monotonic() - self.saved_ttl_s
+        for key in [k for k, (t, _) in self._saved.items() if t < cutoff]:
+            del self._saved[key]
+
+
+class EdgeWorker(SliceTrainer):
+    """Stage 0: embeds a microbatch, computes the loss on what the last stage returns, and
+    folds the embedding's gradient in when the gradient of stage 1's input comes back.
+
+    The head's parameter gradients are held per microbatch and added to the accumulated
+    gradients only by `commit`, when the whole backward succeeded: a microbatch retried
+    through other replicas counts once here."""
+
+    module: EdgeStage
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        with self.lock, torch.no_grad():
+            return self.module.embed_tokens(idx.to(self.device)).float().cpu()
+
+    def head(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[float, torch.Tensor, list[torch.Tensor | None]]:
+        """Loss on the last stage's output, dL/dh, and the head's parameter gradients."""
+        with self.lock:
+            h = h.to(self.device).detach().requires_grad_(True)
+            params = list(self.params.values())
+            with torch.enable_grad():
+                loss = self.module.loss(h, targets.to(self.device))
+            grads = torch.autograd.grad(loss, [h, *params], allow_unused=True)
+            return float(loss.detach()), grads[0].float().cpu(), list(grads[1:])
+
+    def evaluate_loss(self, h: torch.Tensor, targets: torch.Tensor) -> float:
+        with self.lock, torch.no_grad():
+            return float(self.module.loss(h.to(self.device), targets.to(self.device)))
+
+    def commit(self, idx: torch.Tensor, grad_h0: torch.Tensor, head_grads: list[torch.Tensor | None]) -> None:
+        """Accumulate one finished microbatch: the head's gradients plus the embedding
+        lookup's (dL/dE[t] = Σ of dL/dh0 over the positions holding token t)."""
+        with self.lock, torch.no_grad():
+            for param, grad in zip(self.params.values(), head_grads, strict=True):
+                if grad is None:
+                    continue
+                param.grad = grad.clone() if param.grad is None else param.grad.add_(grad)
+            embed = self.module.embed.weight
+            lookup = torch.zeros_like(embed).index_add_(0, idx.to(embed.device).reshape(-1), grad_h0.to(embed.device, embed.dtype).reshape(-1, embed.size(1)))
+            embed.grad = lookup if embed.grad is None else embed.grad.add_(lookup)
+            self.microbatches += 1
