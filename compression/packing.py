@@ -119,3 +119,45 @@ def unpack_indices_12bit(data: bytes, count: int) -> np.ndarray:
     if count % 2 and indices[-1]:
         raise CodecError("padding bits after the last 12-bit index are not zero")
     return indices[:count]
+
+
+def segment_slots(lengths: np.ndarray, padded: np.ndarray) -> np.ndarray:
+    """Where element i of the concatenated segments goes once every segment s is padded
+    from lengths[s] to padded[s] elements (segments kept in order)."""
+    shift = (np.cumsum(padded) - padded) - (np.cumsum(lengths) - lengths)
+    return np.arange(int(lengths.sum()), dtype=np.intp) + np.repeat(shift, lengths)
+
+
+def _split(data: bytes, starts: np.ndarray, stops: np.ndarray) -> list[memoryview]:
+    view = memoryview(data)
+    return [view[start:stop] for start, stop in zip(starts.tolist(), stops.tolist(), strict=True)]
+
+
+def pack_bits_many(codes: np.ndarray, lengths: np.ndarray, bits: int) -> list[memoryview]:
+    """`pack_bits` of each consecutive segment of `codes` (segment s has lengths[s]
+    codes, all in range by construction), in one pass over all of them: each segment is
+    zero-padded to whole bytes, packed together, and returned as a view of its bytes."""
+    _check_bits(bits)
+    lengths = np.asarray(lengths, dtype=np.intp)
+    nbytes = (lengths * bits + 7) // 8
+    stops = np.cumsum(nbytes)
+    padded = nbytes * (8 // bits)
+    if bits != 8 and (padded != lengths).any():
+        buffer = np.zeros(int(padded.sum()), dtype=np.uint8)
+        buffer[segment_slots(lengths, padded)] = codes
+        codes = buffer
+    return _split(pack_bits(codes, bits, checked=False), stops - nbytes, stops)
+
+
+def pack_indices_12bit_many(indices: np.ndarray, lengths: np.ndarray) -> list[memoryview]:
+    """`pack_indices_12bit` of each consecutive segment of `indices` (all in [0, 4096) by
+    construction), in one pass: each segment is padded to an even count, packed together,
+    and returned as a view of its bytes (an odd segment drops its trailing zero byte)."""
+    lengths = np.asarray(lengths, dtype=np.intp)
+    padded = lengths + lengths % 2
+    if (padded != lengths).any():
+        buffer = np.zeros(int(padded.sum()), dtype=np.uint16)
+        buffer[segment_slots(lengths, padded)] = indices
+        indices = buffer
+    starts = np.cumsum(padded * 3 // 2) - padded * 3 // 2
+    return _split(pack_indices_12bit(indices, checked=False), starts, starts + (lengths * 12 + 7) // 8)

@@ -16,9 +16,11 @@ Per codec and input:
   ξ_t ~ N(0, 1) (a stand-in for successive rounds' pseudo-gradients, which are similar);
 * `encode_eps` / `decode_eps`: elements per second, median of at least `--repeats` calls
   and of as many as fit in a second, one torch thread; a model's tensors are encoded the
-  way the codec's user does it (topk: one `encode_many` call, as SparseLoCo does; the
-  others, hivemind's included: one call per tensor). hivemind's encode is compress + SerializeToString, its decode ParseFromString
-  + extract, so both sides go to and from bytes;
+  way the codec's user does it (topk: one `encode_many` call, as SparseLoCo does, and one
+  `decode_many` call, SparseLoCo's `decode_sparse_many` plus the scatter into dense
+  tensors; the others, hivemind's included: one call per tensor). hivemind's encode is
+  compress + SerializeToString, its decode ParseFromString + extract, so both sides go to
+  and from bytes;
 * ratios against hivemind's Uniform8BitQuantization on the same input: bytes and
   encode+decode time.
 
@@ -55,21 +57,29 @@ BASELINE = "hm-uniform8"
 @dataclass
 class Coder:
     """A codec as two functions: tensor -> bytes, (bytes, shape) -> float32 tensor; and
-    how a whole input (a model's tensors) is encoded: one call per tensor, unless the codec
-    batches them (topk's encode_many, which SparseLoCo uses for its contributions)."""
+    how a whole input (a model's tensors) is encoded and decoded: one call per tensor,
+    unless the codec batches them (topk's encode_many and decode_many; SparseLoCo sends
+    with encode_many and receives with decode_sparse_many, the same batch less the dense
+    scatter)."""
 
     name: str
     encode: Callable[[torch.Tensor], bytes]
     decode: Callable[[bytes, tuple[int, ...]], torch.Tensor]
     encode_all: Callable[[list[torch.Tensor]], list[bytes]] | None = None
+    decode_all: Callable[[list[bytes], list[tuple[int, ...]]], list[torch.Tensor]] | None = None
 
     def encode_input(self, tensors: list[torch.Tensor]) -> list[bytes]:
         return self.encode_all(tensors) if self.encode_all else [self.encode(t) for t in tensors]
 
+    def decode_input(self, payloads: list[bytes], shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+        if self.decode_all:
+            return self.decode_all(payloads, shapes)
+        return [self.decode(payload, shape) for payload, shape in zip(payloads, shapes, strict=True)]
+
 
 def our_coder(name: str) -> Coder:
     codec = get_codec(name)
-    return Coder(name, codec.encode, codec.decode, getattr(codec, "encode_many", None))
+    return Coder(name, codec.encode, codec.decode, getattr(codec, "encode_many", None), getattr(codec, "decode_many", None))
 
 
 def _extract_quantized(self, serialized):  # hivemind's Quantization.extract, numpy>=2.4-safe
@@ -150,12 +160,14 @@ def measure(coder: Coder, tensors: dict[str, torch.Tensor], rounds_of: Callable[
             rounds: int, repeats: int) -> dict:
     """All metrics of one codec on one input (a dict of tensors coded one by one)."""
     count = sum(t.numel() for t in tensors.values())
-    payloads = dict(zip(tensors, coder.encode_input(list(tensors.values())), strict=True))
-    wire_bytes = sum(len(p) for p in payloads.values())
-    err2 = sum(float((coder.decode(payloads[n], tuple(t.shape)) - t).double().square().sum()) for n, t in tensors.items())
+    shapes = [tuple(t.shape) for t in tensors.values()]
+    payloads = coder.encode_input(list(tensors.values()))
+    wire_bytes = sum(len(p) for p in payloads)
+    decoded = coder.decode_input(payloads, shapes)
+    err2 = sum(float((d - t).double().square().sum()) for d, t in zip(decoded, tensors.values(), strict=True))
     norm2 = sum(float(t.double().square().sum()) for t in tensors.values())
     encode_s = median_time(lambda: coder.encode_input(list(tensors.values())), repeats)
-    decode_s = median_time(lambda: [coder.decode(payloads[n], tuple(t.shape)) for n, t in tensors.items()], repeats)
+    decode_s = median_time(lambda: coder.decode_input(payloads, shapes), repeats)
 
     # error feedback: Σ sent = Σ x_t − e_final, so the error of the sum is ‖e_final‖ / ‖Σ x_t‖
     error = {n: torch.zeros_like(t) for n, t in tensors.items()}
@@ -164,9 +176,9 @@ def measure(coder: Coder, tensors: dict[str, torch.Tensor], rounds_of: Callable[
         for n, x in rounds_of(round_id).items():
             error[n] += x
             total[n] += x
-        sent = dict(zip(error, coder.encode_input(list(error.values())), strict=True))
-        for n, e in error.items():
-            e -= coder.decode(sent[n], tuple(e.shape))
+        sent = coder.encode_input(list(error.values()))
+        for e, d in zip(error.values(), coder.decode_input(sent, shapes), strict=True):
+            e -= d
     ef_err2 = sum(float(e.double().square().sum()) for e in error.values())
     ef_norm2 = sum(float(t.double().square().sum()) for t in total.values())
     return {

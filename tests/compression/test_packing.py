@@ -14,6 +14,7 @@ from shoal.compression import (
     unpack_bits,
     unpack_indices_12bit,
 )
+from shoal.compression.packing import pack_bits_many, pack_indices_12bit_many
 
 COUNTS = [0, 1, 2, 3, 4, 5, 7, 8, 9, 1001, 65537]
 
@@ -82,3 +83,16 @@ def test_indices_12bit_strictness() -> None:
             unpack_indices_12bit(data, 3)
     with pytest.raises(CodecError, match="padding"):
         unpack_indices_12bit(packed[:-1] + bytes([packed[-1] | 0x10]), 3)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_packing_many_segments_equals_packing_each(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    lengths = np.array([0, 1, 2, 3, 4, 5, 7, 8, 9, 64, 0, 333, 1])
+    codes = rng.integers(0, 1 << bits, int(lengths.sum()), dtype=np.uint8)
+    indices = rng.integers(0, 4096, int(lengths.sum()))
+    segments = np.split(np.arange(int(lengths.sum())), np.cumsum(lengths)[:-1])
+    packed_codes = pack_bits_many(codes, lengths, bits)
+    packed_indices = pack_indices_12bit_many(indices, lengths)
+    assert [bytes(p) for p in packed_codes] == [pack_bits(codes[s], bits) for s in segments]
+    assert [bytes(p) for p in packed_indices] == [pack_indices_12bit(indices[s]) for s in segments]

@@ -20,7 +20,7 @@ from shoal.compression import (
     pack_indices_12bit,
 )
 from shoal.compression.base import HEADER, MAGIC
-from shoal.compression.topk import kth_largest_per_row
+from shoal.compression.topk import BatchCodecError, kept_entries, kth_largest_per_row
 from shoal.train import build_model
 
 REFERENCE_SHAPES = [(130, 70), (4097,), (3, 5, 7), (1,), (64, 64), (), (200, 3), (2, 9000)]
@@ -267,3 +267,101 @@ def test_kth_largest_per_row_matches_a_full_partition(kind):
             rows[:, width // 2 :] = -1
         expected = np.partition(rows, width - k, axis=1)[:, width - k]
         np.testing.assert_array_equal(kth_largest_per_row(rows, k), expected)
+
+
+def pseudo_random(shape, seed: int) -> torch.Tensor:
+    """Deterministic float32 values from integer hashing alone (no RNG whose stream a
+    library update could change), cubed for heavy tails."""
+    i = np.arange(math.prod(shape), dtype=np.uint64) + np.uint64(seed * 1_000_003)
+    h = (i * np.uint64(2654435761) + np.uint64(12345)) % np.uint64(2**32)
+    h = (h ^ (h >> np.uint64(13))) * np.uint64(1274126177) % np.uint64(2**32)
+    x = h.astype(np.float64) / 2**32 - 0.5
+    return torch.from_numpy((x * x * x).astype(np.float32).reshape(shape))
+
+
+MODEL_SHAPES = [(130, 70), (4097,), (3, 5, 7), (1,), (64, 64), (), (0,), (200, 3), (128,), (384, 128)]
+# sha256 of encode_many(MODEL_SHAPES inputs) as produced by the per-tensor implementation
+# that preceded the batched one: the wire bytes must not change with the implementation
+WIRE_SHA256 = "6e59b2c1ff5891c6069d70cc133fc704a52b39107030649f1bd507398631402b"
+
+
+def test_wire_bytes_are_pinned() -> None:
+    import hashlib
+
+    payloads = TopKCodec().encode_many([pseudo_random(shape, i) for i, shape in enumerate(MODEL_SHAPES)])
+    assert all(payload[BODY_AT] == 0 for payload in payloads)  # stored: no zstd version in the hash
+    assert hashlib.sha256(b"".join(payloads)).hexdigest() == WIRE_SHA256
+
+
+@pytest.mark.parametrize("options", [{}, {"k": 3, "bits": 1}, {"k": 100, "chunk": 333, "tile": 10, "bits": 4}], ids=str)
+def test_batched_encode_and_decode_match_one_tensor_at_a_time(options) -> None:
+    # {"chunk": 333, "tile": 10}: 2-D and other tensors have different chunk widths, so
+    # the batch is stacked in two matrices and put back in tensor order
+    codec = TopKCodec(**options)
+    generator = torch.Generator().manual_seed(5)
+    tensors = [torch.randn(shape, generator=generator) for shape in MODEL_SHAPES]
+    tensors += [torch.randint(-2, 3, (150, 90), generator=generator).float(), torch.zeros(70, 70), torch.randn(300, 257)]
+    shapes = [tuple(t.shape) for t in tensors]
+    payloads = codec.encode_many(tensors)
+    assert payloads == [codec.encode(t) for t in tensors]
+    for dense, payload, shape in zip(codec.decode_many(payloads, shapes), payloads, shapes, strict=True):
+        assert dense.shape == shape and torch.equal(dense, codec.decode(payload, shape))
+    for (flat, values), payload, shape in zip(codec.decode_sparse_many(payloads, shapes), payloads, shapes, strict=True):
+        alone_flat, alone_values = codec.decode_sparse(payload, shape)
+        assert flat.dtype == torch.int64 and torch.equal(flat, alone_flat) and torch.equal(values, alone_values)
+
+
+def test_encode_many_raises_what_the_first_bad_tensor_raises() -> None:
+    codec, good = TopKCodec(), torch.randn(70, 70)
+    nan, ints = torch.randn(8, 8), torch.ones(3, dtype=torch.int64)
+    nan[1, 1] = float("nan")
+    with pytest.raises(CodecError, match="NaN/Inf"):
+        codec.encode_many([good, nan, ints])
+    with pytest.raises(CodecError, match="floating-point"):
+        codec.encode_many([good, ints, nan])
+    with pytest.raises(CodecError, match="NaN/Inf"):  # beyond float32 range: Inf after the cast
+        codec.encode_many([good, torch.full((5000,), 1e300, dtype=torch.float64)])
+
+
+def test_decode_many_names_the_first_payload_that_fails_alone() -> None:
+    codec, shape = TopKCodec(), (130, 70)
+    good = codec.encode(torch.randn(shape))
+    duplicate = honest_positions(shape)
+    duplicate[5] = duplicate[4]
+    unordered, nan_table = forge(shape, duplicate), forge(shape, honest_positions(shape), table=(0.0, float("nan"), 1.0, 2.0))
+    with pytest.raises(CodecError) as alone:
+        codec.decode_sparse(unordered, shape)
+    # index 3 fails a later check than index 4 does; one at a time, 3 fails first
+    batch = [good, good, good, unordered, nan_table]
+    for decode in (codec.decode_many, codec.decode_sparse_many):
+        with pytest.raises(BatchCodecError) as caught:
+            decode(batch, [shape] * 5)
+        assert caught.value.index == 3 and str(caught.value) == str(alone.value)
+    with pytest.raises(BatchCodecError, match="payload holds") as caught:
+        codec.decode_many([good, good], [shape, (4097,)])
+    assert caught.value.index == 1
+    with pytest.raises(ValueError, match="shapes"):
+        codec.decode_many([good], [shape, shape])
+
+
+def test_kept_entries_match_a_stable_sort() -> None:
+    """Per row, the quota largest (ties: lowest positions first), -1 padding never kept:
+    on random widths, k and quotas, with ties, zero rows, heavy tails and padding anywhere."""
+    rng = np.random.default_rng(11)
+    for trial in range(300):
+        width = int(rng.choice([64, 100, 4096, int(rng.integers(1, 5000))]))
+        n_rows, k = int(rng.integers(0, 30)), int(rng.integers(1, min(width, 300) + 1))
+        rows = np.abs(rng.standard_normal((n_rows, width))).astype(np.float32)
+        kind = trial % 4
+        if kind == 1:
+            rows = np.round(rows * 2) / 2
+        elif kind == 2:
+            rows[: n_rows // 2] = 0
+        elif kind == 3:
+            rows = rows**6 * rng.choice([1e-3, 1.0, 1e3], size=(1, width)).astype(np.float32)
+        sizes = rng.integers(1, width + 1, n_rows) if rng.random() < 0.5 else np.full(n_rows, width)
+        for r in range(n_rows):
+            rows[r, rng.permutation(width)[: width - sizes[r]]] = -1
+        quota = np.minimum(sizes, k)
+        expected = [r * width + i for r in range(n_rows) for i in sorted(np.argsort(-rows[r], kind="stable")[: quota[r]])]
+        assert kept_entries(rows, k, quota).tolist() == expected
