@@ -162,7 +162,12 @@ def write_report(node, path: str) -> None:
         "train_started_at": node.train_started_at, "finished_at": time.time(),
         "inner_seconds_total": node.inner_seconds_total, "longest_stall_s": node.longest_stall_s,
         "eval_seconds_total": node.eval_seconds_total,
+        "role": node.config.role, "stage": node.membership.me.stage if hasattr(node, "membership") else None,
     }
+    driver = getattr(getattr(node, "trainer", None), "driver", None)
+    if driver is not None:  # stage 0 of a pipeline replica
+        data["pipeline"] = {"microbatch_retries": driver.retries_total, "hop_failovers": driver.failovers_total,
+                            "router": node.router.snapshot() if node.router else None}
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     tmp.replace(path)

@@ -103,8 +103,7 @@ class Peer:
         port = self._runner.addresses[0][1]
         self.address = self.config.advertise or f"http://{self.config.listen_host}:{port}"
         protocol = self.config.protocol
-        me = PeerInfo(self.peer_id, self.address, self.config.role, incarnation=time.time(), stage=self.config.stage,
-                      activation=self.config.activation if self.config.role == "stage" else None)
+        me = PeerInfo(self.peer_id, self.address, self.config.role, incarnation=time.time(), stage=self.config.stage)
         self.membership = Membership(me, suspect_after_s=protocol.suspect_after_s, dead_after_s=protocol.dead_after_s)
         await self.client.start()
         joined_round = await self._join(self.config.bootstrap) if self.config.bootstrap else 0
@@ -117,6 +116,8 @@ class Peer:
             round_id, tensors, _ = await download_state(self.client, sources, self.state_shapes)
             await self._in_train(self._load_state, round_id, tensors)
             log.info("[%s] joined at round %d with the swarm's outer state", self.peer_id, round_id)
+        if self.config.role == "stage":  # built and in step: drivers may route to us from now on
+            me.activation = self.config.activation
         self._publish_state()
         me.round = me.first_round = self.outer_round
         me.eval_loss = self.initial_eval_loss = await self._in_train(self._evaluate)

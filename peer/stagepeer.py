@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -42,6 +43,7 @@ from shoal.train.model import ModelConfig
 if TYPE_CHECKING:
     from shoal.peer.node import Peer
 
+log = logging.getLogger(__name__)
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -125,6 +127,10 @@ class DriverTrainer:
         self.params = edge.params
         self.model = edge.module
 
+    @property
+    def step_count(self) -> int:
+        return self.edge.step_count
+
     def _await(self, coroutine) -> Any:
         """Run `coroutine` on the event loop and wait for it (training thread); cancel it
         and raise Stopped when the peer stops."""
@@ -153,9 +159,15 @@ class DriverTrainer:
         begin, losses, tokens = time.perf_counter(), [], 0
         self.driver.round = self.current_round()
         for _ in range(steps):
-            self._wait_for_stages()
             x, y = next(self.batches)
-            result = self._await(self.driver.train_step(x, y, self.edge.step_count))
+            while True:
+                self._wait_for_stages()
+                try:
+                    result = self._await(self.driver.train_step(x, y, self.edge.step_count))
+                    break
+                except PipelineBroken as exc:
+                    log.warning("[%s] step %d: %s; waiting for every stage to be served", self.driver.name, self.edge.step_count, exc)
+                    time.sleep(1.0)
             losses.append(result.loss)
             tokens += result.tokens
             if on_step is not None:
@@ -183,11 +195,16 @@ class ServingTrainer:
         self.params = worker.params
         self.model = worker.module
 
+    @property
+    def step_count(self) -> int:
+        return self.worker.step_count
+
     def run(self, steps: int, on_step: Callable[[int, float], None] | None = None) -> InnerStats:
-        begin, tokens_before = time.perf_counter(), self.service.tokens
-        seen = self.service.wait_steps(self.current_round(), steps, self.stopping)
-        if on_step is not None:
-            on_step(self.worker.step_count, self.service.last_loss if self.service.last_loss is not None else float("nan"))
+        begin, tokens_before, round_id, seen = time.perf_counter(), self.service.tokens, self.current_round(), 0
+        while seen < steps and not self.stopping.is_set():
+            seen = self.service.wait_steps(round_id, seen + 1, self.stopping)
+            if on_step is not None:  # raises Stopped when the peer stops
+                on_step(self.worker.step_count, self.service.last_loss if self.service.last_loss is not None else float("nan"))
         loss = self.service.last_loss if self.service.last_loss is not None else float("nan")
         return InnerStats(steps=seen, tokens=self.service.tokens - tokens_before, seconds=time.perf_counter() - begin, train_loss=loss)
 

@@ -18,7 +18,9 @@ router and goes to another replica of the stage; a backward hop that fails sends
 microbatch round again through other peers (only the peer that ran a forward holds its
 input). Stages downstream of the failure then count that microbatch twice in their
 step's mean; rare, and bounded by `max_attempts`. A stage with no live peer left fails the
-step with PipelineBroken after the attempts.
+microbatch after the attempts (the step goes on with the others), and the step with
+PipelineBroken if no microbatch got through: stage 0 then waits for the stage to be
+served again (a joining stage peer takes the least served stage) and runs the step again.
 
 The driver does no torch work on the event loop: embedding, loss and codec work run on
 `compute` (an executor); hops go through `call`, which `peer/` implements with its client.
@@ -62,7 +64,7 @@ class DriverConfig:
     max_in_flight: int = 4  # microbatches in the pipeline at once
     hop_timeout_s: float = 30.0
     max_attempts: int = 4  # per microbatch
-    retry_pause_s: float = 0.5  # before a microbatch's next attempt
+    retry_pause_s: float = 0.5  # before a microbatch's next attempt, doubling each time
 
     def __post_init__(self) -> None:
         if self.microbatch_size < 1 or self.max_in_flight < 1 or self.max_attempts < 1:
@@ -95,7 +97,8 @@ class PipelineDriver:
         self.d_model = edge.module.config.d_model
         self._ids = itertools.count()
         self.round = 0  # outer round the next microbatches belong to (set by the peer)
-        self.retries_total = 0
+        self.retries_total = 0  # microbatches run again (a backward hop failed)
+        self.failovers_total = 0  # forward hops moved to another replica of their stage
         self.hop_seconds: dict[int, float] = {}  # stage → seconds of its last forward hop
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -106,14 +109,16 @@ class PipelineDriver:
     async def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> StepResult:
         """Run one inner step's batch through the pipeline, then step every stage."""
         retries_before = self.retries_total
-        loss = await self.accumulate(x, y)
+        loss, done = await self.accumulate(x, y)
         await self._run(self.edge.step)
         await self._step_stages(step, loss)
-        return StepResult(loss, x.numel(), self.retries_total - retries_before)
+        return StepResult(loss, done * self.config.microbatch_size * x.size(1), self.retries_total - retries_before)
 
-    async def accumulate(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    async def accumulate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
         """Forward and backward every microbatch of (x, y), leaving the gradients
-        accumulated on every stage; returns the mean loss."""
+        accumulated on every stage; returns the mean loss and the microbatches that got
+        through. A microbatch that fails `max_attempts` times is dropped from the step;
+        PipelineBroken if all were."""
         size = self.config.microbatch_size
         gate = asyncio.Semaphore(self.config.max_in_flight)
 
@@ -121,8 +126,16 @@ class PipelineDriver:
             async with gate:
                 return await self._microbatch(x[start : start + size], y[start : start + size])
 
-        losses = await asyncio.gather(*(one(s) for s in range(0, x.size(0), size)))
-        return sum(losses) / len(losses)
+        results = await asyncio.gather(*(one(s) for s in range(0, x.size(0), size)), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, PipelineBroken):
+                raise result
+        losses = [r for r in results if not isinstance(r, BaseException)]
+        if not losses:
+            raise PipelineBroken(f"no microbatch got through the pipeline in {self.config.max_attempts} attempts; is every stage served?")
+        if len(losses) < len(results):
+            log.warning("[%s] dropped %d of %d microbatches of this step", self.name, len(results) - len(losses), len(results))
+        return sum(losses) / len(losses), len(losses)
 
     async def _microbatch(self, x: torch.Tensor, y: torch.Tensor) -> float:
         for attempt in range(self.config.max_attempts):
@@ -142,7 +155,7 @@ class PipelineDriver:
             except (HopFailed, NoRoute) as exc:
                 self.retries_total += 1
                 log.warning("[%s] microbatch %s attempt %d failed: %s", self.name, mb.key, attempt + 1, exc)
-                await asyncio.sleep(self.config.retry_pause_s)
+                await asyncio.sleep(self.config.retry_pause_s * 2**attempt)
         raise PipelineBroken(f"a microbatch failed {self.config.max_attempts} times; is every stage served?")
 
     async def _forward(self, stage: int, mb_id: int, mb: Microbatch, h: torch.Tensor, keep: bool) -> tuple[str, torch.Tensor]:
@@ -160,6 +173,7 @@ class PipelineDriver:
                 out = await self._run(self.codec.decode, answer.get("act"), mb.tokens, self.d_model)
             except Exception as exc:  # noqa: BLE001 - any failure of a hop means: try another replica
                 self.router.failed(peer)
+                self.failovers_total += 1
                 log.info("[%s] forward to stage %d peer %s failed: %s", self.name, stage, peer, exc)
                 if not [p for p in self.stage_peers(stage) if p not in tried]:
                     raise HopFailed(f"stage {stage}: no replica answered ({exc})") from None

@@ -80,7 +80,8 @@ def batch(seed: int = 0):
 def test_three_stage_gradients_equal_the_unsplit_models():
     driver, edge, workers, call = make_pipeline(3)
     x, y = batch()
-    loss = asyncio.run(driver.accumulate(x, y))
+    loss, done = asyncio.run(driver.accumulate(x, y))
+    assert done == 4
 
     model = build_model(CONFIG, SEED)
     _, full_loss = model(x, y)

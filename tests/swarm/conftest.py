@@ -4,7 +4,11 @@ every wait bounded."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import subprocess
+import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,7 @@ import pytest
 from shoal.optim.inner import InnerConfig
 from shoal.optim.outer import OuterConfig
 from shoal.peer.config import PeerConfig, ProtocolConfig, RunConfig
+from shoal.peer.demo import fetch_json, free_port
 from shoal.peer.node import Peer
 from shoal.train import PRESETS
 
@@ -70,4 +75,46 @@ def run_async(coro, timeout_s: float = 120.0):
     return asyncio.run(asyncio.wait_for(coro, timeout_s))
 
 
+# ---- peers as separate processes (for SIGKILL) ------------------------------------------
 
+
+def swarm_view(url: str):
+    return fetch_json(url + "/api/swarm")
+
+
+def wait_for(predicate, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@contextlib.contextmanager
+def peer_processes(corpus, tmp_path, rounds: int, inner_steps: int, flags: list[list[str]], model: str = "tiny"):
+    """One `shoal peer` process per entry of `flags` (its extra flags), on free ports, tiny
+    model, all bootstrapping from peer-0 and waiting for each other; each writes its report
+    and log to tmp_path. Yields (processes, urls) and kills whatever still runs on the way out."""
+    ports = [free_port() for _ in flags]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    procs = []
+    try:
+        for i, (port, extra) in enumerate(zip(ports, flags, strict=True)):
+            cmd = [sys.executable, "-m", "shoal.peer.cli", "peer", "--listen", f"127.0.0.1:{port}", "--peer-id", f"peer-{i}",
+                   "--model", model, "--inner-steps", str(inner_steps), "--batch-size", "4", "--seq-len", "32",
+                   "--inner-lr", "0.003", "--data", corpus, "--rounds", str(rounds), "--min-peers", str(len(flags)), "--threads", "1",
+                   "--report", str(tmp_path / f"peer-{i}.json"), *extra]
+            if i:
+                cmd += ["--bootstrap", urls[0]]
+            with open(tmp_path / f"peer-{i}.log", "w") as log:
+                procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+            if i == 0:
+                wait_for(lambda: swarm_view(urls[0]), 60, "the first peer to serve")
+        yield procs, urls
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()

@@ -2,64 +2,18 @@
 deadline, see it dead within 10 s, and keep training in step. Peers are separate
 processes here, started through the real CLI."""
 
-import contextlib
 import json
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
-
-from shoal.peer.demo import fetch_json, free_port
-
-
-def swarm_view(url: str):
-    return fetch_json(url + "/api/swarm")
-
-
-def wait_for(predicate, timeout_s, what):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-@contextlib.contextmanager
-def three_peers(corpus, tmp_path, rounds: int, inner_steps: int, *flags: str):
-    """Three `shoal peer` processes on free ports (tiny model, peer-1 and peer-2 bootstrap
-    from peer-0), each writing its report to tmp_path; yields (processes, urls) and kills
-    whatever is still running on the way out."""
-    ports = [free_port() for _ in range(3)]
-    urls = [f"http://127.0.0.1:{p}" for p in ports]
-    procs = []
-    try:
-        for i, port in enumerate(ports):
-            cmd = [sys.executable, "-m", "shoal.peer.cli", "peer", "--listen", f"127.0.0.1:{port}", "--peer-id", f"peer-{i}",
-                   "--model", "tiny", "--inner-steps", str(inner_steps), "--batch-size", "4", "--seq-len", "32",
-                   "--inner-lr", "0.003", "--data", corpus, "--rounds", str(rounds), "--min-peers", "3", "--threads", "1",
-                   "--report", str(tmp_path / f"peer-{i}.json"), *flags]
-            if i:
-                cmd += ["--bootstrap", urls[0]]
-            with open(tmp_path / f"peer-{i}.log", "w") as log:
-                procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
-            if i == 0:
-                wait_for(lambda: swarm_view(urls[0]), 60, "the first peer to serve")
-        yield procs, urls
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+from conftest import peer_processes, swarm_view, wait_for
 
 
 @pytest.mark.timeout(240)
 def test_sigkilled_peer_is_left_out(corpus, tmp_path):
     rounds = 5
-    with three_peers(corpus, tmp_path, rounds, 300) as (procs, urls):
+    with peer_processes(corpus, tmp_path, rounds, 300, [[]] * 3) as (procs, urls):
         wait_for(lambda: (v := swarm_view(urls[0])) and min(p["round"] for p in v["peers"]) >= 1 and len(v["peers"]) == 3 and v, 90, "round 1")
         victim = procs[2]
         victim.send_signal(signal.SIGKILL)  # during round 2's inner steps
@@ -87,7 +41,7 @@ def test_noloco_never_stalls_longer_than_the_partner_timeout(corpus, tmp_path):
     spends beyond its own inner phase (waiting for a partner) stays under the partner
     timeout plus a small margin for encoding and evaluation."""
     steps, partner_timeout = 6, 4.0
-    with three_peers(corpus, tmp_path, steps, 150, "--outer", "noloco", "--partner-timeout", str(partner_timeout)) as (procs, urls):
+    with peer_processes(corpus, tmp_path, steps, 150, [["--outer", "noloco", "--partner-timeout", str(partner_timeout)]] * 3) as (procs, urls):
         wait_for(lambda: (v := swarm_view(urls[0])) and len(v["peers"]) == 3 and min(p["round"] for p in v["peers"]) >= 1, 90, "step 1")
         procs[2].send_signal(signal.SIGKILL)
         procs[2].wait(timeout=10)
@@ -100,3 +54,29 @@ def test_noloco_never_stalls_longer_than_the_partner_timeout(corpus, tmp_path):
             stalls = [b["time"] - a["time"] - b["inner_seconds"] for a, b in zip(rounds, rounds[1:], strict=False)]
             print(f"peer-{i} waits beyond its inner phase: {[round(s, 2) for s in stalls]} s")
             assert max(stalls) < partner_timeout + 2.0, stalls
+
+
+@pytest.mark.timeout(240)
+def test_sigkilled_stage_peer_with_a_live_replica_does_not_stop_the_pipeline(corpus, tmp_path):
+    """Stage 1 is served by peer-1 and peer-2; peer-2 is SIGKILLed mid-run. Hops that hit it
+    move to peer-1 (or the microbatch runs again), the rounds go on without it, and every
+    other peer finishes all rounds."""
+    rounds = 4
+    stage = ["--role", "stage", "--stages", "3", "--microbatch-size", "1"]
+    flags = [[*stage, "--stage", "0"], [*stage, "--stage", "1"], [*stage, "--stage", "1"], [*stage, "--stage", "2"]]
+    with peer_processes(corpus, tmp_path, rounds, 40, flags) as (procs, urls):
+        wait_for(lambda: (v := swarm_view(urls[0])) and len(v["peers"]) == 4 and min(p["round"] for p in v["peers"]) >= 1, 90, "round 1")
+        wait_for(lambda: (v := swarm_view(urls[2])) and any(p["peer_id"] == "peer-2" and p["step"] > 5 for p in v["peers"]) , 30, "peer-2 in round 2")
+        procs[2].send_signal(signal.SIGKILL)
+        procs[2].wait(timeout=10)
+        for i in (0, 1, 3):
+            assert procs[i].wait(timeout=150) == 0, (tmp_path / f"peer-{i}.log").read_text()[-3000:]
+        reports = {i: json.loads((tmp_path / f"peer-{i}.json").read_text()) for i in (0, 1, 3)}
+        for report in reports.values():
+            assert [r["round"] for r in report["rounds"]] == list(range(1, rounds + 1))
+            assert report["rounds"][-1]["applied"] == ["peer-0", "peer-1", "peer-3"]
+        pipeline = reports[0]["pipeline"]
+        assert pipeline["hop_failovers"] + pipeline["microbatch_retries"] >= 1, pipeline  # the dead replica was hit, and survived
+        assert reports[0]["inner_steps_total"] == rounds * 40
+        losses = [r["eval_loss"] for r in reports[0]["rounds"]]
+        assert losses[-1] < reports[0]["rounds"][0]["eval_loss"], losses
