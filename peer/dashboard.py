@@ -107,13 +107,17 @@ def odd_hashes(peers: list[dict[str, Any]]) -> set[str]:
     Replicas must stay bit-identical, so any difference is worth a red cell; with no
     strict majority there is no "right" hash to trust, so every one is flagged.
     """
-    counts = Counter(str(p["weights_hash"]) for p in peers if _state(p) != "dead" and p.get("weights_hash"))
-    ranked = counts.most_common()
-    if len(ranked) < 2:
-        return set()
-    if ranked[0][1] == ranked[1][1]:
-        return set(counts)
-    return set(counts) - {ranked[0][0]}
+    odd: set[str] = set()
+    slices: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for p in peers:  # a pipeline stage peer holds one stage's slice: compare like with like
+        slices.setdefault((str(p.get("role")), str(p.get("stage")) if p.get("role") == "stage" else ""), []).append(p)
+    for group in slices.values():
+        counts = Counter(str(p["weights_hash"]) for p in group if _state(p) != "dead" and p.get("weights_hash"))
+        ranked = counts.most_common()
+        if len(ranked) < 2:
+            continue
+        odd |= set(counts) if ranked[0][1] == ranked[1][1] else set(counts) - {ranked[0][0]}
+    return odd
 
 
 def colours(peer_ids: list[str]) -> dict[str, str]:
@@ -218,15 +222,34 @@ def weights_spread(peers: list[dict[str, Any]]) -> str:
     return f'spread {_fmt(sum(distances) / len(distances), ".2e")} <span class="muted">max {_fmt(max(distances), ".2e")}</span>'
 
 
+def stage_map(peers: list[dict[str, Any]], pipeline: Any) -> str:
+    """One row per pipeline stage: what it holds, the live peers serving it (with their
+    activation codec) and their summed throughput; a stage nobody serves is a red gap."""
+    if not isinstance(pipeline, dict) or not _real(pipeline.get("stages")) or pipeline["stages"] < 2:
+        return ""
+    holds = pipeline.get("holds") if isinstance(pipeline.get("holds"), list) else []
+    rows = []
+    for stage in range(int(min(pipeline["stages"], 64))):
+        serving = [p for p in peers if p.get("role") == "stage" and p.get("stage") == stage and _state(p) != "dead"]
+        names = ", ".join(f'<code>{_text(p.get("peer_id"))}</code> <span class="muted">{_text(p.get("activation"))}</span>' for p in serving)
+        speed = sum(float(p["tokens_per_s"]) for p in serving if _real(p.get("tokens_per_s")))
+        what = _text(holds[stage]) if stage < len(holds) else DASH
+        rows.append(f'<tr><td>{stage}</td><td class="l">{what}</td><td class="l">{names or "<span class=bad>gap: no live peer</span>"}</td>'
+                    f'<td>{len(serving)}</td><td>{_fmt(speed, ",.0f") if serving else DASH}</td></tr>')
+    head = '<tr><th>stage</th><th class="l">holds</th><th class="l">peers · activation codec</th><th>peers</th><th>tokens/s</th></tr>'
+    return f'<h2>pipeline stages</h2><div class="scroll"><table>{head}{"".join(rows)}</table></div>'
+
+
 def _peer_row(p: dict[str, Any], now: Any, self_id: Any, odd: set[str], palette: dict[str, str], pairwise: bool = False) -> str:
     state, pid = _state(p), str(p.get("peer_id", ""))
     weights_hash = str(p.get("weights_hash") or "")
     drift = ' class="drift" title="differs from the majority"' if weights_hash in odd and state != "dead" else ""
     swatch = f'<span class="sw" style="background:{palette[pid]}"></span>' if pid in palette else ""
     me = pid == str(self_id)
+    role_detail = f' {_fmt(p.get("stage"), ".0f")}' if p.get("role") == "stage" else ""
     cells = [
         f'<td class="l">{swatch}<code>{_text(pid)}</code>{" (this peer)" if me else ""}</td>',
-        f'<td class="l">{_text(p.get("address"))}</td><td class="l">{_text(p.get("role"))}</td>',
+        f'<td class="l">{_text(p.get("address"))}</td><td class="l">{_text(p.get("role"))}{role_detail}</td>',
         f'<td>{_fmt(p.get("round"), ".0f")}</td><td>{_fmt(p.get("step"), ".0f")}</td>',
         f'<td>{_fmt(p.get("train_loss"))}</td><td>{_fmt(p.get("eval_loss"))}</td>',
         f'<td>{_fmt(p.get("tokens_per_s"), ",.0f")}</td>',
@@ -279,6 +302,7 @@ def render_html(snapshot: dict[str, Any]) -> str:
         f'<div class="cards">{"".join(f"<div class=card>{k}<b>{v}</b></div>" for k, v in cards)}</div>'
         f'<div class="muted">{" · ".join(extra)}</div>'
         f'<h2>peers</h2><div class="scroll"><table><tr>{head}</tr>{rows}</table></div>'
+        f"{stage_map(peers, snapshot.get('pipeline'))}"
         f"<h2>loss over rounds</h2>{render_chart(history, palette)}"
         "</body></html>"
     )

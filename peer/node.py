@@ -40,7 +40,13 @@ from shoal.peer.errors import ConfigMismatch, ShoalError, Stopped
 from shoal.peer.membership import Membership, PeerInfo
 from shoal.peer.rounds import RoundExchange, RoundStore
 from shoal.peer.server import make_app
-from shoal.peer.stagepeer import build_stage_trainer, choose_stage, covers, same_slice_as
+from shoal.peer.stagepeer import (
+    build_stage_trainer,
+    choose_stage,
+    covers,
+    pipeline_view,
+    same_slice_as,
+)
 from shoal.peer.statesync import StateServer, download_state
 from shoal.peer.wire import WireCodec
 from shoal.pipeline.routing import Router
@@ -410,6 +416,7 @@ class Peer:
             "run": {"model": run.model_preset, "outer": run.outer.name, "codec": run.outer.codec, "inner_steps": run.inner_steps,
                     "params": sum(t.numel() for t in self.outer.params.values())},
             "round": self.outer_round,
+            "pipeline": pipeline_view(run, self.router),
             "peers": peers,
             "history": {pid: [{"round": r, **v} for r, v in sorted(rounds.items())] for pid, rounds in self.membership.history.items()},
             "traffic": {"sent": dict(self.traffic.sent), "received": dict(self.traffic.received)},

@@ -34,13 +34,14 @@ from shoal.peer.errors import Stopped
 from shoal.peer.membership import Membership, PeerInfo
 from shoal.pipeline.compression import parse_activation
 from shoal.pipeline.driver import DriverConfig, PipelineBroken, PipelineDriver
-from shoal.pipeline.routing import build_router
+from shoal.pipeline.routing import Router, build_router
 from shoal.pipeline.service import StageService
 from shoal.pipeline.stages import StagePlan, build_stage
 from shoal.pipeline.worker import BlockWorker, EdgeWorker
 from shoal.train.model import ModelConfig
 
 if TYPE_CHECKING:
+    from shoal.peer.config import RunConfig
     from shoal.peer.node import Peer
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,19 @@ def choose_stage(membership: Membership, num_stages: int) -> int:
 def stage_peers(membership: Membership, stage: int, activation: str) -> list[str]:
     """Live peers serving `stage` with our replica's activation codec."""
     return sorted(p.peer_id for p in membership.live_others() if p.role == "stage" and p.stage == stage and p.activation == activation)
+
+
+def pipeline_view(run: RunConfig, router: Router | None) -> dict[str, Any] | None:
+    """The dashboard's picture of the run's pipeline: what each stage holds (and stage 0's
+    router statistics when this peer drives one)."""
+    if not run.stages:
+        return None
+    plan = StagePlan(run.stages, run.model["n_layers"])
+    holds = ["embedding, head, loss"] + [f"blocks {b.start}–{b.stop - 1}" if len(b) > 1 else f"block {b.start}" for b in map(plan.blocks, range(1, run.stages))]
+    view: dict[str, Any] = {"stages": run.stages, "holds": holds}
+    if router is not None:
+        view["router"] = router.snapshot()
+    return view
 
 
 # ---- building a stage peer's trainer ----------------------------------------------------

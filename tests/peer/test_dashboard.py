@@ -191,3 +191,24 @@ def test_noloco_shows_partners_and_spread_instead_of_drift() -> None:
     metrics = render_metrics(snapshot)
     assert 'shoal_peer_partner_distance{peer="peer-c"} 0.006' in metrics
     assert "partner" not in render_html(example_snapshot())  # DiLoCo pages are unchanged
+
+
+def test_stage_map_shows_who_serves_each_stage_and_gaps() -> None:
+    def stage_peer(pid: str, stage: int, weights_hash: str, **kw: Any) -> dict[str, Any]:
+        return {"peer_id": pid, "address": "http://127.0.0.1:1", "role": "stage", "stage": stage, "activation": "subspace",
+                "alive": True, "tokens_per_s": 1000.0, "weights_hash": weights_hash, **kw}
+
+    peers = [stage_peer("s0", 0, "aaaa"), stage_peer("s1a", 1, "bbbb"), stage_peer("s1b", 1, "bbbb"),
+             stage_peer("s3", 3, "cccc", alive=False, status="dead"), stage_peer(EVIL_ID, 2, "dddd", activation=EVIL_ADDRESS)]
+    pipeline = {"stages": 4, "holds": ["embedding, head, loss", "blocks 0–1", "block 2", "block 3"]}
+    page = render_html(example_snapshot(peers=peers, pipeline=pipeline))
+    section = page[page.index("<h2>pipeline stages</h2>"):page.index("<h2>loss over rounds</h2>")]
+    rows = section.split("<tr>")[2:]
+    assert len(rows) == 4
+    assert "s1a" in rows[1] and "s1b" in rows[1] and "2,000" in rows[1]  # two replicas, summed throughput
+    assert "gap: no live peer" in rows[3] and "gap" not in rows[0]  # stage 3's only peer is dead
+    assert EVIL_ID not in page and EVIL_ADDRESS not in page
+    # stage peers hold different slices: their hashes differ from each other by design
+    assert odd_hashes(peers) == set()
+    assert odd_hashes([*peers, stage_peer("s1c", 1, "eeee"), stage_peer("s1d", 1, "bbbb")]) == {"eeee"}
+    assert "pipeline stages" not in render_html(example_snapshot())
