@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
 
@@ -64,29 +65,77 @@ class InnerStats:
         return InnerStats(steps, self.tokens + other.tokens, self.seconds + other.seconds, mean)
 
 
-class InnerTrainer:
+class Constraint(Protocol):
+    """A set the weights must stay in, kept by projected gradient descent (e.g. the
+    subspace confinement of pipeline/subspace.py): gradients projected before each step,
+    weights after it and after every outer update."""
+
+    def grads(self, params: Mapping[str, torch.Tensor]) -> object: ...
+
+    def weights(self, params: Mapping[str, torch.Tensor]) -> object: ...
+
+
+class ParamTrainer:
+    """Parameters, AdamW with the run's schedule, and the weights the outer rounds read
+    and write; shared by full replicas (InnerTrainer) and pipeline stages."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], config: InnerConfig, constraint: Constraint | None = None) -> None:
+        self.params = params
+        self.config = config
+        self.constraint = constraint
+        self.optimizer = config.optimizer(self.params.values())
+        self.step_count = 0
+        self._outer_offset: dict[str, torch.Tensor] = {}
+        if constraint is not None:
+            self.load_weights({n: p.detach().clone() for n, p in self.params.items()})
+
+    def optimizer_step(self) -> None:
+        """Step on the gradients in `.grad` (then cleared)."""
+        if self.constraint is not None:
+            self.constraint.grads(self.params)
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params.values(), self.config.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr_at(self.step_count)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        if self.constraint is not None:
+            self.constraint.weights(self.params)
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Continue from `weights` (the outer weights after a round). Under a constraint the
+        weights are projected, and the part projected away is remembered so that
+        `local_weights` reports progress relative to the projection: the pseudo-gradient is
+        then P(θ) − θ_local, this replica's training, not a pull of the shared weights
+        toward the constraint set."""
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(weights[name].to(param.device, param.dtype))
+            if self.constraint is not None:
+                self.constraint.weights(self.params)
+                self._outer_offset = {n: weights[n].to("cpu", torch.float32) - p.detach().to("cpu", torch.float32) for n, p in self.params.items()}
+
+    def local_weights(self) -> dict[str, torch.Tensor]:
+        local = {n: p.detach().to("cpu", torch.float32).clone() for n, p in self.params.items()}
+        for name, offset in self._outer_offset.items():
+            local[name].add_(offset)
+        return local
+
+
+class InnerTrainer(ParamTrainer):
     def __init__(
         self,
         model: torch.nn.Module,
         config: InnerConfig,
         batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
         device: torch.device,
+        constraint: Constraint | None = None,
     ) -> None:
         self.model = model.to(device)
-        self.config = config
         self.batches = batches
         self.device = device
-        self.params = dict(self.model.named_parameters())
-        self.optimizer = config.optimizer(self.params.values())
-        self.step_count = 0
-
-    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, param in self.params.items():
-                param.copy_(weights[name].to(param.device, param.dtype))
-
-    def local_weights(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().to("cpu", torch.float32).clone() for n, p in self.params.items()}
+        super().__init__(dict(self.model.named_parameters()), config, constraint)
 
     def evaluate(self, batches) -> float:
         """Held-out loss of the current local weights."""
@@ -99,16 +148,11 @@ class InnerTrainer:
         for _ in range(steps):
             x, y = next(self.batches)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.config.lr_at(self.step_count)
             with autocast_context(self.device):
                 _, loss = self.model(x, y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if self.config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.params.values(), self.config.grad_clip)
-            self.optimizer.step()
-            self.step_count += 1
+            self.optimizer_step()
             value = float(loss.detach())
             losses.append(value)
             tokens += x.numel()

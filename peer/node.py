@@ -49,9 +49,11 @@ from shoal.peer.stagepeer import (
 )
 from shoal.peer.statesync import StateServer, download_state
 from shoal.peer.wire import WireCodec
+from shoal.pipeline.compression import parse_activation
 from shoal.pipeline.routing import Router
 from shoal.pipeline.service import StageService
 from shoal.pipeline.stages import StagePlan
+from shoal.pipeline.subspace import Confinement
 from shoal.train import ByteData, build_model, load_corpus, parameter_names, resolve_device
 
 log = logging.getLogger(__name__)
@@ -180,7 +182,10 @@ class Peer:
             self.trainer = build_stage_trainer(self, model.config, self.membership.me.stage)
         else:
             model = build_model(run.model_preset, seed=run.seed)
-            self.trainer = InnerTrainer(model, run.inner, self.batches, self.device)
+            # --activation subspace:R on a full replica: train it as a compressed pipeline
+            # replica would (weights confined), to compare against compressing every replica
+            basis = parse_activation(config.activation, model.config, run.seed).basis
+            self.trainer = InnerTrainer(model, run.inner, self.batches, self.device, Confinement(basis) if basis is not None else None)
         self.outer = build_outer(self.trainer.local_weights(), run.outer, slices)
         self.state_shapes = {n: tuple(t.shape) for n, t in self.outer.state_tensors().items()}
         if config.resume:

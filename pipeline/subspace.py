@@ -117,6 +117,20 @@ def confinement_error(params: Mapping[str, torch.Tensor] | nn.Module, basis: Sub
     return worst
 
 
+class Confinement:
+    """The subspace as an inner-trainer constraint (optim.inner.Constraint): gradients
+    projected before each step, weights after it and after every outer update."""
+
+    def __init__(self, basis: SubspaceBasis) -> None:
+        self.basis = basis
+
+    def grads(self, params: Mapping[str, torch.Tensor]) -> list[str]:
+        return confine_grads_(params, self.basis)
+
+    def weights(self, params: Mapping[str, torch.Tensor]) -> list[str]:
+        return confine_(params, self.basis)
+
+
 def basis_for_model(model_config: ModelConfig | str, k: int, seed: int) -> SubspaceBasis:
     """The run's basis: E0 = the initial `embed.weight` of `build_model(model_config, seed)`
     (bit-identical on every peer), U from `SubspaceBasis.from_seed(d_model, k, ...)` with a

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from shoal.compression import SubspaceBasis
-from shoal.optim.inner import InnerConfig
+from shoal.optim.inner import InnerConfig, ParamTrainer
 from shoal.pipeline.stages import BlockStage, EdgeStage
-from shoal.pipeline.subspace import confine_, confine_grads_
+from shoal.pipeline.subspace import Confinement
 
 
 class UnknownMicrobatch(KeyError):
@@ -38,66 +38,38 @@ class UnknownMicrobatch(KeyError):
     or lost with a restart): the driver must run the microbatch again."""
 
 
-class SliceTrainer:
-    """Inner-step state shared by both kinds of stage: the slice's parameters, AdamW,
-    gradient accumulation, and the weights the outer rounds read and write."""
+class SliceTrainer(ParamTrainer):
+    """A stage's inner-step state: its slice's parameters and AdamW (ParamTrainer), the
+    gradients accumulated over microbatches, and a lock (hops run on the compute thread,
+    the outer rounds on the training thread)."""
 
     def __init__(self, module: nn.Module, config: InnerConfig, device: torch.device, basis: SubspaceBasis | None = None) -> None:
         self.module = module.to(device)
-        self.config = config
         self.device = device
-        self.basis = basis
-        self.params = dict(module.named_parameters())
-        self.optimizer = config.optimizer(self.params.values())
         self.lock = threading.Lock()
-        self.step_count = 0
         self.microbatches = 0  # accumulated since the last step
-        self._outer_offset: dict[str, torch.Tensor] = {}
-        if basis is not None:
-            self.load_weights({n: p.detach().clone() for n, p in self.params.items()})
+        super().__init__(dict(module.named_parameters()), config, Confinement(basis) if basis is not None else None)
 
     def step(self) -> bool:
-        """One inner step on the gradients accumulated since the last; False (and no
-        step) if this stage saw no microbatch since then."""
+        """One inner step on the mean of the gradients accumulated since the last; False
+        (and no step) if this stage saw no microbatch since then."""
         with self.lock:
             if self.microbatches == 0:
                 return False
             for param in self.params.values():
                 if param.grad is not None:
                     param.grad.div_(self.microbatches)
-            if self.basis is not None:
-                confine_grads_(self.params, self.basis)
-            if self.config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.params.values(), self.config.grad_clip)
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.config.lr_at(self.step_count)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer_step()
             self.microbatches = 0
-            self.step_count += 1
-            if self.basis is not None:
-                confine_(self.params, self.basis)
             return True
 
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Continue from `weights` (the outer weights after a round). With a confining
-        codec the weights are projected, and the part projected away is remembered so that
-        `local_weights` reports progress relative to the projection: the pseudo-gradient is
-        then confine(θ) − θ_local, this replica's training, not a pull of the shared
-        weights toward the subspace."""
-        with self.lock, torch.no_grad():
-            for name, param in self.params.items():
-                param.copy_(weights[name].to(param.device, param.dtype))
-            if self.basis is not None:
-                confine_(self.params, self.basis)
-                self._outer_offset = {n: (weights[n].to("cpu", torch.float32) - p.detach().to("cpu", torch.float32)) for n, p in self.params.items()}
+        with self.lock:
+            super().load_weights(weights)
 
     def local_weights(self) -> dict[str, torch.Tensor]:
         with self.lock:
-            local = {n: p.detach().to("cpu", torch.float32).clone() for n, p in self.params.items()}
-        for name, offset in self._outer_offset.items():
-            local[name].add_(offset)
-        return local
+            return super().local_weights()
 
 
 class BlockWorker(SliceTrainer):
