@@ -12,7 +12,7 @@ endpoints (`/`, `/api/swarm`, `/metrics`) are read-only and unauthenticated.
     POST /round/hash          {round, wait_s}        → {round, hash} | 404
     POST /state/manifest      {}                     → {round, size, sha256, chunk_bytes, num_chunks}
     POST /state/chunk         {round, index}         → {round, index, data} | 410
-    POST /stage/forward, /stage/backward, /stage/step    (stage peers; pipeline/protocol.py)
+    POST /stage/forward, /stage/infer, /stage/backward, /stage/step   (pipeline/protocol.py)
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def make_app(node: Peer) -> web.Application:
     app.router.add_post("/round/hash", rpc(handle_hash))
     app.router.add_post("/state/manifest", rpc(handle_manifest))
     app.router.add_post("/state/chunk", rpc(handle_chunk))
-    for method in ("forward", "backward", "step"):
+    for method in ("forward", "infer", "backward", "step"):
         app.router.add_post(f"/stage/{method}", rpc(stage_rpc(method)))
     app.router.add_get("/", dashboard)
     app.router.add_get("/api/swarm", api_swarm)

@@ -166,10 +166,10 @@ class PipelineDriver:
             peer = self.router.choose(stage, candidates, microbatch=mb_id, task_size=mb.tokens.numel())
             tried.add(peer)
             payload = await self._run(self.codec.encode, h, mb.tokens)
-            request = {**mb.to_wire(), "stage": stage, "round": self.round, "codec": self.codec.name, "act": payload, "keep": keep}
+            request = {**mb.to_wire(), "stage": stage, "round": self.round, "codec": self.codec.name, "act": payload}
             begin = time.monotonic()
             try:
-                answer = await self.call(peer, "/stage/forward", request, self.config.hop_timeout_s)
+                answer = await self.call(peer, "/stage/forward" if keep else "/stage/infer", request, self.config.hop_timeout_s)
                 out = await self._run(self.codec.decode, answer.get("act"), mb.tokens, self.d_model)
             except Exception as exc:  # noqa: BLE001 - any failure of a hop means: try another replica
                 self.router.failed(peer)

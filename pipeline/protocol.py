@@ -1,15 +1,15 @@
 """The messages between stage 0 (the driver) and the stage peers, built and checked here
 on both sides; `peer/` only carries them (msgpack envelopes, HMAC, size limits).
 
-    POST /stage/forward   {key, stage, round, codec, tokens, shape, act, keep}  → {act}
-    POST /stage/backward  {key, stage, codec, tokens, shape, grad}              → {grad}
-    POST /stage/step      {stage, step, round, train_loss}                      → {stepped, step}
+    POST /stage/forward   {key, stage, round, codec, tokens, shape, act}  → {act}
+    POST /stage/infer     (the same, for evaluation: nothing is kept)      → {act}
+    POST /stage/backward  {key, stage, codec, tokens, shape, grad}        → {grad}
+    POST /stage/step      {stage, step, round, train_loss}                → {stepped, step}
 
 `key` names a microbatch attempt (unique per driver), `tokens` are its token ids (uint8
 bytes for vocabularies up to 256, int32 little-endian above) with `shape` = (batch,
 seq): every stage needs them to rebuild a subspace-compressed activation. `act`/`grad` are
-activation-codec payloads (compression/activation.py) named by `codec`. `keep` is false for
-evaluation forwards (nothing saved for a backward). A stage answers a forward only once it
+activation-codec payloads (compression/activation.py) named by `codec`. A stage answers a forward only once it
 has applied outer round `round`, so a microbatch never mixes two rounds' weights.
 
 Who waits for what, and timeouts: the driver bounds every hop by `hop_timeout_s`; an

@@ -1,5 +1,5 @@
 """The stage side of the pipeline protocol (pipeline/protocol.py): what a stage peer does
-with `/stage/forward`, `/stage/backward` and `/stage/step`. Plain async methods over
+with `/stage/forward`, `/stage/infer`, `/stage/backward` and `/stage/step`. Plain async methods over
 payload dicts, so they are testable without a socket; `peer/server.py` routes to them.
 
 Torch and codec work runs on `compute` (one thread: requests are served in arrival order,
@@ -53,11 +53,16 @@ class StageService:
     # ---- requests ---------------------------------------------------------------------
 
     async def forward(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """A training forward: the input is kept for the backward."""
+        return await self._forward(payload, keep=True)
+
+    async def infer(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """An evaluation forward: nothing is kept."""
+        return await self._forward(payload, keep=False)
+
+    async def _forward(self, payload: dict[str, Any], keep: bool) -> dict[str, Any]:
         mb = self._microbatch(payload)
         round_id = check_int(payload, "round")
-        keep = payload.get("keep", True)
-        if not isinstance(keep, bool):
-            raise StageRequestError("keep must be a boolean")
         await self._await_round(round_id)
         act = check_bytes(payload, "act")
 

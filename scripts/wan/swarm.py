@@ -28,15 +28,19 @@ PORT = 7000
 
 
 def run_swarm(peers: int, rates: Sequence[str] | None, rounds: int, out: Path, flags: Sequence[str],
-              timeout_s: float = 1800.0, prefix: str = "shoal") -> list[dict]:
+              timeout_s: float = 1800.0, prefix: str = "shoal", peer_flags: Sequence[Sequence[str]] | None = None) -> list[dict]:
     """Start the swarm, wait for every peer to finish its rounds, return their reports.
-    `rates` None: no namespaces, every peer on 127.0.0.1 (unshaped loopback, no root)."""
+    `rates` None: no namespaces, every peer on 127.0.0.1 (unshaped loopback, no root).
+    `peer_flags[i]`, when given, go to peer i only (after `flags`)."""
     out.mkdir(parents=True, exist_ok=True)
+    extra = [list(f) for f in peer_flags] if peer_flags is not None else [[] for _ in range(peers)]
+    if len(extra) != peers:
+        raise ValueError(f"peer_flags has {len(extra)} entries for {peers} peers")
     if rates is None:
         ports = [_free_port() for _ in range(peers)]
-        return _launch(peers, rounds, out, flags, timeout_s, [f"127.0.0.1:{p}" for p in ports], lambda i, argv: argv)
+        return _launch(rounds, out, flags, extra, timeout_s, [f"127.0.0.1:{p}" for p in ports], lambda i, argv: argv)
     with Wan(peers, rates, prefix) as wan:
-        return _launch(peers, rounds, out, flags, timeout_s, [f"{wan.address(i)}:{PORT}" for i in range(peers)], wan.exec_args)
+        return _launch(rounds, out, flags, extra, timeout_s, [f"{wan.address(i)}:{PORT}" for i in range(peers)], wan.exec_args)
 
 
 def _free_port() -> int:
@@ -45,13 +49,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(peers: int, rounds: int, out: Path, flags: Sequence[str], timeout_s: float, listen: list[str],
+def _launch(rounds: int, out: Path, flags: Sequence[str], extra: list[list[str]], timeout_s: float, listen: list[str],
             wrap: Callable[[int, list[str]], list[str]]) -> list[dict]:
     procs: list[subprocess.Popen] = []
+    peers = len(extra)
     try:
         for i in range(peers):
             cmd = [sys.executable, "-m", "shoal.peer.cli", "peer", "--listen", listen[i], "--peer-id", f"peer-{i}",
-                   "--rounds", str(rounds), "--min-peers", str(peers), "--report", str(out / f"peer-{i}.json"), *flags]
+                   "--rounds", str(rounds), "--min-peers", str(peers), "--report", str(out / f"peer-{i}.json"), *flags, *extra[i]]
             if i:
                 cmd += ["--bootstrap", f"http://{listen[0]}"]
             with open(out / f"peer-{i}.log", "w") as log:

@@ -53,7 +53,7 @@ class InProcess:
     async def __call__(self, peer: str, path: str, payload: dict, timeout_s: float) -> dict:
         self.calls.append(path)
         service = self.services[peer]
-        handler = {"/stage/forward": service.forward, "/stage/backward": service.backward, "/stage/step": service.step}[path]
+        handler = {"/stage/forward": service.forward, "/stage/infer": service.infer, "/stage/backward": service.backward, "/stage/step": service.step}[path]
         return await asyncio.wait_for(handler(payload), timeout_s)
 
 

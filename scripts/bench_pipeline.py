@@ -1,0 +1,204 @@
+"""Pipeline replicas: activation bytes per token, throughput of a 4-stage pipeline on
+loopback and over emulated slow links, and eval loss at equal tokens for each activation
+codec and for heterogeneous compression. Every peer is a `shoal peer` process.
+
+    python scripts/bench_pipeline.py --out results/bench_pipeline.json            # loopback
+    sudo python scripts/bench_pipeline.py --rates 20mbit --out results/bench_pipeline.json
+
+Runs (model `small`, 4 stages: stage 0 = embedding/head/loss, stages 1-3 = blocks 0-1, 2, 3;
+DiLoCo int8 outer rounds, the same seeds, data shards and token budget per replica):
+
+* `codec/<setting>`: one pipeline replica (4 stage peers) alone, for each activation
+  setting: none, int8, subspace:8, subspace:32, subspace:100. Eval loss per round (stage 0
+  evaluates through the chain, held-out split), tokens/s, and the hop bytes measured on
+  the wire, per token and per activation payload (a microbatch crosses the network
+  4·(S−1) times in this star layout: stage 0 sends every stage its input and gets its
+  output back, forward and backward; the token ids ride along in every request).
+* `mixed/<name>`: the heterogeneous setting, 2 full replicas + 1 pipeline replica:
+  `full-only` (the 2 full replicas alone), `pipeline-none` (uncompressed pipeline),
+  `hetero-32` (full replicas uncompressed, pipeline at subspace:32) and `all-32` (every
+  replica compressed: the full replicas train confined to the same subspace, as
+  compressed pipeline replicas would).
+* `wan/<rate>/<setting>`: throughput of the 4-stage pipeline with each stage peer's link
+  shaped to <rate> through network namespaces (root; `--rates`), a few rounds each.
+
+Eval loss "at equal tokens" compares rounds: every replica takes the same inner steps of
+the same batch size per round. Writes JSON and a PNG of eval loss against tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "wan"))
+from swarm import run_swarm  # noqa: E402
+
+STAGES = 4
+CODECS = ["none", "int8", "subspace:8", "subspace:32", "subspace:100"]
+HOP_KINDS = ("forward", "backward")
+
+
+def stage_flags(activation: str) -> list[list[str]]:
+    return [["--role", "stage", "--stage", str(k), "--activation", activation] for k in range(STAGES)]
+
+
+def mixed_runs() -> dict[str, list[list[str]]]:
+    full = [["--role", "replica"], ["--role", "replica"]]
+    confined = [["--role", "replica", "--activation", "subspace:32"]] * 2
+    return {"full-only": full, "pipeline-none": full + stage_flags("none"),
+            "hetero-32": full + stage_flags("subspace:32"), "all-32": confined + stage_flags("subspace:32")}
+
+
+def summarize(reports: list[dict], tokens_per_step: int, inner_steps: int) -> dict:
+    by_role: dict[str, list[dict]] = {}
+    for report in reports:
+        key = "full" if report["role"] == "replica" else f"stage-{report['stage']}"
+        by_role.setdefault(key, []).append(report)
+    row: dict = {"wall_seconds": max(r["finished_at"] for r in reports) - min(r["train_started_at"] for r in reports)}
+
+    def curve(report: dict) -> list[dict]:
+        return [{"round": e["round"], "tokens": e["round"] * inner_steps * tokens_per_step, "eval_loss": e["eval_loss"],
+                 "time": e["time"] - report["train_started_at"]} for e in report["rounds"]]
+
+    if "full" in by_role:
+        row["full_curve"] = curve(by_role["full"][0])
+        row["full_final_eval_loss"] = by_role["full"][0]["rounds"][-1]["eval_loss"]
+    if "stage-0" in by_role:
+        driver = by_role["stage-0"][0]
+        stages = [r for r in reports if r["role"] == "stage"]
+        hop_bytes = sum(r["bytes_sent_by_kind"].get(kind, 0) for r in stages for kind in HOP_KINDS)
+        tokens = driver["inner_steps_total"] * tokens_per_step
+        row.update(
+            pipeline_curve=curve(driver),
+            pipeline_final_eval_loss=driver["rounds"][-1]["eval_loss"],
+            pipeline_tokens_per_s=tokens / driver["inner_seconds_total"],
+            hop_bytes=hop_bytes,
+            hop_bytes_per_token=hop_bytes / tokens,
+            hop_bytes_per_token_per_payload=hop_bytes / tokens / (4 * (STAGES - 1)),
+            pipeline=driver.get("pipeline"),
+        )
+    return row
+
+
+def codec_table(d_model: int, vocab: int) -> dict[str, dict]:
+    """Bytes per token of one activation payload, from the codecs themselves."""
+    from shoal.pipeline.compression import parse_activation
+    from shoal.train import PRESETS
+
+    config = PRESETS["small"]
+    rows = {}
+    for spec in CODECS:
+        codec = parse_activation(spec, config, 0).codec
+        per_token = codec.bytes_per_token(d_model)
+        rows[spec] = {"bytes_per_token": per_token, "ratio_vs_fp32": 4 * d_model / per_token,
+                      "k": getattr(getattr(codec, "basis", None), "k", None)}
+    return rows
+
+
+def plot(results: dict, out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, row in results.get("codec", {}).items():
+        points = row["pipeline_curve"]
+        axes[0].plot([p["tokens"] / 1e6 for p in points], [p["eval_loss"] for p in points], marker="o", label=name)
+    axes[0].set(title="one 4-stage pipeline replica, by activation codec", xlabel="tokens per replica (M)", ylabel="held-out loss (nats/byte)")
+    for name, row in results.get("mixed", {}).items():
+        for which, style in (("full_curve", "-"), ("pipeline_curve", "--")):
+            if which in row:
+                points = row[which]
+                label = f"{name}: {'full replica' if which == 'full_curve' else 'pipeline'}"
+                axes[1].plot([p["tokens"] / 1e6 for p in points], [p["eval_loss"] for p in points], style, marker=".", label=label)
+    axes[1].set(title="2 full replicas + 1 pipeline replica", xlabel="tokens per replica (M)", ylabel="held-out loss (nats/byte)")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    path = out.with_suffix(".png")
+    fig.savefig(path, dpi=110)
+    return str(path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--inner-steps", type=int, default=25)
+    parser.add_argument("--rates", nargs="*", default=[], help="per-peer link rates for the throughput runs (root), e.g. 20mbit")
+    parser.add_argument("--wan-rounds", type=int, default=2)
+    parser.add_argument("--parts", nargs="+", default=["codec", "mixed", "wan"], choices=["codec", "mixed", "wan"])
+    parser.add_argument("--codecs", nargs="+", default=CODECS)
+    parser.add_argument("--microbatch-size", type=int, default=4)
+    parser.add_argument("--in-flight", type=int, default=4)
+    parser.add_argument("--out", default="results/bench_pipeline.json")
+    parser.add_argument("--keep-logs", help="keep the peers' logs and reports under this folder")
+    args = parser.parse_args()
+
+    from shoal.train import PRESETS, RECIPES
+
+    recipe, config = RECIPES["small"], PRESETS["small"]
+    tokens_per_step = recipe.batch_size * recipe.seq_len
+    common = ["--model", "small", "--stages", str(STAGES), "--outer", "diloco", "--codec", "int8", "--inner-steps", str(args.inner_steps),
+              "--threads", "1", "--seed", "0", "--microbatch-size", str(args.microbatch_size), "--in-flight", str(args.in_flight),
+              "--gather-timeout", "600"]
+    logs = Path(args.keep_logs or tempfile.mkdtemp(prefix="shoal-pipe-"))
+    results: dict = {"codec_bytes": codec_table(config.d_model, config.vocab_size)}
+
+    def run(part: str, name: str, peer_flags: list[list[str]], rate: str | None, rounds: int) -> dict:
+        print(f"== {part} {name}: {len(peer_flags)} peers, {rounds} rounds of {args.inner_steps} steps", flush=True)
+        begin = time.monotonic()
+        reports = run_swarm(len(peer_flags), None if rate is None else [rate], rounds, logs / part / name.replace("/", "_"), common,
+                            peer_flags=peer_flags)
+        row = summarize(reports, tokens_per_step, args.inner_steps)
+        row["launcher_seconds"] = time.monotonic() - begin
+        for key in ("full_final_eval_loss", "pipeline_final_eval_loss", "pipeline_tokens_per_s", "hop_bytes_per_token"):
+            if key in row:
+                print(f"   {key} {row[key]:.3f}", flush=True)
+        return row
+
+    if "codec" in args.parts:
+        results["codec"] = {spec: run("codec", spec, stage_flags(spec), None, args.rounds) for spec in args.codecs}
+        base = results["codec"].get("none")
+        for row in results["codec"].values():
+            if base:
+                row["eval_loss_vs_none"] = row["pipeline_final_eval_loss"] / base["pipeline_final_eval_loss"] - 1
+                row["hop_bytes_ratio_vs_none"] = base["hop_bytes_per_token"] / row["hop_bytes_per_token"]
+    if "mixed" in args.parts:
+        results["mixed"] = {name: run("mixed", name, flags, None, args.rounds) for name, flags in mixed_runs().items()}
+    if "wan" in args.parts and args.rates:
+        results["wan"] = {rate: {spec: run("wan", f"{rate}/{spec}", stage_flags(spec), rate, args.wan_rounds) for spec in args.codecs}
+                          for rate in args.rates}
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    document = {"command": "python scripts/bench_pipeline.py " + " ".join(sys.argv[1:]), "model": "small", "stages": STAGES,
+                "rounds": args.rounds, "inner_steps": args.inner_steps, "tokens_per_step": tokens_per_step, "results": results}
+    try:
+        document["plot"] = plot(results, out)
+    except ImportError:
+        document["plot"] = "matplotlib not installed (pip install -e '.[plot]')"
+    out.write_text(json.dumps(document, indent=1))
+
+    print(f"{'codec':<13} {'B/token/payload':>15} {'wire B/token/payload':>20} {'ratio':>7} {'tokens/s':>9} {'final eval':>10} {'vs none':>8}")
+    for spec, row in results.get("codec", {}).items():
+        print(f"{spec:<13} {results['codec_bytes'][spec]['bytes_per_token']:15.1f} {row['hop_bytes_per_token_per_payload']:20.1f} "
+              f"{row.get('hop_bytes_ratio_vs_none', float('nan')):7.1f} {row['pipeline_tokens_per_s']:9.0f} "
+              f"{row['pipeline_final_eval_loss']:10.3f} {row.get('eval_loss_vs_none', float('nan')):+8.1%}")
+    for name, row in results.get("mixed", {}).items():
+        print(f"mixed {name:<14} full {row.get('full_final_eval_loss', float('nan')):.3f}  pipeline {row.get('pipeline_final_eval_loss', float('nan')):.3f}")
+    for rate, rows in results.get("wan", {}).items():
+        for spec, row in rows.items():
+            print(f"wan {rate:<8} {spec:<13} {row['pipeline_tokens_per_s']:9.0f} tokens/s")
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
