@@ -74,3 +74,29 @@ def test_state_round_trip():
     assert torch.equal(other.momentum["a"], outer.momentum["a"])
     with pytest.raises(ValueError):
         other.load_state_tensors({"outer/a": torch.zeros(1)})
+
+
+def test_stage_slices_average_with_the_full_replicas_same_tensors():
+    """A full replica holds slices a and b; a stage peer holds b only. Each tensor is
+    averaged over the contributions that hold it, so both end with the same b."""
+    slices = [["a"], ["b"]]
+    config = OuterConfig(codec="fp32")
+    full = DiLoCo(weights(), config, slices)
+    stage = DiLoCo({"b": weights()["b"]}, config, slices)
+    full_local = {n: t - 0.1 for n, t in weights().items()}
+    stage_local = {"b": weights()["b"] - 0.3}
+    from_full, from_stage = full.contribution(full_local), stage.contribution(stage_local)
+    for outer in (full, stage):
+        outer.apply([outer.decode_contribution(from_full), outer.decode_contribution(from_stage)])
+    torch.testing.assert_close(full.params["b"], stage.params["b"])
+    expected_b = weights()["b"] - 0.7 * (1 + 0.9) * 0.2  # mean Δ = (0.1 + 0.3)/2, Nesterov first step
+    torch.testing.assert_close(stage.params["b"], expected_b)
+    expected_a = weights()["a"] - 0.7 * 1.9 * 0.1  # a: the full replica alone
+    torch.testing.assert_close(full.params["a"], expected_a)
+    assert stage.decode_contribution({"a": from_full["a"]}) == {}  # another slice: nothing of ours
+    with pytest.raises(ContributionError, match="missing"):
+        DiLoCo(weights(), config, [["a", "b"]]).decode_contribution({"a": from_full["a"]})  # half a slice
+    with pytest.raises(ContributionError, match="unexpected"):
+        stage.decode_contribution({**from_full, "c": from_full["a"]})
+    with pytest.raises(ValueError, match="no slice"):
+        DiLoCo(weights(), config, [["a"]])

@@ -82,3 +82,24 @@ def test_identical_inputs_give_identical_weights():
     b.apply([b.decode_contribution(p) for p in payloads])
     assert a.weights_hash() == b.weights_hash()
     assert set(a.state_tensors()) == {"outer/w", "outer/b"}  # the error buffer stays local
+
+
+def test_stage_slices_clip_and_average_alike_on_full_and_stage_peers():
+    """With the model split into slices, clipping is per slice, over the contributions that
+    hold it: a full replica and a stage peer of slice b end with the same b."""
+    start = weights()
+    names = list(start)
+    slices = [[names[0]], names[1:]]
+    full = build_outer(start, CONFIG, slices)
+    stage = build_outer({n: start[n] for n in names[1:]}, CONFIG, slices)
+    other_full = build_outer(start, CONFIG, slices)
+    payloads = [
+        full.contribution({n: t - 0.01 for n, t in start.items()}),
+        other_full.contribution({n: t + 0.02 for n, t in start.items()}),
+        stage.contribution({n: start[n] - 100.0 for n in names[1:]}),  # a huge stage contribution: clipped
+    ]
+    for outer in (full, stage):
+        outer.apply([outer.decode_contribution(p) for p in payloads])
+    for name in names[1:]:
+        torch.testing.assert_close(full.params[name], stage.params[name], rtol=0, atol=0)
+        assert float((stage.params[name] - start[name]).abs().max()) < 1.0  # the huge one did not get through

@@ -42,3 +42,19 @@ def test_gather_deadline_follows_measured_speed():
     assert ProtocolConfig().gather_deadline_s(3.0) == 10.0
     assert ProtocolConfig().gather_deadline_s(42.0) == 42.0
     assert ProtocolConfig(gather_timeout_s=5.0).gather_deadline_s(42.0) == 5.0
+
+
+def test_pipeline_settings_are_checked():
+    with pytest.raises(ValueError, match="--stages must be 0"):
+        run(stages=1)
+    with pytest.raises(ValueError, match="--stages needs --outer diloco or sparseloco"):
+        run(stages=3, outer=OuterConfig(name="noloco"))
+    with pytest.raises(ValueError, match="--role stage needs a pipelined run"):
+        PeerConfig(run=run(), role="stage")
+    with pytest.raises(ValueError, match="--stage must be in 0..2"):
+        PeerConfig(run=run(stages=3), role="stage", stage=3)
+    with pytest.raises(ValueError, match="--role must be"):
+        PeerConfig(run=run(), role="trainer")
+    assert RunConfig.from_dict(run(stages=3).to_dict()).stages == 3
+    with pytest.raises(ConfigMismatch, match="stages"):
+        run(stages=3).check_same(run())
