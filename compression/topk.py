@@ -580,9 +580,9 @@ class TopKCodec(Codec):
         dims = [normalize_shape(shape) for shape in shapes]
         flat, values, _ = self._decode_batch(payloads, dims, dense=True)
         counts = [math.prod(shape) for shape in dims]
-        dense = torch.zeros(sum(counts))
-        dense.numpy()[flat] = values
-        return [part.view(shape) for part, shape in zip(dense.split(counts), dims, strict=True)]
+        dense = np.zeros(sum(counts), dtype=np.float32)  # calloc: pages zeroed as touched
+        dense[flat] = values
+        return [part.view(shape) for part, shape in zip(torch.from_numpy(dense).split(counts), dims, strict=True)]
 
     def decode_sparse_many(
         self, payloads: Sequence[bytes], shapes: Sequence[Sequence[int]]
