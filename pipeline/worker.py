@@ -14,6 +14,9 @@ schedule. With compression `subspace` the slice is kept confined to the subspace
 (pipeline/subspace.py): gradients projected before every step, weights after every step
 and every outer update.
 
+Compute runs under the same autocast as full replicas (bf16 on CUDA, fp32 on the CPU);
+what crosses stages is float32 before the activation codec.
+
 All methods are called from one compute thread at a time (the peer's), plus
 `load_weights`/`local_weights` from the training thread; a lock orders them.
 """
@@ -31,6 +34,7 @@ from shoal.compression import SubspaceBasis
 from shoal.optim.inner import InnerConfig, ParamTrainer
 from shoal.pipeline.stages import BlockStage, EdgeStage
 from shoal.pipeline.subspace import Confinement
+from shoal.train.device import autocast_context
 
 
 class UnknownMicrobatch(KeyError):
@@ -87,7 +91,7 @@ class BlockWorker(SliceTrainer):
         return len(self._saved)
 
     def forward(self, key: str, h: torch.Tensor, keep: bool = True) -> torch.Tensor:
-        with self.lock, torch.no_grad():
+        with self.lock, torch.no_grad(), autocast_context(self.device):
             self._expire()
             h = h.to(self.device)
             if keep:
@@ -100,7 +104,7 @@ class BlockWorker(SliceTrainer):
             if entry is None:
                 raise UnknownMicrobatch(key)
             h = entry[1].detach().requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad(), autocast_context(self.device):
                 out = self.module(h)
             out.backward(grad_out.to(out.device, out.dtype))
             self.microbatches += 1
@@ -131,13 +135,13 @@ class EdgeWorker(SliceTrainer):
         with self.lock:
             h = h.to(self.device).detach().requires_grad_(True)
             params = list(self.params.values())
-            with torch.enable_grad():
+            with torch.enable_grad(), autocast_context(self.device):
                 loss = self.module.loss(h, targets.to(self.device))
             grads = torch.autograd.grad(loss, [h, *params], allow_unused=True)
             return float(loss.detach()), grads[0].float().cpu(), list(grads[1:])
 
     def evaluate_loss(self, h: torch.Tensor, targets: torch.Tensor) -> float:
-        with self.lock, torch.no_grad():
+        with self.lock, torch.no_grad(), autocast_context(self.device):
             return float(self.module.loss(h.to(self.device), targets.to(self.device)))
 
     def commit(self, idx: torch.Tensor, grad_h0: torch.Tensor, head_grads: list[torch.Tensor | None]) -> None:
