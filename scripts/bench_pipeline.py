@@ -85,12 +85,11 @@ def summarize(reports: list[dict], tokens_per_step: int, inner_steps: int) -> di
     return row
 
 
-def codec_table(d_model: int, vocab: int) -> dict[str, dict]:
+def codec_table(config) -> dict[str, dict]:
     """Bytes per token of one activation payload, from the codecs themselves."""
     from shoal.pipeline.compression import parse_activation
-    from shoal.train import PRESETS
 
-    config = PRESETS["small"]
+    d_model = config.d_model
     rows = {}
     for spec in CODECS:
         codec = parse_activation(spec, config, 0).codec
@@ -100,24 +99,26 @@ def codec_table(d_model: int, vocab: int) -> dict[str, dict]:
     return rows
 
 
-def plot(results: dict, out: Path) -> str:
+def plot(results: dict, out: Path, model: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, row in results.get("codec", {}).items():
-        points = row["pipeline_curve"]
-        axes[0].plot([p["tokens"] / 1e6 for p in points], [p["eval_loss"] for p in points], marker="o", label=name)
-    axes[0].set(title="one 4-stage pipeline replica, by activation codec", xlabel="tokens per replica (M)", ylabel="held-out loss (nats/byte)")
-    for name, row in results.get("mixed", {}).items():
-        for which, style in (("full_curve", "-"), ("pipeline_curve", "--")):
-            if which in row:
-                points = row[which]
-                label = f"{name}: {'full replica' if which == 'full_curve' else 'pipeline'}"
-                axes[1].plot([p["tokens"] / 1e6 for p in points], [p["eval_loss"] for p in points], style, marker=".", label=label)
-    axes[1].set(title="2 full replicas + 1 pipeline replica", xlabel="tokens per replica (M)", ylabel="held-out loss (nats/byte)")
+    panels = [part for part in ("codec", "mixed") if results.get(part)]
+    if not panels:
+        return "nothing to plot"
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    axes = axes[0]
+    for axis, part in zip(axes, panels, strict=True):
+        for name, row in results[part].items():
+            for which, style in (("full_curve", "-"), ("pipeline_curve", "--" if part == "mixed" else "-")):
+                if which in row:
+                    points = row[which]
+                    label = name if part == "codec" else f"{name}: {'full replica' if which == 'full_curve' else 'pipeline'}"
+                    axis.plot([p["tokens"] / 1e6 for p in points], [p["eval_loss"] for p in points], style, marker=".", label=label)
+        title = "one 4-stage pipeline replica, by activation codec" if part == "codec" else "2 full replicas + 1 pipeline replica"
+        axis.set(title=f"{title} ({model})", xlabel="tokens per replica (M)", ylabel="held-out loss (nats/byte)")
     for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
@@ -137,19 +138,25 @@ def main() -> int:
     parser.add_argument("--codecs", nargs="+", default=CODECS)
     parser.add_argument("--microbatch-size", type=int, default=4)
     parser.add_argument("--in-flight", type=int, default=4)
+    parser.add_argument("--model", default="small", help="model preset (4 stages need >= 3 blocks)")
     parser.add_argument("--out", default="results/bench_pipeline.json")
     parser.add_argument("--keep-logs", help="keep the peers' logs and reports under this folder")
+    parser.add_argument("--replot", metavar="JSON", help="only redraw the PNG of an earlier run's JSON")
     args = parser.parse_args()
+    if args.replot:
+        document = json.loads(Path(args.replot).read_text())
+        print(plot(document["results"], Path(args.replot), document.get("model", "small")))
+        return 0
 
     from shoal.train import PRESETS, RECIPES
 
-    recipe, config = RECIPES["small"], PRESETS["small"]
+    recipe, config = RECIPES[args.model], PRESETS[args.model]
     tokens_per_step = recipe.batch_size * recipe.seq_len
-    common = ["--model", "small", "--stages", str(STAGES), "--outer", "diloco", "--codec", "int8", "--inner-steps", str(args.inner_steps),
+    common = ["--model", args.model, "--stages", str(STAGES), "--outer", "diloco", "--codec", "int8", "--inner-steps", str(args.inner_steps),
               "--threads", "1", "--seed", "0", "--microbatch-size", str(args.microbatch_size), "--in-flight", str(args.in_flight),
               "--gather-timeout", "600"]
     logs = Path(args.keep_logs or tempfile.mkdtemp(prefix="shoal-pipe-"))
-    results: dict = {"codec_bytes": codec_table(config.d_model, config.vocab_size)}
+    results: dict = {"codec_bytes": codec_table(config)}
 
     def run(part: str, name: str, peer_flags: list[list[str]], rate: str | None, rounds: int) -> dict:
         print(f"== {part} {name}: {len(peer_flags)} peers, {rounds} rounds of {args.inner_steps} steps", flush=True)
@@ -178,10 +185,10 @@ def main() -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    document = {"command": "python scripts/bench_pipeline.py " + " ".join(sys.argv[1:]), "model": "small", "stages": STAGES,
+    document = {"command": "python scripts/bench_pipeline.py " + " ".join(sys.argv[1:]), "model": args.model, "stages": STAGES,
                 "rounds": args.rounds, "inner_steps": args.inner_steps, "tokens_per_step": tokens_per_step, "results": results}
     try:
-        document["plot"] = plot(results, out)
+        document["plot"] = plot(results, out, args.model)
     except ImportError:
         document["plot"] = "matplotlib not installed (pip install -e '.[plot]')"
     out.write_text(json.dumps(document, indent=1))
