@@ -20,7 +20,8 @@ from shoal.compression import (
     pack_indices_12bit,
 )
 from shoal.compression.base import HEADER, MAGIC
-from shoal.compression.topk import BatchCodecError, kept_entries, kth_largest_per_row
+from shoal.compression.topk import BatchCodecError
+from shoal.compression.topk_select import kept_entries, kth_largest_per_row
 from shoal.train import build_model
 
 REFERENCE_SHAPES = [(130, 70), (4097,), (3, 5, 7), (1,), (64, 64), (), (200, 3), (2, 9000)]
