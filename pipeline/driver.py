@@ -99,7 +99,6 @@ class PipelineDriver:
         self.round = 0  # outer round the next microbatches belong to (set by the peer)
         self.retries_total = 0  # microbatches run again (a backward hop failed)
         self.failovers_total = 0  # forward hops moved to another replica of their stage
-        self.hop_seconds: dict[int, float] = {}  # stage → seconds of its last forward hop
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
@@ -178,9 +177,7 @@ class PipelineDriver:
                 if not [p for p in self.stage_peers(stage) if p not in tried]:
                     raise HopFailed(f"stage {stage}: no replica answered ({exc})") from None
                 continue
-            seconds = time.monotonic() - begin
-            self.router.report(peer, seconds=seconds, task_size=mb.tokens.numel())
-            self.hop_seconds[stage] = seconds
+            self.router.report(peer, seconds=time.monotonic() - begin, task_size=mb.tokens.numel())
             return peer, out
 
     async def _backward(self, stage: int, peer: str, mb: Microbatch, grad: torch.Tensor) -> torch.Tensor:
