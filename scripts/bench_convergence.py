@@ -131,6 +131,8 @@ def main() -> int:
     parser.add_argument("--overlap", type=int, default=5, help="Streaming DiLoCo's τ")
     parser.add_argument("--ddp-steps", type=int, default=24, help="steps of `ddp` on shaped links (it is slow there)")
     parser.add_argument("--methods", nargs="+", help="a subset of the methods")
+    parser.add_argument("--final-eval-only", action="store_true",
+                        help="evaluate only after the last round (utilization without the benchmark's own evaluations)")
     parser.add_argument("--model", default="small")
     parser.add_argument("--out", default="results/bench_convergence.json")
     parser.add_argument("--keep-logs", help="keep the peers' logs and reports under this folder")
@@ -150,6 +152,8 @@ def main() -> int:
             flags, steps_per_round, eval_every = table[name]
             steps = args.ddp_steps if name == "ddp" and rate != "loopback" else args.steps
             rounds = steps // steps_per_round
+            if args.final_eval_only:
+                eval_every = rounds
             cmd_flags = [*flags, "--model", args.model, "--inner-steps", str(args.inner_steps if name != "ddp" else 1),
                          "--eval-every", str(eval_every), "--threads", "1", "--seed", "0"]
             print(f"== {rate} {name}: {rounds} rounds of {steps_per_round} steps", flush=True)
