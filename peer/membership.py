@@ -9,6 +9,10 @@ Protocol (SWIM-flavoured, no coordinator):
 - Liveness is judged locally: a peer whose counter has not grown for `suspect_after_s` is
   suspect (still waited for), after `dead_after_s` it is dead (left out of rounds and
   gossip, shown as dead on the dashboard), after `forget_after_s` it is dropped.
+- Dead is not final: every interval a peer also probes one random dead (not yet forgotten)
+  peer, off the heartbeat path. Otherwise peers that all stalled at once (heavy CPU, a
+  paused VM) would each mark the others dead and gossip to nobody, forever; a probe that
+  gets an answer revives both sides through the usual newer-heartbeat merge.
 Entries from the network are validated field by field; a malformed table is rejected
 whole (ProtocolError) and changes nothing.
 """
@@ -164,6 +168,11 @@ class Membership:
     def gossip_targets(self, fanout: int, rng: random.Random) -> list[PeerInfo]:
         others = self.live_others()
         return rng.sample(others, min(fanout, len(others)))
+
+    def probe_target(self, rng: random.Random) -> PeerInfo | None:
+        """One random dead, not yet forgotten peer to probe (None if there is none)."""
+        dead = [p for pid, p in sorted(self.peers.items()) if pid != self.me.peer_id and not self.is_alive(pid)]
+        return rng.choice(dead) if dead else None
 
     def table(self) -> list[dict[str, Any]]:
         """Entries to gossip: everyone not yet dead (dead ones are judged by each peer)."""

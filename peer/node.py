@@ -83,6 +83,7 @@ class Peer:
         self._train_thread = ThreadPoolExecutor(1, thread_name_prefix=f"train-{self.peer_id}")
         self._checkpoint_thread = ThreadPoolExecutor(1, thread_name_prefix=f"ckpt-{self.peer_id}")  # in order
         self._tasks: list[asyncio.Task] = []
+        self._probe: asyncio.Task | None = None  # gossip with a peer believed dead (membership.probe_target)
         self._runner: web.AppRunner | None = None
         self._rng = random.Random(secrets.randbits(64))
         self.round_log: list[dict[str, Any]] = []  # one entry per applied round (tests, demo)
@@ -137,9 +138,10 @@ class Peer:
 
     async def stop(self) -> None:
         self._stopping.set()
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._probe] if self._probe is not None else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.client.close()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -237,6 +239,9 @@ class Peer:
             me.bytes_sent, me.bytes_received = self.traffic.bytes_sent, self.traffic.bytes_received
             self.membership.beat()
             targets = self.membership.gossip_targets(self.config.protocol.gossip_fanout, self._rng)
+            probe = self.membership.probe_target(self._rng)
+            if probe is not None and (self._probe is None or self._probe.done()):  # not awaited: a dead host may hang
+                self._probe = asyncio.create_task(self._gossip_with(probe))
             await asyncio.gather(*(self._gossip_with(p) for p in targets))
             await asyncio.sleep(interval)
 

@@ -75,3 +75,22 @@ def test_history_records_losses_per_round():
         1: {"eval_loss": 3.0, "train_loss": None, "partner_distance": None},
         2: {"eval_loss": 2.5, "train_loss": None, "partner_distance": 0.01},
     }
+
+
+def test_dead_peers_are_probed_and_revive_on_a_newer_heartbeat():
+    """Peers that all stalled at once see each other dead; a probe of a dead peer is how
+    they find each other again (gossip targets only live peers)."""
+    import random
+
+    clock = Clock()
+    m = make(clock)
+    m.merge([entry("a", hb=1), entry("b", hb=1)])
+    assert m.probe_target(random.Random(0)) is None  # nobody dead: nothing to probe
+    clock.t = 7.0
+    assert m.live_others() == [] and m.gossip_targets(3, random.Random(0)) == []
+    assert m.probe_target(random.Random(0)).peer_id in ("a", "b")
+    m.merge([entry("a", hb=2)])  # the probe's answer carries a newer heartbeat
+    assert m.status("a") == "alive" and m.probe_target(random.Random(0)).peer_id == "b"
+    clock.t = 100.0
+    m.merge([])
+    assert m.probe_target(random.Random(0)) is None  # forgotten peers are not probed
