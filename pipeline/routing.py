@@ -221,7 +221,6 @@ class Router(ABC):
         self.assignments = Assignments(self.config.remember_microbatches)
         self._lock = threading.Lock()
 
-    @abstractmethod
     def choose(
         self,
         stage: int,
@@ -232,6 +231,18 @@ class Router(ABC):
         backward: bool = False,
     ) -> str:
         """One peer id from `candidates` (the live peers serving `stage`); NoRoute if empty."""
+        _check_task(task_size)
+        with self._lock:
+            peer_ids, now = self._begin(stage, candidates)
+            usable = self.book.usable(peer_ids, now)
+            return self._pick(stage, peer_ids, usable, now, microbatch, task_size, backward)
+
+    @abstractmethod
+    def _pick(
+        self, stage: int, peer_ids: list[str], usable: list[str], now: float, microbatch: int, task_size: float, backward: bool
+    ) -> str:
+        """The router's rule, under the lock: a peer of `usable` (never empty), given every
+        candidate of the stage in `peer_ids`."""
 
     def report(
         self, peer_id: str, *, seconds: float, task_size: float, backward: bool = False
@@ -300,29 +311,15 @@ class RandomRouter(Router):
         # stage -> (members, shuffled order, index of the next slot)
         self._cycles: dict[int, tuple[frozenset[str], list[str], int]] = {}
 
-    def choose(
-        self,
-        stage: int,
-        candidates: Sequence[str],
-        *,
-        microbatch: int,
-        task_size: float = 1.0,
-        backward: bool = False,
+    def _pick(
+        self, stage: int, peer_ids: list[str], usable: list[str], now: float, microbatch: int, task_size: float, backward: bool
     ) -> str:
-        _check_task(task_size)
-        with self._lock:
-            peer_ids, now = self._begin(stage, candidates)
-            usable = self.book.usable(peer_ids, now)
-            previous = self.assignments.get(stage, microbatch)
-            if previous in usable:
-                return previous
-            peer_id = (
-                self.rng.choice(usable)
-                if previous is not None
-                else self._next_in_cycle(stage, peer_ids, set(usable))
-            )
-            self.assignments.remember(stage, microbatch, peer_id)
-            return peer_id
+        previous = self.assignments.get(stage, microbatch)
+        if previous in usable:
+            return previous
+        peer_id = self.rng.choice(usable) if previous is not None else self._next_in_cycle(stage, peer_ids, set(usable))
+        self.assignments.remember(stage, microbatch, peer_id)
+        return peer_id
 
     def _next_in_cycle(self, stage: int, peer_ids: list[str], usable: set[str]) -> str:
         members = frozenset(peer_ids)
@@ -364,42 +361,32 @@ class SwarmRouter(Router):
 
     name = "swarm"
 
-    def choose(
-        self,
-        stage: int,
-        candidates: Sequence[str],
-        *,
-        microbatch: int,
-        task_size: float = 1.0,
-        backward: bool = False,
+    def _pick(
+        self, stage: int, peer_ids: list[str], usable: list[str], now: float, microbatch: int, task_size: float, backward: bool
     ) -> str:
-        _check_task(task_size)
-        with self._lock:
-            peer_ids, now = self._begin(stage, candidates)
-            usable = self.book.usable(peer_ids, now)
-            cost = self._cost(task_size, backward)
-            measured = [t for p in peer_ids if (t := self.book.peers[p].throughput) is not None]
-            assumed = max(measured, default=self.config.default_throughput)
-            forward_peer = self.assignments.get(stage, microbatch) if backward else None
+        cost = self._cost(task_size, backward)
+        measured = [t for p in peer_ids if (t := self.book.peers[p].throughput) is not None]
+        assumed = max(measured, default=self.config.default_throughput)
+        forward_peer = self.assignments.get(stage, microbatch) if backward else None
 
-            def projected_finish(peer_id: str) -> tuple[float, int, float]:
-                stats = self.book.peers[peer_id]
-                seconds = cost / (stats.throughput or assumed)
-                return (
-                    max(now, stats.busy_until) + seconds,
-                    stats.throughput is not None,
-                    self.rng.random(),
-                )
-
-            peer_id = forward_peer if forward_peer in usable else min(usable, key=projected_finish)
+        def projected_finish(peer_id: str) -> tuple[float, int, float]:
             stats = self.book.peers[peer_id]
-            if stats.busy_until <= now:
-                # The projection says its queue drained; forget work whose report never came.
-                stats.pending_cost = 0.0
-            stats.pending_cost += cost
-            stats.busy_until = max(now, stats.busy_until) + cost / (stats.throughput or assumed)
-            self.assignments.remember(stage, microbatch, peer_id)
-            return peer_id
+            seconds = cost / (stats.throughput or assumed)
+            return (
+                max(now, stats.busy_until) + seconds,
+                stats.throughput is not None,
+                self.rng.random(),
+            )
+
+        peer_id = forward_peer if forward_peer in usable else min(usable, key=projected_finish)
+        stats = self.book.peers[peer_id]
+        if stats.busy_until <= now:
+            # The projection says its queue drained; forget work whose report never came.
+            stats.pending_cost = 0.0
+        stats.pending_cost += cost
+        stats.busy_until = max(now, stats.busy_until) + cost / (stats.throughput or assumed)
+        self.assignments.remember(stage, microbatch, peer_id)
+        return peer_id
 
 
 ROUTERS: dict[str, type[Router]] = {"random": RandomRouter, "swarm": SwarmRouter}
