@@ -37,7 +37,7 @@ from shoal.pipeline.driver import DriverConfig, PipelineBroken, PipelineDriver
 from shoal.pipeline.routing import Router, build_router
 from shoal.pipeline.service import StageService
 from shoal.pipeline.stages import StagePlan, build_stage
-from shoal.pipeline.worker import BlockWorker, EdgeWorker
+from shoal.pipeline.worker import BlockWorker, EdgeWorker, SliceTrainer
 from shoal.train.model import ModelConfig
 
 if TYPE_CHECKING:
@@ -132,18 +132,32 @@ def build_stage_trainer(peer: Peer, model: ModelConfig, stage: int) -> DriverTra
     return DriverTrainer(edge, driver, peer.batches, lambda: peer._loop, current_round, peer._stopping, ready)
 
 
-class DriverTrainer:
-    def __init__(self, edge: EdgeWorker, driver: PipelineDriver, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-                 loop: Callable[[], asyncio.AbstractEventLoop], current_round: Callable[[], int], stopping: threading.Event,
-                 stage_ready: Callable[[], bool]) -> None:
-        self.edge, self.driver, self.batches = edge, driver, batches
-        self.loop, self.current_round, self.stopping, self.stage_ready = loop, current_round, stopping, stage_ready
-        self.params = edge.params
-        self.model = edge.module
+class _SliceView:
+    """What the round loop reads and writes of a stage's slice (its SliceTrainer)."""
+
+    def __init__(self, trainer: SliceTrainer) -> None:
+        self.slice = trainer
+        self.params = trainer.params
+        self.model = trainer.module
 
     @property
     def step_count(self) -> int:
-        return self.edge.step_count
+        return self.slice.step_count
+
+    def local_weights(self) -> dict[str, torch.Tensor]:
+        return self.slice.local_weights()
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        self.slice.load_weights(weights)
+
+
+class DriverTrainer(_SliceView):
+    def __init__(self, edge: EdgeWorker, driver: PipelineDriver, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+                 loop: Callable[[], asyncio.AbstractEventLoop], current_round: Callable[[], int], stopping: threading.Event,
+                 stage_ready: Callable[[], bool]) -> None:
+        super().__init__(edge)
+        self.edge, self.driver, self.batches = edge, driver, batches
+        self.loop, self.current_round, self.stopping, self.stage_ready = loop, current_round, stopping, stage_ready
 
     def _await(self, coroutine) -> Any:
         """Run `coroutine` on the event loop and wait for it (training thread); cancel it
@@ -196,37 +210,23 @@ class DriverTrainer:
         self.driver.round = self.current_round()
         return self._await(self.driver.evaluate(batches))
 
-    def local_weights(self) -> dict[str, torch.Tensor]:
-        return self.edge.local_weights()
 
-    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        self.edge.load_weights(weights)
-
-
-class ServingTrainer:
+class ServingTrainer(_SliceView):
     def __init__(self, worker: BlockWorker, service: StageService, current_round: Callable[[], int], stopping: threading.Event) -> None:
+        super().__init__(worker)
         self.worker, self.service, self.current_round, self.stopping = worker, service, current_round, stopping
-        self.params = worker.params
-        self.model = worker.module
-
-    @property
-    def step_count(self) -> int:
-        return self.worker.step_count
 
     def run(self, steps: int, on_step: Callable[[int, float], None] | None = None) -> InnerStats:
         begin, tokens_before, round_id, seen = time.perf_counter(), self.service.tokens, self.current_round(), 0
         while seen < steps and not self.stopping.is_set():
             seen = self.service.wait_steps(round_id, seen + 1, self.stopping)
             if on_step is not None:  # raises Stopped when the peer stops
-                on_step(self.worker.step_count, self.service.last_loss if self.service.last_loss is not None else float("nan"))
-        loss = self.service.last_loss if self.service.last_loss is not None else float("nan")
-        return InnerStats(steps=seen, tokens=self.service.tokens - tokens_before, seconds=time.perf_counter() - begin, train_loss=loss)
+                on_step(self.worker.step_count, self._driver_loss())
+        return InnerStats(steps=seen, tokens=self.service.tokens - tokens_before, seconds=time.perf_counter() - begin, train_loss=self._driver_loss())
+
+    def _driver_loss(self) -> float:
+        """The training loss stage 0 reported with its last step message."""
+        return self.service.last_loss if self.service.last_loss is not None else float("nan")
 
     def evaluate(self, batches: Batches) -> None:
         return None  # a block stage cannot evaluate alone: stage 0 reports the replica's loss
-
-    def local_weights(self) -> dict[str, torch.Tensor]:
-        return self.worker.local_weights()
-
-    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        self.worker.load_weights(weights)
