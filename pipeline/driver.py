@@ -97,7 +97,7 @@ class PipelineDriver:
         self.d_model = edge.module.config.d_model
         self._ids = itertools.count()
         self.round = 0  # outer round the next microbatches belong to (set by the peer)
-        self.retries_total = 0  # microbatches run again (a backward hop failed)
+        self.retries_total = 0  # microbatch attempts that failed and ran again (training and evaluation)
         self.failovers_total = 0  # forward hops moved to another replica of their stage
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -119,13 +119,8 @@ class PipelineDriver:
         through. A microbatch that fails `max_attempts` times is dropped from the step;
         PipelineBroken if all were."""
         size = self.config.microbatch_size
-        gate = asyncio.Semaphore(self.config.max_in_flight)
-
-        async def one(start: int) -> float:
-            async with gate:
-                return await self._microbatch(x[start : start + size], y[start : start + size])
-
-        results = await asyncio.gather(*(one(s) for s in range(0, x.size(0), size)), return_exceptions=True)
+        pieces = [(x[s : s + size], y[s : s + size]) for s in range(0, x.size(0), size)]
+        results = await self._in_flight([self._microbatch(xs, ys) for xs, ys in pieces], return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, PipelineBroken):
                 raise result
@@ -136,26 +131,45 @@ class PipelineDriver:
             log.warning("[%s] dropped %d of %d microbatches of this step", self.name, len(results) - len(losses), len(results))
         return sum(losses) / len(losses), len(losses)
 
-    async def _microbatch(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    async def _in_flight(self, coroutines: list, return_exceptions: bool = False) -> list:
+        """Run the microbatches' coroutines with at most `max_in_flight` at once."""
+        gate = asyncio.Semaphore(self.config.max_in_flight)
+
+        async def gated(coroutine):
+            async with gate:
+                return await coroutine
+
+        return await asyncio.gather(*(gated(c) for c in coroutines), return_exceptions=return_exceptions)
+
+    async def _attempts(self, x: torch.Tensor, what: str, once: Callable[[int, Microbatch], Awaitable[Any]]) -> Any:
+        """Run `once` for a microbatch of tokens `x`, each attempt under a fresh key (a
+        stage may still hold the last attempt's input), pausing 0.5, 1, 2, … s between
+        attempts; PipelineBroken after `max_attempts`."""
         for attempt in range(self.config.max_attempts):
             mb_id = next(self._ids)
             mb = Microbatch(f"{self.name}/{mb_id}", x)
             try:
-                h = await self._run(self.edge.embed, x)
-                path = []
-                for stage in range(1, self.plan.num_stages):
-                    peer, h = await self._forward(stage, mb_id, mb, h, keep=True)
-                    path.append(peer)
-                loss, grad, head_grads = await self._run(self.edge.head, h, y)
-                for stage in range(self.plan.num_stages - 1, 0, -1):
-                    grad = await self._backward(stage, path[stage - 1], mb, grad)
-                await self._run(self.edge.commit, x, grad, head_grads)
-                return loss
+                return await once(mb_id, mb)
             except (HopFailed, NoRoute) as exc:
                 self.retries_total += 1
-                log.warning("[%s] microbatch %s attempt %d failed: %s", self.name, mb.key, attempt + 1, exc)
+                log.warning("[%s] %s %s attempt %d failed: %s", self.name, what, mb.key, attempt + 1, exc)
                 await asyncio.sleep(self.config.retry_pause_s * 2**attempt)
-        raise PipelineBroken(f"a microbatch failed {self.config.max_attempts} times; is every stage served?")
+        raise PipelineBroken(f"{what} failed {self.config.max_attempts} times; is every stage served?")
+
+    async def _microbatch(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        async def once(mb_id: int, mb: Microbatch) -> float:
+            h = await self._run(self.edge.embed, x)
+            path = []
+            for stage in range(1, self.plan.num_stages):
+                peer, h = await self._forward(stage, mb_id, mb, h, keep=True)
+                path.append(peer)
+            loss, grad, head_grads = await self._run(self.edge.head, h, y)
+            for stage in range(self.plan.num_stages - 1, 0, -1):
+                grad = await self._backward(stage, path[stage - 1], mb, grad)
+            await self._run(self.edge.commit, x, grad, head_grads)
+            return loss
+
+        return await self._attempts(x, "microbatch", once)
 
     async def _forward(self, stage: int, mb_id: int, mb: Microbatch, h: torch.Tensor, keep: bool) -> tuple[str, torch.Tensor]:
         """One forward hop, trying other replicas of the stage when one fails."""
@@ -209,24 +223,17 @@ class PipelineDriver:
     async def evaluate(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """Mean held-out loss through the pipeline (forward only, nothing kept)."""
         size = self.config.microbatch_size
-        gate = asyncio.Semaphore(self.config.max_in_flight)
 
         async def one(x: torch.Tensor, y: torch.Tensor) -> float:
-            async with gate:
-                for attempt in range(self.config.max_attempts):
-                    mb_id = next(self._ids)
-                    mb = Microbatch(f"{self.name}/{mb_id}", x)
-                    try:
-                        h = await self._run(self.edge.embed, x)
-                        for stage in range(1, self.plan.num_stages):
-                            _, h = await self._forward(stage, mb_id, mb, h, keep=False)
-                        return await self._run(self.edge.evaluate_loss, h, y)
-                    except (HopFailed, NoRoute) as exc:
-                        log.warning("[%s] eval microbatch attempt %d failed: %s", self.name, attempt + 1, exc)
-                        await asyncio.sleep(self.config.retry_pause_s)
-                raise PipelineBroken("an evaluation microbatch could not get through the pipeline")
+            async def once(mb_id: int, mb: Microbatch) -> float:
+                h = await self._run(self.edge.embed, x)
+                for stage in range(1, self.plan.num_stages):
+                    _, h = await self._forward(stage, mb_id, mb, h, keep=False)
+                return await self._run(self.edge.evaluate_loss, h, y)
+
+            return await self._attempts(x, "evaluation microbatch", once)
 
         pieces = [(x[s : s + size], y[s : s + size]) for x, y in batches for s in range(0, x.size(0), size)]
-        losses = await asyncio.gather(*(one(x, y) for x, y in pieces))
+        losses = await self._in_flight([one(x, y) for x, y in pieces])
         weights = [x.numel() for x, _ in pieces]
         return sum(loss * w for loss, w in zip(losses, weights, strict=True)) / sum(weights)
