@@ -173,13 +173,13 @@ class PipelineDriver:
 
     async def _forward(self, stage: int, mb_id: int, mb: Microbatch, h: torch.Tensor, keep: bool) -> tuple[str, torch.Tensor]:
         """One forward hop, trying other replicas of the stage when one fails."""
+        payload = await self._run(self.codec.encode, h, mb.tokens)  # once: the same bytes go to any replica
+        request = {**mb.to_wire(), "stage": stage, "round": self.round, "codec": self.codec.name, "act": payload}
         tried: set[str] = set()
         while True:
             candidates = [p for p in self.stage_peers(stage) if p not in tried]
             peer = self.router.choose(stage, candidates, microbatch=mb_id, task_size=mb.tokens.numel())
             tried.add(peer)
-            payload = await self._run(self.codec.encode, h, mb.tokens)
-            request = {**mb.to_wire(), "stage": stage, "round": self.round, "codec": self.codec.name, "act": payload}
             begin = time.monotonic()
             try:
                 answer = await self.call(peer, "/stage/forward" if keep else "/stage/infer", request, self.config.hop_timeout_s)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -43,9 +44,14 @@ class Microbatch:
     tokens: torch.Tensor  # (batch, seq) int64
 
     def to_wire(self) -> dict[str, Any]:
+        return {"key": self.key, "tokens": self._token_bytes, "shape": list(self.tokens.shape)}
+
+    @cached_property
+    def _token_bytes(self) -> bytes:
+        """The ids as sent (computed once: every hop of the microbatch carries them)."""
         ids = self.tokens.cpu().numpy()
         data = ids.astype(np.uint8) if ids.size == 0 or ids.max() < 256 else ids.astype("<i4")
-        return {"key": self.key, "tokens": data.tobytes(), "shape": list(self.tokens.shape)}
+        return data.tobytes()
 
     @classmethod
     def from_wire(cls, payload: dict[str, Any], vocab_size: int, max_seq_len: int) -> Microbatch:
