@@ -26,6 +26,13 @@ def _host_port(value: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+def _stage_list(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--eval-stages wants stage numbers separated by commas, e.g. 1,3,5; got {value!r}") from None
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags that define the run (every peer of a run must pass the same values)."""
     from shoal.compression import CODECS
@@ -85,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--microbatch-size", type=int, default=4, help="stage 0: sequences per microbatch (default 4)")
     peer.add_argument("--in-flight", type=int, default=4, help="stage 0: microbatches in the pipeline at once (default 4)")
     peer.add_argument("--router", default="swarm", choices=["random", "swarm"], help="stage 0: per-hop choice among a stage's peers (default swarm: least projected busy time)")
+    peer.add_argument("--skip-ratio", type=float, default=0.0, help="stage 0: SkipPipe: each microbatch skips this share of the stages on paths planned around slow peers (e.g. 0.33; default 0: every stage)")
+    peer.add_argument("--out-of-order", type=float, default=0.0, help="stage 0: CheckFree+: this share of microbatches runs the first and last two block stages swapped, so a lost edge stage can be copied from its neighbour (e.g. 0.5)")
+    peer.add_argument("--eval-stages", type=_stage_list, help="stage 0: also evaluate through only these block stages, e.g. 1,3,5 (inference on part of the model)")
     peer.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default auto: cuda when present)")
     peer.add_argument("--data", help="text file, folder or glob of .txt/.jsonl (default: this Python's standard library sources)")
     peer.add_argument("--checkpoint-dir", help="write outer state here after every round")
@@ -116,7 +126,8 @@ def peer_config_from(args: argparse.Namespace) -> PeerConfig:
     return PeerConfig(
         run=run_config_from(args), listen_host=args.listen[0], listen_port=args.listen[1], advertise=args.advertise,
         bootstrap=args.bootstrap, swarm_key=args.swarm_key, role=args.role, stage=args.stage, activation=args.activation,
-        microbatch_size=args.microbatch_size, in_flight=args.in_flight, router=args.router, device=args.device, data_path=args.data,
+        microbatch_size=args.microbatch_size, in_flight=args.in_flight, router=args.router, skip_ratio=args.skip_ratio,
+        out_of_order=args.out_of_order, eval_stages=args.eval_stages, device=args.device, data_path=args.data,
         checkpoint_dir=args.checkpoint_dir, resume=args.resume, max_rounds=args.rounds, min_peers=args.min_peers, torch_threads=args.threads,
         eval_every=args.eval_every,
         protocol=protocol, **extra,

@@ -124,6 +124,9 @@ class PeerConfig:
     microbatch_size: int = 4  # stage 0: sequences per microbatch
     in_flight: int = 4  # stage 0: microbatches in the pipeline at once
     router: str = "swarm"  # stage 0: how a hop picks among a stage's peers (random, swarm)
+    skip_ratio: float = 0.0  # stage 0: SkipPipe paths skipping this share of the stages (0: every stage)
+    out_of_order: float = 0.0  # stage 0: share of microbatches run with edge block stages swapped (CheckFree+)
+    eval_stages: tuple[int, ...] | None = None  # stage 0: also evaluate through only these block stages
     device: str = "auto"
     data_path: str | None = None
     num_shards: int = 16
@@ -158,5 +161,12 @@ class PeerConfig:
             raise ValueError(f"--stage must be in 0..{self.run.stages - 1}, got {self.stage}")
         if self.microbatch_size < 1 or self.in_flight < 1:
             raise ValueError("--microbatch-size and --in-flight must be >= 1")
+        if not 0.0 <= self.skip_ratio < 1.0:
+            raise ValueError(f"--skip-ratio must be in [0, 1), got {self.skip_ratio}")
+        if not 0.0 <= self.out_of_order <= 1.0:
+            raise ValueError(f"--out-of-order must be in [0, 1], got {self.out_of_order}")
+        if self.eval_stages is not None and (not self.eval_stages or len(set(self.eval_stages)) < len(self.eval_stages)
+                                             or not all(1 <= s < self.run.stages for s in self.eval_stages)):
+            raise ValueError(f"--eval-stages must list distinct block stages in 1..{self.run.stages - 1}, got {list(self.eval_stages)}")
         if not 0 < len(self.peer_id) <= 128:
             raise ValueError("--peer-id must be 1..128 characters")

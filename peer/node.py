@@ -395,6 +395,8 @@ class Peer:
                  "gathered": got, "applied": final, "resynced": resynced, "inner_seconds": stats.seconds, "time": time.time(),
                  "bytes_sent": self.traffic.bytes_sent, "contribution_bytes_sent": self.traffic.sent["contribution"],
                  "partner_distance": me.partner_distance}
+        if eval_loss is not None and getattr(self.trainer, "eval_stages", None):  # stage 0 with --eval-stages
+            entry["eval_loss_partial"] = self.trainer.partial_eval_loss
         self.round_log.append(entry)
         log.info("[%s] round %d done: eval %s, train %.3f, %d/%d contributions, hash %s%s", self.peer_id, round_id,
                  "-" if eval_loss is None else f"{eval_loss:.3f}", stats.train_loss, len(final), len(got), new_hash[:8], " (resynced)" if resynced else "")

@@ -34,6 +34,7 @@ from shoal.peer.errors import Stopped
 from shoal.peer.membership import Membership, PeerInfo
 from shoal.pipeline.compression import parse_activation
 from shoal.pipeline.driver import DriverConfig, PipelineBroken, PipelineDriver
+from shoal.pipeline.paths import build_paths
 from shoal.pipeline.routing import Router, build_router
 from shoal.pipeline.service import StageService
 from shoal.pipeline.stages import StagePlan, build_stage
@@ -124,12 +125,13 @@ def build_stage_trainer(peer: Peer, model: ModelConfig, stage: int) -> DriverTra
         return stage_peers(peer.membership, stage, config.activation)
 
     driver_config = DriverConfig(microbatch_size=config.microbatch_size, max_in_flight=config.in_flight, hop_timeout_s=config.protocol.request_timeout_s)
-    driver = PipelineDriver(edge, plan, setting.codec, peer.router, call, serving, compute, driver_config, name=peer.peer_id)
+    paths = build_paths(run.stages, config.skip_ratio, config.out_of_order, peer.peer_id, peer.router)
+    driver = PipelineDriver(edge, plan, setting.codec, peer.router, call, serving, compute, driver_config, name=peer.peer_id, paths=paths)
 
     def ready() -> bool:
         return all(serving(s) for s in range(1, run.stages))
 
-    return DriverTrainer(edge, driver, peer.batches, lambda: peer._loop, current_round, peer._stopping, ready)
+    return DriverTrainer(edge, driver, peer.batches, lambda: peer._loop, current_round, peer._stopping, ready, config.eval_stages)
 
 
 class _SliceView:
@@ -154,10 +156,12 @@ class _SliceView:
 class DriverTrainer(_SliceView):
     def __init__(self, edge: EdgeWorker, driver: PipelineDriver, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
                  loop: Callable[[], asyncio.AbstractEventLoop], current_round: Callable[[], int], stopping: threading.Event,
-                 stage_ready: Callable[[], bool]) -> None:
+                 stage_ready: Callable[[], bool], eval_stages: Sequence[int] | None = None) -> None:
         super().__init__(edge)
         self.edge, self.driver, self.batches = edge, driver, batches
         self.loop, self.current_round, self.stopping, self.stage_ready = loop, current_round, stopping, stage_ready
+        self.eval_stages = eval_stages
+        self.partial_eval_loss: float | None = None  # last held-out loss through eval_stages only
 
     def _await(self, coroutine) -> Any:
         """Run `coroutine` on the event loop and wait for it (training thread); cancel it
@@ -204,10 +208,13 @@ class DriverTrainer(_SliceView):
         return InnerStats(steps=steps, tokens=tokens, seconds=time.perf_counter() - begin, train_loss=mean)
 
     def evaluate(self, batches: Batches) -> float | None:
-        """Held-out loss through the pipeline; None while some stage has no peer."""
+        """Held-out loss through the pipeline; None while some stage has no peer. With
+        `eval_stages`, also the loss through those stages alone (`partial_eval_loss`)."""
         if not self._on_loop(self.stage_ready):
             return None
         self.driver.round = self.current_round()
+        if self.eval_stages:
+            self.partial_eval_loss = self._await(self.driver.evaluate(batches, self.eval_stages))
         return self._await(self.driver.evaluate(batches))
 
 

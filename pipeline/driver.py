@@ -6,6 +6,10 @@ One microbatch (S stages, "→" is one HTTP hop, chosen per hop by the router):
     embed(x) ─→ stage 1 ─→ … ─→ stage S−1 ─→ loss, dL/dh  (stage 0)
     commit ←── stage 1 ←── … ←── stage S−1 ←──┘            (same peers, reverse order)
 
+That is the full pipeline's route; a `PathPlanner` (pipeline/paths.py) may give each
+microbatch another one: a subset of the stages (SkipPipe), adjacent stages swapped
+(SkipPipe, CheckFree+'s out-of-order microbatches), and a preferred peer per hop.
+
 Up to `max_in_flight` microbatches run concurrently, so while stage 2 computes microbatch
 j, stage 1 already works on j+1 (each stage serves its requests one at a time, in
 order). When every microbatch of the step is back, stage 0 takes its own inner step and
@@ -40,6 +44,7 @@ from typing import Any
 import torch
 
 from shoal.compression.activation import ActivationCodec
+from shoal.pipeline.paths import FullPaths, PathPlanner, Route
 from shoal.pipeline.protocol import Microbatch
 from shoal.pipeline.routing import NoRoute, Router
 from shoal.pipeline.stages import StagePlan
@@ -90,10 +95,12 @@ class PipelineDriver:
         compute: Executor,
         config: DriverConfig,
         name: str = "driver",
+        paths: PathPlanner | None = None,
     ) -> None:
         self.edge, self.plan, self.codec, self.router = edge, plan, codec, router
         self.call, self.stage_peers, self.compute, self.config = call, stage_peers, compute, config
         self.name = name
+        self.paths = paths or FullPaths(plan.num_stages)
         self.d_model = edge.module.config.d_model
         self._ids = itertools.count()
         self.round = 0  # outer round the next microbatches belong to (set by the peer)
@@ -120,7 +127,9 @@ class PipelineDriver:
         PipelineBroken if all were."""
         size = self.config.microbatch_size
         pieces = [(x[s : s + size], y[s : s + size]) for s in range(0, x.size(0), size)]
-        results = await self._in_flight([self._microbatch(xs, ys) for xs, ys in pieces], return_exceptions=True)
+        served = {stage: list(self.stage_peers(stage)) for stage in range(1, self.plan.num_stages)}
+        routes = await self._run(self.paths.plan, len(pieces), pieces[0][0].numel(), served)
+        results = await self._in_flight([self._microbatch(xs, ys, route) for (xs, ys), route in zip(pieces, routes, strict=True)], return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, PipelineBroken):
                 raise result
@@ -156,29 +165,30 @@ class PipelineDriver:
                 await asyncio.sleep(self.config.retry_pause_s * 2**attempt)
         raise PipelineBroken(f"{what} failed {self.config.max_attempts} times; is every stage served?")
 
-    async def _microbatch(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    async def _microbatch(self, x: torch.Tensor, y: torch.Tensor, route: Route) -> float:
         async def once(mb_id: int, mb: Microbatch) -> float:
             h = await self._run(self.edge.embed, x)
-            path = []
-            for stage in range(1, self.plan.num_stages):
-                peer, h = await self._forward(stage, mb_id, mb, h, keep=True)
-                path.append(peer)
+            visited = []
+            for stage, prefer in route:
+                peer, h = await self._forward(stage, mb_id, mb, h, keep=True, prefer=prefer)
+                visited.append((stage, peer))
             loss, grad, head_grads = await self._run(self.edge.head, h, y)
-            for stage in range(self.plan.num_stages - 1, 0, -1):
-                grad = await self._backward(stage, path[stage - 1], mb, grad)
+            for stage, peer in reversed(visited):
+                grad = await self._backward(stage, peer, mb, grad)
             await self._run(self.edge.commit, x, grad, head_grads)
             return loss
 
         return await self._attempts(x, "microbatch", once)
 
-    async def _forward(self, stage: int, mb_id: int, mb: Microbatch, h: torch.Tensor, keep: bool) -> tuple[str, torch.Tensor]:
-        """One forward hop, trying other replicas of the stage when one fails."""
+    async def _forward(self, stage: int, mb_id: int, mb: Microbatch, h: torch.Tensor, keep: bool, prefer: str | None = None) -> tuple[str, torch.Tensor]:
+        """One forward hop (to `prefer` if it is usable), trying other replicas of the
+        stage when one fails."""
         payload = await self._run(self.codec.encode, h, mb.tokens)  # once: the same bytes go to any replica
         request = {**mb.to_wire(), "stage": stage, "round": self.round, "codec": self.codec.name, "act": payload}
         tried: set[str] = set()
         while True:
             candidates = [p for p in self.stage_peers(stage) if p not in tried]
-            peer = self.router.choose(stage, candidates, microbatch=mb_id, task_size=mb.tokens.numel())
+            peer = self.router.choose(stage, candidates, microbatch=mb_id, task_size=mb.tokens.numel(), prefer=prefer)
             tried.add(peer)
             begin = time.monotonic()
             try:
@@ -220,14 +230,18 @@ class PipelineDriver:
 
     # ---- evaluation -------------------------------------------------------------------
 
-    async def evaluate(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """Mean held-out loss through the pipeline (forward only, nothing kept)."""
+    async def evaluate(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], stages: Sequence[int] | None = None) -> float:
+        """Mean held-out loss through the pipeline (forward only, nothing kept), through
+        every stage or only `stages` (in that order): inference on part of the model."""
         size = self.config.microbatch_size
+        stages = list(range(1, self.plan.num_stages)) if stages is None else list(stages)
+        if not stages or not all(1 <= s < self.plan.num_stages for s in stages) or len(set(stages)) < len(stages):
+            raise ValueError(f"evaluation stages must be distinct block stages in 1..{self.plan.num_stages - 1}, got {stages}")
 
         async def one(x: torch.Tensor, y: torch.Tensor) -> float:
             async def once(mb_id: int, mb: Microbatch) -> float:
                 h = await self._run(self.edge.embed, x)
-                for stage in range(1, self.plan.num_stages):
+                for stage in stages:
                     _, h = await self._forward(stage, mb_id, mb, h, keep=False)
                 return await self._run(self.edge.evaluate_loss, h, y)
 

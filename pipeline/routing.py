@@ -229,13 +229,25 @@ class Router(ABC):
         microbatch: int,
         task_size: float = 1.0,
         backward: bool = False,
+        prefer: str | None = None,
     ) -> str:
-        """One peer id from `candidates` (the live peers serving `stage`); NoRoute if empty."""
+        """One peer id from `candidates` (the live peers serving `stage`); NoRoute if empty.
+        `prefer` (a path planner's choice) is taken if it is a usable candidate."""
         _check_task(task_size)
         with self._lock:
             peer_ids, now = self._begin(stage, candidates)
             usable = self.book.usable(peer_ids, now)
+            if prefer is not None and prefer in usable and self.book.peers[prefer].banned_until <= now:
+                self.assignments.remember(stage, microbatch, prefer)
+                return prefer
             return self._pick(stage, peer_ids, usable, now, microbatch, task_size, backward)
+
+    def throughput(self, peer_id: str) -> float | None:
+        """The measured forward-equivalent task units per second of `peer_id` (None until
+        measured)."""
+        with self._lock:
+            stats = self.book.peers.get(peer_id)
+            return stats.throughput if stats is not None else None
 
     @abstractmethod
     def _pick(

@@ -87,6 +87,15 @@ def test_random_repeat_of_a_microbatch_keeps_its_peer_and_takes_no_slot():
 
 
 @pytest.mark.parametrize("name", sorted(ROUTERS))
+def test_a_planned_peer_is_taken_unless_banned_or_absent(name):
+    router, clock = make(name)
+    assert all(router.choose(0, PEERS, microbatch=m, prefer="d") == "d" for m in range(10))
+    router.failed("d")
+    assert router.choose(0, PEERS, microbatch=11, prefer="d") != "d"
+    assert router.choose(0, PEERS, microbatch=12, prefer="zz") in PEERS
+
+
+@pytest.mark.parametrize("name", sorted(ROUTERS))
 def test_retry_avoids_the_failed_peer(name):
     router, clock = make(name, seed=2)
     first = router.choose(0, PEERS, microbatch=7)

@@ -1,0 +1,136 @@
+"""Routes through the pipeline: the planners (full, out-of-order, SkipPipe), the driver
+following them with the right gradients, and evaluation on part of the model."""
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from shoal.optim.inner import InnerConfig
+from shoal.pipeline.compression import parse_activation
+from shoal.pipeline.driver import DriverConfig, PipelineDriver
+from shoal.pipeline.paths import FullPaths, PathPlanner, Route, SkipPaths, build_paths
+from shoal.pipeline.routing import build_router
+from shoal.pipeline.service import StageService
+from shoal.pipeline.skippipe import SkipPipeConfig
+from shoal.pipeline.stages import StagePlan, build_stage
+from shoal.pipeline.worker import BlockWorker, EdgeWorker
+from shoal.train import PRESETS
+from tests.pipeline.test_pipeline_grad import InProcess, batch
+
+CONFIG = PRESETS["tiny-deep"]  # 4 blocks: 5 stages of one block each
+SEED = 3
+STAGES = 5
+
+
+class Fixed(PathPlanner):
+    name = "fixed"
+
+    def __init__(self, stages: list[int]) -> None:
+        self.stages, self.num_stages = stages, STAGES
+
+    def plan(self, microbatches, tokens, served=None) -> list[Route]:
+        return [[(s, None) for s in self.stages]] * microbatches
+
+
+def pipeline(paths: PathPlanner | None = None, replicas: int = 1, router=None):
+    plan = StagePlan(STAGES, CONFIG.n_layers)
+    inner = InnerConfig(lr=1e-3, batch_size=8, seq_len=16)
+    setting = parse_activation("none", CONFIG, SEED)
+    compute = ThreadPoolExecutor(1)
+    edge = EdgeWorker(build_stage(CONFIG, plan, 0, SEED), inner, torch.device("cpu"))
+    peers = {f"s{k}.{r}": k for k in range(1, STAGES) for r in range(replicas)}
+    workers = {p: BlockWorker(build_stage(CONFIG, plan, k, SEED), inner, torch.device("cpu")) for p, k in peers.items()}
+    services = {p: StageService(workers[p], k, setting, CONFIG, compute, lambda: 0) for p, k in peers.items()}
+    router = router or build_router("swarm", 0)
+    driver = PipelineDriver(edge, plan, setting.codec, router, InProcess(services), lambda s: [p for p, k in peers.items() if k == s],
+                            compute, DriverConfig(microbatch_size=2, max_in_flight=2), paths=paths)
+    return driver, edge, workers
+
+
+def reference(stages: list[int], x, y):
+    """The same weights run as one graph: embedding, the blocks of `stages` in that order, loss."""
+    plan = StagePlan(STAGES, CONFIG.n_layers)
+    edge = build_stage(CONFIG, plan, 0, SEED)
+    blocks = {k: build_stage(CONFIG, plan, k, SEED) for k in range(1, STAGES)}
+    h = edge.embed_tokens(x)
+    for k in stages:
+        h = blocks[k](h)
+    loss = edge.loss(h, y)
+    loss.backward()
+    return float(loss.detach()), edge, blocks
+
+
+def test_full_paths_visit_every_stage_and_swap_the_edge_pairs_for_a_share():
+    assert FullPaths(6).plan(3, 8) == [[(s, None) for s in range(1, 6)]] * 3
+    routes = FullPaths(6, swap_fraction=0.5).plan(8, 8)
+    swapped = [r for r in routes if r != FullPaths(6).route()]
+    assert len(swapped) == 4 and all([s for s, _ in r] == [2, 1, 3, 5, 4] for r in swapped)
+    assert [s for s, _ in FullPaths(3, 1.0).route(swapped=True)] == [2, 1]  # two block stages: one pair
+    with pytest.raises(ValueError, match="out-of-order"):
+        FullPaths(2, 0.5)
+    with pytest.raises(ValueError, match="pick one"):
+        build_paths(6, 0.33, 0.5, "d", build_router("swarm", 0))
+
+
+@pytest.mark.parametrize("stages", [[1, 3, 4], [2, 1, 3, 4], [1, 2, 4, 3]])
+def test_the_driver_follows_a_route_and_the_gradients_are_that_routes(stages):
+    driver, edge, workers = pipeline(Fixed(stages))
+    x, y = batch()
+    loss, done = asyncio.run(driver.accumulate(x, y))
+    ref_loss, ref_edge, ref_blocks = reference(stages, x, y)
+    assert done == 4 and loss == pytest.approx(ref_loss, rel=1e-5)
+    pairs = [(edge, ref_edge)] + [(workers[f"s{k}.0"], ref_blocks[k]) for k in range(1, STAGES)]
+    for trainer, module in pairs:
+        expected = dict(module.named_parameters())
+        if trainer is not edge and int(next(iter(trainer.params)).split(".")[1]) + 1 not in stages:
+            assert trainer.microbatches == 0 and all(p.grad is None for p in trainer.params.values())
+            continue
+        assert trainer.microbatches == 4
+        for name, param in trainer.params.items():
+            grad = expected[name].grad
+            assert float((param.grad / 4 - grad).abs().max() / grad.abs().max()) < 1e-4, name
+
+
+def test_evaluation_on_part_of_the_model():
+    driver, _, _ = pipeline()
+    x, y = batch(1)
+    half = asyncio.run(driver.evaluate([(x, y)], stages=[1, 3]))
+    assert half == pytest.approx(reference([1, 3], x, y)[0], rel=1e-5)
+    assert asyncio.run(driver.evaluate([(x, y)])) == pytest.approx(reference([1, 2, 3, 4], x, y)[0], rel=1e-5)
+    for bad in ([], [0, 1], [1, 1], [5]):
+        with pytest.raises(ValueError, match="distinct block stages"):
+            asyncio.run(driver.evaluate([(x, y)], stages=bad))
+
+
+def test_skippipe_plans_skip_stages_and_avoid_the_slow_replica():
+    router = build_router("swarm", 0)
+    served = {s: [f"s{s}.0", f"s{s}.1"] for s in range(1, 6)}
+    for peer in (p for peers in served.values() for p in peers):
+        router.report(peer, seconds=1.0, task_size=1000 if peer != "s3.0" else 100)  # s3.0 is 10x slower
+    planner = SkipPaths(SkipPipeConfig(num_stages=6), "driver", router)
+    routes = planner.plan(8, 64, served)
+    assert len(routes) == 8 and planner.last_iteration_s > 0
+    for route in routes:
+        stages = [s for s, _ in route]
+        assert len(stages) == 3 and len(set(stages)) == 3  # 4 of 6 stages, stage 0 counted
+        assert all(peer in served[s] for s, peer in route)
+    used = [peer for route in routes for _, peer in route]
+    assert used.count("s3.0") < used.count("s3.1")
+    # too few stages served for paths of 4: the step runs as the full pipeline
+    assert planner.plan(2, 64, {1: ["a"], 2: [], 3: [], 4: [], 5: []}) == FullPaths(6).plan(2, 64)
+    assert planner.fallbacks == 1
+
+
+def test_a_skippipe_step_trains_through_the_runtime():
+    router = build_router("swarm", 0)
+    driver, edge, workers = pipeline(build_paths(STAGES, 0.25, 0.0, "driver", router), replicas=2, router=router)
+    x, y = batch()
+    before = asyncio.run(driver.evaluate([(x, y)]))
+    for step in range(3):
+        result = asyncio.run(driver.train_step(x, y, step))
+        assert result.tokens == x.numel()
+    assert asyncio.run(driver.evaluate([(x, y)])) < before
+    seen = sum(w.step_count > 0 for w in workers.values())
+    assert seen >= 4  # every stage was visited by some microbatch, on some replica
