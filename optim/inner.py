@@ -7,6 +7,7 @@ thread, never on the event loop.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -85,16 +86,28 @@ class ParamTrainer:
         self.constraint = constraint
         self.optimizer = config.optimizer(self.params.values())
         self.step_count = 0
+        self._grad_norm: torch.Tensor | None = None
         self._outer_offset: dict[str, torch.Tensor] = {}
         if constraint is not None:
             self.load_weights({n: p.detach().clone() for n, p in self.params.items()})
+
+    def restart(self, config: InnerConfig, step: int) -> None:
+        """Fresh optimizer state under `config`, continuing the schedule at `step`."""
+        self.config, self.step_count = config, step
+        self.optimizer = config.optimizer(self.params.values())
+
+    @property
+    def last_grad_norm(self) -> float | None:
+        """The norm of the last step's gradients before clipping (None before the first)."""
+        return None if self._grad_norm is None else float(self._grad_norm)
 
     def optimizer_step(self) -> None:
         """Step on the gradients in `.grad` (then cleared)."""
         if self.constraint is not None:
             self.constraint.grads(self.params)
-        if self.config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.params.values(), self.config.grad_clip)
+        # the norm before clipping, for CheckFree's rebuild weights (inf: measure, never clip);
+        # kept as a tensor so that the step does not wait for the device to read it
+        self._grad_norm = torch.nn.utils.clip_grad_norm_(self.params.values(), self.config.grad_clip or math.inf)
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr_at(self.step_count)
         self.optimizer.step()

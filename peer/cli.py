@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--peer-id", help="this peer's id (default: random); also picks its data shard")
     peer.add_argument("--role", default="replica", choices=["replica", "stage"], help="replica: a full model replica; stage: one stage of a pipeline replica (needs --stages)")
     peer.add_argument("--stage", type=int, help="--role stage: the stage to serve (default: the least served one in the swarm); stage 0 holds the data and drives the pipeline")
+    peer.add_argument("--standby", action="store_true", help="--role stage: join and wait, serving nothing, until some block stage loses every peer; then take it over, rebuilt from its neighbours (CheckFree)")
     peer.add_argument("--activation", default="none", help="activation codec of this pipeline replica: none, int8 or subspace:RATIO (e.g. subspace:32); on a full replica, subspace:RATIO trains it confined as such a replica would be (for comparisons)")
     peer.add_argument("--microbatch-size", type=int, default=4, help="stage 0: sequences per microbatch (default 4)")
     peer.add_argument("--in-flight", type=int, default=4, help="stage 0: microbatches in the pipeline at once (default 4)")
@@ -125,7 +126,7 @@ def peer_config_from(args: argparse.Namespace) -> PeerConfig:
     extra = {"peer_id": args.peer_id} if args.peer_id else {}
     return PeerConfig(
         run=run_config_from(args), listen_host=args.listen[0], listen_port=args.listen[1], advertise=args.advertise,
-        bootstrap=args.bootstrap, swarm_key=args.swarm_key, role=args.role, stage=args.stage, activation=args.activation,
+        bootstrap=args.bootstrap, swarm_key=args.swarm_key, role=args.role, stage=args.stage, standby=args.standby, activation=args.activation,
         microbatch_size=args.microbatch_size, in_flight=args.in_flight, router=args.router, skip_ratio=args.skip_ratio,
         out_of_order=args.out_of_order, eval_stages=args.eval_stages, device=args.device, data_path=args.data,
         checkpoint_dir=args.checkpoint_dir, resume=args.resume, max_rounds=args.rounds, min_peers=args.min_peers, torch_threads=args.threads,

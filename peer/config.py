@@ -120,6 +120,7 @@ class PeerConfig:
     peer_id: str = field(default_factory=lambda: "peer-" + secrets.token_hex(4))
     role: str = "replica"  # "replica" (the whole model) or "stage" (one pipeline stage)
     stage: int | None = None  # --role stage: which one (None: the least served, chosen on join)
+    standby: bool = False  # --role stage: wait, serving nothing, to take over a stage that lost every peer
     activation: str = "none"  # --role stage: the pipeline replica's activation codec
     microbatch_size: int = 4  # stage 0: sequences per microbatch
     in_flight: int = 4  # stage 0: microbatches in the pipeline at once
@@ -157,6 +158,8 @@ class PeerConfig:
             raise ValueError(f"--role must be replica or stage, got {self.role!r}")
         if self.role == "stage" and not self.run.stages:
             raise ValueError("--role stage needs a pipelined run: --stages S (S >= 2) on every peer")
+        if self.standby and (self.role != "stage" or self.stage is not None):
+            raise ValueError("--standby is for --role stage without --stage: the stage is the one that gets lost")
         if self.stage is not None and not 0 <= self.stage < max(self.run.stages, 1):
             raise ValueError(f"--stage must be in 0..{self.run.stages - 1}, got {self.stage}")
         if self.microbatch_size < 1 or self.in_flight < 1:

@@ -53,6 +53,7 @@ class PeerInfo:
     partner_distance: float | None = None  # NoLoCo: RMS(φ_self − φ_partner) at that exchange
     stage: int | None = None  # role "stage": the pipeline stage this peer serves
     activation: str | None = None  # role "stage": the activation codec of its pipeline replica
+    grad_norm: float | None = None  # the last inner step's gradient norm before clipping (CheckFree)
 
     def version(self) -> tuple[float, int]:
         return (self.incarnation, self.heartbeat)
@@ -80,11 +81,11 @@ class PeerInfo:
 _FIELD_NAMES = {f.name for f in fields(PeerInfo)}
 _STRINGS = {"peer_id": 128, "address": 256, "role": 32, "weights_hash": 128, "partner": 128, "activation": 64}
 _INTS = {"heartbeat", "first_round", "round", "step", "bytes_sent", "bytes_received", "stage"}
-_FLOATS = {"incarnation", "train_loss", "eval_loss", "tokens_per_s", "partner_distance"}
+_FLOATS = {"incarnation", "train_loss", "eval_loss", "tokens_per_s", "partner_distance", "grad_norm"}
 
 
 def _check_field(name: str, value: Any) -> Any:
-    if value is None and name in ("train_loss", "eval_loss", "tokens_per_s", "weights_hash", "partner", "partner_distance", "stage", "activation"):
+    if value is None and name in ("train_loss", "eval_loss", "tokens_per_s", "weights_hash", "partner", "partner_distance", "stage", "activation", "grad_norm"):
         return None
     if name in _STRINGS:
         if not isinstance(value, str) or not 0 < len(value) <= _STRINGS[name]:
@@ -153,10 +154,20 @@ class Membership:
     def status(self, peer_id: str) -> str:
         if peer_id == self.me.peer_id:
             return "alive"
-        silent_s = self.clock() - self.last_change.get(peer_id, -math.inf)
+        silent_s = self.quiet_for(peer_id)
         if silent_s >= self.dead_after_s:
             return "dead"
         return "suspect" if silent_s >= self.suspect_after_s else "alive"
+
+    def quiet_for(self, peer_id: str) -> float:
+        """Seconds since `peer_id`'s entry last changed (inf if unknown)."""
+        return self.clock() - self.last_change.get(peer_id, -math.inf)
+
+    def declare_dead(self, peer_id: str) -> None:
+        """Mark `peer_id` dead now (it failed a direct probe); a newer heartbeat from it
+        revives it as usual."""
+        if peer_id in self.peers and peer_id != self.me.peer_id:
+            self.last_change[peer_id] = min(self.last_change[peer_id], self.clock() - self.dead_after_s)
 
     def is_alive(self, peer_id: str) -> bool:
         """Alive or merely suspect: still worth waiting for."""

@@ -20,17 +20,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import random
 import secrets
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 from aiohttp import web
 
-from shoal.optim.inner import InnerTrainer
+from shoal.optim.inner import InnerConfig, InnerTrainer
 from shoal.optim.outer import weights_hash
 from shoal.optim.registry import build_outer
 from shoal.peer.checkpoint import load_latest, save_checkpoint
@@ -41,11 +43,14 @@ from shoal.peer.membership import Membership, PeerInfo
 from shoal.peer.rounds import RoundExchange, RoundStore
 from shoal.peer.server import make_app
 from shoal.peer.stagepeer import (
+    NEVER,
     build_stage_trainer,
     choose_stage,
     covers,
     pipeline_view,
+    rebuild_lost_stage,
     same_slice_as,
+    wait_for_lost_stage,
 )
 from shoal.peer.statesync import StateServer, download_state
 from shoal.peer.wire import WireCodec
@@ -116,15 +121,19 @@ class Peer:
         self.membership = Membership(me, suspect_after_s=protocol.suspect_after_s, dead_after_s=protocol.dead_after_s)
         await self.client.start()
         joined_round = await self._join(self.config.bootstrap) if self.config.bootstrap else 0
-        if self.config.role == "stage" and me.stage is None:
+        if self.config.standby:  # gossip (so that we stay known) and wait for a stage to be lost
+            me.first_round = NEVER
+            self._tasks.append(asyncio.create_task(self._gossip_loop()))
+            log.info("[%s] standing by to take over a pipeline stage that loses every peer", self.peer_id)
+            me.stage = await wait_for_lost_stage(self)
+            joined_round = max((p.round for p in self.membership.live_others()), default=0)
+            log.warning("[%s] stage %d lost every peer: taking it over", self.peer_id, me.stage)
+        elif self.config.role == "stage" and me.stage is None:
             me.stage = choose_stage(self.membership, self.config.run.stages)
             log.info("[%s] serving pipeline stage %d (the least served)", self.peer_id, me.stage)
         await self._in_train(self._build_trainer)
         if joined_round > 0:  # the run has moved on from the shared initial weights
-            sources = [p for p in self.membership.live_others() if covers(p, me)]
-            round_id, tensors, _ = await download_state(self.client, sources, self.state_shapes)
-            await self._in_train(self._load_state, round_id, tensors)
-            log.info("[%s] joined at round %d with the swarm's outer state", self.peer_id, round_id)
+            await self._catch_up(me)
         if self.config.role == "stage":  # built and in step: drivers may route to us from now on
             me.activation = self.config.activation
         self._publish_state()
@@ -132,9 +141,32 @@ class Peer:
         me.eval_loss = self.initial_eval_loss = await self._in_train(self._evaluate)
         self.membership.beat()
         log.info("[%s] serving %s (swarm %s, round %d)", self.peer_id, self.address, self.wire.swarm_id, self.outer_round)
-        self._tasks = [asyncio.create_task(self._gossip_loop())]
+        if self.config.standby:  # tell everyone at once rather than at the next heartbeats
+            await asyncio.gather(*(self.gossip_with(p) for p in self.membership.live_others()))
+        else:
+            self._tasks.append(asyncio.create_task(self._gossip_loop()))
         if train:
             self._tasks.append(asyncio.create_task(self._train_loop()))
+
+    async def _catch_up(self, me: PeerInfo) -> None:
+        """Load the run's current outer state from a peer that holds ours. A stage peer whose
+        stage no live peer (and no full replica) holds any more rebuilds it from the
+        neighbouring stages instead (CheckFree)."""
+        sources = [p for p in self.membership.live_others() if covers(p, me)]
+        lost_stage = me.role == "stage" and me.stage != 0 and not any(p.role == "replica" for p in sources)
+        try:
+            if sources or not lost_stage:
+                round_id, tensors, _ = await download_state(self.client, sources, self.state_shapes, attempts=2 if lost_stage else 3)
+                await self._in_train(self._load_state, round_id, tensors)
+                log.info("[%s] joined at round %d with the swarm's outer state", self.peer_id, round_id)
+                return
+        except ShoalError as exc:
+            if not lost_stage:
+                raise
+            log.warning("[%s] no peer of stage %d delivered its state (%s)", self.peer_id, me.stage, exc)
+            for source in sources:
+                self.membership.declare_dead(source.peer_id)
+        await rebuild_lost_stage(self, self.model_config)
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -179,6 +211,7 @@ class Peer:
         model = build_model(run.model_preset, seed=run.seed, device="meta")
         if model.config.to_dict() != run.model:
             raise ConfigMismatch(f"preset {run.model_preset!r} builds a different model than the run's")
+        self.model_config = model.config
         slices = StagePlan(run.stages, model.config.n_layers).slices(parameter_names(model)) if run.stages else None
         if config.role == "stage":
             self.trainer = build_stage_trainer(self, model.config, self.membership.me.stage)
@@ -202,6 +235,15 @@ class Peer:
         self.outer.load_state_tensors(tensors)
         self.trainer.load_weights(self.outer.params)
         self.outer_round = round_id
+
+    def restart_from(self, round_id: int, weights: Mapping[str, torch.Tensor], inner: InnerConfig, step: int) -> None:
+        """Continue at `round_id` and inner step `step` from `weights` (all of our tensors,
+        e.g. a stage rebuilt by CheckFree) with fresh optimizer state: the outer optimizer's
+        as built (this runs right after `_build_trainer`) and a new inner one under `inner`."""
+        state = dict(self.outer.state_tensors())
+        state.update({f"outer/{name}": tensor for name, tensor in weights.items()})
+        self._load_state(round_id, state)
+        self.trainer.restart(inner, step)
 
     def _evaluate(self) -> float:
         begin = time.monotonic()
@@ -241,27 +283,33 @@ class Peer:
             targets = self.membership.gossip_targets(self.config.protocol.gossip_fanout, self._rng)
             probe = self.membership.probe_target(self._rng)
             if probe is not None and (self._probe is None or self._probe.done()):  # not awaited: a dead host may hang
-                self._probe = asyncio.create_task(self._gossip_with(probe))
-            await asyncio.gather(*(self._gossip_with(p) for p in targets))
+                self._probe = asyncio.create_task(self.gossip_with(probe))
+            await asyncio.gather(*(self.gossip_with(p) for p in targets))
             await asyncio.sleep(interval)
 
-    async def _gossip_with(self, peer: PeerInfo) -> None:
+    async def gossip_with(self, peer: PeerInfo, timeout_s: float | None = None) -> bool:
+        """Swap tables with `peer`; False if it did not answer within `timeout_s` (default
+        two heartbeats and a second)."""
         try:
-            answer = await self.client.call(peer.address, "POST", "/gossip", {"peers": self.membership.table()}, timeout_s=2 * self.config.protocol.heartbeat_interval_s + 1)
+            answer = await self.client.call(peer.address, "POST", "/gossip", {"peers": self.membership.table()},
+                                            timeout_s=timeout_s or 2 * self.config.protocol.heartbeat_interval_s + 1)
             self.membership.merge(answer.payload.get("peers"))
+            return True
         except ShoalError as exc:
             log.debug("[%s] gossip with %s failed: %s", self.peer_id, peer.peer_id, exc)
+            return False
 
     # ---- outer rounds ---------------------------------------------------------------
 
     def _on_step(self, step: int, loss: float) -> None:
         if self._stopping.is_set():
             raise Stopped()
-        self._loop.call_soon_threadsafe(self._note_step, step, loss)
+        self._loop.call_soon_threadsafe(self._note_step, step, loss, self.trainer.last_grad_norm)
 
-    def _note_step(self, step: int, loss: float) -> None:
-        self.membership.me.step = step
-        self.membership.me.train_loss = loss
+    def _note_step(self, step: int, loss: float, grad_norm: float | None) -> None:
+        me = self.membership.me
+        me.step, me.train_loss = step, loss
+        me.grad_norm = grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None
 
     async def _decode(self, tensors: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, self.outer.decode_contribution, tensors)
@@ -269,7 +317,7 @@ class Peer:
     async def _train_loop(self) -> None:
         run = self.config.run
         exchange = RoundExchange(self.client, self.membership, self.store, self.config.protocol, self._decode)
-        if self.config.min_peers > 1:
+        if self.config.min_peers > 1 and self.outer_round == 0 and not self.config.standby:  # a run's start, not a late join
             log.info("[%s] waiting for %d peers before training", self.peer_id, self.config.min_peers)
             while len(self.membership.live_others()) + 1 < self.config.min_peers:
                 await asyncio.sleep(0.2)
@@ -426,7 +474,7 @@ class Peer:
             "self_id": self.peer_id,
             "now": time.time(),
             "run": {"model": run.model_preset, "outer": run.outer.name, "codec": run.outer.codec, "inner_steps": run.inner_steps,
-                    "params": sum(t.numel() for t in self.outer.params.values())},
+                    "params": sum(t.numel() for t in self.outer.params.values()) if hasattr(self, "outer") else None},  # none on a standby
             "round": self.outer_round,
             "pipeline": pipeline_view(run, self.router),
             "peers": peers,

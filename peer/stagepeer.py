@@ -29,15 +29,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from shoal.optim.inner import InnerStats
+from shoal.optim.inner import InnerConfig, InnerStats
 from shoal.peer.errors import Stopped
 from shoal.peer.membership import Membership, PeerInfo
+from shoal.peer.statesync import download_state
+from shoal.pipeline.checkfree import rebuild_stage, recovered_inner_config, recovery_source
 from shoal.pipeline.compression import parse_activation
 from shoal.pipeline.driver import DriverConfig, PipelineBroken, PipelineDriver
 from shoal.pipeline.paths import build_paths
 from shoal.pipeline.routing import Router, build_router
 from shoal.pipeline.service import StageService
-from shoal.pipeline.stages import StagePlan, build_stage
+from shoal.pipeline.stages import StagePlan, build_stage, stage_shapes
 from shoal.pipeline.worker import BlockWorker, EdgeWorker, SliceTrainer
 from shoal.train.model import ModelConfig
 
@@ -94,6 +96,75 @@ def pipeline_view(run: RunConfig, router: Router | None) -> dict[str, Any] | Non
     return view
 
 
+# ---- CheckFree: rebuilding a stage that lost every peer ---------------------------------
+
+
+NEVER = 2**62  # a standby's first_round: no round waits for its contribution
+
+
+async def wait_for_lost_stage(peer: Peer, poll_s: float = 0.25) -> int:
+    """`--standby`: watch the peer table until some block stage of our activation codec has
+    lost every peer, and return it. A stage counts as lost when all of its peers are dead
+    in the table, or have been quiet for 1.5 heartbeats and fail a direct probe (then they
+    are declared dead here, so the rebuild does not try them): a SIGKILLed peer is noticed
+    in about 2 s instead of the table's `dead_after_s`. A stage that was never served is not
+    lost (at the start of a run every stage is empty)."""
+    membership, config = peer.membership, peer.config
+    quiet_s = 1.5 * config.protocol.heartbeat_interval_s
+    while not peer._stopping.is_set():
+        for stage in range(1, config.run.stages):
+            holders = [p for pid, p in membership.peers.items() if pid != peer.peer_id and p.role == "stage" and p.stage == stage
+                       and p.activation == config.activation]
+            if not holders:
+                continue
+            alive = [p for p in holders if membership.is_alive(p.peer_id)]
+            quiet = [p for p in alive if membership.quiet_for(p.peer_id) >= quiet_s]
+            if len(quiet) < len(alive):
+                continue
+            answered = await asyncio.gather(*(peer.gossip_with(p, timeout_s=1.0) for p in quiet))
+            if not any(answered):
+                for p in quiet:
+                    membership.declare_dead(p.peer_id)
+                return stage
+        await asyncio.sleep(poll_s)
+    raise Stopped()
+
+
+async def rebuild_lost_stage(peer: Peer, model: ModelConfig) -> bool:
+    """CheckFree (pipeline/checkfree.py) for a stage peer joining a stage that no live peer
+    and no full replica holds: download the outer weights of the neighbouring block
+    stages from their peers, average them weighted by the gradient norms those peers gossip
+    (or copy the single block neighbour of an edge stage: CheckFree+), and start from that
+    with fresh optimizer state (inner and outer) at lr × 1.1. False (and nothing changed)
+    when the neighbours are gone too: the stage then starts from the run's initial weights."""
+    me, run = peer.membership.me, peer.config.run
+    plan = StagePlan(run.stages, model.n_layers)
+    serving = [p for p in peer.membership.live_others() if p.role == "stage" and p.stage not in (None, me.stage) and p.activation is not None]
+    mode, neighbours = recovery_source(plan, me.stage, [p.stage for p in serving])
+    if mode == "none":
+        log.warning("[%s] stage %d lost every peer and so did a neighbour: starting it from the run's initial weights", peer.peer_id, me.stage)
+        return False
+    weights: dict[int, dict[str, torch.Tensor]] = {}
+    norms: dict[int, float | None] = {}
+    round_id = 0
+    for stage in neighbours:
+        sources = [p for p in serving if p.stage == stage]
+        shapes = {f"outer/{name}": shape for name, shape in stage_shapes(model, plan, stage).items()}
+        got_round, tensors, _ = await download_state(peer.client, sources, shapes)
+        weights[stage] = {name.removeprefix("outer/"): t for name, t in tensors.items()}
+        reported = [p.grad_norm for p in sources if p.grad_norm is not None]
+        norms[stage] = sum(reported) / len(reported) if reported else None
+        round_id = max(round_id, got_round)
+    prev, nxt = me.stage - 1, me.stage + 1
+    rebuilt = rebuild_stage(plan, me.stage, weights.get(prev), weights.get(nxt), norms.get(prev), norms.get(nxt))
+    step = max(p.step for p in serving if p.stage in neighbours)  # the run's inner step: no second warmup
+    await peer._in_train(peer.restart_from, round_id, rebuilt, recovered_inner_config(run.inner), step)
+    log.warning("[%s] stage %d had no live peer: rebuilt it from stage%s %s (CheckFree%s, gradient norms %s), round %d",
+                peer.peer_id, me.stage, "s" if len(neighbours) > 1 else "", " and ".join(map(str, neighbours)),
+                "" if mode == "average" else "+", [norms[n] for n in neighbours], round_id)
+    return True
+
+
 # ---- building a stage peer's trainer ----------------------------------------------------
 
 
@@ -145,6 +216,13 @@ class _SliceView:
     @property
     def step_count(self) -> int:
         return self.slice.step_count
+
+    @property
+    def last_grad_norm(self) -> float | None:
+        return self.slice.last_grad_norm
+
+    def restart(self, config: InnerConfig, step: int) -> None:
+        self.slice.restart(config, step)
 
     def local_weights(self) -> dict[str, torch.Tensor]:
         return self.slice.local_weights()
@@ -225,9 +303,14 @@ class ServingTrainer(_SliceView):
 
     def run(self, steps: int, on_step: Callable[[int, float], None] | None = None) -> InnerStats:
         begin, tokens_before, round_id, seen = time.perf_counter(), self.service.tokens, self.current_round(), 0
-        while seen < steps and not self.stopping.is_set():
-            seen = self.service.wait_steps(round_id, seen + 1, self.stopping)
-            if on_step is not None:  # raises Stopped when the peer stops
+        while seen < steps:
+            now_seen = self.service.wait_steps(round_id, seen + 1, self.stopping)
+            if self.stopping.is_set():
+                raise Stopped()
+            if now_seen == seen:  # the driver is in a later round: we joined late in this one
+                break
+            seen = now_seen
+            if on_step is not None:
                 on_step(self.worker.step_count, self._driver_loss())
         return InnerStats(steps=seen, tokens=self.service.tokens - tokens_before, seconds=time.perf_counter() - begin, train_loss=self._driver_loss())
 

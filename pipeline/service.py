@@ -48,6 +48,7 @@ class StageService:
         self.last_loss: float | None = None
         self._steps: Counter[int] = Counter()  # step messages per outer round
         self._steps_changed = threading.Condition()
+        self._driver_round = 0  # the latest outer round a driver's microbatch was in
         self._round_changed = asyncio.Event()
 
     # ---- requests ---------------------------------------------------------------------
@@ -108,9 +109,11 @@ class StageService:
 
     def wait_steps(self, round_id: int, steps: int, stopping: threading.Event) -> int:
         """Block (training thread) until the driver has finished `steps` inner steps of
-        outer round `round_id`, or `stopping` is set; returns the steps seen."""
+        outer round `round_id`, or has sent a microbatch of a later round (we joined in the
+        middle of round `round_id` and saw only its last steps), or `stopping` is set;
+        returns the steps seen."""
         with self._steps_changed:
-            while self._steps[round_id] < steps and not stopping.is_set():
+            while self._steps[round_id] < steps and self._driver_round <= round_id and not stopping.is_set():
                 self._steps_changed.wait(0.2)
             for old in [r for r in self._steps if r < round_id]:
                 del self._steps[old]
@@ -135,6 +138,10 @@ class StageService:
 
     async def _await_round(self, round_id: int) -> None:
         deadline = time.monotonic() + self.round_wait_s
+        if self.current_round() < round_id:
+            with self._steps_changed:  # the driver has moved on: our round's steps are all in
+                self._driver_round = max(self._driver_round, round_id)
+                self._steps_changed.notify_all()
         while self.current_round() < round_id:
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -100,6 +100,13 @@ class BlockStage(nn.Module):
         return h
 
 
+def stage_shapes(config: ModelConfig, plan: StagePlan, stage: int) -> dict[str, tuple[int, ...]]:
+    """Stage `stage`'s parameter names and shapes (nothing allocated)."""
+    with torch.device("meta"):
+        module = EdgeStage(config) if stage == 0 else BlockStage(config, plan.blocks(stage))
+    return {name: tuple(param.shape) for name, param in module.named_parameters()}
+
+
 def build_stage(config: ModelConfig, plan: StagePlan, stage: int, seed: int, device: str | torch.device = "cpu") -> EdgeStage | BlockStage:
     """Stage `stage` of the model with the run's initial weights (bit-identical to the same
     tensors of `build_model(config, seed)`, so stage peers and full replicas start equal).

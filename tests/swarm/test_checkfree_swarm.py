@@ -1,0 +1,50 @@
+"""CheckFree over real processes: every peer of a block stage is SIGKILLed mid-run, a
+standby peer notices, rebuilds the stage from its neighbours (no checkpoint anywhere) and
+the pipeline trains on within seconds."""
+
+import json
+import signal
+import time
+
+import pytest
+from conftest import peer_processes, swarm_view, wait_for
+
+STAGE = ["--role", "stage", "--stages", "4", "--microbatch-size", "2"]
+
+
+def own_entry(url: str, peer_id: str):
+    view = swarm_view(url)
+    return next((p for p in view["peers"] if p["peer_id"] == peer_id), None) if view else None
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("lost, driver_flags, how", [
+    (2, [], "CheckFree, from stages 1 and 3"),
+    (3, ["--out-of-order", "0.5"], "CheckFree+, from stage 2"),
+])
+def test_a_lost_stage_is_rebuilt_by_a_standby_and_training_resumes_within_5_s(corpus, tmp_path, lost, driver_flags, how):
+    rounds, inner_steps = 4, 15
+    flags = [[*STAGE, "--stage", "0", *driver_flags]] + [[*STAGE, "--stage", str(k)] for k in (1, 2, 3)] + [[*STAGE, "--standby"]]
+    with peer_processes(corpus, tmp_path, rounds, inner_steps, flags, model="tiny-deep") as (procs, urls):
+        wait_for(lambda: (v := swarm_view(urls[0])) and len(v["peers"]) == 5 and max(p["round"] for p in v["peers"]) >= 1, 120, "round 1")
+        wait_for(lambda: (e := own_entry(urls[0], "peer-0")) and e["step"] >= inner_steps + 3, 30, "round 2 under way")
+        victim = procs[lost]
+        victim.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        victim.wait(timeout=10)
+        # the standby takes the stage, and a step of the driver's runs through it
+        wait_for(lambda: (e := own_entry(urls[4], "peer-4")) and e["stage"] == lost and e["step"] > 0, 30, "a step through the rebuilt stage")
+        resumed_s = time.monotonic() - killed_at
+        print(f"stage {lost} ({how}): training resumed {resumed_s:.2f} s after the SIGKILL")
+        for i in (0, 1, 2, 3, 4):
+            if i != lost:
+                assert procs[i].wait(timeout=150) == 0, (tmp_path / f"peer-{i}.log").read_text()[-3000:]
+        log = (tmp_path / "peer-4.log").read_text()
+        assert f"stage {lost} had no live peer: rebuilt it from stage" in log, log[-3000:]
+        assert ("CheckFree+" in log) == (lost == 3)
+        driver = json.loads((tmp_path / "peer-0.json").read_text())
+        assert [r["round"] for r in driver["rounds"]] == list(range(1, rounds + 1))
+        assert driver["inner_steps_total"] == rounds * inner_steps
+        losses = [r["eval_loss"] for r in driver["rounds"]]
+        assert losses[-1] < losses[0], losses  # round 1 was before the loss
+        assert resumed_s < 5.0, resumed_s
