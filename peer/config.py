@@ -128,6 +128,7 @@ class PeerConfig:
     skip_ratio: float = 0.0  # stage 0: SkipPipe paths skipping this share of the stages (0: every stage)
     out_of_order: float = 0.0  # stage 0: share of microbatches run with edge block stages swapped (CheckFree+)
     eval_stages: tuple[int, ...] | None = None  # stage 0: also evaluate through only these block stages
+    emulate_forward_ms: float = 0.0  # benchmarks: a stage's training forward takes at least this (backward 2x)
     device: str = "auto"
     data_path: str | None = None
     num_shards: int = 16
@@ -164,6 +165,8 @@ class PeerConfig:
             raise ValueError(f"--stage must be in 0..{self.run.stages - 1}, got {self.stage}")
         if self.microbatch_size < 1 or self.in_flight < 1:
             raise ValueError("--microbatch-size and --in-flight must be >= 1")
+        if not 0.0 <= self.emulate_forward_ms <= 60_000:
+            raise ValueError(f"--emulate-forward-ms must be in [0, 60000], got {self.emulate_forward_ms}")
         if not 0.0 <= self.skip_ratio < 1.0:
             raise ValueError(f"--skip-ratio must be in [0, 1), got {self.skip_ratio}")
         if not 0.0 <= self.out_of_order <= 1.0:

@@ -181,7 +181,7 @@ def build_stage_trainer(peer: Peer, model: ModelConfig, stage: int) -> DriverTra
     current_round: Callable[[], int] = lambda: peer.outer_round  # noqa: E731
     if stage > 0:
         worker = BlockWorker(module, run.inner, peer.device, setting.basis)
-        peer.stage_service = StageService(worker, stage, setting, model, compute, current_round)
+        peer.stage_service = StageService(worker, stage, setting, model, compute, current_round, emulate_forward_s=config.emulate_forward_ms / 1000)
         return ServingTrainer(worker, peer.stage_service, current_round, peer._stopping)
     edge = EdgeWorker(module, run.inner, peer.device, setting.basis)
     peer.router = build_router(config.router, seed=run.seed)

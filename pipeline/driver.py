@@ -103,9 +103,20 @@ class PipelineDriver:
         self.paths = paths or FullPaths(plan.num_stages)
         self.d_model = edge.module.config.d_model
         self._ids = itertools.count()
-        self.round = 0  # outer round the next microbatches belong to (set by the peer)
+        self._round = 0
+        self.round_step = 0  # inner steps taken in the current outer round
         self.retries_total = 0  # microbatch attempts that failed and ran again (training and evaluation)
         self.failovers_total = 0  # forward hops moved to another replica of their stage
+
+    @property
+    def round(self) -> int:
+        """The outer round the next microbatches belong to (set by the peer)."""
+        return self._round
+
+    @round.setter
+    def round(self, value: int) -> None:
+        if value != self._round:
+            self._round, self.round_step = value, 0
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
@@ -117,6 +128,7 @@ class PipelineDriver:
         retries_before = self.retries_total
         loss, done = await self.accumulate(x, y)
         await self._run(self.edge.step)
+        self.round_step += 1
         await self._step_stages(step, loss)
         return StepResult(loss, done * self.config.microbatch_size * x.size(1), self.retries_total - retries_before)
 
@@ -220,8 +232,10 @@ class PipelineDriver:
     async def _step_stages(self, step: int, loss: float) -> None:
         """Tell every live stage peer that this inner step is done: those that served
         microbatches of it step on their accumulated gradients, every one counts it toward
-        the outer round. A peer that does not answer steps with the next step instead."""
-        request = {"step": step, "round": self.round, "train_loss": loss}
+        the outer round (`round_step`: the round's steps done so far, so that a peer that
+        missed some messages, e.g. one that joined mid-round, still knows where the round
+        is). A peer that does not answer steps with the next step instead."""
+        request = {"step": step, "round": self.round, "round_step": self.round_step, "train_loss": loss}
         targets = [(stage, peer) for stage in range(1, self.plan.num_stages) for peer in self.stage_peers(stage)]
         calls = [self.call(peer, "/stage/step", {**request, "stage": stage}, self.config.hop_timeout_s) for stage, peer in targets]
         for (stage, peer), result in zip(targets, await asyncio.gather(*calls, return_exceptions=True), strict=True):

@@ -40,13 +40,17 @@ class StageService:
         compute: Executor,
         current_round: Callable[[], int],
         round_wait_s: float = 120.0,
+        emulate_forward_s: float = 0.0,
     ) -> None:
         self.worker, self.stage, self.setting, self.model = worker, stage, setting, model
         self.compute, self.current_round, self.round_wait_s = compute, current_round, round_wait_s
+        # benchmarks only: a training forward takes at least this long and a backward twice
+        # that (the compute thread sleeps out the rest), emulating a slower device
+        self.emulate_forward_s = emulate_forward_s
         self.tokens = 0  # tokens of the microbatches served (forward, training only)
         self.busy_s = 0.0  # compute seconds spent on forwards and backwards
         self.last_loss: float | None = None
-        self._steps: Counter[int] = Counter()  # step messages per outer round
+        self._steps: Counter[int] = Counter()  # inner steps done per outer round, as the drivers report
         self._steps_changed = threading.Condition()
         self._driver_round = 0  # the latest outer round a driver's microbatch was in
         self._round_changed = asyncio.Event()
@@ -72,6 +76,8 @@ class StageService:
             h = self.setting.codec.decode(act, mb.tokens, self.model.d_model)
             out = self.worker.forward(mb.key, h, keep=keep)
             encoded = self.setting.codec.encode(out, mb.tokens)
+            if keep:
+                self._emulate(begin, self.emulate_forward_s)
             self.busy_s += time.monotonic() - begin
             return encoded
 
@@ -88,6 +94,7 @@ class StageService:
             begin = time.monotonic()
             g = self.setting.codec.decode_grad(grad, mb.tokens, self.model.d_model)
             encoded = self.setting.codec.encode_grad(self.worker.backward(mb.key, g), mb.tokens)
+            self._emulate(begin, 2 * self.emulate_forward_s)
             self.busy_s += time.monotonic() - begin
             return encoded
 
@@ -97,10 +104,11 @@ class StageService:
         self._check_stage(payload)
         check_int(payload, "step")
         round_id = check_int(payload, "round")
+        round_step = check_int(payload, "round_step", low=1)
         loss = check_loss(payload)
         stepped = await self._run(self.worker.step)
         with self._steps_changed:
-            self._steps[round_id] += 1
+            self._steps[round_id] = max(self._steps[round_id] + 1, round_step)
             self.last_loss = loss if loss is not None else self.last_loss
             self._steps_changed.notify_all()
         return {"stepped": stepped, "step": self.worker.step_count}
@@ -150,6 +158,11 @@ class StageService:
                 await asyncio.wait_for(self._round_changed.wait(), remaining)
             except TimeoutError:
                 pass
+
+    @staticmethod
+    def _emulate(begin: float, seconds: float) -> None:
+        if seconds > 0:
+            time.sleep(max(0.0, begin + seconds - time.monotonic()))
 
     async def _run(self, fn: Callable[[], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.compute, fn)

@@ -85,6 +85,8 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny-deep": ModelConfig(d_model=32, n_layers=4, n_heads=2, d_ff=96, max_seq_len=64),
     # the CPU demo (`shoal demo`): tuned with scripts/tune_small.py, see train/recipe.py
     "small": ModelConfig(d_model=128, n_layers=4, n_heads=4, d_ff=384, max_seq_len=256),
+    # pipeline benchmarks on a CPU: small's width, enough blocks for 6 stages (scripts/bench_skippipe.py)
+    "small-deep": ModelConfig(d_model=128, n_layers=10, n_heads=4, d_ff=384, max_seq_len=256),
     # ~25M: a laptop-class GPU or a patient CPU
     "base": ModelConfig(d_model=512, n_layers=8, n_heads=8, d_ff=1408, max_seq_len=512),
     # ~125M (GPT-2 small shape): GPU peers

@@ -1,6 +1,7 @@
 """The stage side refuses malformed hops with a clear error and without changing state."""
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -84,5 +85,17 @@ def test_non_finite_activations_are_refused():
 def test_step_message_is_checked():
     svc = service()
     with pytest.raises(StageRequestError, match="train_loss"):
-        asyncio.run(svc.step({"stage": 1, "step": 0, "round": 0, "train_loss": float("nan")}))
-    assert asyncio.run(svc.step({"stage": 1, "step": 0, "round": 0, "train_loss": 2.0})) == {"stepped": False, "step": 0}
+        asyncio.run(svc.step({"stage": 1, "step": 0, "round": 0, "round_step": 1, "train_loss": float("nan")}))
+    assert asyncio.run(svc.step({"stage": 1, "step": 0, "round": 0, "round_step": 1, "train_loss": 2.0})) == {"stepped": False, "step": 0}
+
+
+def test_step_messages_tell_where_the_round_is_even_after_missed_ones():
+    svc = service()
+    stopping = threading.Event()
+    step = {"stage": 1, "step": 7, "round": 2, "train_loss": 2.5}
+    with pytest.raises(StageRequestError, match="round_step"):
+        asyncio.run(svc.step(step))
+    asyncio.run(svc.step({**step, "round_step": 3}))  # joined late: steps 1 and 2 of round 2 were never seen
+    assert svc.wait_steps(2, 3, stopping) == 3 and svc.last_loss == 2.5
+    asyncio.run(svc.step({**step, "round_step": 4}))
+    assert svc.wait_steps(2, 4, stopping) == 4

@@ -1,0 +1,173 @@
+"""SkipPipe against the full pipeline on an uneven swarm: iteration time, eval loss at
+equal tokens, and held-out loss through only part of the model. Every peer is a
+`shoal peer` process.
+
+    python scripts/bench_skippipe.py --out results/bench_skippipe.json                  # loopback
+    sudo python scripts/bench_skippipe.py --wan --out results/bench_skippipe_wan.json   # uneven links
+
+The swarm: one pipeline replica of 6 stages (model `small-deep`, 10 blocks: stage 0 =
+embedding/head/loss, stages 1-5 = two blocks each), each block stage served by two peers of
+different speed, emulated with `--emulate-forward-ms` (a training forward on that peer
+takes at least that long, a backward twice that; the real compute of this small model is a
+few ms). Speeds in ms per forward of one microbatch, per stage:
+
+    stage 1: 20, 60   stage 2: 20, 20   stage 3: 60, 80   stage 4: 20, 40   stage 5: 30, 90
+
+With `--wan` (root) every peer runs in its own network namespace and the links alternate
+between `--fast-rate` and `--slow-rate` (stage 0 fast), so some paths are slow links too.
+
+Two runs with the same seeds, data and token budget (DiLoCo int8 outer rounds between the
+two replicas of each stage, SWARM routing among them):
+
+* `full`: every microbatch visits stages 1..5 in order;
+* `skippipe`: `--skip-ratio 0.33`: each microbatch visits 3 of the 5 block stages (4 of 6
+  counting stage 0), on paths and peers the SkipPipe scheduler (pipeline/skippipe.py)
+  plans each step from the live peers and their measured hop times.
+
+Reported per run: iteration time (one inner step of the pipeline replica; the median over
+rounds 2.. so the routers have measured the peers), held-out loss per round through the
+whole model and through stages 1, 3, 5 only (`--eval-stages`, 6 of 10 blocks), and the
+ratios skippipe / full. Writes JSON and a PNG of eval loss against tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "wan"))
+from swarm import run_swarm  # noqa: E402
+
+MODEL = "small-deep"
+STAGES = 6
+SPEEDS_MS = {1: (20, 60), 2: (20, 20), 3: (60, 80), 4: (20, 40), 5: (30, 90)}
+EVAL_STAGES = "1,3,5"
+RUNS = {"full": [], "skippipe": ["--skip-ratio", "0.33"]}
+
+
+def peer_flags(run_flags: list[str]) -> list[list[str]]:
+    """Peer 0 drives (stage 0); then two peers per block stage, at their emulated speeds."""
+    stage = ["--role", "stage"]
+    flags = [[*stage, "--stage", "0", "--eval-stages", EVAL_STAGES, *run_flags]]
+    for k, speeds in SPEEDS_MS.items():
+        flags += [[*stage, "--stage", str(k), "--emulate-forward-ms", str(ms)] for ms in speeds]
+    return flags
+
+
+def link_rates(peers: int, fast: str, slow: str) -> list[str]:
+    return [fast if i % 2 == 0 else slow for i in range(peers)]
+
+
+def summarize(reports: list[dict], tokens_per_step: int, inner_steps: int) -> dict:
+    driver = next(r for r in reports if r["role"] == "stage" and r["stage"] == 0)
+    rounds = driver["rounds"]
+    per_round = [e["inner_seconds"] / inner_steps for e in rounds]
+    curve = [{"round": e["round"], "tokens": e["round"] * inner_steps * tokens_per_step, "eval_loss": e["eval_loss"],
+              "eval_loss_partial": e.get("eval_loss_partial")} for e in rounds]
+    final = rounds[-1]
+    return {
+        "iteration_s_per_round": per_round,
+        "iteration_s": statistics.median(per_round[1:] or per_round),
+        "curve": curve,
+        "final_eval_loss": final["eval_loss"],
+        "final_eval_loss_partial": final.get("eval_loss_partial"),
+        "final_perplexity": math.exp(final["eval_loss"]),
+        "final_perplexity_partial": math.exp(final["eval_loss_partial"]) if final.get("eval_loss_partial") else None,
+        "pipeline": driver.get("pipeline"),
+        "tokens": driver["inner_steps_total"] * tokens_per_step,
+    }
+
+
+def plot(results: dict, out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, row in results.items():
+        tokens = [p["tokens"] / 1e6 for p in row["curve"]]
+        line, = left.plot(tokens, [p["eval_loss"] for p in row["curve"]], marker=".", label=f"{name}: all stages")
+        left.plot(tokens, [p["eval_loss_partial"] for p in row["curve"]], "--", marker=".", color=line.get_color(),
+                  label=f"{name}: stages {EVAL_STAGES} only")
+    left.set(title=f"6-stage pipeline ({MODEL}), uneven peers", xlabel="tokens (M)", ylabel="held-out loss (nats/byte)")
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3)
+    names = list(results)
+    right.bar(names, [results[n]["iteration_s"] for n in names], color=["tab:blue", "tab:orange"][: len(names)])
+    right.set(title="iteration time (median over rounds 2..)", ylabel="seconds per inner step")
+    right.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    path = out.with_suffix(".png")
+    fig.savefig(path, dpi=110)
+    return str(path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--inner-steps", type=int, default=20)
+    parser.add_argument("--microbatch-size", type=int, default=2)
+    parser.add_argument("--in-flight", type=int, default=8)
+    parser.add_argument("--wan", action="store_true", help="run each peer in its own namespace with uneven links (root)")
+    parser.add_argument("--fast-rate", default="200mbit")
+    parser.add_argument("--slow-rate", default="20mbit")
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--out", default="results/bench_skippipe.json")
+    parser.add_argument("--keep-logs", help="keep the peers' logs and reports under this folder")
+    parser.add_argument("--replot", metavar="JSON", help="only redraw the PNG of an earlier run's JSON")
+    args = parser.parse_args()
+    if args.replot:
+        print(plot(json.loads(Path(args.replot).read_text())["results"], Path(args.replot)))
+        return 0
+
+    from shoal.train import RECIPES
+
+    recipe = RECIPES[MODEL]
+    tokens_per_step = recipe.batch_size * recipe.seq_len
+    common = ["--model", MODEL, "--stages", str(STAGES), "--outer", "diloco", "--codec", "int8", "--inner-steps", str(args.inner_steps),
+              "--threads", "1", "--seed", "0", "--microbatch-size", str(args.microbatch_size), "--in-flight", str(args.in_flight),
+              "--gather-timeout", "600"]
+    logs = Path(args.keep_logs or tempfile.mkdtemp(prefix="shoal-skippipe-"))
+    results: dict = {}
+    for name in args.runs:
+        flags = peer_flags(RUNS[name])
+        rates = link_rates(len(flags), args.fast_rate, args.slow_rate) if args.wan else None
+        print(f"== {name}: {len(flags)} peers, {args.rounds} rounds of {args.inner_steps} steps", flush=True)
+        begin = time.monotonic()
+        row = summarize(run_swarm(len(flags), rates, args.rounds, logs / name, common, peer_flags=flags), tokens_per_step, args.inner_steps)
+        row["launcher_seconds"] = time.monotonic() - begin
+        results[name] = row
+        print(f"   iteration {row['iteration_s']:.3f} s, eval {row['final_eval_loss']:.3f}, "
+              f"stages {EVAL_STAGES} only {row['final_eval_loss_partial']:.3f}", flush=True)
+
+    summary = {}
+    if {"full", "skippipe"} <= set(results):
+        full, skip = results["full"], results["skippipe"]
+        summary = {
+            "iteration_time_ratio": skip["iteration_s"] / full["iteration_s"],
+            "eval_loss_ratio": skip["final_eval_loss"] / full["final_eval_loss"],
+            "partial_perplexity_increase": {n: r["final_perplexity_partial"] / r["final_perplexity"] - 1 for n, r in results.items()},
+        }
+        print(f"skippipe / full: iteration time {summary['iteration_time_ratio']:.3f}, final eval loss {summary['eval_loss_ratio']:.4f}; "
+              "perplexity through stages " + EVAL_STAGES + " vs all: "
+              + ", ".join(f"{n} +{100 * v:.1f}%" for n, v in summary["partial_perplexity_increase"].items()))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    document = {"command": "python scripts/bench_skippipe.py " + " ".join(sys.argv[1:]), "model": MODEL, "stages": STAGES,
+                "speeds_ms": SPEEDS_MS, "wan": [args.fast_rate, args.slow_rate] if args.wan else None, "rounds": args.rounds,
+                "inner_steps": args.inner_steps, "tokens_per_step": tokens_per_step, "summary": summary, "results": results}
+    document["plot"] = plot(results, out)
+    out.write_text(json.dumps(document, indent=1))
+    print(f"wrote {out} and {document['plot']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
