@@ -237,7 +237,15 @@ def stage_map(peers: list[dict[str, Any]], pipeline: Any) -> str:
         rows.append(f'<tr><td>{stage}</td><td class="l">{what}</td><td class="l">{names or "<span class=bad>gap: no live peer</span>"}</td>'
                     f'<td>{len(serving)}</td><td>{_fmt(speed, ",.0f") if serving else DASH}</td></tr>')
     head = '<tr><th>stage</th><th class="l">holds</th><th class="l">peers · activation codec</th><th>peers</th><th>tokens/s</th></tr>'
-    return f'<h2>pipeline stages</h2><div class="scroll"><table>{head}{"".join(rows)}</table></div>'
+    notes = []
+    standby = [p for p in peers if p.get("role") == "stage" and p.get("stage") is None and _state(p) != "dead"]
+    if standby:
+        notes.append("standing by to take over a lost stage: " + ", ".join(f"<code>{_text(p.get('peer_id'))}</code>" for p in standby))
+    routes = pipeline.get("routes")
+    if isinstance(routes, dict):
+        notes.append("this peer's routes: " + ", ".join(f"{_text(k)} {_text(v)}" for k, v in routes.items() if v is not None))
+    extra = "".join(f'<p class="muted">{n}</p>' for n in notes)
+    return f'<h2>pipeline stages</h2><div class="scroll"><table>{head}{"".join(rows)}</table></div>{extra}'
 
 
 def _peer_row(p: dict[str, Any], now: Any, self_id: Any, odd: set[str], palette: dict[str, str], pairwise: bool = False) -> str:

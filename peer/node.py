@@ -55,6 +55,7 @@ from shoal.peer.stagepeer import (
 from shoal.peer.statesync import StateServer, download_state
 from shoal.peer.wire import WireCodec
 from shoal.pipeline.compression import parse_activation
+from shoal.pipeline.paths import PathPlanner
 from shoal.pipeline.routing import Router
 from shoal.pipeline.service import StageService
 from shoal.pipeline.stages import StagePlan
@@ -101,6 +102,7 @@ class Peer:
         self._last_inner_end: float | None = None
         self.stage_service: StageService | None = None  # --role stage, stages 1..S−1
         self.router: Router | None = None  # --role stage, stage 0
+        self.paths: PathPlanner | None = None  # --role stage, stage 0
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -476,7 +478,7 @@ class Peer:
             "run": {"model": run.model_preset, "outer": run.outer.name, "codec": run.outer.codec, "inner_steps": run.inner_steps,
                     "params": sum(t.numel() for t in self.outer.params.values()) if hasattr(self, "outer") else None},  # none on a standby
             "round": self.outer_round,
-            "pipeline": pipeline_view(run, self.router),
+            "pipeline": pipeline_view(run, self.router, self.paths),
             "peers": peers,
             "history": {pid: [{"round": r, **v} for r, v in sorted(rounds.items())] for pid, rounds in self.membership.history.items()},
             "traffic": {"sent": dict(self.traffic.sent), "received": dict(self.traffic.received)},

@@ -36,7 +36,7 @@ from shoal.peer.statesync import download_state
 from shoal.pipeline.checkfree import rebuild_stage, recovered_inner_config, recovery_source
 from shoal.pipeline.compression import parse_activation
 from shoal.pipeline.driver import DriverConfig, PipelineBroken, PipelineDriver
-from shoal.pipeline.paths import build_paths
+from shoal.pipeline.paths import PathPlanner, build_paths
 from shoal.pipeline.routing import Router, build_router
 from shoal.pipeline.service import StageService
 from shoal.pipeline.stages import StagePlan, build_stage, stage_shapes
@@ -83,9 +83,9 @@ def stage_peers(membership: Membership, stage: int, activation: str) -> list[str
     return sorted(p.peer_id for p in membership.live_others() if p.role == "stage" and p.stage == stage and p.activation == activation)
 
 
-def pipeline_view(run: RunConfig, router: Router | None) -> dict[str, Any] | None:
+def pipeline_view(run: RunConfig, router: Router | None, paths: PathPlanner | None = None) -> dict[str, Any] | None:
     """The dashboard's picture of the run's pipeline: what each stage holds (and stage 0's
-    router statistics when this peer drives one)."""
+    router statistics and route policy when this peer drives one)."""
     if not run.stages:
         return None
     plan = StagePlan(run.stages, run.model["n_layers"])
@@ -93,6 +93,8 @@ def pipeline_view(run: RunConfig, router: Router | None) -> dict[str, Any] | Non
     view: dict[str, Any] = {"stages": run.stages, "holds": holds}
     if router is not None:
         view["router"] = router.snapshot()
+    if paths is not None:
+        view["routes"] = paths.describe()
     return view
 
 
@@ -196,8 +198,8 @@ def build_stage_trainer(peer: Peer, model: ModelConfig, stage: int) -> DriverTra
         return stage_peers(peer.membership, stage, config.activation)
 
     driver_config = DriverConfig(microbatch_size=config.microbatch_size, max_in_flight=config.in_flight, hop_timeout_s=config.protocol.request_timeout_s)
-    paths = build_paths(run.stages, config.skip_ratio, config.out_of_order, peer.peer_id, peer.router)
-    driver = PipelineDriver(edge, plan, setting.codec, peer.router, call, serving, compute, driver_config, name=peer.peer_id, paths=paths)
+    peer.paths = build_paths(run.stages, config.skip_ratio, config.out_of_order, peer.peer_id, peer.router)
+    driver = PipelineDriver(edge, plan, setting.codec, peer.router, call, serving, compute, driver_config, name=peer.peer_id, paths=peer.paths)
 
     def ready() -> bool:
         return all(serving(s) for s in range(1, run.stages))

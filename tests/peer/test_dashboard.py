@@ -212,3 +212,14 @@ def test_stage_map_shows_who_serves_each_stage_and_gaps() -> None:
     assert odd_hashes(peers) == set()
     assert odd_hashes([*peers, stage_peer("s1c", 1, "eeee"), stage_peer("s1d", 1, "bbbb")]) == {"eeee"}
     assert "pipeline stages" not in render_html(example_snapshot())
+
+
+def test_stage_map_names_standby_peers_and_the_route_policy() -> None:
+    peers = [{"peer_id": "s0", "address": "http://127.0.0.1:1", "role": "stage", "stage": 0, "activation": "none", "alive": True},
+             {"peer_id": "spare", "address": "http://127.0.0.1:2", "role": "stage", "stage": None, "alive": True},
+             {"peer_id": EVIL_ID, "address": "http://127.0.0.1:3", "role": "stage", "stage": None, "alive": True}]
+    routes = {"paths": "skippipe", "skip_ratio": 0.33, "stages_per_path": 4, "estimated_iteration_s": None, "fallbacks": EVIL_ADDRESS}
+    page = render_html(example_snapshot(peers=peers, pipeline={"stages": 3, "holds": ["a", "b", "c"], "routes": routes}))
+    assert "standing by to take over a lost stage: <code>spare</code>" in page
+    assert "paths skippipe" in page and "skip_ratio 0.33" in page and "estimated_iteration_s" not in page
+    assert EVIL_ID not in page and EVIL_ADDRESS not in page

@@ -94,3 +94,20 @@ def test_dead_peers_are_probed_and_revive_on_a_newer_heartbeat():
     clock.t = 100.0
     m.merge([])
     assert m.probe_target(random.Random(0)) is None  # forgotten peers are not probed
+
+
+def test_a_peer_that_failed_a_probe_is_declared_dead_until_it_speaks_again():
+    clock = Clock()
+    m = make(clock)
+    m.merge([entry("a", hb=1, grad_norm=0.5)])
+    clock.t = 1.6
+    assert m.quiet_for("a") == pytest.approx(1.6) and m.quiet_for("nobody") == float("inf")
+    m.declare_dead("a")
+    m.declare_dead("me")  # never ourselves
+    assert m.status("a") == "dead" and m.live_others() == [] and m.status("me") == "alive"
+    m.merge([entry("a", hb=1)])  # old news does not revive it
+    assert m.status("a") == "dead"
+    m.merge([entry("a", hb=2)])
+    assert m.status("a") == "alive" and m.peers["a"].grad_norm is None
+    with pytest.raises(ProtocolError):
+        m.merge([entry("b", grad_norm=float("nan"))])
