@@ -5,6 +5,12 @@ equal tokens, and held-out loss through only part of the model. Every peer is a
     python scripts/bench_skippipe.py --out results/bench_skippipe.json                  # loopback
     sudo python scripts/bench_skippipe.py --wan --out results/bench_skippipe_wan.json   # uneven links
 
+The README's rows: iteration time with the emulated devices 2.5x slower (so that they,
+not this machine's two shared cores, set the pace) and 16 microbatches per step,
+`--speed-scale 2.5 --activation int8 --rounds 3 --inner-steps 20 --microbatch-size 1
+--in-flight 16`; eval loss at equal tokens over a longer run, `--activation int8
+--rounds 20 --inner-steps 20`.
+
 The swarm: one pipeline replica of 6 stages (model `small-deep`, 10 blocks: stage 0 =
 embedding/head/loss, stages 1-5 = two blocks each), each block stage served by two peers of
 different speed, emulated with `--emulate-forward-ms` (a training forward on that peer
@@ -51,12 +57,12 @@ EVAL_STAGES = "1,3,5"
 RUNS = {"full": [], "skippipe": ["--skip-ratio", "0.33"]}
 
 
-def peer_flags(run_flags: list[str]) -> list[list[str]]:
+def peer_flags(run_flags: list[str], speed_scale: float) -> list[list[str]]:
     """Peer 0 drives (stage 0); then two peers per block stage, at their emulated speeds."""
     stage = ["--role", "stage"]
     flags = [[*stage, "--stage", "0", "--eval-stages", EVAL_STAGES, *run_flags]]
     for k, speeds in SPEEDS_MS.items():
-        flags += [[*stage, "--stage", str(k), "--emulate-forward-ms", str(ms)] for ms in speeds]
+        flags += [[*stage, "--stage", str(k), "--emulate-forward-ms", f"{ms * speed_scale:g}"] for ms in speeds]
     return flags
 
 
@@ -115,6 +121,8 @@ def main() -> int:
     parser.add_argument("--inner-steps", type=int, default=20)
     parser.add_argument("--microbatch-size", type=int, default=2)
     parser.add_argument("--in-flight", type=int, default=8)
+    parser.add_argument("--speed-scale", type=float, default=1.0, help="multiply every emulated forward time (larger: the emulated devices dominate this machine's own CPU time)")
+    parser.add_argument("--activation", default="none", help="the pipeline replica's activation codec (none, int8, subspace:R)")
     parser.add_argument("--wan", action="store_true", help="run each peer in its own namespace with uneven links (root)")
     parser.add_argument("--fast-rate", default="200mbit")
     parser.add_argument("--slow-rate", default="20mbit")
@@ -133,11 +141,11 @@ def main() -> int:
     tokens_per_step = recipe.batch_size * recipe.seq_len
     common = ["--model", MODEL, "--stages", str(STAGES), "--outer", "diloco", "--codec", "int8", "--inner-steps", str(args.inner_steps),
               "--threads", "1", "--seed", "0", "--microbatch-size", str(args.microbatch_size), "--in-flight", str(args.in_flight),
-              "--gather-timeout", "600"]
+              "--gather-timeout", "600", "--activation", args.activation]
     logs = Path(args.keep_logs or tempfile.mkdtemp(prefix="shoal-skippipe-"))
     results: dict = {}
     for name in args.runs:
-        flags = peer_flags(RUNS[name])
+        flags = peer_flags(RUNS[name], args.speed_scale)
         rates = link_rates(len(flags), args.fast_rate, args.slow_rate) if args.wan else None
         print(f"== {name}: {len(flags)} peers, {args.rounds} rounds of {args.inner_steps} steps", flush=True)
         begin = time.monotonic()
@@ -161,7 +169,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     document = {"command": "python scripts/bench_skippipe.py " + " ".join(sys.argv[1:]), "model": MODEL, "stages": STAGES,
-                "speeds_ms": SPEEDS_MS, "wan": [args.fast_rate, args.slow_rate] if args.wan else None, "rounds": args.rounds,
+                "speeds_ms": {k: [ms * args.speed_scale for ms in v] for k, v in SPEEDS_MS.items()}, "activation": args.activation, "wan": [args.fast_rate, args.slow_rate] if args.wan else None, "rounds": args.rounds,
                 "inner_steps": args.inner_steps, "tokens_per_step": tokens_per_step, "summary": summary, "results": results}
     document["plot"] = plot(results, out)
     out.write_text(json.dumps(document, indent=1))
