@@ -127,6 +127,8 @@ class Peer:
             me.first_round = NEVER
             self._tasks.append(asyncio.create_task(self._gossip_loop()))
             log.info("[%s] standing by to take over a pipeline stage that loses every peer", self.peer_id)
+            # the first model build imports about a second of torch internals: pay it now, not during a takeover
+            await self._in_train(build_model, self.config.run.model_preset, self.config.run.seed, "meta")
             me.stage = await wait_for_lost_stage(self)
             joined_round = max((p.round for p in self.membership.live_others()), default=0)
             log.warning("[%s] stage %d lost every peer: taking it over", self.peer_id, me.stage)

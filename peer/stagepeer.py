@@ -279,7 +279,7 @@ class DriverTrainer(_SliceView):
                     break
                 except PipelineBroken as exc:
                     log.warning("[%s] step %d: %s; waiting for every stage to be served", self.driver.name, self.edge.step_count, exc)
-                    time.sleep(1.0)
+                    time.sleep(0.2)
             losses.append(result.loss)
             tokens += result.tokens
             if on_step is not None:

@@ -139,7 +139,7 @@ class PipelineDriver:
         PipelineBroken if all were."""
         size = self.config.microbatch_size
         pieces = [(x[s : s + size], y[s : s + size]) for s in range(0, x.size(0), size)]
-        served = {stage: list(self.stage_peers(stage)) for stage in range(1, self.plan.num_stages)}
+        served = dict(enumerate(self._serving(), start=1))
         routes = await self._run(self.paths.plan, len(pieces), pieces[0][0].numel(), served)
         results = await self._in_flight([self._microbatch(xs, ys, route) for (xs, ys), route in zip(pieces, routes, strict=True)], return_exceptions=True)
         for result in results:
@@ -165,7 +165,7 @@ class PipelineDriver:
     async def _attempts(self, x: torch.Tensor, what: str, once: Callable[[int, Microbatch], Awaitable[Any]]) -> Any:
         """Run `once` for a microbatch of tokens `x`, each attempt under a fresh key (a
         stage may still hold the last attempt's input), pausing 0.5, 1, 2, … s between
-        attempts; PipelineBroken after `max_attempts`."""
+        attempts (`_pause`); PipelineBroken after `max_attempts`."""
         for attempt in range(self.config.max_attempts):
             mb_id = next(self._ids)
             mb = Microbatch(f"{self.name}/{mb_id}", x)
@@ -174,8 +174,22 @@ class PipelineDriver:
             except (HopFailed, NoRoute) as exc:
                 self.retries_total += 1
                 log.warning("[%s] %s %s attempt %d failed: %s", self.name, what, mb.key, attempt + 1, exc)
-                await asyncio.sleep(self.config.retry_pause_s * 2**attempt)
+                if attempt + 1 < self.config.max_attempts:
+                    await self._pause(self.config.retry_pause_s * 2**attempt)
         raise PipelineBroken(f"{what} failed {self.config.max_attempts} times; is every stage served?")
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait `seconds` before a retry, or less if the peers serving some stage change
+        meanwhile (a replacement joined, e.g. a standby that rebuilt a lost stage)."""
+        loop = asyncio.get_running_loop()
+        before, deadline = self._serving(), loop.time() + seconds
+        while (left := deadline - loop.time()) > 0:
+            await asyncio.sleep(min(0.1, left))
+            if self._serving() != before:
+                return
+
+    def _serving(self) -> list[list[str]]:
+        return [list(self.stage_peers(stage)) for stage in range(1, self.plan.num_stages)]
 
     async def _microbatch(self, x: torch.Tensor, y: torch.Tensor, route: Route) -> float:
         async def once(mb_id: int, mb: Microbatch) -> float:
