@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--in-flight", type=int, default=4, help="stage 0: microbatches in the pipeline at once (default 4)")
     peer.add_argument("--router", default="swarm", choices=["random", "swarm"], help="stage 0: per-hop choice among a stage's peers (default swarm: least projected busy time)")
     peer.add_argument("--skip-ratio", type=float, default=0.0, help="stage 0: SkipPipe: each microbatch skips this share of the stages on paths planned around slow peers (e.g. 0.33; default 0: every stage)")
+    peer.add_argument("--skip-swaps", type=int, default=2, help="stage 0: SkipPipe: most pairs of adjacent stages a path may run swapped (default 2; 0: in order)")
     peer.add_argument("--out-of-order", type=float, default=0.0, help="stage 0: CheckFree+: this share of microbatches runs the first and last two block stages swapped, so a lost edge stage can be copied from its neighbour (e.g. 0.5)")
     peer.add_argument("--eval-stages", type=_stage_list, help="stage 0: also evaluate through only these block stages, e.g. 1,3,5 (inference on part of the model)")
     peer.add_argument("--emulate-forward-ms", type=float, default=0.0, help="benchmarks: emulate a slower device: each training forward of this stage takes at least this many ms, each backward twice that")
@@ -128,7 +129,7 @@ def peer_config_from(args: argparse.Namespace) -> PeerConfig:
     return PeerConfig(
         run=run_config_from(args), listen_host=args.listen[0], listen_port=args.listen[1], advertise=args.advertise,
         bootstrap=args.bootstrap, swarm_key=args.swarm_key, role=args.role, stage=args.stage, standby=args.standby, activation=args.activation,
-        microbatch_size=args.microbatch_size, in_flight=args.in_flight, router=args.router, skip_ratio=args.skip_ratio,
+        microbatch_size=args.microbatch_size, in_flight=args.in_flight, router=args.router, skip_ratio=args.skip_ratio, skip_swaps=args.skip_swaps,
         out_of_order=args.out_of_order, eval_stages=args.eval_stages, emulate_forward_ms=args.emulate_forward_ms, device=args.device, data_path=args.data,
         checkpoint_dir=args.checkpoint_dir, resume=args.resume, max_rounds=args.rounds, min_peers=args.min_peers, torch_threads=args.threads,
         eval_every=args.eval_every,

@@ -126,6 +126,7 @@ class PeerConfig:
     in_flight: int = 4  # stage 0: microbatches in the pipeline at once
     router: str = "swarm"  # stage 0: how a hop picks among a stage's peers (random, swarm)
     skip_ratio: float = 0.0  # stage 0: SkipPipe paths skipping this share of the stages (0: every stage)
+    skip_swaps: int = 2  # stage 0: SkipPipe: most pairs of adjacent stages a path may run swapped
     out_of_order: float = 0.0  # stage 0: share of microbatches run with edge block stages swapped (CheckFree+)
     eval_stages: tuple[int, ...] | None = None  # stage 0: also evaluate through only these block stages
     emulate_forward_ms: float = 0.0  # benchmarks: a stage's training forward takes at least this (backward 2x)
@@ -167,6 +168,8 @@ class PeerConfig:
             raise ValueError("--microbatch-size and --in-flight must be >= 1")
         if not 0.0 <= self.emulate_forward_ms <= 60_000:
             raise ValueError(f"--emulate-forward-ms must be in [0, 60000], got {self.emulate_forward_ms}")
+        if self.skip_swaps < 0:
+            raise ValueError(f"--skip-swaps must be >= 0, got {self.skip_swaps}")
         if not 0.0 <= self.skip_ratio < 1.0:
             raise ValueError(f"--skip-ratio must be in [0, 1), got {self.skip_ratio}")
         if not 0.0 <= self.out_of_order <= 1.0:

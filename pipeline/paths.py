@@ -110,14 +110,15 @@ class SkipPaths(PathPlanner):
         return specs
 
     def describe(self) -> dict:
-        return {"paths": self.name, "skip_ratio": self.config.skip_ratio, "stages_per_path": self.config.visits_per_path,
+        return {"paths": self.name, "skip_ratio": self.config.skip_ratio, "stages_per_path": self.config.visits_per_path, "max_swaps": self.config.max_swaps,
                 "estimated_iteration_s": self.last_iteration_s, "fallbacks": self.fallbacks}
 
 
-def build_paths(num_stages: int, skip_ratio: float, out_of_order: float, driver_id: str, router: Router) -> PathPlanner:
-    """The planner for `--skip-ratio` (SkipPipe when > 0) and `--out-of-order` (CheckFree+)."""
+def build_paths(num_stages: int, skip_ratio: float, out_of_order: float, driver_id: str, router: Router, skip_swaps: int = 2) -> PathPlanner:
+    """The planner for `--skip-ratio` (SkipPipe when > 0; `--skip-swaps`) and
+    `--out-of-order` (CheckFree+)."""
     if skip_ratio and out_of_order:
         raise ValueError("--skip-ratio and --out-of-order are two path policies; pick one")
     if skip_ratio:
-        return SkipPaths(SkipPipeConfig(num_stages=num_stages, skip_ratio=skip_ratio), driver_id, router)
+        return SkipPaths(SkipPipeConfig(num_stages=num_stages, skip_ratio=skip_ratio, max_swaps=skip_swaps), driver_id, router)
     return FullPaths(num_stages, out_of_order)

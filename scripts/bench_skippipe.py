@@ -54,7 +54,7 @@ MODEL = "small-deep"
 STAGES = 6
 SPEEDS_MS = {1: (20, 60), 2: (20, 20), 3: (60, 80), 4: (20, 40), 5: (30, 90)}
 EVAL_STAGES = "1,3,5"
-RUNS = {"full": [], "skippipe": ["--skip-ratio", "0.33"]}
+RUNS = {"full": [], "skippipe": ["--skip-ratio", "0.33"], "skippipe-in-order": ["--skip-ratio", "0.33", "--skip-swaps", "0"]}
 
 
 def peer_flags(run_flags: list[str], speed_scale: float) -> list[list[str]]:
@@ -126,7 +126,7 @@ def main() -> int:
     parser.add_argument("--wan", action="store_true", help="run each peer in its own namespace with uneven links (root)")
     parser.add_argument("--fast-rate", default="200mbit")
     parser.add_argument("--slow-rate", default="20mbit")
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--runs", nargs="+", default=["full", "skippipe"], choices=list(RUNS))
     parser.add_argument("--out", default="results/bench_skippipe.json")
     parser.add_argument("--keep-logs", help="keep the peers' logs and reports under this folder")
     parser.add_argument("--replot", metavar="JSON", help="only redraw the PNG of an earlier run's JSON")

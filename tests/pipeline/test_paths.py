@@ -134,3 +134,15 @@ def test_a_skippipe_step_trains_through_the_runtime():
     assert asyncio.run(driver.evaluate([(x, y)])) < before
     seen = sum(w.step_count > 0 for w in workers.values())
     assert seen >= 4  # every stage was visited by some microbatch, on some replica
+
+
+def test_skippipe_without_swaps_keeps_every_route_in_order():
+    router = build_router("swarm", 0)
+    served = {s: [f"s{s}.0"] for s in range(1, 6)}
+    for peers in served.values():
+        router.report(peers[0], seconds=1.0, task_size=1000)
+    planner = build_paths(6, 0.33, 0.0, "driver", router, skip_swaps=0)
+    assert planner.describe()["max_swaps"] == 0
+    for route in planner.plan(12, 64, served):
+        stages = [s for s, _ in route]
+        assert stages == sorted(stages) and len(stages) == 3
