@@ -129,7 +129,8 @@ async def download_state(
             except ShoalError as exc:
                 errors.append(f"{source.peer_id}: {exc}")
                 log.warning("state download from %s failed (attempt %d): %s", source.peer_id, attempt + 1, exc)
-        await asyncio.sleep(0.5 * (attempt + 1))
+        if attempt + 1 < attempts:
+            await asyncio.sleep(0.5 * (attempt + 1))
     raise ShoalError("could not download the outer state: " + "; ".join(errors[-4:]))
 
 

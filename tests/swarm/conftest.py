@@ -92,6 +92,20 @@ def wait_for(predicate, timeout_s, what):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
+def spawn_peer(corpus, tmp_path, i: int, port: int, rounds: int, inner_steps: int, extra: list[str], model: str = "tiny",
+               bootstrap: str | None = None) -> subprocess.Popen:
+    """`shoal peer` process peer-<i> on 127.0.0.1:<port>, tiny settings, logging and
+    reporting to tmp_path (see `peer_processes`)."""
+    cmd = [sys.executable, "-m", "shoal.peer.cli", "peer", "--listen", f"127.0.0.1:{port}", "--peer-id", f"peer-{i}",
+           "--model", model, "--inner-steps", str(inner_steps), "--batch-size", "4", "--seq-len", "32",
+           "--inner-lr", "0.003", "--data", corpus, "--rounds", str(rounds), "--threads", "1",
+           "--report", str(tmp_path / f"peer-{i}.json"), *extra]
+    if bootstrap:
+        cmd += ["--bootstrap", bootstrap]
+    with open(tmp_path / f"peer-{i}.log", "w") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
 @contextlib.contextmanager
 def peer_processes(corpus, tmp_path, rounds: int, inner_steps: int, flags: list[list[str]], model: str = "tiny"):
     """One `shoal peer` process per entry of `flags` (its extra flags), on free ports, tiny
@@ -102,14 +116,8 @@ def peer_processes(corpus, tmp_path, rounds: int, inner_steps: int, flags: list[
     procs = []
     try:
         for i, (port, extra) in enumerate(zip(ports, flags, strict=True)):
-            cmd = [sys.executable, "-m", "shoal.peer.cli", "peer", "--listen", f"127.0.0.1:{port}", "--peer-id", f"peer-{i}",
-                   "--model", model, "--inner-steps", str(inner_steps), "--batch-size", "4", "--seq-len", "32",
-                   "--inner-lr", "0.003", "--data", corpus, "--rounds", str(rounds), "--min-peers", str(len(flags)), "--threads", "1",
-                   "--report", str(tmp_path / f"peer-{i}.json"), *extra]
-            if i:
-                cmd += ["--bootstrap", urls[0]]
-            with open(tmp_path / f"peer-{i}.log", "w") as log:
-                procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+            procs.append(spawn_peer(corpus, tmp_path, i, port, rounds, inner_steps, [*extra, "--min-peers", str(len(flags))], model,
+                                    urls[0] if i else None))
             if i == 0:
                 wait_for(lambda: swarm_view(urls[0]), 60, "the first peer to serve")
         yield procs, urls

@@ -7,7 +7,7 @@ import signal
 import time
 
 import pytest
-from conftest import peer_processes, swarm_view, wait_for
+from conftest import free_port, peer_processes, spawn_peer, swarm_view, wait_for
 
 STAGE = ["--role", "stage", "--stages", "4", "--microbatch-size", "2"]
 
@@ -48,3 +48,24 @@ def test_a_lost_stage_is_rebuilt_by_a_standby_and_training_resumes_within_5_s(co
         losses = [r["eval_loss"] for r in driver["rounds"]]
         assert losses[-1] < losses[0], losses  # round 1 was before the loss
         assert resumed_s < 5.0, resumed_s
+
+
+@pytest.mark.timeout(240)
+def test_a_peer_joining_a_stage_whose_holder_died_rebuilds_it_from_the_neighbours(corpus, tmp_path):
+    """No standby: stage 2's only peer is SIGKILLed and a new `--stage 2` peer joins while
+    the dead one still looks alive in the table. Its state download from the dead holder
+    fails, it declares it dead and rebuilds the stage (CheckFree); the run finishes."""
+    rounds, inner_steps = 4, 15
+    flags = [[*STAGE, "--stage", str(k)] for k in range(4)]
+    with peer_processes(corpus, tmp_path, rounds, inner_steps, flags, model="tiny-deep") as (procs, urls):
+        wait_for(lambda: (e := own_entry(urls[0], "peer-0")) and e["step"] >= inner_steps + 3, 120, "round 2 under way")
+        procs[2].send_signal(signal.SIGKILL)
+        procs[2].wait(timeout=10)
+        procs.append(spawn_peer(corpus, tmp_path, 4, free_port(), rounds, inner_steps, [*STAGE, "--stage", "2"], "tiny-deep", urls[0]))
+        for i in (0, 1, 3, 4):
+            assert procs[i].wait(timeout=180) == 0, (tmp_path / f"peer-{i}.log").read_text()[-3000:]
+        log = (tmp_path / "peer-4.log").read_text()
+        assert "no peer of stage 2 delivered its state" in log and "stage 2 had no live peer: rebuilt it from stages 1 and 3" in log, log[-3000:]
+        driver = json.loads((tmp_path / "peer-0.json").read_text())
+        assert [r["round"] for r in driver["rounds"]] == list(range(1, rounds + 1))
+        assert driver["inner_steps_total"] == rounds * inner_steps
