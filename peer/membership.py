@@ -82,10 +82,11 @@ _FIELD_NAMES = {f.name for f in fields(PeerInfo)}
 _STRINGS = {"peer_id": 128, "address": 256, "role": 32, "weights_hash": 128, "partner": 128, "activation": 64}
 _INTS = {"heartbeat", "first_round", "round", "step", "bytes_sent", "bytes_received", "stage"}
 _FLOATS = {"incarnation", "train_loss", "eval_loss", "tokens_per_s", "partner_distance", "grad_norm"}
+_NULLABLE = {f.name for f in fields(PeerInfo) if f.default is None}  # optional fields: None when unknown
 
 
 def _check_field(name: str, value: Any) -> Any:
-    if value is None and name in ("train_loss", "eval_loss", "tokens_per_s", "weights_hash", "partner", "partner_distance", "stage", "activation", "grad_norm"):
+    if value is None and name in _NULLABLE:
         return None
     if name in _STRINGS:
         if not isinstance(value, str) or not 0 < len(value) <= _STRINGS[name]:
