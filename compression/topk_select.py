@@ -229,6 +229,42 @@ def write_blocks(values: np.ndarray, layout: ChunkLayout, out: np.ndarray) -> No
         torch.abs(tiles, out=torch.from_numpy(out).view(gr, gc, tr, tc))
 
 
+# Rows of |x| selected per batch: 256 rows of 4096 are 4 MiB of float32, which stays in
+# the last-level cache, where one matrix of a whole model would be written and read back
+# from memory (and, the first time, page-faulted in: 1 s for a 50M-parameter tensor).
+_BATCH_ROWS = 256
+
+
+def _band(values: np.ndarray, layout: ChunkLayout, first: int, end: int) -> tuple[np.ndarray, ChunkLayout]:
+    """Chunks first:end of a tensor as a tensor of their own: a contiguous slice of its
+    flat values and the layout of that slice (for a tiled tensor, whole grid rows)."""
+    if layout.tile_rows == 1:
+        begin = first * layout.tile_cols
+        piece = values[begin : min(end * layout.tile_cols, layout.cols)]
+        return piece, type(layout)(1, piece.size, 1, layout.tile_cols)
+    top, bottom = first // layout.grid_cols * layout.tile_rows, min(end // layout.grid_cols * layout.tile_rows, layout.rows)
+    return values[top * layout.cols : bottom * layout.cols], type(layout)(bottom - top, layout.cols, layout.tile_rows, layout.tile_cols)
+
+
+def _batches(layouts: Sequence[ChunkLayout], members: list[int]) -> list[list[tuple[int, int, int]]]:
+    """The chunks of `members` (in order) cut into batches of about `_BATCH_ROWS` rows,
+    each a list of (tensor, first chunk, end chunk); a tiled tensor is cut at grid rows."""
+    batches: list[list[tuple[int, int, int]]] = [[]]
+    rows = 0
+    for i in members:
+        layout = layouts[i]
+        unit = 1 if layout.tile_rows == 1 else layout.grid_cols
+        step = max(unit, _BATCH_ROWS // unit * unit)
+        for first in range(0, layout.num_chunks, step):
+            end = min(first + step, layout.num_chunks)
+            batches[-1].append((i, first, end))
+            rows += end - first
+            if rows >= _BATCH_ROWS:
+                batches.append([])
+                rows = 0
+    return [batch for batch in batches if batch]
+
+
 def select_many(
     values: Sequence[np.ndarray], layouts: Sequence[ChunkLayout], k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -236,9 +272,10 @@ def select_many(
     into their tensor, in-chunk positions), both int64 in chunk order with positions
     increasing within a chunk, and per tensor how many.
 
-    The chunks of all tensors are stacked as the rows of one matrix per chunk width, so
-    thresholds, ties, the row-major scan (which yields wire order) and the mapping back
-    to tensors each run once for a whole model instead of once per tensor."""
+    The chunks of all tensors are stacked as the rows of one matrix per chunk width,
+    selected a batch of rows at a time (small tensors share a batch, large ones are cut),
+    so thresholds, ties, the row-major scan (which yields wire order) and the mapping back
+    to tensors each run a few times per model rather than once per tensor."""
     lengths = np.zeros(len(values), dtype=np.intp)
     by_width: dict[int, list[int]] = {}
     for i, layout in enumerate(layouts):
@@ -247,13 +284,20 @@ def select_many(
     groups = []
     for width, members in by_width.items():
         plan = _send_plan(tuple(layouts[i] for i in members), k)
-        # a reused per-thread buffer: a fresh one costs more in page faults than the copy
-        blocks = _workspace("blocks", plan.n_rows * width, np.float32).reshape(-1, width)
-        for j, i in enumerate(members):
-            write_blocks(values[i], layouts[i], blocks[plan.first_rows[j] : plan.first_rows[j + 1]])
-        if not math.isfinite(blocks.max()):  # NaN and Inf survive abs and max
-            raise CodecError("tensor holds NaN/Inf value(s) (or values beyond float32 range)")
-        kept = kept_entries(blocks, k, plan.quota)
+        parts, first_row = [], 0
+        for batch in _batches(layouts, members):
+            n_rows = sum(end - first for _, first, end in batch)
+            # a reused per-thread buffer: a fresh one costs more in page faults than the copy
+            blocks = _workspace("blocks", n_rows * width, np.float32).reshape(n_rows, width)
+            row = 0
+            for i, first, end in batch:
+                write_blocks(*_band(values[i], layouts[i], first, end), blocks[row : row + end - first])
+                row += end - first
+            if not math.isfinite(blocks.max()):  # NaN and Inf survive abs and max
+                raise CodecError("tensor holds NaN/Inf value(s) (or values beyond float32 range)")
+            parts.append(kept_entries(blocks, k, plan.quota[first_row : first_row + n_rows]) + first_row * width)
+            first_row += n_rows
+        kept = np.concatenate(parts)
         row, padded_position = np.divmod(kept, width)
         row_in, col_in = np.divmod(padded_position, plan.tile_cols[row])
         positions = row_in * plan.chunk_cols[row] + col_in

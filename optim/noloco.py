@@ -59,12 +59,11 @@ class NoLoCo(OuterOptimizer):
 
     def contribution(self, local_weights: Mapping[str, torch.Tensor]) -> dict[str, bytes]:
         self._check_names(list(local_weights), "local weights")
-        progress = {n: local_weights[n].detach().to("cpu", torch.float32) - phi for n, phi in self.params.items()}
         payload = {PHI + n: self.phi_codec.encode(phi - self.origin[n]) for n, phi in self.params.items()}
         if self.error is None:
-            payload.update({DELTA + n: self.codec.encode(d) for n, d in progress.items()})
+            payload.update({DELTA + n: self.codec.encode(local_weights[n].detach().to("cpu", torch.float32) - phi) for n, phi in self.params.items()})
             return payload
-        sent = send_with_error_feedback(self.codec, self.error, progress, self.config.error_decay)
+        sent = send_with_error_feedback(self.codec, self.error, local_weights, self.params, self.config.error_decay)
         return payload | {DELTA + n: blob for n, blob in sent.items()}
 
     def decode_contribution(self, payload: Mapping[str, bytes]) -> PairContribution:

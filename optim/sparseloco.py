@@ -17,8 +17,9 @@ Every peer aggregates the round's contributions the same way:
     agg[i] = mean over the peers that sent index i of their (clipped) value
     θ ← θ − α·agg                          α = `lr` (1.0), no outer momentum
 
-Contributions are added in peer-id order with one write per index per contribution, so
-the result is bit-identical on every peer.
+Applied sparsely: θ[i] −= α·s_j·v_j[i] / n_i for each contribution j (n_i: how many sent
+index i), contributions in peer-id order with one write per index each, so the result is
+bit-identical on every peer.
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ from shoal.compression.topk import BatchCodecError
 from shoal.optim.outer import ContributionError, OuterConfig, OuterOptimizer, Tensors
 
 
-def send_with_error_feedback(codec: TopKCodec, error: Tensors, update: Mapping[str, torch.Tensor], decay: float) -> dict[str, bytes]:
-    """e ← β·e + update; payload = top-k of e (all tensors encoded in one batch);
-    e ← e − decoded(payload) (decoded in one batch too). Returns the payload by tensor name;
-    `error` is updated in place."""
-    for name, value in update.items():
-        error[name].mul_(decay).add_(value)
+def send_with_error_feedback(
+    codec: TopKCodec, error: Tensors, plus: Mapping[str, torch.Tensor], minus: Mapping[str, torch.Tensor], decay: float
+) -> dict[str, bytes]:
+    """e ← β·e + (plus − minus), in place (no model-sized temporary); payload = top-k of e
+    (all tensors encoded in one batch); e ← e − decoded(payload) (decoded in one batch
+    too). Returns the payload by tensor name."""
+    for name, buffer in error.items():
+        buffer.mul_(decay).add_(plus[name].detach().to("cpu", torch.float32)).sub_(minus[name].detach().to("cpu", torch.float32))
     payloads = codec.encode_many(list(error.values()))
     decoded = codec.decode_sparse_many(payloads, [tuple(buffer.shape) for buffer in error.values()])
     for buffer, (indices, values) in zip(error.values(), decoded, strict=True):
@@ -76,8 +79,7 @@ class SparseLoCo(OuterOptimizer):
 
     def contribution(self, local_weights: Mapping[str, torch.Tensor]) -> dict[str, bytes]:
         self._check_names(list(local_weights), "local weights")
-        pseudo_grad = {n: outer - local_weights[n].detach().to("cpu", torch.float32) for n, outer in self.params.items()}
-        return send_with_error_feedback(self.codec, self.error, pseudo_grad, self.config.error_decay)
+        return send_with_error_feedback(self.codec, self.error, self.params, local_weights, self.config.error_decay)
 
     def decode_contribution(self, payload: Mapping[str, bytes]) -> SparseContribution:
         # names and payload types checked as for every optimizer; the codec work in one batch
@@ -100,12 +102,13 @@ class SparseLoCo(OuterOptimizer):
             median = statistics.median_low(norms)
             scales = [1.0 if n <= median or n == 0 else median / n for n in norms]
             for name in names:
-                param = self.params[name]
-                total = torch.zeros(param.numel())
-                senders = torch.zeros(param.numel())
+                # sparse throughout: a dense mean would write and read the whole tensor
+                # several times, where the round's entries are ~8·k/4096 of it
+                senders = torch.zeros(self.params[name].numel(), dtype=torch.uint8 if len(held) < 256 else torch.int32)
+                for contribution in held:
+                    idx = contribution.indices[name]
+                    senders.index_add_(0, idx, torch.ones(idx.numel(), dtype=senders.dtype))
+                param = self.params[name].view(-1)
                 for contribution, scale in zip(held, scales, strict=True):
                     idx = contribution.indices[name]
-                    total.index_add_(0, idx, contribution.values[name], alpha=scale)
-                    senders.index_add_(0, idx, torch.ones(idx.numel()))
-                aggregate = total.div_(senders.clamp_(min=1.0))
-                param.view(-1).sub_(aggregate, alpha=self.config.lr)
+                    param.index_add_(0, idx, contribution.values[name] / senders[idx], alpha=-self.config.lr * scale)

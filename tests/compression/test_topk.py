@@ -312,6 +312,27 @@ def test_batched_encode_and_decode_match_one_tensor_at_a_time(options) -> None:
         assert flat.dtype == torch.int64 and torch.equal(flat, alone_flat) and torch.equal(values, alone_values)
 
 
+@pytest.mark.parametrize("batch_rows", [1, 7, 100])
+def test_selection_in_small_batches_changes_nothing(monkeypatch, batch_rows) -> None:
+    # the rows are selected a batch at a time; batches that cut tensors anywhere (a flat
+    # tensor mid-way, a tiled one at grid rows, one grid row wider than the batch) and
+    # join small ones must give the bytes of one batch holding everything
+    from shoal.compression import topk_select
+
+    generator = torch.Generator().manual_seed(7)
+    tensors = [pseudo_random(shape, i) for i, shape in enumerate(MODEL_SHAPES)]
+    tensors += [torch.randn(shape, generator=generator) for shape in [(130, 1000), (30 * 4096 + 5,), (700, 200), (5, 5)]]
+    codec = TopKCodec()
+    monkeypatch.setattr(topk_select, "_BATCH_ROWS", 1 << 30)
+    whole = codec.encode_many(tensors)
+    monkeypatch.setattr(topk_select, "_BATCH_ROWS", batch_rows)
+    assert codec.encode_many(tensors) == whole
+    bad = tensors[-2].clone()
+    bad[-1] = float("nan")  # in the last batch
+    with pytest.raises(CodecError, match="NaN"):
+        codec.encode_many([*tensors[:-2], bad])
+
+
 def test_encode_many_raises_what_the_first_bad_tensor_raises() -> None:
     codec, good = TopKCodec(), torch.randn(70, 70)
     nan, ints = torch.randn(8, 8), torch.ones(3, dtype=torch.int64)
