@@ -16,8 +16,9 @@ Codecs (bytes per token of the body; forward and backward payloads are the same 
     int8      d + 4     per token: int8 codes of x / s, s = absmax / 127 as float32 (not
                         float16: gradient rows are often below float16's normal range)
     subspace  2·k       k float16 coordinates in a fixed subspace (see SubspaceActivationCodec)
+    subspace-int8  k + 1  k int8 coordinates and a power-of-two scale (SubspaceInt8ActivationCodec)
 
-plus `header_nbytes` per payload: 24, and 33 for subspace. At d_model = 128: 512, 132 and
+plus `header_nbytes` per payload: 24, 33 for subspace and 32 for subspace-int8. At d_model = 128: 512, 132 and
 (k = 31, ratio 8) 62 bytes per token.
 
 Wire layout (little-endian, `ACTIVATION_HEADER`, 24 bytes), with base.py's conventions:
@@ -27,7 +28,7 @@ same magic byte, codec ids from the same namespace, a version and a CRC32:
     | batch u32 | seq u32 | d_model u32 | token ids crc32 u32 | crc32 u32 | body ...
 
 The CRC covers the first 20 header bytes and the body; the body starts with a fixed,
-codec-specific prefix (subspace: basis id and scale exponent, 9 bytes). The token ids CRC
+codec-specific prefix (subspace: basis id and scale exponent, 9 bytes; subspace-int8: basis id). The token ids CRC
 (over the ids as little-endian int64) ties a payload to its microbatch: decoding it against
 other ids (a mixed-up microbatch, which for `subspace` would silently add the wrong E0 rows)
 is refused. The direction byte stops a gradient from being decoded as an activation.
@@ -256,7 +257,6 @@ class Int8ActivationCodec(ActivationCodec):
 # power of two into [2^14, 2^15) (exact in float32, and far from float16's ±65504 limit), so
 # small gradients keep float16's full 11-bit precision instead of falling into its
 # subnormals (< 6.1e-5) — the loss-scaling idea of mixed-precision training, per payload.
-_SUBSPACE_PREFIX = struct.Struct(f"<{BASIS_ID_NBYTES}sb")  # basis id, scale exponent i8
 _TARGET_EXPONENT = 15
 
 
@@ -265,7 +265,7 @@ class SubspaceActivationCodec(ActivationCodec):
 
     Forward: z = (h − E0[token]) U, sent as k float16 values per token; decode E0[token] + z U^T.
     Backward: U^T g sent the same way; decode U U^T g. Body: basis id (8 bytes) | scale
-    exponent e (i8) | float16[tokens, k] holding z·2^e (see `_SUBSPACE_PREFIX`).
+    exponent e (i8) | float16[tokens, k] holding z·2^e.
 
     Why this is exact when every learnable write to the residual stream lies in span(U)
     (`pipeline/subspace.confine_`): the stream is then h = E0[token] + U c, so the forward
@@ -282,7 +282,7 @@ class SubspaceActivationCodec(ActivationCodec):
 
     name = "subspace"
     codec_id = 18
-    prefix_nbytes = _SUBSPACE_PREFIX.size
+    prefix_nbytes = BASIS_ID_NBYTES + 1  # basis id, scale exponent i8
 
     def __init__(self, basis: SubspaceBasis) -> None:
         if not isinstance(basis, SubspaceBasis):
@@ -307,37 +307,82 @@ class SubspaceActivationCodec(ActivationCodec):
         if direction == FORWARD:
             self._check_ids(ids)
             rows = rows - E0[ids.to(rows.device)]
-        coords = (rows @ U).cpu().numpy()
-        peak = float(np.abs(coords).max(initial=0.0))
-        exponent = 0 if peak == 0.0 else min(127, max(-127, _TARGET_EXPONENT - int(np.frexp(peak)[1])))
-        scaled = np.ldexp(coords, exponent).astype("<f2")
-        return b"".join((_SUBSPACE_PREFIX.pack(self.basis.basis_id_bytes, exponent), scaled.tobytes()))
+        return self.basis.basis_id_bytes + self._pack_coordinates((rows @ U).cpu().numpy())
 
     def _decode_rows(self, body: memoryview, ids: torch.Tensor, d_model: int, direction: int) -> torch.Tensor:
         self._check_d_model(d_model, ValueError)
-        basis_id, exponent = _SUBSPACE_PREFIX.unpack_from(body)
+        basis_id = bytes(body[:BASIS_ID_NBYTES])
         if basis_id != self.basis.basis_id_bytes:
             raise CodecError(
                 f"subspace basis out of sync: payload was projected on basis {basis_id.hex()}, "
                 f"this peer holds {self.basis.basis_id}"
             )
-        scaled = np.frombuffer(body, dtype="<f2", offset=_SUBSPACE_PREFIX.size)
-        if not np.isfinite(scaled).all():
-            raise CodecError("subspace payload holds non-finite float16 coordinates")
-        with np.errstate(over="ignore"):  # a lying exponent overflows; refused as non-finite
-            coords = np.ldexp(scaled.astype(np.float32), -exponent)
+        coords = self._unpack_coordinates(body[BASIS_ID_NBYTES:], ids.numel())
         rows = torch.from_numpy(coords).reshape(ids.numel(), self.basis.k) @ self.basis.U.T
         if direction == FORWARD:
             self._check_ids(ids)
             rows = rows + self.basis.E0[ids]
         return rows
 
+    # how the coordinates (tokens, k) travel: float16 under one exponent per payload
+
+    def _pack_coordinates(self, coords: np.ndarray) -> bytes:
+        peak = float(np.abs(coords).max(initial=0.0))
+        exponent = 0 if peak == 0.0 else min(127, max(-127, _TARGET_EXPONENT - int(np.frexp(peak)[1])))
+        return struct.pack("<b", exponent) + np.ldexp(coords, exponent).astype("<f2").tobytes()
+
+    def _unpack_coordinates(self, data: memoryview, n_tokens: int) -> np.ndarray:
+        (exponent,) = struct.unpack_from("<b", data)
+        scaled = np.frombuffer(data, dtype="<f2", offset=1)
+        if not np.isfinite(scaled).all():
+            raise CodecError("subspace payload holds non-finite float16 coordinates")
+        with np.errstate(over="ignore"):  # a lying exponent overflows; refused as non-finite
+            return np.ldexp(scaled.astype(np.float32), -exponent)
+
     def __repr__(self) -> str:
         return f"SubspaceActivationCodec({self.basis!r})"
 
 
+class SubspaceInt8ActivationCodec(SubspaceActivationCodec):
+    """The subspace codec with int8 coordinates: k + 1 bytes per token, so about twice the
+    k of float16 coordinates at the same bytes. Per token r, an exponent e_r (i8) and the
+    codes round(z_r / 2^e_r) in [-127, 127], with 2^e_r the smallest power of two at or above
+    max|z_r| / 127 (error ≤ 2^(e_r − 1) ≤ max|z_r| / 127). A per-token scale, because
+    tokens' coordinates differ in size by orders of magnitude (gradients especially);
+    a power of two, so the scale costs one byte and decodes exactly.
+
+    Body: basis id (8 bytes) | exponents i8[tokens] | codes int8[tokens, k]."""
+
+    name = "subspace-int8"
+    codec_id = 19
+    prefix_nbytes = BASIS_ID_NBYTES
+
+    def _token_nbytes(self, d_model: int) -> int:
+        self._check_d_model(d_model, ValueError)
+        return self.basis.k + 1
+
+    def _pack_coordinates(self, coords: np.ndarray) -> bytes:
+        peak = np.abs(coords).max(axis=1, initial=0.0) / 127.0
+        mantissa, exponent = np.frexp(peak)  # peak = m·2^e, m in [0.5, 1): 2^e >= peak
+        exponent = np.where(mantissa == 0.5, exponent - 1, exponent)  # an exact power of two
+        exponent = np.where(peak > 0, exponent, 0).clip(-127, 127).astype(np.int8)
+        codes = np.rint(np.ldexp(coords, -exponent.astype(np.int32)[:, None])).clip(-127, 127).astype(np.int8)
+        return exponent.tobytes() + codes.tobytes()
+
+    def _unpack_coordinates(self, data: memoryview, n_tokens: int) -> np.ndarray:
+        exponent = np.frombuffer(data, dtype=np.int8, count=n_tokens).astype(np.int32)
+        codes = np.frombuffer(data, dtype=np.int8, offset=n_tokens)
+        if codes.size and codes.min() < -127:
+            raise CodecError("subspace-int8 payload holds code -128, which the encoder never produces")
+        with np.errstate(over="ignore"):  # a huge exponent overflows; refused as non-finite
+            return np.ldexp(codes.reshape(n_tokens, self.basis.k).astype(np.float32), exponent[:, None])
+
+    def __repr__(self) -> str:
+        return f"SubspaceInt8ActivationCodec({self.basis!r})"
+
+
 ACTIVATION_CODECS: dict[str, type[ActivationCodec]] = {
-    codec.name: codec for codec in (RawActivationCodec, Int8ActivationCodec, SubspaceActivationCodec)
+    codec.name: codec for codec in (RawActivationCodec, Int8ActivationCodec, SubspaceActivationCodec, SubspaceInt8ActivationCodec)
 }
 
 

@@ -3,8 +3,9 @@
     none           raw float32 activations and gradients (lossless)
     int8           per-token int8 (d_model + 4 bytes per token)
     subspace:R     Protocol Models' subspace codec at R times fewer bytes than float32
-                   (k = subspace_dim_for_ratio(d_model, R) coordinates per token); the
-                   replica's weights are confined to the subspace (pipeline/subspace.py)
+                   (k = subspace_dim_for_ratio(d_model, R) float16 coordinates per token);
+                   the replica's weights are confined to the subspace (pipeline/subspace.py)
+    subspace-int8:R  the same with int8 coordinates: about twice the k at the same bytes
 
 Every peer of one pipeline replica uses the same setting (a stage peer refuses a hop in
 another codec, and drivers route only to stage peers that advertise theirs), while other
@@ -21,6 +22,9 @@ from shoal.compression.activation import ActivationCodec, get_activation_codec
 from shoal.compression.subspace_basis import SubspaceBasis, subspace_dim_for_ratio
 from shoal.pipeline.subspace import basis_for_model
 from shoal.train.model import ModelConfig
+
+
+SUBSPACE_COORDINATES = {"subspace": "fp16", "subspace-int8": "int8"}  # codec name → its coordinates
 
 
 @dataclass(frozen=True)
@@ -41,14 +45,15 @@ def parse_activation(spec: str, config: ModelConfig, seed: int) -> ActivationSet
         if option:
             raise ValueError(f"--activation {name} takes no ratio, got {spec!r}")
         return ActivationSetting(get_activation_codec(name), None, spec)
-    if name == "subspace":
+    if name in SUBSPACE_COORDINATES:
         try:
             ratio = float(option)
         except ValueError:
-            raise ValueError(f"--activation subspace needs a ratio, e.g. subspace:32, got {spec!r}") from None
+            raise ValueError(f"--activation {name} needs a ratio, e.g. {name}:32, got {spec!r}") from None
         if not ratio >= 1:
-            raise ValueError(f"--activation subspace ratio must be >= 1, got {spec!r}")
-        basis = basis_for_model(config, subspace_dim_for_ratio(config.d_model, ratio, config.vocab_size), seed)
-        return ActivationSetting(get_activation_codec("subspace", basis=basis), basis, spec)
-    raise ValueError(f"--activation must be none, int8 or subspace:RATIO, got {spec!r}")
+            raise ValueError(f"--activation {name} ratio must be >= 1, got {spec!r}")
+        k = subspace_dim_for_ratio(config.d_model, ratio, config.vocab_size, SUBSPACE_COORDINATES[name])
+        basis = basis_for_model(config, k, seed)
+        return ActivationSetting(get_activation_codec(name, basis=basis), basis, spec)
+    raise ValueError(f"--activation must be none, int8, subspace:RATIO or subspace-int8:RATIO, got {spec!r}")
 

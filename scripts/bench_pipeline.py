@@ -85,13 +85,13 @@ def summarize(reports: list[dict], tokens_per_step: int, inner_steps: int) -> di
     return row
 
 
-def codec_table(config) -> dict[str, dict]:
+def codec_table(config, specs: list[str]) -> dict[str, dict]:
     """Bytes per token of one activation payload, from the codecs themselves."""
     from shoal.pipeline.compression import parse_activation
 
     d_model = config.d_model
     rows = {}
-    for spec in CODECS:
+    for spec in specs:
         codec = parse_activation(spec, config, 0).codec
         per_token = codec.bytes_per_token(d_model)
         rows[spec] = {"bytes_per_token": per_token, "ratio_vs_fp32": 4 * d_model / per_token,
@@ -156,7 +156,7 @@ def main() -> int:
               "--threads", "1", "--seed", "0", "--microbatch-size", str(args.microbatch_size), "--in-flight", str(args.in_flight),
               "--gather-timeout", "600"]
     logs = Path(args.keep_logs or tempfile.mkdtemp(prefix="shoal-pipe-"))
-    results: dict = {"codec_bytes": codec_table(config)}
+    results: dict = {"codec_bytes": codec_table(config, list(dict.fromkeys([*CODECS, *args.codecs])))}
 
     def run(part: str, name: str, peer_flags: list[list[str]], rate: str | None, rounds: int) -> dict:
         print(f"== {part} {name}: {len(peer_flags)} peers, {rounds} rounds of {args.inner_steps} steps", flush=True)

@@ -33,7 +33,7 @@ BASIS = make_basis()
 
 
 def make_codec(name: str, basis: SubspaceBasis = BASIS) -> ActivationCodec:
-    return get_activation_codec(name, basis=basis) if name == "subspace" else get_activation_codec(name)
+    return get_activation_codec(name, basis=basis) if name.startswith("subspace") else get_activation_codec(name)
 
 
 def sample(batch: int = 2, seq: int = 16, d_model: int = D_MODEL, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,12 +63,12 @@ def recrc(payload: bytes) -> bytes:
 
 
 def test_registry() -> None:
-    assert set(ACTIVATION_CODECS) == {"none", "int8", "subspace"}
+    assert set(ACTIVATION_CODECS) == {"none", "int8", "subspace", "subspace-int8"}
     for name in ACTIVATION_CODECS:
         codec = make_codec(name)
         assert codec.name == name and isinstance(codec, ActivationCodec)
         assert codec_name(codec.codec_id) == f"activation:{name}"  # no clash with tensor codecs
-    with pytest.raises(ValueError, match="unknown activation codec 'fp8'.*int8, none, subspace"):
+    with pytest.raises(ValueError, match="unknown activation codec 'fp8'.*int8, none, subspace, subspace-int8"):
         get_activation_codec("fp8")
     with pytest.raises(TypeError, match="basis"):
         get_activation_codec("subspace")
@@ -79,7 +79,7 @@ def test_registry() -> None:
 def test_bytes_per_token_at_d128() -> None:
     basis = make_basis(d_model=128, k=subspace_dim_for_ratio(128, 8))
     sizes = {name: make_codec(name, basis).bytes_per_token(128) for name in ACTIVATION_CODECS}
-    assert sizes == {"none": 512.0, "int8": 132.0, "subspace": 62.0}
+    assert sizes == {"none": 512.0, "int8": 132.0, "subspace": 62.0, "subspace-int8": 32.0}
 
 
 @pytest.mark.parametrize("name", sorted(ACTIVATION_CODECS))
@@ -104,6 +104,15 @@ def test_subspace_dim_for_ratio() -> None:
     assert subspace_dim_for_ratio(128, 1e6) == 1  # unreachable ratio: the minimum
     assert subspace_dim_for_ratio(128, 0.5) == 128
     assert subspace_dim_for_ratio(128, 32, vocab_size=50_000) == 7  # 2-byte token ids: 4·128/16
+    # int8 coordinates: k + 1 bytes, plus the token id
+    assert [subspace_dim_for_ratio(128, ratio, coordinates="int8") for ratio in (8, 32, 100)] == [62, 14, 3]
+    for d_model in (32, 128, 768):
+        for ratio in (2, 8, 32, 100):
+            k = subspace_dim_for_ratio(d_model, ratio, coordinates="int8")
+            assert 4 * d_model / (k + 2) >= ratio or k == 1
+            assert k == d_model or 4 * d_model / (k + 3) < ratio
+    with pytest.raises(ValueError, match="coordinates"):
+        subspace_dim_for_ratio(128, 32, coordinates="int4")
     for bad in (0, -1, float("nan"), float("inf"), True):
         with pytest.raises(ValueError, match="ratio"):
             subspace_dim_for_ratio(128, bad)
@@ -158,6 +167,26 @@ def test_subspace_exact_for_confined_stream() -> None:
     for scale in (1e-9, 1.0, 1e6):  # the per-payload power-of-two scale keeps fp16 precision
         g = (h - BASIS.E0[ids]) * scale  # a gradient inside span(U)
         assert rel_error(codec.decode_grad(codec.encode_grad(g, ids), ids, D_MODEL), g) < 1e-3
+
+
+def test_subspace_int8_per_token_error() -> None:
+    codec = make_codec("subspace-int8")
+    _, ids = sample()
+    z = torch.randn(*ids.shape, K, generator=torch.Generator().manual_seed(3))
+    z[0, 0] = 0.0  # a zero token round-trips exactly
+    z[1] *= 1e-6  # tokens keep their own scale
+    # (encode, decode, what the stream adds, float32 rounding of that sum)
+    forward = (codec.encode, codec.decode, BASIS.E0[ids], 1e-7)
+    backward = (codec.encode_grad, codec.decode_grad, 0.0, 0.0)
+    for scale, directions in ((1.0, (forward, backward)), (1e3, (forward, backward)), (1e-9, (backward,))):
+        coords = z * scale
+        for encode, decode, offset, slack in directions:
+            decoded = (decode(encode(offset + coords @ BASIS.U.T, ids), ids, D_MODEL) - offset) @ BASIS.U
+            peak = coords.abs().amax(dim=-1, keepdim=True)
+            # half a step, the step 2^e < 2·peak/127, plus float32 rounding through U
+            assert ((decoded - coords).abs() <= peak / 127 * 1.0001 + 1e-5 * peak + slack).all()
+            assert rel_error(decoded[1], coords[1]) < 0.01 and rel_error(decoded, coords) < 0.01
+            assert decoded[0, 0].abs().max() < 1e-6 * scale
 
 
 def test_subspace_lossy_outside_span() -> None:
@@ -225,7 +254,7 @@ def test_wrong_shape_microbatch_or_direction_rejected(name: str) -> None:
         codec.decode(payload, ids[:, :3], D_MODEL)
     with pytest.raises(CodecError, match="describes shape"):
         codec.decode(payload, ids.reshape(4, 2), D_MODEL)
-    if name != "subspace":  # the subspace basis fixes d_model: a ValueError on the receiver
+    if not name.startswith("subspace"):  # the subspace basis fixes d_model: a ValueError on the receiver
         with pytest.raises(CodecError, match="describes shape"):
             codec.decode(payload, ids, D_MODEL * 2)
     with pytest.raises(CodecError, match="other token ids"):
@@ -293,6 +322,18 @@ def test_non_finite_payloads_rejected() -> None:
     payload[start - 1] = struct.pack("<b", -127)[0]  # scale exponent: values × 2^127
     with pytest.raises(CodecError, match="non-finite values"):
         subspace.decode(recrc(bytes(payload)), ids, D_MODEL)
+    subspace8 = make_codec("subspace-int8")
+    start = header + subspace8.prefix_nbytes
+    payload = bytearray(subspace8.encode(confined(ids), ids))
+    payload[start] = 127  # token 0's exponent: codes × 2^127 overflow float32
+    with pytest.raises(CodecError, match="non-finite values"):
+        subspace8.decode(recrc(bytes(payload)), ids, D_MODEL)
+    payload = bytearray(subspace8.encode(confined(ids), ids))
+    payload[start + ids.numel()] = 0x80  # int8 -128
+    with pytest.raises(CodecError, match="-128"):
+        subspace8.decode(recrc(bytes(payload)), ids, D_MODEL)
+    with pytest.raises(CodecError, match="basis out of sync"):
+        subspace8.decode(make_codec("subspace-int8", make_basis(seed=1)).encode(confined(ids), ids), ids, D_MODEL)
     bad_ids = ids + VOCAB  # sent with a matching token ids CRC: checked before E0[ids]
     payload = bytearray(subspace.encode(confined(ids), ids))
     payload[16:20] = struct.pack("<I", zlib.crc32(bad_ids.numpy().astype("<i8").tobytes()))

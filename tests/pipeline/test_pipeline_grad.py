@@ -118,12 +118,13 @@ def test_int8_activations_stay_close_to_the_exact_loss():
     assert asyncio.run(lossy.evaluate([(x, y)])) == pytest.approx(asyncio.run(exact.evaluate([(x, y)])), rel=1e-3)
 
 
-def test_subspace_pipeline_computes_the_confined_models_loss():
+@pytest.mark.parametrize(("spec", "tolerance"), [("subspace:8", 1e-3), ("subspace-int8:8", 3e-3)])
+def test_subspace_pipeline_computes_the_confined_models_loss(spec, tolerance):
     """With the weights confined to E0[token] + span(U), sending k of d_model coordinates
-    per token loses nothing but float16 rounding: the pipeline's loss is the confined
-    unsplit model's."""
-    setting = parse_activation("subspace:8", CONFIG, SEED)
-    driver, edge, workers, _ = make_pipeline(3, "subspace:8")
+    per token loses nothing but the coordinates' rounding (float16, or int8 with twice
+    the k): the pipeline's loss is the confined unsplit model's."""
+    setting = parse_activation(spec, CONFIG, SEED)
+    driver, edge, workers, _ = make_pipeline(3, spec)
     x, y = batch(1)
     for _ in range(3):  # move the weights off their initial values first
         asyncio.run(driver.train_step(x, y, step=0))
@@ -134,4 +135,17 @@ def test_subspace_pipeline_computes_the_confined_models_loss():
                 model.get_parameter(name).copy_(param)
     confine_(dict(model.named_parameters()), setting.basis)
     _, loss = model(x, y)
-    assert asyncio.run(driver.evaluate([(x, y)])) == pytest.approx(float(loss.detach()), rel=1e-3)
+    assert asyncio.run(driver.evaluate([(x, y)])) == pytest.approx(float(loss.detach()), rel=tolerance)
+
+
+def test_activation_flag():
+    small = PRESETS["small"]  # d_model 128: raw float32 is 512 bytes per token
+    assert parse_activation("subspace:32", small, SEED).basis.k == 7  # 2·7 + 1 token id byte
+    setting = parse_activation("subspace-int8:32", small, SEED)
+    assert setting.basis.k == 14 and setting.codec.name == "subspace-int8"  # 14 + 1 + 1
+    assert 4 * small.d_model / (setting.codec.bytes_per_token(small.d_model) + 1) >= 32
+    assert parse_activation("int8", small, SEED).basis is None
+    for bad, message in [("subspace", "needs a ratio"), ("subspace-int8:x", "needs a ratio"), ("subspace:0.5", ">= 1"),
+                         ("int8:4", "takes no ratio"), ("fp8", "must be none, int8")]:
+        with pytest.raises(ValueError, match=message):
+            parse_activation(bad, small, SEED)
