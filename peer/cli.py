@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--peer-id", help="this peer's id (default: random); also picks its data shard")
     peer.add_argument("--role", default="replica", choices=["replica", "stage"], help="replica: a full model replica; stage: one stage of a pipeline replica (needs --stages)")
     peer.add_argument("--stage", type=int, help="--role stage: the stage to serve (default: the least served one in the swarm); stage 0 holds the data and drives the pipeline")
-    peer.add_argument("--standby", action="store_true", help="--role stage: join and wait, serving nothing, until some block stage loses every peer; then take it over, rebuilt from its neighbours (CheckFree)")
+    peer.add_argument("--standby", action="store_true", help="--role stage: join and wait, serving nothing, until some stage loses every peer; then take it over, rebuilt from its neighbours (CheckFree), or for stage 0 copied from stage 1 (CheckFree+)")
     peer.add_argument("--activation", default="none", help="activation codec of this pipeline replica: none, int8, subspace:RATIO or subspace-int8:RATIO (e.g. subspace:32; int8 coordinates give about twice the subspace at the same bytes); on a full replica, a subspace setting trains it confined as such a replica would be (for comparisons)")
     peer.add_argument("--microbatch-size", type=int, default=4, help="stage 0: sequences per microbatch (default 4)")
     peer.add_argument("--in-flight", type=int, default=4, help="stage 0: microbatches in the pipeline at once (default 4)")

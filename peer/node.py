@@ -49,6 +49,7 @@ from shoal.peer.stagepeer import (
     covers,
     pipeline_view,
     rebuild_lost_stage,
+    refresh_stage0_copy,
     same_slice_as,
     wait_for_lost_stage,
 )
@@ -103,6 +104,8 @@ class Peer:
         self.stage_service: StageService | None = None  # --role stage, stages 1..S−1
         self.router: Router | None = None  # --role stage, stage 0
         self.paths: PathPlanner | None = None  # --role stage, stage 0
+        self._state_snapshot: dict[str, torch.Tensor] = {}  # what _publish_state last froze
+        self._stage0_copy: dict[str, torch.Tensor] = {}  # stage 1: stage 0's outer weights (CheckFree+)
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -157,7 +160,7 @@ class Peer:
         stage no live peer (and no full replica) holds any more rebuilds it from the
         neighbouring stages instead (CheckFree)."""
         sources = [p for p in self.membership.live_others() if covers(p, me)]
-        lost_stage = me.role == "stage" and me.stage != 0 and not any(p.role == "replica" for p in sources)
+        lost_stage = me.role == "stage" and not any(p.role == "replica" for p in sources)
         try:
             if sources or not lost_stage:
                 round_id, tensors, _ = await download_state(self.client, sources, self.state_shapes, attempts=2 if lost_stage else 3)
@@ -400,6 +403,20 @@ class Peer:
             resynced = await self._verify(exchange, round_id, new_hash, final)
             new_hash = self.outer.weights_hash() if resynced else new_hash
         self._after_round(round_id, stats, eval_loss, new_hash, got, final, resynced)
+        if self.config.role == "stage" and self.membership.me.stage == 1:
+            self._tasks = [t for t in self._tasks if not t.done()]
+            self._tasks.append(asyncio.create_task(self._keep_stage0_copy(self.outer_round)))
+
+    async def _keep_stage0_copy(self, round_id: int) -> None:
+        """(stage 1) Fetch stage 0's outer weights of `round_id` and serve them with our state
+        (CheckFree+: a peer that takes over a lost stage 0 copies them from us)."""
+        copy = await refresh_stage0_copy(self, self.model_config, round_id)
+        if copy is None:
+            log.debug("[%s] no stage-0 peer delivered its weights of round %d; keeping the copy of an earlier round", self.peer_id, round_id)
+            return
+        self._stage0_copy = copy
+        if self.outer_round == round_id:  # else the next round's state carries it
+            self.state_server.update(self.outer_round, {**self._state_snapshot, **copy}, {"peer": self.peer_id})
 
     async def _verify(self, exchange: RoundExchange, round_id: int, new_hash: str, final: list[str]) -> bool:
         """Compare weight hashes with the round's participants; a peer in the minority
@@ -455,9 +472,9 @@ class Peer:
 
     def _publish_state(self) -> None:
         """Freeze the outer state for joiners and checkpoints."""
-        snapshot = {n: t.clone() for n, t in self.outer.state_tensors().items()}
+        snapshot = self._state_snapshot = {n: t.clone() for n, t in self.outer.state_tensors().items()}
         self.membership.me.weights_hash = weights_hash(self.outer.params)
-        self.state_server.update(self.outer_round, snapshot, {"peer": self.peer_id})
+        self.state_server.update(self.outer_round, {**snapshot, **self._stage0_copy}, {"peer": self.peer_id})
         if self.config.checkpoint_dir and self.outer_round > 0:
             info = {"run": self.config.run.to_dict(), "peer": self.peer_id, "swarm_id": self.wire.swarm_id}
             asyncio.get_running_loop().run_in_executor(self._checkpoint_thread, save_checkpoint, self.config.checkpoint_dir, self.outer_round, snapshot, info)

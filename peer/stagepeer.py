@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from shoal.optim.inner import InnerConfig, InnerStats
-from shoal.peer.errors import Stopped
+from shoal.peer.errors import ShoalError, Stopped
 from shoal.peer.membership import Membership, PeerInfo
 from shoal.peer.statesync import download_state
 from shoal.pipeline.checkfree import rebuild_stage, recovered_inner_config, recovery_source
@@ -105,8 +105,9 @@ NEVER = 2**62  # a standby's first_round: no round waits for its contribution
 
 
 async def wait_for_lost_stage(peer: Peer, poll_s: float = 0.25) -> int:
-    """`--standby`: watch the peer table until some block stage of our activation codec has
-    lost every peer, and return it. A stage counts as lost when all of its peers are dead
+    """`--standby`: watch the peer table until some stage of our activation codec (a block
+    stage, or stage 0: then we become the replica's driver) has lost every peer, and return
+    it. A stage counts as lost when all of its peers are dead
     in the table, or have been quiet for 1.5 heartbeats and fail a direct probe (then they
     are declared dead here, so the rebuild does not try them): a SIGKILLed peer is noticed
     in about 2 s instead of the table's `dead_after_s`. A stage that was never served is not
@@ -114,7 +115,7 @@ async def wait_for_lost_stage(peer: Peer, poll_s: float = 0.25) -> int:
     membership, config = peer.membership, peer.config
     quiet_s = 1.5 * config.protocol.heartbeat_interval_s
     while not peer._stopping.is_set():
-        for stage in range(1, config.run.stages):
+        for stage in range(config.run.stages):
             holders = [p for pid, p in membership.peers.items() if pid != peer.peer_id and p.role == "stage" and p.stage == stage
                        and p.activation == config.activation]
             if not holders:
@@ -137,9 +138,13 @@ async def rebuild_lost_stage(peer: Peer, model: ModelConfig) -> bool:
     and no full replica holds: download the outer weights of the neighbouring block
     stages from their peers, average them weighted by the gradient norms those peers gossip
     (or copy the single block neighbour of an edge stage: CheckFree+), and start from that
-    with fresh optimizer state (inner and outer) at lr × 1.1. False (and nothing changed)
-    when the neighbours are gone too: the stage then starts from the run's initial weights."""
+    with fresh optimizer state (inner and outer) at lr × 1.1. Stage 0 is copied from the
+    replica of it that the stage-1 peers keep (`refresh_stage0_copy`). False (and nothing
+    changed) when the neighbours are gone too: the stage then starts from the run's initial
+    weights."""
     me, run = peer.membership.me, peer.config.run
+    if me.stage == 0:
+        return await _rebuild_stage0(peer, model)
     plan = StagePlan(run.stages, model.n_layers)
     serving = [p for p in peer.membership.live_others() if p.role == "stage" and p.stage not in (None, me.stage) and p.activation is not None]
     mode, neighbours = recovery_source(plan, me.stage, [p.stage for p in serving])
@@ -164,6 +169,64 @@ async def rebuild_lost_stage(peer: Peer, model: ModelConfig) -> bool:
     log.warning("[%s] stage %d had no live peer: rebuilt it from stage%s %s (CheckFree%s, gradient norms %s), round %d",
                 peer.peer_id, me.stage, "s" if len(neighbours) > 1 else "", " and ".join(map(str, neighbours)),
                 "" if mode == "average" else "+", [norms[n] for n in neighbours], round_id)
+    return True
+
+
+# Stage 0 (embedding, final norm, tied head) is the one slice no neighbour can stand in for:
+# CheckFree+ keeps the (de)embedding on the neighbouring stage too. Here every stage-1 peer
+# holds a copy of stage 0's outer weights, fetched from a stage-0 peer of its replica after
+# each outer round and served with its own state under this prefix.
+STAGE0_COPY = "stage0/"
+
+
+def stage0_copy_shapes(peer: Peer, model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of stage 0's outer weights, as a stage-0 peer's state serves them."""
+    return {f"outer/{name}": shape for name, shape in stage_shapes(model, StagePlan(peer.config.run.stages, model.n_layers), 0).items()}
+
+
+async def refresh_stage0_copy(peer: Peer, model: ModelConfig, round_id: int, attempts: int = 5, pause_s: float = 0.5) -> dict[str, torch.Tensor] | None:
+    """(stage 1) Stage 0's outer weights of round `round_id` from a live stage-0 peer of our
+    replica, named with `STAGE0_COPY`; a stage-0 peer that has not published that round yet
+    is asked again after `pause_s`. None when no stage-0 peer delivers it."""
+    me = peer.membership.me
+    for attempt in range(attempts):
+        sources = [p for p in peer.membership.live_others() if p.role == "stage" and p.stage == 0 and p.activation == me.activation]
+        if not sources:
+            return None
+        try:
+            got_round, tensors, _ = await download_state(peer.client, sources, stage0_copy_shapes(peer, model), attempts=1)
+        except ShoalError as exc:
+            log.debug("[%s] stage 0 copy for round %d: %s", peer.peer_id, round_id, exc)
+            got_round, tensors = -1, None
+        if tensors is not None and got_round >= round_id:
+            return {STAGE0_COPY + name: t for name, t in tensors.items()}
+        if attempt + 1 < attempts:
+            await asyncio.sleep(pause_s)
+    return None
+
+
+async def _rebuild_stage0(peer: Peer, model: ModelConfig) -> bool:
+    """CheckFree+ for stage 0: copy it from a stage-1 peer's replica of it and continue as
+    this replica's driver from the round after the stage peers' current one (they close
+    the interrupted round with the steps they had), with fresh optimizer state."""
+    activation = peer.config.activation
+    holders = [p for p in peer.membership.live_others() if p.role == "stage" and p.stage == 1 and p.activation == activation]
+    if not holders:
+        log.warning("[%s] stage 0 lost every peer and no stage-1 peer keeps a copy: starting it from the run's initial weights", peer.peer_id)
+        return False
+    shapes = {STAGE0_COPY + name: shape for name, shape in stage0_copy_shapes(peer, model).items()}
+    try:
+        copied_round, tensors, _ = await download_state(peer.client, holders, shapes, attempts=2)
+    except ShoalError as exc:
+        log.warning("[%s] stage 0 lost every peer and no stage-1 peer delivered a copy (%s): starting it from the run's initial weights", peer.peer_id, exc)
+        return False
+    weights = {name.removeprefix(STAGE0_COPY + "outer/"): t for name, t in tensors.items()}
+    stage_peers = [p for p in peer.membership.live_others() if p.role == "stage" and p.activation == activation]
+    round_id = max(p.round for p in stage_peers) + 1
+    step = max(p.step for p in stage_peers)
+    await peer._in_train(peer.restart_from, round_id, weights, recovered_inner_config(peer.config.run.inner), step)
+    log.warning("[%s] stage 0 had no live peer: copied it from stage 1's replica of it (CheckFree+, kept at round %d); driving from round %d",
+                peer.peer_id, copied_round, round_id)
     return True
 
 

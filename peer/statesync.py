@@ -90,21 +90,27 @@ class StateServer:
         self._lock = asyncio.Lock()
 
     def update(self, round_id: int, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
-        """Offer a new snapshot (tensors must not be mutated afterwards)."""
+        """Offer a new snapshot (tensors must not be mutated afterwards). A second snapshot
+        of the same round replaces the first: a download of the first gets Gone for its
+        next chunk and starts over from the manifest."""
         self._source = (round_id, tensors, metadata)
+        self._blobs.pop(round_id, None)
 
     async def latest(self) -> StateBlob:
         if self._source is None:
             raise Gone("no state to serve yet")
         async with self._lock:
-            round_id, tensors, metadata = self._source
-            if round_id not in self._blobs:
+            while True:
+                source = self._source
+                round_id, tensors, metadata = source
+                if round_id in self._blobs:
+                    return self._blobs[round_id]
                 loop = asyncio.get_running_loop()
                 blob = await loop.run_in_executor(None, serialize_state, round_id, tensors, metadata, self.chunk_bytes)
-                self._blobs[round_id] = blob
-                for old in sorted(self._blobs)[:-2]:
-                    del self._blobs[old]
-            return self._blobs[round_id]
+                if self._source is source:  # else replaced while we serialized it: serialize the new one
+                    self._blobs[round_id] = blob
+                    for old in sorted(self._blobs)[:-2]:
+                        del self._blobs[old]
 
     def blob(self, round_id: int) -> StateBlob:
         if round_id not in self._blobs:

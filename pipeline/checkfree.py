@@ -17,8 +17,10 @@ norms over the network is the caller's job (peer/). The steps:
 4. The rebuilt stage trains with fresh AdamW state at lr × `RECOVERY_LR_SCALE`
    (`recovered_inner_config`, `recovered_trainer`).
 
-Stage 0 (embedding, final norm, tied head) is not covered: CheckFree+ recovers it from
-copies of the (de)embedding kept on the neighbouring stages, which shoal does not keep.
+Stage 0 (embedding, final norm, tied head) has no block neighbour to stand in for it:
+as in CheckFree+, which keeps the (de)embedding on the neighbouring stage, every stage-1
+peer keeps a copy of stage 0's outer weights, and a peer taking over stage 0 copies that
+(`peer/stagepeer.py`: `refresh_stage0_copy`, `rebuild_lost_stage`).
 """
 
 from __future__ import annotations

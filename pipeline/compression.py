@@ -23,7 +23,6 @@ from shoal.compression.subspace_basis import SubspaceBasis, subspace_dim_for_rat
 from shoal.pipeline.subspace import basis_for_model
 from shoal.train.model import ModelConfig
 
-
 SUBSPACE_COORDINATES = {"subspace": "fp16", "subspace-int8": "int8"}  # codec name → its coordinates
 
 

@@ -195,7 +195,7 @@ def main() -> int:
 
     print(f"{'codec':<13} {'B/token/payload':>15} {'wire B/token/payload':>20} {'ratio':>7} {'tokens/s':>9} {'final eval':>10} {'vs none':>8}")
     for spec, row in results.get("codec", {}).items():
-        print(f"{spec:<13} {results['codec_bytes'][spec]['bytes_per_token']:15.1f} {row['hop_bytes_per_token_per_payload']:20.1f} "
+        print(f"{spec:<17} {results['codec_bytes'][spec]['bytes_per_token']:15.1f} {row['hop_bytes_per_token_per_payload']:20.1f} "
               f"{row.get('hop_bytes_ratio_vs_none', float('nan')):7.1f} {row['pipeline_tokens_per_s']:9.0f} "
               f"{row['pipeline_final_eval_loss']:10.3f} {row.get('eval_loss_vs_none', float('nan')):+8.1%}")
     for name, row in results.get("mixed", {}).items():

@@ -34,3 +34,28 @@ def test_rejects_garbage_wrong_shapes_and_nan():
     bad["outer/w"][0, 0] = float("nan")
     with pytest.raises(ProtocolError, match="non-finite"):
         parse_state(serialize_state(1, bad, {}, 1 << 20).data, SHAPES)
+
+
+def test_a_second_snapshot_of_a_round_replaces_the_first():
+    # a stage-1 peer re-offers its round's state once it holds stage 0's copy: downloads
+    # of the first snapshot get Gone for their next chunk and start over
+    import asyncio
+
+    from shoal.peer.errors import Gone
+    from shoal.peer.statesync import StateServer
+
+    async def main():
+        server = StateServer(chunk_bytes=64)
+        first = state()
+        server.update(3, first, {})
+        old = await server.latest()
+        assert old is await server.latest()  # serialized once per snapshot
+        extra = {**first, "stage0/outer/e": torch.ones(2)}
+        server.update(3, extra, {})
+        with pytest.raises(Gone):
+            server.blob(3)
+        new = await server.latest()
+        _, tensors, _ = parse_state(b"".join(new.chunk(i) for i in range(new.num_chunks)), {**SHAPES, "stage0/outer/e": (2,)})
+        assert torch.equal(tensors["stage0/outer/e"], torch.ones(2)) and server.blob(3) is new
+
+    asyncio.run(main())

@@ -69,3 +69,30 @@ def test_a_peer_joining_a_stage_whose_holder_died_rebuilds_it_from_the_neighbour
         driver = json.loads((tmp_path / "peer-0.json").read_text())
         assert [r["round"] for r in driver["rounds"]] == list(range(1, rounds + 1))
         assert driver["inner_steps_total"] == rounds * inner_steps
+
+
+@pytest.mark.timeout(240)
+def test_a_lost_stage_0_is_copied_from_stage_1_and_a_standby_drives_on(corpus, tmp_path):
+    """CheckFree+ for the embedding: the driver (stage 0's only peer) is SIGKILLed in round
+    2; the standby takes stage 0 with the copy of its weights that stage 1 keeps, becomes
+    the replica's driver, and the stage peers finish the run with it."""
+    rounds, inner_steps = 4, 15
+    flags = [[*STAGE, "--stage", str(k)] for k in range(4)] + [[*STAGE, "--standby"]]
+    with peer_processes(corpus, tmp_path, rounds, inner_steps, flags, model="tiny-deep") as (procs, urls):
+        wait_for(lambda: (e := own_entry(urls[0], "peer-0")) and e["step"] >= inner_steps + 3 and e["eval_loss"] is not None, 120, "round 2 under way")
+        trained_loss = own_entry(urls[0], "peer-0")["eval_loss"]  # after round 1
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(timeout=10)
+        for i in (1, 2, 3, 4):
+            assert procs[i].wait(timeout=180) == 0, (tmp_path / f"peer-{i}.log").read_text()[-3000:]
+        log = (tmp_path / "peer-4.log").read_text()
+        assert "stage 0 had no live peer: copied it from stage 1's replica of it (CheckFree+" in log, log[-3000:]
+        new_driver = json.loads((tmp_path / "peer-4.json").read_text())
+        # the copy carried round 1's training: evaluated right after the takeover, the loss
+        # is where the dead driver left it, far below the initial weights' (~5.5 nats)
+        assert new_driver["initial_eval_loss"] < trained_loss + 0.2, (new_driver["initial_eval_loss"], trained_loss)
+        assert [r["round"] for r in new_driver["rounds"]][-1] == rounds
+        for i in (1, 2, 3):
+            stage = json.loads((tmp_path / f"peer-{i}.json").read_text())
+            assert [r["round"] for r in stage["rounds"]] == list(range(1, rounds + 1))
+            assert "peer-4" in stage["rounds"][-1]["applied"]
