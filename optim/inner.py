@@ -59,10 +59,11 @@ class InnerStats:
     train_loss: float  # mean over the steps of this phase
 
     def __add__(self, other: InnerStats) -> InnerStats:
-        """Two phases as one (Streaming DiLoCo's overlapped steps plus the rest)."""
+        """Two phases as one (Streaming DiLoCo's overlapped steps plus the rest). With no
+        step in either, the later phase's loss (a stage peer's is the driver's last)."""
         steps = self.steps + other.steps
         losses = [(s.train_loss, s.steps) for s in (self, other) if s.steps]
-        mean = sum(loss * n for loss, n in losses) / steps if steps else float("nan")
+        mean = sum(loss * n for loss, n in losses) / steps if steps else other.train_loss
         return InnerStats(steps, self.tokens + other.tokens, self.seconds + other.seconds, mean)
 
 

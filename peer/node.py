@@ -315,7 +315,7 @@ class Peer:
 
     def _note_step(self, step: int, loss: float, grad_norm: float | None) -> None:
         me = self.membership.me
-        me.step, me.train_loss = step, loss
+        me.step, me.train_loss = step, loss if math.isfinite(loss) else None
         me.grad_norm = grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None
 
     async def _decode(self, tensors: Any) -> Any:
@@ -414,6 +414,8 @@ class Peer:
         if copy is None:
             log.debug("[%s] no stage-0 peer delivered its weights of round %d; keeping the copy of an earlier round", self.peer_id, round_id)
             return
+        if not self._stage0_copy:
+            log.info("[%s] keeping a copy of stage 0's weights (CheckFree+), refreshed every round", self.peer_id)
         self._stage0_copy = copy
         if self.outer_round == round_id:  # else the next round's state carries it
             self.state_server.update(self.outer_round, {**self._state_snapshot, **copy}, {"peer": self.peer_id})
@@ -454,7 +456,9 @@ class Peer:
 
     def _after_round(self, round_id: int, stats, eval_loss: float | None, new_hash: str, got: list[str], final: list[str], resynced: bool) -> None:
         me = self.membership.me
-        me.round, me.train_loss, me.weights_hash = self.outer_round, stats.train_loss, new_hash
+        # a peer table entry holds finite numbers only (others refuse the whole table otherwise)
+        train_loss = stats.train_loss if math.isfinite(stats.train_loss) else None
+        me.round, me.train_loss, me.weights_hash = self.outer_round, train_loss, new_hash
         if eval_loss is not None:  # not evaluated this round (--eval-every): keep the last
             me.eval_loss = eval_loss
         me.partner_distance = getattr(self.outer, "partner_distance", None)

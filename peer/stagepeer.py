@@ -150,6 +150,7 @@ async def rebuild_lost_stage(peer: Peer, model: ModelConfig) -> bool:
     mode, neighbours = recovery_source(plan, me.stage, [p.stage for p in serving])
     if mode == "none":
         log.warning("[%s] stage %d lost every peer and so did a neighbour: starting it from the run's initial weights", peer.peer_id, me.stage)
+        await _start_fresh(peer, max((p.round for p in serving), default=0), max((p.step for p in serving), default=0))
         return False
     weights: dict[int, dict[str, torch.Tensor]] = {}
     norms: dict[int, float | None] = {}
@@ -210,24 +211,30 @@ async def _rebuild_stage0(peer: Peer, model: ModelConfig) -> bool:
     this replica's driver from the round after the stage peers' current one (they close
     the interrupted round with the steps they had), with fresh optimizer state."""
     activation = peer.config.activation
-    holders = [p for p in peer.membership.live_others() if p.role == "stage" and p.stage == 1 and p.activation == activation]
-    if not holders:
-        log.warning("[%s] stage 0 lost every peer and no stage-1 peer keeps a copy: starting it from the run's initial weights", peer.peer_id)
-        return False
+    stage_peers = [p for p in peer.membership.live_others() if p.role == "stage" and p.activation == activation]
+    round_id, step = max((p.round for p in stage_peers), default=0) + 1, max((p.step for p in stage_peers), default=0)
+    holders = [p for p in stage_peers if p.stage == 1]
     shapes = {STAGE0_COPY + name: shape for name, shape in stage0_copy_shapes(peer, model).items()}
     try:
+        if not holders:
+            raise ShoalError("no live stage-1 peer")
         copied_round, tensors, _ = await download_state(peer.client, holders, shapes, attempts=2)
     except ShoalError as exc:
-        log.warning("[%s] stage 0 lost every peer and no stage-1 peer delivered a copy (%s): starting it from the run's initial weights", peer.peer_id, exc)
+        log.warning("[%s] stage 0 lost every peer and no stage-1 peer delivered its copy (%s): starting it from the run's initial weights", peer.peer_id, exc)
+        await _start_fresh(peer, round_id, step)
         return False
     weights = {name.removeprefix(STAGE0_COPY + "outer/"): t for name, t in tensors.items()}
-    stage_peers = [p for p in peer.membership.live_others() if p.role == "stage" and p.activation == activation]
-    round_id = max(p.round for p in stage_peers) + 1
-    step = max(p.step for p in stage_peers)
     await peer._in_train(peer.restart_from, round_id, weights, recovered_inner_config(peer.config.run.inner), step)
     log.warning("[%s] stage 0 had no live peer: copied it from stage 1's replica of it (CheckFree+, kept at round %d); driving from round %d",
                 peer.peer_id, copied_round, round_id)
     return True
+
+
+async def _start_fresh(peer: Peer, round_id: int, step: int) -> None:
+    """A lost stage with nothing to rebuild it from: the run's initial weights (what the
+    peer built), but at the run's round and inner step, so that it serves the others'
+    current microbatches."""
+    await peer._in_train(peer.restart_from, round_id, dict(peer.outer.params), peer.config.run.inner, step)
 
 
 # ---- building a stage peer's trainer ----------------------------------------------------

@@ -2,7 +2,7 @@ import itertools
 
 import torch
 
-from shoal.optim.inner import InnerConfig, InnerTrainer
+from shoal.optim.inner import InnerConfig, InnerStats, InnerTrainer
 from shoal.train import build_model
 
 
@@ -31,3 +31,12 @@ def test_warmup_ramps_the_learning_rate():
     seen = []
     trainer.run(6, on_step=lambda step, loss: seen.append(trainer.optimizer.param_groups[0]["lr"]))
     assert seen == [2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2]
+
+
+def test_phases_add_up_and_an_empty_round_keeps_a_finite_loss():
+    overlapped, rest = InnerStats(2, 20, 1.0, 3.0), InnerStats(6, 60, 2.0, 2.0)
+    both = overlapped + rest
+    assert (both.steps, both.tokens, both.seconds) == (8, 80, 3.0) and both.train_loss == (2 * 3.0 + 6 * 2.0) / 8
+    # a stage peer whose driver died at a round's start sees no step in either phase; its
+    # loss is the driver's last, not 0/0 (a NaN in the peer table made others refuse it)
+    assert (InnerStats(0, 0, 0.0, float("nan")) + InnerStats(0, 0, 5.0, 2.5)).train_loss == 2.5

@@ -79,7 +79,8 @@ def test_a_lost_stage_0_is_copied_from_stage_1_and_a_standby_drives_on(corpus, t
     rounds, inner_steps = 4, 15
     flags = [[*STAGE, "--stage", str(k)] for k in range(4)] + [[*STAGE, "--standby"]]
     with peer_processes(corpus, tmp_path, rounds, inner_steps, flags, model="tiny-deep") as (procs, urls):
-        wait_for(lambda: (e := own_entry(urls[0], "peer-0")) and e["step"] >= inner_steps + 3 and e["eval_loss"] is not None, 120, "round 2 under way")
+        wait_for(lambda: (e := own_entry(urls[0], "peer-0")) and e["round"] >= 1 and e["step"] >= inner_steps + 3, 120, "round 2 under way")
+        wait_for(lambda: "keeping a copy of stage 0's weights" in (tmp_path / "peer-1.log").read_text(), 30, "stage 1's copy of stage 0")
         trained_loss = own_entry(urls[0], "peer-0")["eval_loss"]  # after round 1
         procs[0].send_signal(signal.SIGKILL)
         procs[0].wait(timeout=10)
