@@ -44,6 +44,7 @@ from shoal.peer.rounds import RoundExchange, RoundStore
 from shoal.peer.server import make_app
 from shoal.peer.stagepeer import (
     NEVER,
+    STAGE0_COPY,
     build_stage_trainer,
     choose_stage,
     covers,
@@ -106,6 +107,7 @@ class Peer:
         self.paths: PathPlanner | None = None  # --role stage, stage 0
         self._state_snapshot: dict[str, torch.Tensor] = {}  # what _publish_state last froze
         self._stage0_copy: dict[str, torch.Tensor] = {}  # stage 1: stage 0's outer weights (CheckFree+)
+        self._stage0_copy_round = 0  # ... of this round
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -410,15 +412,21 @@ class Peer:
     async def _keep_stage0_copy(self, round_id: int) -> None:
         """(stage 1) Fetch stage 0's outer weights of `round_id` and serve them with our state
         (CheckFree+: a peer that takes over a lost stage 0 copies them from us)."""
-        copy = await refresh_stage0_copy(self, self.model_config, round_id)
-        if copy is None:
+        fetched = await refresh_stage0_copy(self, self.model_config, round_id)
+        if fetched is None:
             log.debug("[%s] no stage-0 peer delivered its weights of round %d; keeping the copy of an earlier round", self.peer_id, round_id)
             return
         if not self._stage0_copy:
             log.info("[%s] keeping a copy of stage 0's weights (CheckFree+), refreshed every round", self.peer_id)
-        self._stage0_copy = copy
+        self._stage0_copy_round, self._stage0_copy = fetched
         if self.outer_round == round_id:  # else the next round's state carries it
-            self.state_server.update(self.outer_round, {**self._state_snapshot, **copy}, {"peer": self.peer_id})
+            self.state_server.update(self.outer_round, {**self._state_snapshot, **self._stage0_copy}, self._state_metadata())
+
+    def _state_metadata(self) -> dict[str, Any]:
+        metadata: dict[str, Any] = {"peer": self.peer_id}
+        if self._stage0_copy:
+            metadata[STAGE0_COPY + "round"] = self._stage0_copy_round
+        return metadata
 
     async def _verify(self, exchange: RoundExchange, round_id: int, new_hash: str, final: list[str]) -> bool:
         """Compare weight hashes with the round's participants; a peer in the minority
@@ -478,7 +486,7 @@ class Peer:
         """Freeze the outer state for joiners and checkpoints."""
         snapshot = self._state_snapshot = {n: t.clone() for n, t in self.outer.state_tensors().items()}
         self.membership.me.weights_hash = weights_hash(self.outer.params)
-        self.state_server.update(self.outer_round, {**snapshot, **self._stage0_copy}, {"peer": self.peer_id})
+        self.state_server.update(self.outer_round, {**snapshot, **self._stage0_copy}, self._state_metadata())
         if self.config.checkpoint_dir and self.outer_round > 0:
             info = {"run": self.config.run.to_dict(), "peer": self.peer_id, "swarm_id": self.wire.swarm_id}
             asyncio.get_running_loop().run_in_executor(self._checkpoint_thread, save_checkpoint, self.config.checkpoint_dir, self.outer_round, snapshot, info)

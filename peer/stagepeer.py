@@ -185,10 +185,12 @@ def stage0_copy_shapes(peer: Peer, model: ModelConfig) -> dict[str, tuple[int, .
     return {f"outer/{name}": shape for name, shape in stage_shapes(model, StagePlan(peer.config.run.stages, model.n_layers), 0).items()}
 
 
-async def refresh_stage0_copy(peer: Peer, model: ModelConfig, round_id: int, attempts: int = 5, pause_s: float = 0.5) -> dict[str, torch.Tensor] | None:
-    """(stage 1) Stage 0's outer weights of round `round_id` from a live stage-0 peer of our
-    replica, named with `STAGE0_COPY`; a stage-0 peer that has not published that round yet
-    is asked again after `pause_s`. None when no stage-0 peer delivers it."""
+async def refresh_stage0_copy(peer: Peer, model: ModelConfig, round_id: int, attempts: int = 5,
+                              pause_s: float = 0.5) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """(stage 1) Stage 0's outer weights of round `round_id` (or later: that round, and the
+    weights named with `STAGE0_COPY`) from a live stage-0 peer of our replica; a stage-0
+    peer that has not published that round yet is asked again after `pause_s`. None when
+    no stage-0 peer delivers it."""
     me = peer.membership.me
     for attempt in range(attempts):
         sources = [p for p in peer.membership.live_others() if p.role == "stage" and p.stage == 0 and p.activation == me.activation]
@@ -200,7 +202,7 @@ async def refresh_stage0_copy(peer: Peer, model: ModelConfig, round_id: int, att
             log.debug("[%s] stage 0 copy for round %d: %s", peer.peer_id, round_id, exc)
             got_round, tensors = -1, None
         if tensors is not None and got_round >= round_id:
-            return {STAGE0_COPY + name: t for name, t in tensors.items()}
+            return got_round, {STAGE0_COPY + name: t for name, t in tensors.items()}
         if attempt + 1 < attempts:
             await asyncio.sleep(pause_s)
     return None
@@ -218,15 +220,15 @@ async def _rebuild_stage0(peer: Peer, model: ModelConfig) -> bool:
     try:
         if not holders:
             raise ShoalError("no live stage-1 peer")
-        copied_round, tensors, _ = await download_state(peer.client, holders, shapes, attempts=2)
+        _, tensors, metadata = await download_state(peer.client, holders, shapes, attempts=2)
     except ShoalError as exc:
         log.warning("[%s] stage 0 lost every peer and no stage-1 peer delivered its copy (%s): starting it from the run's initial weights", peer.peer_id, exc)
         await _start_fresh(peer, round_id, step)
         return False
     weights = {name.removeprefix(STAGE0_COPY + "outer/"): t for name, t in tensors.items()}
     await peer._in_train(peer.restart_from, round_id, weights, recovered_inner_config(peer.config.run.inner), step)
-    log.warning("[%s] stage 0 had no live peer: copied it from stage 1's replica of it (CheckFree+, kept at round %d); driving from round %d",
-                peer.peer_id, copied_round, round_id)
+    log.warning("[%s] stage 0 had no live peer: copied it from stage 1's replica of it (CheckFree+, its weights of round %s); driving from round %d",
+                peer.peer_id, metadata.get(STAGE0_COPY + "round"), round_id)
     return True
 
 
