@@ -108,6 +108,7 @@ class Peer:
         self._state_snapshot: dict[str, torch.Tensor] = {}  # what _publish_state last froze
         self._stage0_copy: dict[str, torch.Tensor] = {}  # stage 1: stage 0's outer weights (CheckFree+)
         self._stage0_copy_round = 0  # ... of this round
+        self._partner_wait_s: float | None = None  # NoLoCo: how long the last step waited for its partner
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -445,10 +446,14 @@ class Peer:
         `partner_timeout_s`; returns the group (us, plus the partner if it answered). A
         failed partner costs this step its averaging, never more than the timeout."""
         candidates = [p for p in self.membership.live_others() if p.role == "replica" and p.first_round <= round_id]
+        self._partner_wait_s = 0.0
         if not candidates:
             return [self.peer_id]
         partner = self._rng.choice(candidates)
-        if not await exchange.fetch(round_id, partner, self.config.protocol.partner_timeout_s):
+        begin = time.monotonic()
+        answered = await exchange.fetch(round_id, partner, self.config.protocol.partner_timeout_s)
+        self._partner_wait_s = time.monotonic() - begin
+        if not answered:
             log.info("[%s] step %d: partner %s did not answer; stepping alone", self.peer_id, round_id, partner.peer_id)
             return [self.peer_id]
         self.membership.me.partner = partner.peer_id
@@ -475,7 +480,7 @@ class Peer:
         entry = {"round": self.outer_round, "eval_loss": eval_loss, "train_loss": stats.train_loss, "weights_hash": new_hash,
                  "gathered": got, "applied": final, "resynced": resynced, "inner_seconds": stats.seconds, "time": time.time(),
                  "bytes_sent": self.traffic.bytes_sent, "contribution_bytes_sent": self.traffic.sent["contribution"],
-                 "partner_distance": me.partner_distance}
+                 "partner_distance": me.partner_distance, "partner_wait_s": self._partner_wait_s}
         if eval_loss is not None and getattr(self.trainer, "eval_stages", None):  # stage 0 with --eval-stages
             entry["eval_loss_partial"] = self.trainer.partial_eval_loss
         self.round_log.append(entry)

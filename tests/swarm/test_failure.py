@@ -52,8 +52,10 @@ def test_noloco_never_stalls_longer_than_the_partner_timeout(corpus, tmp_path):
             assert [r["round"] for r in rounds] == list(range(1, steps + 1))
             assert rounds[-1]["applied"] == ["peer-0", "peer-1"]  # the survivors pair up
             stalls = [b["time"] - a["time"] - b["inner_seconds"] for a, b in zip(rounds, rounds[1:], strict=False)]
-            print(f"peer-{i} waits beyond its inner phase: {[round(s, 2) for s in stalls]} s")
-            assert max(stalls) < partner_timeout + 2.0, stalls
+            waits = [r["partner_wait_s"] for r in rounds]
+            print(f"peer-{i} waits for its partner: {[round(w, 2) for w in waits]} s; beyond its inner phase: {[round(s, 2) for s in stalls]} s")
+            assert max(waits) <= partner_timeout + 0.25, waits  # the wait itself: the timeout, plus scheduling
+            assert max(stalls) < partner_timeout + 2.0, stalls  # with encoding, the outer step and evaluation
 
 
 @pytest.mark.timeout(240)
