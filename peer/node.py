@@ -161,7 +161,7 @@ class Peer:
     async def _catch_up(self, me: PeerInfo) -> None:
         """Load the run's current outer state from a peer that holds ours. A stage peer whose
         stage no live peer (and no full replica) holds any more rebuilds it from the
-        neighbouring stages instead (CheckFree)."""
+        neighbouring stages instead (CheckFree), or stage 0 from stage 1's copy of it."""
         sources = [p for p in self.membership.live_others() if covers(p, me)]
         lost_stage = me.role == "stage" and not any(p.role == "replica" for p in sources)
         try:

@@ -107,11 +107,11 @@ NEVER = 2**62  # a standby's first_round: no round waits for its contribution
 async def wait_for_lost_stage(peer: Peer, poll_s: float = 0.25) -> int:
     """`--standby`: watch the peer table until some stage of our activation codec (a block
     stage, or stage 0: then we become the replica's driver) has lost every peer, and return
-    it. A stage counts as lost when all of its peers are dead
-    in the table, or have been quiet for 1.5 heartbeats and fail a direct probe (then they
-    are declared dead here, so the rebuild does not try them): a SIGKILLed peer is noticed
-    in about 2 s instead of the table's `dead_after_s`. A stage that was never served is not
-    lost (at the start of a run every stage is empty)."""
+    it. A stage counts as lost when all of its peers are dead in the table, or have been
+    quiet for 1.5 heartbeats and fail a direct probe (then they are declared dead here, so
+    the rebuild does not try them): a SIGKILLed peer is noticed in about 2 s instead of the
+    table's `dead_after_s`. A stage that was never served is not lost (at the start of a
+    run every stage is empty)."""
     membership, config = peer.membership, peer.config
     quiet_s = 1.5 * config.protocol.heartbeat_interval_s
     while not peer._stopping.is_set():
@@ -139,9 +139,9 @@ async def rebuild_lost_stage(peer: Peer, model: ModelConfig) -> bool:
     stages from their peers, average them weighted by the gradient norms those peers gossip
     (or copy the single block neighbour of an edge stage: CheckFree+), and start from that
     with fresh optimizer state (inner and outer) at lr × 1.1. Stage 0 is copied from the
-    replica of it that the stage-1 peers keep (`refresh_stage0_copy`). False (and nothing
-    changed) when the neighbours are gone too: the stage then starts from the run's initial
-    weights."""
+    replica of it that the stage-1 peers keep (`refresh_stage0_copy`). False when the
+    neighbours (or the copy) are gone too: the stage then starts from the run's initial
+    weights, at the run's round and step."""
     me, run = peer.membership.me, peer.config.run
     if me.stage == 0:
         return await _rebuild_stage0(peer, model)
@@ -187,10 +187,10 @@ def stage0_copy_shapes(peer: Peer, model: ModelConfig) -> dict[str, tuple[int, .
 
 async def refresh_stage0_copy(peer: Peer, model: ModelConfig, round_id: int, attempts: int = 5,
                               pause_s: float = 0.5) -> tuple[int, dict[str, torch.Tensor]] | None:
-    """(stage 1) Stage 0's outer weights of round `round_id` (or later: that round, and the
-    weights named with `STAGE0_COPY`) from a live stage-0 peer of our replica; a stage-0
-    peer that has not published that round yet is asked again after `pause_s`. None when
-    no stage-0 peer delivers it."""
+    """(stage 1) (round, weights): stage 0's outer weights of round `round_id` or later, named
+    with `STAGE0_COPY`, from a live stage-0 peer of our replica; a stage-0 peer that has not
+    published that round yet is asked again after `pause_s`. None when no stage-0 peer
+    delivers it."""
     me = peer.membership.me
     for attempt in range(attempts):
         sources = [p for p in peer.membership.live_others() if p.role == "stage" and p.stage == 0 and p.activation == me.activation]
