@@ -15,7 +15,9 @@ def test_fourth_peer_joins_mid_run_and_converges(corpus):
         peers = await start_swarm(corpus, 3, max_rounds=rounds, protocol=protocol)
         joiner = None
         try:
-            await wait_until(lambda: all(p.outer_round >= 2 for p in peers), 60, "round 2")
+            # the table's round, not `outer_round`: a peer publishes a round's state only after
+            # verifying it, and `outer_round` moves on when the outer step is applied, before
+            await wait_until(lambda: all(p.membership.me.round >= 2 for p in peers), 60, "round 2 published")
             joiner = Peer(peer_config(corpus, "peer-3", bootstrap=peers[1].address, max_rounds=rounds, protocol=protocol))
             await joiner.start()
             join_round = joiner.outer_round
