@@ -1,0 +1,143 @@
+"""SkipPipe's eval loss at equal tokens, in one process and in minutes: a proxy for the
+loss half of `scripts/bench_skippipe.py` (which runs 11 peer processes for ~17 minutes),
+for trying path policies quickly.
+
+    python scripts/sim_skippipe.py --steps 400 --out results/sim_skippipe.json
+
+Model `small-deep` (10 blocks) cut as the benchmark cuts it: stage 0 = embedding, final
+norm and head; 5 block stages of 2 blocks. Each inner step takes a batch of the recipe's
+size, cuts it into microbatches (2 sequences each, as the benchmark), and sends every
+microbatch along a path; each stage then takes the runtime's inner step on its own slice
+(`optim.inner.ParamTrainer`: the gradients averaged over the microbatches that visited the
+stage, clipped per slice, AdamW at the recipe's warmup-then-constant learning rate).
+
+Paths (`--variants`, any of):
+* `full`: every block stage, in order;
+* `skip`: a uniformly random 3 of the 5 block stages (SkipPipe's default 4 of 6 stages,
+  stage 0 counted), each of up to 2 adjacent pairs swapped with probability 1/2;
+* `skip-in-order`: the same stages, never swapped;
+* `skip-in-order-scaled`: in order, each visited stage's residual update scaled by 1/p,
+  p = 3/5 its chance to be visited (inverted stochastic depth); evaluation unscaled.
+
+What it leaves out, against the benchmark: the network, the outer rounds (one replica
+per stage here, two averaging by DiLoCo int8 there), the activation codec, and the
+scheduler's speed-aware choice of paths (random here, so every stage is visited equally).
+The held-out loss is reported through the full path and through stages 1, 3, 5 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from shoal.optim.inner import InnerConfig, ParamTrainer
+from shoal.train import PRESETS, RECIPES, build_model
+from shoal.train.data import ByteData, load_corpus
+
+MODEL = "small-deep"
+BLOCK_STAGES, VISITS, MICROBATCH = 5, 3, 2
+VARIANTS = ("full", "skip", "skip-in-order", "skip-in-order-scaled")
+
+
+def route(variant: str, rng: random.Random) -> list[int]:
+    if variant == "full":
+        return list(range(1, BLOCK_STAGES + 1))
+    stages = sorted(rng.sample(range(1, BLOCK_STAGES + 1), VISITS))
+    if variant == "skip":
+        for _ in range(2):
+            if rng.random() < 0.5:
+                i = rng.randrange(len(stages) - 1)
+                stages[i], stages[i + 1] = stages[i + 1], stages[i]
+    return stages
+
+
+def train(variant: str, steps: int, seed: int, eval_batches: int, threads: int) -> dict:
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    recipe, config = RECIPES[MODEL], PRESETS[MODEL]
+    blocks_per_stage = config.n_layers // BLOCK_STAGES
+    model = build_model(MODEL, seed)
+    data = ByteData(load_corpus(None))
+    batches = data.train_batches("peer-0", recipe.batch_size, recipe.seq_len, seed)
+    held_out = data.eval_batches(recipe.batch_size, recipe.seq_len, eval_batches)
+    inner = InnerConfig(lr=recipe.inner_lr, warmup_steps=recipe.warmup_steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len)
+    params = dict(model.named_parameters())
+
+    def stage_of(name: str) -> int:
+        return int(name.split(".")[1]) // blocks_per_stage + 1 if name.startswith("blocks.") else 0
+
+    trainers = {s: ParamTrainer({n: p for n, p in params.items() if stage_of(n) == s}, inner) for s in range(BLOCK_STAGES + 1)}
+    scale = BLOCK_STAGES / VISITS if variant.endswith("-scaled") else 1.0
+    rng = random.Random(seed)
+
+    def loss_along(x: torch.Tensor, y: torch.Tensor, stages: list[int], residual_scale: float) -> torch.Tensor:
+        h = model.embed_tokens(x)
+        cos, sin = model.rotary(h.size(1))
+        for stage in stages:
+            for block in model.blocks[(stage - 1) * blocks_per_stage : stage * blocks_per_stage]:
+                h = h + (block(h, cos, sin) - h) * residual_scale
+        return F.cross_entropy(model.head(h).float().view(-1, config.vocab_size), y.reshape(-1))
+
+    def evaluate(stages: list[int]) -> float:
+        with torch.no_grad():
+            return sum(float(loss_along(torch.as_tensor(x), torch.as_tensor(y), stages, 1.0)) for x, y in held_out) / len(held_out)
+
+    curve, begin = [], time.monotonic()
+    for step in range(steps):
+        x, y = (torch.as_tensor(t) for t in next(batches))
+        visits = [0] * (BLOCK_STAGES + 1)
+        for first in range(0, x.size(0), MICROBATCH):
+            stages = route(variant, rng)
+            for stage in {0, *stages}:
+                visits[stage] += 1
+            loss_along(x[first : first + MICROBATCH], y[first : first + MICROBATCH], stages, scale).backward()
+        for stage, trainer in trainers.items():
+            if visits[stage]:  # the runtime's stage step: the mean over the microbatches it saw
+                for param in trainer.params.values():
+                    if param.grad is not None:
+                        param.grad.div_(visits[stage])
+                trainer.optimizer_step()
+        if (step + 1) % max(1, steps // 4) == 0 or step + 1 == steps:
+            curve.append({"step": step + 1, "tokens": (step + 1) * recipe.batch_size * recipe.seq_len, "eval_loss": evaluate(list(range(1, BLOCK_STAGES + 1)))})
+            print(f"   {variant}: step {step + 1}, eval {curve[-1]['eval_loss']:.4f} ({time.monotonic() - begin:.0f} s)", flush=True)
+    return {"final_eval_loss": curve[-1]["eval_loss"], "eval_loss_stages_1_3_5": evaluate([1, 3, 5]), "curve": curve,
+            "seconds": time.monotonic() - begin}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="results/sim_skippipe.json")
+    args = parser.parse_args()
+    results = {}
+    for variant in args.variants:
+        print(f"== {variant}: {args.steps} steps", flush=True)
+        results[variant] = train(variant, args.steps, args.seed, args.eval_batches, args.threads)
+    base = results.get("full")
+    print(f"{'paths':<22} {'final eval':>10} {'vs full':>8} {'stages 1,3,5':>12}")
+    for variant, row in results.items():
+        if base:
+            row["vs_full"] = row["final_eval_loss"] / base["final_eval_loss"] - 1
+        versus = f"{100 * row['vs_full']:+7.1f}%" if base else f"{'-':>8}"
+        print(f"{variant:<22} {row['final_eval_loss']:10.4f} {versus} {row['eval_loss_stages_1_3_5']:12.4f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": "python scripts/sim_skippipe.py " + " ".join(sys.argv[1:]), "model": MODEL,
+                               "results": results}, indent=1))
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
