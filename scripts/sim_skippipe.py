@@ -8,16 +8,18 @@ Model `small-deep` (10 blocks) cut as the benchmark cuts it: stage 0 = embedding
 norm and head; 5 block stages of 2 blocks. Each inner step takes a batch of the recipe's
 size, cuts it into microbatches (2 sequences each, as the benchmark), and sends every
 microbatch along a path; each stage then takes the runtime's inner step on its own slice
-(`optim.inner.ParamTrainer`: the gradients averaged over the microbatches that visited the
-stage, clipped per slice, AdamW at the recipe's warmup-then-constant learning rate).
+(`pipeline.worker.SliceTrainer.step`: the gradients averaged over the microbatches that
+visited the stage, clipped per slice, AdamW at the recipe's warmup-then-constant learning
+rate), on the slices and initial weights the runtime builds (`pipeline.stages`).
 
 Paths (`--variants`, any of):
 * `full`: every block stage, in order;
 * `skip`: a uniformly random 3 of the 5 block stages (SkipPipe's default 4 of 6 stages,
   stage 0 counted), each of up to 2 adjacent pairs swapped with probability 1/2;
 * `skip-in-order`: the same stages, never swapped;
-* `skip-in-order-scaled`: in order, each visited stage's residual update scaled by 1/p,
-  p = 3/5 its chance to be visited (inverted stochastic depth); evaluation unscaled.
+* `skip-in-order-scaled`: in order, the residual update of each block of a visited stage
+  scaled by 1/p, p = 3/5 the stage's chance to be visited (inverted stochastic depth);
+  evaluation unscaled.
 
 What it leaves out, against the benchmark: the network, the outer rounds (one replica
 per stage here, two averaging by DiLoCo int8 there), the activation codec, and the
@@ -35,10 +37,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from shoal.optim.inner import InnerConfig, ParamTrainer
-from shoal.train import PRESETS, RECIPES, build_model
+from shoal.optim.inner import InnerConfig
+from shoal.pipeline.stages import StagePlan, build_stage
+from shoal.pipeline.worker import SliceTrainer
+from shoal.train import PRESETS, RECIPES
 from shoal.train.data import ByteData, load_corpus
 
 MODEL = "small-deep"
@@ -62,48 +65,39 @@ def train(variant: str, steps: int, seed: int, eval_batches: int, threads: int) 
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     recipe, config = RECIPES[MODEL], PRESETS[MODEL]
-    blocks_per_stage = config.n_layers // BLOCK_STAGES
-    model = build_model(MODEL, seed)
+    plan = StagePlan(BLOCK_STAGES + 1, config.n_layers)
+    stages = {s: build_stage(config, plan, s, seed) for s in range(plan.num_stages)}  # the runtime's slices and init
+    edge = stages[0]
     data = ByteData(load_corpus(None))
     batches = data.train_batches("peer-0", recipe.batch_size, recipe.seq_len, seed)
     held_out = data.eval_batches(recipe.batch_size, recipe.seq_len, eval_batches)
     inner = InnerConfig(lr=recipe.inner_lr, warmup_steps=recipe.warmup_steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len)
-    params = dict(model.named_parameters())
-
-    def stage_of(name: str) -> int:
-        return int(name.split(".")[1]) // blocks_per_stage + 1 if name.startswith("blocks.") else 0
-
-    trainers = {s: ParamTrainer({n: p for n, p in params.items() if stage_of(n) == s}, inner) for s in range(BLOCK_STAGES + 1)}
+    trainers = {s: SliceTrainer(module, inner, torch.device("cpu")) for s, module in stages.items()}
     scale = BLOCK_STAGES / VISITS if variant.endswith("-scaled") else 1.0
     rng = random.Random(seed)
 
-    def loss_along(x: torch.Tensor, y: torch.Tensor, stages: list[int], residual_scale: float) -> torch.Tensor:
-        h = model.embed_tokens(x)
-        cos, sin = model.rotary(h.size(1))
-        for stage in stages:
-            for block in model.blocks[(stage - 1) * blocks_per_stage : stage * blocks_per_stage]:
+    def loss_along(x: torch.Tensor, y: torch.Tensor, path: list[int], residual_scale: float) -> torch.Tensor:
+        h = edge.embed_tokens(x)
+        for stage in path:
+            cos, sin = stages[stage].rotary(h.size(1))
+            for block in stages[stage].blocks.values():  # each block's residual update scaled
                 h = h + (block(h, cos, sin) - h) * residual_scale
-        return F.cross_entropy(model.head(h).float().view(-1, config.vocab_size), y.reshape(-1))
+        return edge.loss(h, y)
 
-    def evaluate(stages: list[int]) -> float:
+    def evaluate(path: list[int]) -> float:
         with torch.no_grad():
-            return sum(float(loss_along(torch.as_tensor(x), torch.as_tensor(y), stages, 1.0)) for x, y in held_out) / len(held_out)
+            return sum(float(loss_along(torch.as_tensor(x), torch.as_tensor(y), path, 1.0)) for x, y in held_out) / len(held_out)
 
     curve, begin = [], time.monotonic()
     for step in range(steps):
         x, y = (torch.as_tensor(t) for t in next(batches))
-        visits = [0] * (BLOCK_STAGES + 1)
         for first in range(0, x.size(0), MICROBATCH):
-            stages = route(variant, rng)
-            for stage in {0, *stages}:
-                visits[stage] += 1
-            loss_along(x[first : first + MICROBATCH], y[first : first + MICROBATCH], stages, scale).backward()
-        for stage, trainer in trainers.items():
-            if visits[stage]:  # the runtime's stage step: the mean over the microbatches it saw
-                for param in trainer.params.values():
-                    if param.grad is not None:
-                        param.grad.div_(visits[stage])
-                trainer.optimizer_step()
+            visited = route(variant, rng)
+            for stage in (0, *visited):
+                trainers[stage].microbatches += 1
+            loss_along(x[first : first + MICROBATCH], y[first : first + MICROBATCH], visited, scale).backward()
+        for trainer in trainers.values():
+            trainer.step()  # the runtime's stage step: the mean over the microbatches it saw, if any
         if (step + 1) % max(1, steps // 4) == 0 or step + 1 == steps:
             curve.append({"step": step + 1, "tokens": (step + 1) * recipe.batch_size * recipe.seq_len, "eval_loss": evaluate(list(range(1, BLOCK_STAGES + 1)))})
             print(f"   {variant}: step {step + 1}, eval {curve[-1]['eval_loss']:.4f} ({time.monotonic() - begin:.0f} s)", flush=True)
