@@ -340,7 +340,7 @@ class SubspaceActivationCodec(ActivationCodec):
             return np.ldexp(scaled.astype(np.float32), -exponent)
 
     def __repr__(self) -> str:
-        return f"SubspaceActivationCodec({self.basis!r})"
+        return f"{type(self).__name__}({self.basis!r})"
 
 
 class SubspaceInt8ActivationCodec(SubspaceActivationCodec):
@@ -376,9 +376,6 @@ class SubspaceInt8ActivationCodec(SubspaceActivationCodec):
             raise CodecError("subspace-int8 payload holds code -128, which the encoder never produces")
         with np.errstate(over="ignore"):  # a huge exponent overflows; refused as non-finite
             return np.ldexp(codes.reshape(n_tokens, self.basis.k).astype(np.float32), exponent[:, None])
-
-    def __repr__(self) -> str:
-        return f"SubspaceInt8ActivationCodec({self.basis!r})"
 
 
 ACTIVATION_CODECS: dict[str, type[ActivationCodec]] = {

@@ -106,8 +106,7 @@ class Peer:
         self.router: Router | None = None  # --role stage, stage 0
         self.paths: PathPlanner | None = None  # --role stage, stage 0
         self._state_snapshot: dict[str, torch.Tensor] = {}  # what _publish_state last froze
-        self._stage0_copy: dict[str, torch.Tensor] = {}  # stage 1: stage 0's outer weights (CheckFree+)
-        self._stage0_copy_round = 0  # ... of this round
+        self._stage0_copy: tuple[int, dict[str, torch.Tensor]] | None = None  # stage 1: (round, stage 0's outer weights), CheckFree+
         self._partner_wait_s: float | None = None  # NoLoCo: how long the last step waited for its partner
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -417,17 +416,11 @@ class Peer:
         if fetched is None:
             log.debug("[%s] no stage-0 peer delivered its weights of round %d; keeping the copy of an earlier round", self.peer_id, round_id)
             return
-        if not self._stage0_copy:
+        if self._stage0_copy is None:
             log.info("[%s] keeping a copy of stage 0's weights (CheckFree+), refreshed every round", self.peer_id)
-        self._stage0_copy_round, self._stage0_copy = fetched
+        self._stage0_copy = fetched
         if self.outer_round == round_id:  # else the next round's state carries it
-            self.state_server.update(self.outer_round, {**self._state_snapshot, **self._stage0_copy}, self._state_metadata())
-
-    def _state_metadata(self) -> dict[str, Any]:
-        metadata: dict[str, Any] = {"peer": self.peer_id}
-        if self._stage0_copy:
-            metadata[STAGE0_COPY + "round"] = self._stage0_copy_round
-        return metadata
+            self._serve_state()
 
     async def _verify(self, exchange: RoundExchange, round_id: int, new_hash: str, final: list[str]) -> bool:
         """Compare weight hashes with the round's participants; a peer in the minority
@@ -491,10 +484,20 @@ class Peer:
         """Freeze the outer state for joiners and checkpoints."""
         snapshot = self._state_snapshot = {n: t.clone() for n, t in self.outer.state_tensors().items()}
         self.membership.me.weights_hash = weights_hash(self.outer.params)
-        self.state_server.update(self.outer_round, {**snapshot, **self._stage0_copy}, self._state_metadata())
+        self._serve_state()
         if self.config.checkpoint_dir and self.outer_round > 0:
             info = {"run": self.config.run.to_dict(), "peer": self.peer_id, "swarm_id": self.wire.swarm_id}
             asyncio.get_running_loop().run_in_executor(self._checkpoint_thread, save_checkpoint, self.config.checkpoint_dir, self.outer_round, snapshot, info)
+
+    def _serve_state(self) -> None:
+        """Offer the last frozen outer state to joiners, with (stage 1) the copy of stage 0."""
+        tensors = self._state_snapshot
+        metadata: dict[str, Any] = {"peer": self.peer_id}
+        if self._stage0_copy is not None:
+            copy_round, copy = self._stage0_copy
+            tensors = {**tensors, **copy}
+            metadata[STAGE0_COPY + "round"] = copy_round
+        self.state_server.update(self.outer_round, tensors, metadata)
 
     # ---- dashboard -------------------------------------------------------------------
 

@@ -157,8 +157,7 @@ async def rebuild_lost_stage(peer: Peer, model: ModelConfig) -> bool:
     round_id = 0
     for stage in neighbours:
         sources = [p for p in serving if p.stage == stage]
-        shapes = {f"outer/{name}": shape for name, shape in stage_shapes(model, plan, stage).items()}
-        got_round, tensors, _ = await download_state(peer.client, sources, shapes)
+        got_round, tensors, _ = await download_state(peer.client, sources, outer_shapes(model, plan, stage))
         weights[stage] = {name.removeprefix("outer/"): t for name, t in tensors.items()}
         reported = [p.grad_norm for p in sources if p.grad_norm is not None]
         norms[stage] = sum(reported) / len(reported) if reported else None
@@ -180,9 +179,9 @@ async def rebuild_lost_stage(peer: Peer, model: ModelConfig) -> bool:
 STAGE0_COPY = "stage0/"
 
 
-def stage0_copy_shapes(peer: Peer, model: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of stage 0's outer weights, as a stage-0 peer's state serves them."""
-    return {f"outer/{name}": shape for name, shape in stage_shapes(model, StagePlan(peer.config.run.stages, model.n_layers), 0).items()}
+def outer_shapes(model: ModelConfig, plan: StagePlan, stage: int) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of stage `stage`'s outer weights, as its peers' state serves them."""
+    return {f"outer/{name}": shape for name, shape in stage_shapes(model, plan, stage).items()}
 
 
 async def refresh_stage0_copy(peer: Peer, model: ModelConfig, round_id: int, attempts: int = 5,
@@ -191,13 +190,13 @@ async def refresh_stage0_copy(peer: Peer, model: ModelConfig, round_id: int, att
     with `STAGE0_COPY`, from a live stage-0 peer of our replica; a stage-0 peer that has not
     published that round yet is asked again after `pause_s`. None when no stage-0 peer
     delivers it."""
-    me = peer.membership.me
+    me, plan = peer.membership.me, StagePlan(peer.config.run.stages, model.n_layers)
     for attempt in range(attempts):
-        sources = [p for p in peer.membership.live_others() if p.role == "stage" and p.stage == 0 and p.activation == me.activation]
+        sources = [peer.membership.peers[i] for i in stage_peers(peer.membership, 0, me.activation)]
         if not sources:
             return None
         try:
-            got_round, tensors, _ = await download_state(peer.client, sources, stage0_copy_shapes(peer, model), attempts=1)
+            got_round, tensors, _ = await download_state(peer.client, sources, outer_shapes(model, plan, 0), attempts=1)
         except ShoalError as exc:
             log.debug("[%s] stage 0 copy for round %d: %s", peer.peer_id, round_id, exc)
             got_round, tensors = -1, None
@@ -213,10 +212,11 @@ async def _rebuild_stage0(peer: Peer, model: ModelConfig) -> bool:
     this replica's driver from the round after the stage peers' current one (they close
     the interrupted round with the steps they had), with fresh optimizer state."""
     activation = peer.config.activation
-    stage_peers = [p for p in peer.membership.live_others() if p.role == "stage" and p.activation == activation]
-    round_id, step = max((p.round for p in stage_peers), default=0) + 1, max((p.step for p in stage_peers), default=0)
-    holders = [p for p in stage_peers if p.stage == 1]
-    shapes = {STAGE0_COPY + name: shape for name, shape in stage0_copy_shapes(peer, model).items()}
+    replica = [p for p in peer.membership.live_others() if p.role == "stage" and p.activation == activation]
+    round_id, step = max((p.round for p in replica), default=0) + 1, max((p.step for p in replica), default=0)
+    holders = [p for p in replica if p.stage == 1]
+    plan = StagePlan(peer.config.run.stages, model.n_layers)
+    shapes = {STAGE0_COPY + name: shape for name, shape in outer_shapes(model, plan, 0).items()}
     try:
         if not holders:
             raise ShoalError("no live stage-1 peer")
