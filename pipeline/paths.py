@@ -64,9 +64,12 @@ class FullPaths(PathPlanner):
         self.num_stages, self.swap_fraction = num_stages, swap_fraction
 
     def plan(self, microbatches: int, tokens: int, served: Mapping[int, Sequence[str]] | None = None) -> list[Route]:
-        """Microbatch m runs swapped when ⌊(m+1)·f⌋ > ⌊m·f⌋: exactly round-down(M·f) of
-        M, spread evenly through the step."""
-        return [self.route(swapped=int((m + 1) * self.swap_fraction) > int(m * self.swap_fraction)) for m in range(microbatches)]
+        return [self.route(swapped=self.is_swapped(m)) for m in range(microbatches)]
+
+    def is_swapped(self, m: int) -> bool:
+        """Microbatch m runs swapped when ⌊(m+1)·f⌋ > ⌊m·f⌋: exactly round-down(M·f) of M,
+        spread evenly."""
+        return int((m + 1) * self.swap_fraction) > int(m * self.swap_fraction)
 
     def route(self, swapped: bool = False) -> Route:
         stages = list(range(1, self.num_stages))

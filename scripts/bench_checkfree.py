@@ -60,6 +60,7 @@ import torch
 from shoal.optim.inner import InnerConfig, ParamTrainer
 from shoal.peer.checkpoint import load_latest, save_checkpoint
 from shoal.pipeline.checkfree import rebuild_stage, recovered_trainer, recovery_source
+from shoal.pipeline.paths import FullPaths
 from shoal.pipeline.stages import BlockStage, StagePlan, build_stage
 from shoal.train import PRESETS, RECIPES, ByteData, ModelConfig, load_corpus
 
@@ -138,13 +139,10 @@ class Pipeline:
 
 def path_of(method: str, step: int, setup: Setup) -> list[int]:
     """Block stages in visiting order; CheckFree+ swaps 1↔2 and S−2↔S−1 on an evenly
-    spaced --swap-fraction of the steps (out-of-order training, arXiv 2506.15461 §4)."""
-    path = list(range(1, setup.plan.num_stages))
-    fraction = setup.args.swap_fraction
-    if method == "checkfree+" and math.floor((step + 1) * fraction) > math.floor(step * fraction):
-        path[0], path[1] = path[1], path[0]
-        path[-2], path[-1] = path[-1], path[-2]
-    return path
+    spaced --swap-fraction of the steps (out-of-order training, arXiv 2506.15461 §4), the
+    runtime's routes (`pipeline.paths.FullPaths`) with a step in place of a microbatch."""
+    paths = FullPaths(setup.plan.num_stages, setup.args.swap_fraction if method == "checkfree+" else 0.0)
+    return [stage for stage, _ in paths.route(swapped=paths.is_swapped(step))]
 
 
 def recover(method: str, pipe: Pipeline, stage: int, step: int, failure_index: int, checkpoint_dir: Path | None) -> int:
