@@ -26,11 +26,19 @@ def _host_port(value: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
-def _stage_list(value: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in value.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--eval-stages wants stage numbers separated by commas, e.g. 1,3,5; got {value!r}") from None
+def _stage_list(flag: str, none_ok: bool = False):
+    """argparse type for FLAG's comma-separated stage numbers (with `none_ok`, "none": no stage)."""
+
+    def parse(value: str) -> tuple[int, ...]:
+        if none_ok and value == "none":
+            return ()
+        try:
+            return tuple(int(part) for part in value.split(","))
+        except ValueError:
+            example = "1,3,5 or none" if none_ok else "1,3,5"
+            raise argparse.ArgumentTypeError(f"{flag} wants stage numbers separated by commas, e.g. {example}; got {value!r}") from None
+
+    return parse
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--router", default="swarm", choices=["random", "swarm"], help="stage 0: per-hop choice among a stage's peers (default swarm: least projected busy time)")
     peer.add_argument("--skip-ratio", type=float, default=0.0, help="stage 0: SkipPipe: each microbatch skips this share of the stages on paths planned around slow peers (e.g. 0.33; default 0: every stage)")
     peer.add_argument("--skip-swaps", type=int, default=2, help="stage 0: SkipPipe: most pairs of adjacent stages a path may run swapped (default 2; 0: in order)")
+    peer.add_argument("--skip-keep", type=_stage_list("--skip-keep", none_ok=True), default=(1,), help="stage 0: SkipPipe: block stages every path visits, e.g. 1 or 1,5 (default 1: the first block stage, as SkipPipe's stage 0 holds the first layers; none: any stage may be skipped)")
     peer.add_argument("--out-of-order", type=float, default=0.0, help="stage 0: CheckFree+: this share of microbatches runs the first and last two block stages swapped, so a lost edge stage can be copied from its neighbour (e.g. 0.5)")
-    peer.add_argument("--eval-stages", type=_stage_list, help="stage 0: also evaluate through only these block stages, e.g. 1,3,5 (inference on part of the model)")
+    peer.add_argument("--eval-stages", type=_stage_list("--eval-stages"), help="stage 0: also evaluate through only these block stages, e.g. 1,3,5 (inference on part of the model)")
     peer.add_argument("--emulate-forward-ms", type=float, default=0.0, help="benchmarks: emulate a slower device: each training forward of this stage takes at least this many ms, each backward twice that")
     peer.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default auto: cuda when present)")
     peer.add_argument("--data", help="text file, folder or glob of .txt/.jsonl (default: this Python's standard library sources)")
@@ -129,7 +138,7 @@ def peer_config_from(args: argparse.Namespace) -> PeerConfig:
     return PeerConfig(
         run=run_config_from(args), listen_host=args.listen[0], listen_port=args.listen[1], advertise=args.advertise,
         bootstrap=args.bootstrap, swarm_key=args.swarm_key, role=args.role, stage=args.stage, standby=args.standby, activation=args.activation,
-        microbatch_size=args.microbatch_size, in_flight=args.in_flight, router=args.router, skip_ratio=args.skip_ratio, skip_swaps=args.skip_swaps,
+        microbatch_size=args.microbatch_size, in_flight=args.in_flight, router=args.router, skip_ratio=args.skip_ratio, skip_swaps=args.skip_swaps, skip_keep=args.skip_keep,
         out_of_order=args.out_of_order, eval_stages=args.eval_stages, emulate_forward_ms=args.emulate_forward_ms, device=args.device, data_path=args.data,
         checkpoint_dir=args.checkpoint_dir, resume=args.resume, max_rounds=args.rounds, min_peers=args.min_peers, torch_threads=args.threads,
         eval_every=args.eval_every,

@@ -127,6 +127,7 @@ class PeerConfig:
     router: str = "swarm"  # stage 0: how a hop picks among a stage's peers (random, swarm)
     skip_ratio: float = 0.0  # stage 0: SkipPipe paths skipping this share of the stages (0: every stage)
     skip_swaps: int = 2  # stage 0: SkipPipe: most pairs of adjacent stages a path may run swapped
+    skip_keep: tuple[int, ...] = (1,)  # stage 0: SkipPipe: block stages every path visits
     out_of_order: float = 0.0  # stage 0: share of microbatches run with edge block stages swapped (CheckFree+)
     eval_stages: tuple[int, ...] | None = None  # stage 0: also evaluate through only these block stages
     emulate_forward_ms: float = 0.0  # benchmarks: a stage's training forward takes at least this (backward 2x)
@@ -172,6 +173,8 @@ class PeerConfig:
             raise ValueError(f"--skip-swaps must be >= 0, got {self.skip_swaps}")
         if not 0.0 <= self.skip_ratio < 1.0:
             raise ValueError(f"--skip-ratio must be in [0, 1), got {self.skip_ratio}")
+        if self.skip_ratio and (len(set(self.skip_keep)) < len(self.skip_keep) or not all(1 <= s < self.run.stages for s in self.skip_keep)):
+            raise ValueError(f"--skip-keep must list distinct block stages in 1..{self.run.stages - 1}, got {list(self.skip_keep)}")
         if not 0.0 <= self.out_of_order <= 1.0:
             raise ValueError(f"--out-of-order must be in [0, 1], got {self.out_of_order}")
         if self.eval_stages is not None and (not self.eval_stages or len(set(self.eval_stages)) < len(self.eval_stages)

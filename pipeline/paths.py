@@ -12,7 +12,8 @@ last. Three planners:
   (…, S−1, S−2), so each edge block stage also learns to do its neighbour's job and a lost
   edge stage can be rebuilt by copying that neighbour (pipeline/checkfree.py).
 * `SkipPaths`: SkipPipe (pipeline/skippipe.py): each microbatch visits only some stages
-  (default 4 of 6, stage 0 counted), possibly with adjacent stages swapped, on the peers the
+  (default 4 of 6, stage 0 counted, the first block stage always among them: SkipPipe's
+  stage 0 holds the first layers, ours none), possibly with adjacent stages swapped, on the peers the
   time-aware scheduler picks from the live stage peers and the speeds the router measured
   (seconds per token of a forward hop, transfer included). The plan is recomputed every
   step, so peers that join, leave or slow down are planned around at the next step; a
@@ -114,14 +115,16 @@ class SkipPaths(PathPlanner):
 
     def describe(self) -> dict:
         return {"paths": self.name, "skip_ratio": self.config.skip_ratio, "stages_per_path": self.config.visits_per_path, "max_swaps": self.config.max_swaps,
-                "estimated_iteration_s": self.last_iteration_s, "fallbacks": self.fallbacks}
+                "kept_stages": list(self.config.always_visit), "estimated_iteration_s": self.last_iteration_s, "fallbacks": self.fallbacks}
 
 
-def build_paths(num_stages: int, skip_ratio: float, out_of_order: float, driver_id: str, router: Router, skip_swaps: int = 2) -> PathPlanner:
-    """The planner for `--skip-ratio` (SkipPipe when > 0; `--skip-swaps`) and
+def build_paths(num_stages: int, skip_ratio: float, out_of_order: float, driver_id: str, router: Router, skip_swaps: int = 2,
+                skip_keep: tuple[int, ...] = (1,)) -> PathPlanner:
+    """The planner for `--skip-ratio` (SkipPipe when > 0; `--skip-swaps`, `--skip-keep`) and
     `--out-of-order` (CheckFree+)."""
     if skip_ratio and out_of_order:
         raise ValueError("--skip-ratio and --out-of-order are two path policies; pick one")
     if skip_ratio:
-        return SkipPaths(SkipPipeConfig(num_stages=num_stages, skip_ratio=skip_ratio, max_swaps=skip_swaps), driver_id, router)
+        config = SkipPipeConfig(num_stages=num_stages, skip_ratio=skip_ratio, max_swaps=skip_swaps, always_visit=tuple(skip_keep))
+        return SkipPaths(config, driver_id, router)
     return FullPaths(num_stages, out_of_order)

@@ -28,11 +28,20 @@ Reading of the paper's constraints, as implemented
   follows the last layer), so at most max_jump - 1 trailing stages may be skipped.
 * Order: increasing, except up to max_swaps disjoint pairs of consecutive stages (s, s+1),
   both visited, run as (s+1, s) (the paper's out-of-order execution).
-* Visit cap: each non-zero stage is visited by at most `stage_visit_cap` microbatches per
-  iteration; default ceil(M * (k - 1) / n), n = non-zero stages with a peer, which spreads
-  the skips evenly (raised one at a time if the greedy below corners itself with it). A path is also refused if, after it, the remaining microbatches could no
-  longer pick k - 1 distinct stages under the caps (sum_s min(cap_left_s, r) >= r * (k - 1),
-  necessary and sufficient when every stage set is a valid path, e.g. S <= 6 at max_jump 4).
+* Kept stages (`always_visit`): block stages every path visits. The paper's stage 0 holds
+  the embedding *and the first layers*, so its paths always run those layers (so does its
+  reference trainer); here stage 0 holds no block, and keeping the first block stage
+  (`always_visit=(1,)`, the runtime's default) restores that. A kept stage is never jumped
+  over nor swapped (as the paper's stage 0 always runs its layers first), and a path keeps
+  enough visits for the kept stages still ahead of it.
+* Visit cap: each non-zero stage that is not kept is visited by at most `stage_visit_cap`
+  microbatches per iteration; default ceil(M * (k - 1 - K) / (n - K)), n = non-zero stages
+  with a peer, K = kept stages, which spreads the skips evenly (raised one at a time if the
+  greedy below corners itself with it); a kept stage is visited by every microbatch. A path
+  is also refused if, after it, the remaining microbatches could no longer pick k - 1 - K
+  distinct stages that are not kept under the caps (sum_s min(cap_left_s, r) >=
+  r * (k - 1 - K), necessary and sufficient when every stage set is a valid path, e.g.
+  S <= 6 at max_jump 4).
 * Memory cap: a peer holds a microbatch from the start of its forward to the end of its
   backward there; at no moment may it hold more than `memory_cap`. A peer whose memory is
   full is not offered to a forward until it frees for good, so the cap delays work but never
@@ -76,7 +85,7 @@ LinkDelays = (
 
 class ScheduleInfeasible(ValueError):
     """No plan satisfies the constraints; `constraints` names the ones that ruled paths out
-    ("coverage", "visit_cap", "max_jump", "max_expansions"), `microbatch` the one that failed
+    ("coverage", "visit_cap", "max_jump", "always_visit", "max_expansions"), `microbatch` the one that failed
     (None when detected before the search)."""
 
     def __init__(self, message: str, constraints: tuple[str, ...], microbatch: int | None = None):
@@ -105,7 +114,8 @@ class SkipPipeConfig:
     stages_per_path: int | None = None  # k, stage 0 counted; overrides skip_ratio
     max_jump: int = 4
     max_swaps: int = 2
-    stage_visit_cap: int | None = None  # None: ceil(M * (k - 1) / stages with a peer)
+    always_visit: tuple[int, ...] = ()  # block stages on every path (the runtime keeps (1,))
+    stage_visit_cap: int | None = None  # None: ceil(M * (k - 1 - K) / (stages with a peer - K))
     backward_factor: float = 2.0
     transfer_s: float = 0.0  # per-hop transfer time of one microbatch's activations/grads
     max_expansions: int = 200_000  # A* budget per microbatch
@@ -128,6 +138,14 @@ class SkipPipeConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.max_swaps < 0:
             raise ValueError(f"max_swaps must be >= 0, got {self.max_swaps}")
+        kept = self.always_visit
+        if len(set(kept)) < len(kept) or not all(1 <= s < self.num_stages for s in kept):
+            raise ValueError(f"always_visit must list distinct block stages in 1..{self.num_stages - 1}, got {list(kept)}")
+        if len(kept) > self.visits_per_path - 1:
+            raise ValueError(
+                f"always_visit keeps {len(kept)} stages but paths visit only {self.visits_per_path - 1} "
+                f"besides stage 0 (skip_ratio={self.skip_ratio})"
+            )
         for name in ("backward_factor", "transfer_s"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
@@ -217,9 +235,12 @@ class _Planner:
         max_jump: int,
         fixed_order: tuple[int, ...] | None,
         link_delay_s: LinkDelays | None,
+        kept: tuple[int, ...] = (),
     ) -> None:
         self.config, self.visits, self.visit_cap = config, visits, visit_cap
         self.max_swaps, self.max_jump, self.fixed_order = max_swaps, max_jump, fixed_order
+        self.kept = frozenset(kept)
+        self.free_visits = visits - 1 - len(self.kept)  # per path, on stages that are not kept
         self.spec = _validate_peers(peers, config.num_stages)
         self.by_stage: dict[int, list[str]] = {s: [] for s in range(config.num_stages)}
         for peer_id in sorted(self.spec):
@@ -238,6 +259,10 @@ class _Planner:
 
     def served(self) -> list[int]:
         return [s for s in range(1, self.config.num_stages) if self.by_stage[s]]
+
+    def served_free(self) -> list[int]:
+        """Served stages that are not kept: the ones skips are spread over."""
+        return [s for s in self.served() if s not in self.kept]
 
     def run(self) -> Schedule:
         tasks: list[Task] = []
@@ -349,18 +374,26 @@ class _Planner:
             options = [(node.pending, None, node.swaps)]
         else:
             options = []
-            for stage in range(node.max_stage + 1, self.config.num_stages):
+            # a kept stage ahead may not be jumped over: the next hop goes no further than it
+            ahead = [s for s in self.kept if s > node.max_stage]
+            upto = min(ahead, default=self.config.num_stages - 1)
+            for stage in range(node.max_stage + 1, upto + 1):
                 options.append((stage, None, node.swaps))
                 if (
                     node.swaps < self.max_swaps
                     and stage + 1 < self.config.num_stages
                     and len(node.stages) + 2 <= self.visits
+                    and not {stage, stage + 1} & self.kept  # a kept stage holds its place
                 ):
                     options.append((stage + 1, stage, node.swaps + 1))  # swap (stage, stage+1)
         chosen = []
         for stage, pending, swaps in options:
+            top = max(stage, node.max_stage)
+            owed = (pending is not None) + sum(1 for s in self.kept if s > top)
             if abs(stage - last) > self.max_jump:
                 pruned["max_jump"] += 1
+            elif self.visits - len(node.stages) - 1 < owed:
+                pruned["always_visit"] += 1  # no visits left for the kept stages ahead
             elif not self.by_stage[stage] or (pending is not None and not self.by_stage[pending]):
                 pruned["coverage"] += 1
             elif self.at_cap(stage) or (pending is not None and self.at_cap(pending)):
@@ -370,17 +403,21 @@ class _Planner:
         return chosen
 
     def at_cap(self, stage: int) -> bool:
-        return self.visit_cap is not None and self.visit_counts[stage] >= self.visit_cap
+        if self.visit_cap is None or stage in self.kept:
+            return False
+        return self.visit_counts[stage] >= self.visit_cap
 
     def caps_leave_room(self, stages: tuple[int, ...], m: int) -> bool:
-        """Can the microbatches after m still each pick visits - 1 distinct stages?"""
+        """Can the microbatches after m still each pick their distinct stages that are not
+        kept (free_visits of them)?"""
         if self.visit_cap is None:
             return True
         left = self.config.num_microbatches - m - 1
         room = sum(
-            min(self.visit_cap - self.visit_counts[s] - (s in stages), left) for s in self.served()
+            min(self.visit_cap - self.visit_counts[s] - (s in stages), left)
+            for s in self.served_free()
         )
-        return room >= left * (self.visits - 1)
+        return room >= left * self.free_visits
 
     def lower_bound(self, node: _Node) -> float:
         """Admissible A* estimate of a partial path's finish time: its stages still to visit
@@ -421,9 +458,14 @@ def schedule(
 ) -> Schedule:
     """SkipPipe plan of one iteration for the swarm as it is now (see the module docstring)."""
     k = config.visits_per_path
-    planner = _Planner(
-        peers, config, k, None, config.max_swaps, config.max_jump, None, link_delay_s
-    )
+
+    def planner_for() -> _Planner:
+        return _Planner(
+            peers, config, k, None, config.max_swaps, config.max_jump, None, link_delay_s,
+            config.always_visit,
+        )
+
+    planner = planner_for()
     served = planner.served()
     if not planner.by_stage[0]:
         raise ScheduleInfeasible("no peer serves stage 0 (embedding + loss)", ("coverage",))
@@ -433,12 +475,16 @@ def schedule(
             f"({served}); lower stages_per_path",
             ("coverage",),
         )
-    m_total = config.num_microbatches
-    cap = config.stage_visit_cap or math.ceil(m_total * (k - 1) / len(served))
-    if cap * len(served) < m_total * (k - 1):
+    unserved_kept = sorted(set(config.always_visit) - set(served))
+    if unserved_kept:
+        raise ScheduleInfeasible(f"no peer serves the kept stages {unserved_kept}", ("coverage",))
+    m_total, free = config.num_microbatches, planner.free_visits
+    free_stages = len(planner.served_free())
+    cap = config.stage_visit_cap or (math.ceil(m_total * free / free_stages) if free else m_total)
+    if cap * free_stages < m_total * free:
         raise ScheduleInfeasible(
-            f"stage_visit_cap={cap} x {len(served)} stages < {m_total} microbatches x "
-            f"{k - 1} non-zero stages each",
+            f"stage_visit_cap={cap} x {free_stages} stages < {m_total} microbatches x "
+            f"{free} non-zero stages each (kept stages {list(config.always_visit)} aside)",
             ("visit_cap",),
         )
     while True:
@@ -451,9 +497,7 @@ def schedule(
             if config.stage_visit_cap or "visit_cap" not in exc.constraints or cap >= m_total:
                 raise
         cap += 1
-        planner = _Planner(
-            peers, config, k, None, config.max_swaps, config.max_jump, None, link_delay_s
-        )
+        planner = planner_for()
 
 
 def full_pipeline_schedule(

@@ -27,8 +27,11 @@ two replicas of each stage, SWARM routing among them):
 
 * `full`: every microbatch visits stages 1..5 in order;
 * `skippipe`: `--skip-ratio 0.33`: each microbatch visits 3 of the 5 block stages (4 of 6
-  counting stage 0), on paths and peers the SkipPipe scheduler (pipeline/skippipe.py)
-  plans each step from the live peers and their measured hop times.
+  counting stage 0), stage 1 always among them (`--skip-keep 1`, the default), on paths
+  and peers the SkipPipe scheduler (pipeline/skippipe.py) plans each step from the live
+  peers and their measured hop times;
+* ablations (`--runs`): `skippipe-in-order` (`--skip-swaps 0`), `skippipe-keep-none`
+  (`--skip-keep none`: any block stage may be skipped, stage 1 included).
 
 Reported per run: iteration time (one inner step of the pipeline replica; the median over
 rounds 2.. so the routers have measured the peers), held-out loss per round through the
@@ -54,7 +57,8 @@ MODEL = "small-deep"
 STAGES = 6
 SPEEDS_MS = {1: (20, 60), 2: (20, 20), 3: (60, 80), 4: (20, 40), 5: (30, 90)}
 EVAL_STAGES = "1,3,5"
-RUNS = {"full": [], "skippipe": ["--skip-ratio", "0.33"], "skippipe-in-order": ["--skip-ratio", "0.33", "--skip-swaps", "0"]}
+RUNS = {"full": [], "skippipe": ["--skip-ratio", "0.33"], "skippipe-in-order": ["--skip-ratio", "0.33", "--skip-swaps", "0"],
+        "skippipe-keep-none": ["--skip-ratio", "0.33", "--skip-keep", "none"]}
 
 
 def peer_flags(run_flags: list[str], speed_scale: float) -> list[list[str]]:

@@ -14,12 +14,14 @@ rate), on the slices and initial weights the runtime builds (`pipeline.stages`).
 
 Paths (`--variants`, any of):
 * `full`: every block stage, in order;
-* `skip`: a uniformly random 3 of the 5 block stages (SkipPipe's default 4 of 6 stages,
-  stage 0 counted), each of up to 2 adjacent pairs swapped with probability 1/2;
+* `skip`: 3 of the 5 block stages (SkipPipe's default 4 of 6 stages, stage 0 counted):
+  stage 1, which the runtime keeps on every path (`--skip-keep 1`), and a uniformly random
+  2 of stages 2-5; then, in path order, each pair of visited stages s, s+1 swapped with
+  probability 1/2, at most 2 disjoint pairs (the scheduler's swap rule; where it swaps
+  depends on timing, not on a coin);
 * `skip-in-order`: the same stages, never swapped;
-* `skip-in-order-scaled`: in order, the residual update of each block of a visited stage
-  scaled by 1/p, p = 3/5 the stage's chance to be visited (inverted stochastic depth);
-  evaluation unscaled.
+* `skip-keep-none`, `skip-keep-none-in-order`: a uniformly random 3 of the 5 block stages
+  (`--skip-keep none`), with and without swaps.
 
 What it leaves out, against the benchmark: the network, the outer rounds (one replica
 per stage here, two averaging by DiLoCo int8 there), the activation codec, and the
@@ -46,18 +48,24 @@ from shoal.train.data import ByteData, load_corpus
 
 MODEL = "small-deep"
 BLOCK_STAGES, VISITS, MICROBATCH = 5, 3, 2
-VARIANTS = ("full", "skip", "skip-in-order", "skip-in-order-scaled")
+VARIANTS = ("full", "skip", "skip-in-order", "skip-keep-none", "skip-keep-none-in-order")
+MAX_SWAPS = 2
 
 
 def route(variant: str, rng: random.Random) -> list[int]:
     if variant == "full":
         return list(range(1, BLOCK_STAGES + 1))
-    stages = sorted(rng.sample(range(1, BLOCK_STAGES + 1), VISITS))
-    if variant == "skip":
-        for _ in range(2):
-            if rng.random() < 0.5:
-                i = rng.randrange(len(stages) - 1)
+    kept = [] if variant.startswith("skip-keep-none") else [1]
+    free = [s for s in range(1, BLOCK_STAGES + 1) if s not in kept]
+    stages = sorted(kept + rng.sample(free, VISITS - len(kept)))
+    if not variant.endswith("in-order"):
+        i = swaps = 0
+        while i + 1 < len(stages) and swaps < MAX_SWAPS:
+            if stages[i + 1] == stages[i] + 1 and not {stages[i], stages[i + 1]} & set(kept) and rng.random() < 0.5:
                 stages[i], stages[i + 1] = stages[i + 1], stages[i]
+                i, swaps = i + 2, swaps + 1
+            else:
+                i += 1
     return stages
 
 
@@ -73,20 +81,17 @@ def train(variant: str, steps: int, seed: int, eval_batches: int, threads: int) 
     held_out = data.eval_batches(recipe.batch_size, recipe.seq_len, eval_batches)
     inner = InnerConfig(lr=recipe.inner_lr, warmup_steps=recipe.warmup_steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len)
     trainers = {s: SliceTrainer(module, inner, torch.device("cpu")) for s, module in stages.items()}
-    scale = BLOCK_STAGES / VISITS if variant.endswith("-scaled") else 1.0
     rng = random.Random(seed)
 
-    def loss_along(x: torch.Tensor, y: torch.Tensor, path: list[int], residual_scale: float) -> torch.Tensor:
+    def loss_along(x: torch.Tensor, y: torch.Tensor, path: list[int]) -> torch.Tensor:
         h = edge.embed_tokens(x)
         for stage in path:
-            cos, sin = stages[stage].rotary(h.size(1))
-            for block in stages[stage].blocks.values():  # each block's residual update scaled
-                h = h + (block(h, cos, sin) - h) * residual_scale
+            h = stages[stage](h)
         return edge.loss(h, y)
 
     def evaluate(path: list[int]) -> float:
         with torch.no_grad():
-            return sum(float(loss_along(torch.as_tensor(x), torch.as_tensor(y), path, 1.0)) for x, y in held_out) / len(held_out)
+            return sum(float(loss_along(torch.as_tensor(x), torch.as_tensor(y), path)) for x, y in held_out) / len(held_out)
 
     curve, begin = [], time.monotonic()
     for step in range(steps):
@@ -95,7 +100,7 @@ def train(variant: str, steps: int, seed: int, eval_batches: int, threads: int) 
             visited = route(variant, rng)
             for stage in (0, *visited):
                 trainers[stage].microbatches += 1
-            loss_along(x[first : first + MICROBATCH], y[first : first + MICROBATCH], visited, scale).backward()
+            loss_along(x[first : first + MICROBATCH], y[first : first + MICROBATCH], visited).backward()
         for trainer in trainers.values():
             trainer.step()  # the runtime's stage step: the mean over the microbatches it saw, if any
         if (step + 1) % max(1, steps // 4) == 0 or step + 1 == steps:

@@ -87,11 +87,15 @@ def check_schedule(plan: Schedule, peers, delays, config: SkipPipeConfig, visits
         assert all(abs(b - a) <= config.max_jump for a, b in zip(along, along[1:], strict=False))
         swaps = order_swaps(inner)
         assert swaps is not None and swaps <= config.max_swaps, inner
-        visit_counts.update(inner)
+        assert set(config.always_visit) <= set(inner), (inner, config.always_visit)
+        for kept in config.always_visit:  # in its place: after every lower stage, before every higher
+            at = inner.index(kept)
+            assert all(s < kept for s in inner[:at]) and all(s > kept for s in inner[at + 1 :]), inner
+        visit_counts.update(s for s in inner if s not in config.always_visit)
         for (_, a), (_, b) in zip(path, path[1:], strict=False):
             assert plan.next_hop[(m, a)] == b
     assert len(plan.next_hop) == M * visits
-    if cap is not None:
+    if cap is not None and visit_counts:
         assert max(visit_counts.values()) <= cap
 
     by_peer = defaultdict(list)
@@ -146,15 +150,17 @@ def _group(tasks):
 
 def test_random_swarms_satisfy_every_constraint():
     rng = random.Random(2502_19913)
-    planned = 0
+    planned = with_kept = 0
     for trial in range(120):
         num_stages = rng.randint(3, 8)
         peers, delays = random_swarm(rng, num_stages, empty_stage=trial % 5 == 0)
         visits = rng.randint(max(2, num_stages - 3), num_stages)
+        kept = rng.choice([(), (), (1,), (1, num_stages - 1), (rng.randrange(1, num_stages),)])
         config = SkipPipeConfig(
             num_stages=num_stages,
             num_microbatches=rng.randint(1, 10),
             stages_per_path=visits,
+            always_visit=tuple(sorted(set(kept)))[: visits - 1],
             max_swaps=rng.choice([0, 1, 2]),
             stage_visit_cap=rng.choice([None, None, 10]),
             transfer_s=rng.choice([0.0, 0.05]),
@@ -165,15 +171,17 @@ def test_random_swarms_satisfy_every_constraint():
         except ScheduleInfeasible as exc:
             assert exc.constraints, exc
             continue
-        even = math.ceil(config.num_microbatches * (visits - 1) / served)
+        free, free_stages = visits - 1 - len(config.always_visit), served - len(config.always_visit)
+        even = math.ceil(config.num_microbatches * free / free_stages) if free else 0
         assert plan.stage_visit_cap == (config.stage_visit_cap or plan.stage_visit_cap) >= even
         check_schedule(plan, peers, delays, config, visits, plan.stage_visit_cap)
+        with_kept += bool(config.always_visit)
         if served == num_stages - 1:
             full = full_pipeline_schedule(peers, config, delays)
             check_schedule(full, peers, delays, config, num_stages, None)
             assert all([s for s, _ in p] == [*range(num_stages), 0] for p in full.paths.values())
         planned += 1
-    assert planned >= 90  # the property checks ran on most swarms
+    assert planned >= 90 and with_kept >= 30  # the property checks ran on most swarms
 
 
 def test_default_reads_four_of_six():
@@ -352,3 +360,41 @@ def test_recompute_after_a_peer_leaves():
     after = schedule([p for p in peers if p.peer_id != "s3a"], config)
     assert all(peer != "s3a" for path in after.paths.values() for _, peer in path)
     check_schedule(after, [p for p in peers if p.peer_id != "s3a"], {}, config, 4, 5)
+
+
+def test_kept_stages_are_on_every_path_and_the_rest_share_the_skips():
+    peers, delays = uneven_swarm()
+    peers = [dataclasses.replace(p, forward_s=4.0) if p.stage_index == 1 else p for p in peers]  # slow, but kept
+    config = SkipPipeConfig(num_stages=6, num_microbatches=12, always_visit=(1,))
+    plan = schedule(peers, config, delays)
+    check_schedule(plan, peers, delays, config, 4, plan.stage_visit_cap)
+    assert all(path[1][0] == 1 for path in plan.paths.values())  # kept: never skipped nor swapped
+    counts = Counter(stage for path in plan.paths.values() for stage, _ in path[1:-1])
+    assert counts[1] == 12 and plan.stage_visit_cap == math.ceil(12 * 2 / 4)  # 2 free visits over stages 2..5
+    assert sum(counts[s] for s in range(2, 6)) == 24
+    both_ends = schedule(peers, dataclasses.replace(config, always_visit=(1, 5), max_swaps=0), delays)
+    for path in both_ends.paths.values():
+        inner = [stage for stage, _ in path[1:-1]]
+        assert (inner[0], inner[-1]) == (1, 5) and len(inner) == 3
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: SkipPipeConfig(always_visit=(0,)), "always_visit"),
+        (lambda: SkipPipeConfig(always_visit=(6,)), "always_visit"),
+        (lambda: SkipPipeConfig(always_visit=(2, 2)), "always_visit"),
+        (lambda: SkipPipeConfig(always_visit=(1, 2, 3, 4)), "keeps 4 stages"),
+    ],
+)
+def test_bad_kept_stages(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_unserved_kept_stage_is_infeasible():
+    peers = [PeerSpec(f"s{s}", s, 1.0) for s in range(6) if s != 1]
+    with pytest.raises(ScheduleInfeasible, match=r"kept stages \[1\]") as info:
+        schedule(peers, SkipPipeConfig(always_visit=(1,)))
+    assert info.value.constraints == ("coverage",)
+    assert schedule(peers, SkipPipeConfig()).paths  # without the kept stage it plans
