@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--in-flight", type=int, default=4, help="stage 0: microbatches in the pipeline at once (default 4)")
     peer.add_argument("--router", default="swarm", choices=["random", "swarm"], help="stage 0: per-hop choice among a stage's peers (default swarm: least projected busy time)")
     peer.add_argument("--skip-ratio", type=float, default=0.0, help="stage 0: SkipPipe: each microbatch skips this share of the stages on paths planned around slow peers (e.g. 0.33; default 0: every stage)")
-    peer.add_argument("--skip-swaps", type=int, default=2, help="stage 0: SkipPipe: most pairs of adjacent stages a path may run swapped (default 2; 0: in order)")
+    peer.add_argument("--skip-swaps", type=int, default=0, help="stage 0: SkipPipe: most pairs of adjacent stages a path may run swapped (default 0: in order, which cost less loss at the same iteration time in scripts/bench_skippipe.py; the paper allows 2)")
     peer.add_argument("--skip-keep", type=_stage_list("--skip-keep", none_ok=True), default=(1,), help="stage 0: SkipPipe: block stages every path visits, e.g. 1 or 1,5 (default 1: the first block stage, as SkipPipe's stage 0 holds the first layers; none: any stage may be skipped)")
     peer.add_argument("--out-of-order", type=float, default=0.0, help="stage 0: CheckFree+: this share of microbatches runs the first and last two block stages swapped, so a lost edge stage can be copied from its neighbour (e.g. 0.5)")
     peer.add_argument("--eval-stages", type=_stage_list("--eval-stages"), help="stage 0: also evaluate through only these block stages, e.g. 1,3,5 (inference on part of the model)")

@@ -12,6 +12,7 @@ from typing import Any
 from shoal.optim.inner import InnerConfig
 from shoal.optim.outer import OuterConfig
 from shoal.peer.errors import ConfigMismatch
+from shoal.pipeline.skippipe import SkipPipeConfig
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ class PeerConfig:
     in_flight: int = 4  # stage 0: microbatches in the pipeline at once
     router: str = "swarm"  # stage 0: how a hop picks among a stage's peers (random, swarm)
     skip_ratio: float = 0.0  # stage 0: SkipPipe paths skipping this share of the stages (0: every stage)
-    skip_swaps: int = 2  # stage 0: SkipPipe: most pairs of adjacent stages a path may run swapped
+    skip_swaps: int = 0  # stage 0: SkipPipe: most pairs of adjacent stages a path may run swapped
     skip_keep: tuple[int, ...] = (1,)  # stage 0: SkipPipe: block stages every path visits
     out_of_order: float = 0.0  # stage 0: share of microbatches run with edge block stages swapped (CheckFree+)
     eval_stages: tuple[int, ...] | None = None  # stage 0: also evaluate through only these block stages
@@ -175,6 +176,10 @@ class PeerConfig:
             raise ValueError(f"--skip-ratio must be in [0, 1), got {self.skip_ratio}")
         if self.skip_ratio and (len(set(self.skip_keep)) < len(self.skip_keep) or not all(1 <= s < self.run.stages for s in self.skip_keep)):
             raise ValueError(f"--skip-keep must list distinct block stages in 1..{self.run.stages - 1}, got {list(self.skip_keep)}")
+        if self.skip_ratio and self.run.stages:
+            visits = SkipPipeConfig(num_stages=self.run.stages, skip_ratio=self.skip_ratio).visits_per_path
+            if len(self.skip_keep) > visits - 1:
+                raise ValueError(f"--skip-keep keeps {len(self.skip_keep)} stages, but with --skip-ratio {self.skip_ratio} a path visits only {visits - 1} block stages")
         if not 0.0 <= self.out_of_order <= 1.0:
             raise ValueError(f"--out-of-order must be in [0, 1], got {self.out_of_order}")
         if self.eval_stages is not None and (not self.eval_stages or len(set(self.eval_stages)) < len(self.eval_stages)

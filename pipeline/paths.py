@@ -118,7 +118,7 @@ class SkipPaths(PathPlanner):
                 "kept_stages": list(self.config.always_visit), "estimated_iteration_s": self.last_iteration_s, "fallbacks": self.fallbacks}
 
 
-def build_paths(num_stages: int, skip_ratio: float, out_of_order: float, driver_id: str, router: Router, skip_swaps: int = 2,
+def build_paths(num_stages: int, skip_ratio: float, out_of_order: float, driver_id: str, router: Router, skip_swaps: int = 0,
                 skip_keep: tuple[int, ...] = (1,)) -> PathPlanner:
     """The planner for `--skip-ratio` (SkipPipe when > 0; `--skip-swaps`, `--skip-keep`) and
     `--out-of-order` (CheckFree+)."""

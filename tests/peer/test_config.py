@@ -58,3 +58,22 @@ def test_pipeline_settings_are_checked():
     assert RunConfig.from_dict(run(stages=3).to_dict()).stages == 3
     with pytest.raises(ConfigMismatch, match="stages"):
         run(stages=3).check_same(run())
+
+
+def test_skip_keep_flag_parses_and_is_checked():
+    from shoal.peer.cli import build_parser, peer_config_from
+
+    def parse(*flags: str) -> PeerConfig:
+        return peer_config_from(build_parser().parse_args(["peer", "--model", "tiny-deep", "--stages", "5", "--role", "stage", *flags]))
+
+    assert parse().skip_keep == (1,) and parse().skip_swaps == 0  # the defaults
+    assert parse("--skip-keep", "1,4").skip_keep == (1, 4)
+    assert parse("--skip-keep", "none").skip_keep == ()
+    with pytest.raises(SystemExit):
+        parse("--skip-keep", "first")
+    with pytest.raises(ValueError, match="--skip-keep must list distinct block stages in 1..4"):
+        parse("--skip-ratio", "0.33", "--skip-keep", "0")
+    with pytest.raises(ValueError, match="--skip-keep"):
+        parse("--skip-ratio", "0.33", "--skip-keep", "2,2")
+    with pytest.raises(ValueError, match="--skip-keep keeps 3 stages, but with --skip-ratio 0.33 a path visits only 2 block stages"):
+        parse("--skip-ratio", "0.33", "--skip-keep", "1,2,3")

@@ -136,13 +136,18 @@ def test_a_skippipe_step_trains_through_the_runtime():
     assert seen >= 4  # every stage was visited by some microbatch, on some replica
 
 
-def test_skippipe_without_swaps_keeps_every_route_in_order():
+def test_skippipe_defaults_keep_stage_one_first_and_every_route_in_order():
     router = build_router("swarm", 0)
     served = {s: [f"s{s}.0"] for s in range(1, 6)}
     for peers in served.values():
         router.report(peers[0], seconds=1.0, task_size=1000)
-    planner = build_paths(6, 0.33, 0.0, "driver", router, skip_swaps=0)
-    assert planner.describe()["max_swaps"] == 0
-    for route in planner.plan(12, 64, served):
+    planner = build_paths(6, 0.33, 0.0, "driver", router)
+    assert (planner.describe()["max_swaps"], planner.describe()["kept_stages"]) == (0, [1])
+    routes = planner.plan(12, 64, served)
+    for route in routes:
         stages = [s for s, _ in route]
-        assert stages == sorted(stages) and len(stages) == 3
+        assert stages == sorted(stages) and len(stages) == 3 and stages[0] == 1
+    skipped = [s for route in routes for s, _ in route[1:]]
+    assert sorted(set(skipped)) == [2, 3, 4, 5] and max(map(skipped.count, set(skipped))) == 6  # 24 visits spread evenly
+    unkept = build_paths(6, 0.33, 0.0, "driver", router, skip_keep=())
+    assert any(route[0][0] != 1 for route in unkept.plan(12, 64, served))
