@@ -35,6 +35,9 @@ from shoal.pipeline.skippipe import PeerSpec, ScheduleInfeasible, SkipPipeConfig
 
 Route = list[tuple[int, str | None]]  # (block stage, preferred peer or None), in visiting order
 
+# SkipPipe's visit cap: up to this share above an even spread of the skips, so the scheduler
+# can shift visits off a slow stage (pipeline/skippipe.py, `visit_slack`)
+SKIP_VISIT_SLACK = 0.25
 # A never-measured peer is planned at the median measured speed of the others, or at this
 # (seconds per token of a forward hop: a guess that only orders unmeasured peers).
 DEFAULT_SECONDS_PER_TOKEN = 1e-4
@@ -125,6 +128,7 @@ def build_paths(num_stages: int, skip_ratio: float, out_of_order: float, driver_
     if skip_ratio and out_of_order:
         raise ValueError("--skip-ratio and --out-of-order are two path policies; pick one")
     if skip_ratio:
-        config = SkipPipeConfig(num_stages=num_stages, skip_ratio=skip_ratio, max_swaps=skip_swaps, always_visit=tuple(skip_keep))
+        config = SkipPipeConfig(num_stages=num_stages, skip_ratio=skip_ratio, max_swaps=skip_swaps, always_visit=tuple(skip_keep),
+                                visit_slack=SKIP_VISIT_SLACK)
         return SkipPaths(config, driver_id, router)
     return FullPaths(num_stages, out_of_order)

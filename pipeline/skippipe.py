@@ -35,9 +35,12 @@ Reading of the paper's constraints, as implemented
   over nor swapped (as the paper's stage 0 always runs its layers first), and a path keeps
   enough visits for the kept stages still ahead of it.
 * Visit cap: each non-zero stage that is not kept is visited by at most `stage_visit_cap`
-  microbatches per iteration; default ceil(M * (k - 1 - K) / (n - K)), n = non-zero stages
-  with a peer, K = kept stages, which spreads the skips evenly (raised one at a time if the
-  greedy below corners itself with it); a kept stage is visited by every microbatch. A path
+  microbatches per iteration; default ceil(M * (k - 1 - K) / (n - K) * (1 + visit_slack)),
+  n = non-zero stages with a peer, K = kept stages: slack 0 spreads the skips evenly, a
+  slack lets the time-aware search give a slow stage fewer visits (with a kept stage the
+  even share is often exact, which leaves it no choice of stages at all; the runtime uses
+  0.25). The cap is raised one at a time if the greedy below corners itself with it; a kept
+  stage is visited by every microbatch. A path
   is also refused if, after it, the remaining microbatches could no longer pick k - 1 - K
   distinct stages that are not kept under the caps (sum_s min(cap_left_s, r) >=
   r * (k - 1 - K), necessary and sufficient when every stage set is a valid path, e.g.
@@ -115,7 +118,8 @@ class SkipPipeConfig:
     max_jump: int = 4
     max_swaps: int = 2
     always_visit: tuple[int, ...] = ()  # block stages on every path (the runtime keeps (1,))
-    stage_visit_cap: int | None = None  # None: ceil(M * (k - 1 - K) / (stages with a peer - K))
+    stage_visit_cap: int | None = None  # None: ceil(M * (k - 1 - K) / (stages with a peer - K) * (1 + visit_slack))
+    visit_slack: float = 0.0  # the default cap's share above the even spread (the runtime: 0.25)
     backward_factor: float = 2.0
     transfer_s: float = 0.0  # per-hop transfer time of one microbatch's activations/grads
     max_expansions: int = 200_000  # A* budget per microbatch
@@ -146,7 +150,7 @@ class SkipPipeConfig:
                 f"always_visit keeps {len(kept)} stages but paths visit only {self.visits_per_path - 1} "
                 f"besides stage 0 (skip_ratio={self.skip_ratio})"
             )
-        for name in ("backward_factor", "transfer_s"):
+        for name in ("backward_factor", "transfer_s", "visit_slack"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
 
@@ -480,7 +484,8 @@ def schedule(
         raise ScheduleInfeasible(f"no peer serves the kept stages {unserved_kept}", ("coverage",))
     m_total, free = config.num_microbatches, planner.free_visits
     free_stages = len(planner.served_free())
-    cap = config.stage_visit_cap or (math.ceil(m_total * free / free_stages) if free else m_total)
+    even = m_total * free / free_stages if free else m_total
+    cap = config.stage_visit_cap or min(m_total, math.ceil(round(even * (1 + config.visit_slack), 9)))
     if cap * free_stages < m_total * free:
         raise ScheduleInfeasible(
             f"stage_visit_cap={cap} x {free_stages} stages < {m_total} microbatches x "

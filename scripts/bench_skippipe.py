@@ -97,6 +97,29 @@ def summarize(reports: list[dict], tokens_per_step: int, inner_steps: int) -> di
     }
 
 
+def run_key(name: str, repeat: int) -> str:
+    """The results row of run `name` in repeat `repeat` (0-based): name, name#2, name#3, ..."""
+    return name if repeat == 0 else f"{name}#{repeat + 1}"
+
+
+def vs_full(results: dict, runs: list[str], repeats: int) -> dict:
+    """Each run against the full pipeline of the same repeat: ratios per repeat and their mean
+    (`iteration_time_ratio` and `eval_loss_ratio` at the top level: skippipe's means)."""
+    table = {}
+    for name in (n for n in runs if n != "full"):
+        pairs = [(results[run_key("full", r)], results[run_key(name, r)]) for r in range(repeats)]
+        iteration = [run["iteration_s"] / full["iteration_s"] for full, run in pairs]
+        loss = [run["final_eval_loss"] / full["final_eval_loss"] for full, run in pairs]
+        table[name] = {"iteration_time_ratio": iteration, "eval_loss_ratio": loss,
+                       "iteration_time_ratio_mean": statistics.fmean(iteration), "eval_loss_ratio_mean": statistics.fmean(loss)}
+    summary: dict = {"vs_full": table,
+                     "partial_perplexity_increase": {n: r["final_perplexity_partial"] / r["final_perplexity"] - 1 for n, r in results.items()}}
+    if "skippipe" in table:
+        summary["iteration_time_ratio"] = table["skippipe"]["iteration_time_ratio_mean"]
+        summary["eval_loss_ratio"] = table["skippipe"]["eval_loss_ratio_mean"]
+    return summary
+
+
 def plot(results: dict, out: Path) -> str:
     import matplotlib
 
@@ -134,6 +157,7 @@ def main() -> int:
     parser.add_argument("--fast-rate", default="200mbit")
     parser.add_argument("--slow-rate", default="20mbit")
     parser.add_argument("--runs", nargs="+", default=["full", "skippipe"], choices=list(RUNS))
+    parser.add_argument("--repeats", type=int, default=1, help="run the list this many times (rows name#2, name#3, ...): the runs' routing is timing-dependent, so one pair of runs differs by a few percent by chance")
     parser.add_argument("--out", default="results/bench_skippipe.json")
     parser.add_argument("--keep-logs", help="keep the peers' logs and reports under this folder")
     parser.add_argument("--replot", metavar="JSON", help="only redraw the PNG of an earlier run's JSON")
@@ -151,33 +175,31 @@ def main() -> int:
               "--gather-timeout", "600", "--activation", args.activation]
     logs = Path(args.keep_logs or tempfile.mkdtemp(prefix="shoal-skippipe-"))
     results: dict = {}
-    for name in args.runs:
-        flags = peer_flags(RUNS[name], args.speed_scale)
-        rates = link_rates(len(flags), args.fast_rate, args.slow_rate) if args.wan else None
-        print(f"== {name}: {len(flags)} peers, {args.rounds} rounds of {args.inner_steps} steps", flush=True)
-        begin = time.monotonic()
-        row = summarize(run_swarm(len(flags), rates, args.rounds, logs / name, common, peer_flags=flags), tokens_per_step, args.inner_steps)
-        row["launcher_seconds"] = time.monotonic() - begin
-        results[name] = row
-        print(f"   iteration {row['iteration_s']:.3f} s, eval {row['final_eval_loss']:.3f}, "
-              f"stages {EVAL_STAGES} only {row['final_eval_loss_partial']:.3f}", flush=True)
+    for repeat in range(args.repeats):
+        for name in args.runs:
+            key = run_key(name, repeat)
+            flags = peer_flags(RUNS[name], args.speed_scale)
+            rates = link_rates(len(flags), args.fast_rate, args.slow_rate) if args.wan else None
+            print(f"== {key}: {len(flags)} peers, {args.rounds} rounds of {args.inner_steps} steps", flush=True)
+            begin = time.monotonic()
+            row = summarize(run_swarm(len(flags), rates, args.rounds, logs / key, common, peer_flags=flags), tokens_per_step, args.inner_steps)
+            row["launcher_seconds"] = time.monotonic() - begin
+            results[key] = row
+            print(f"   iteration {row['iteration_s']:.3f} s, eval {row['final_eval_loss']:.3f}, "
+                  f"stages {EVAL_STAGES} only {row['final_eval_loss_partial']:.3f}", flush=True)
 
-    summary = {}
-    if {"full", "skippipe"} <= set(results):
-        full, skip = results["full"], results["skippipe"]
-        summary = {
-            "iteration_time_ratio": skip["iteration_s"] / full["iteration_s"],
-            "eval_loss_ratio": skip["final_eval_loss"] / full["final_eval_loss"],
-            "partial_perplexity_increase": {n: r["final_perplexity_partial"] / r["final_perplexity"] - 1 for n, r in results.items()},
-        }
-        print(f"skippipe / full: iteration time {summary['iteration_time_ratio']:.3f}, final eval loss {summary['eval_loss_ratio']:.4f}; "
-              "perplexity through stages " + EVAL_STAGES + " vs all: "
+    summary = vs_full(results, args.runs, args.repeats) if "full" in args.runs else {}
+    for name, row in summary.get("vs_full", {}).items():
+        print(f"{name} / full: iteration time {row['iteration_time_ratio_mean']:.3f}, final eval loss {row['eval_loss_ratio_mean']:.4f} "
+              f"(per repeat {', '.join(f'{v:.4f}' for v in row['eval_loss_ratio'])})")
+    if summary:
+        print(f"perplexity through stages {EVAL_STAGES} vs all: "
               + ", ".join(f"{n} +{100 * v:.1f}%" for n, v in summary["partial_perplexity_increase"].items()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     document = {"command": "python scripts/bench_skippipe.py " + " ".join(sys.argv[1:]), "model": MODEL, "stages": STAGES,
                 "speeds_ms": {k: [ms * args.speed_scale for ms in v] for k, v in SPEEDS_MS.items()}, "activation": args.activation, "wan": [args.fast_rate, args.slow_rate] if args.wan else None, "rounds": args.rounds,
-                "inner_steps": args.inner_steps, "tokens_per_step": tokens_per_step, "summary": summary, "results": results}
+                "inner_steps": args.inner_steps, "repeats": args.repeats, "tokens_per_step": tokens_per_step, "summary": summary, "results": results}
     document["plot"] = plot(results, out)
     out.write_text(json.dumps(document, indent=1))
     print(f"wrote {out} and {document['plot']}")

@@ -148,6 +148,6 @@ def test_skippipe_defaults_keep_stage_one_first_and_every_route_in_order():
         stages = [s for s, _ in route]
         assert stages == sorted(stages) and len(stages) == 3 and stages[0] == 1
     skipped = [s for route in routes for s, _ in route[1:]]
-    assert sorted(set(skipped)) == [2, 3, 4, 5] and max(map(skipped.count, set(skipped))) == 6  # 24 visits spread evenly
+    assert len(skipped) == 24 and max(map(skipped.count, set(skipped))) <= 8  # the cap: the even 6, +25% slack
     unkept = build_paths(6, 0.33, 0.0, "driver", router, skip_keep=())
     assert any(route[0][0] != 1 for route in unkept.plan(12, 64, served))

@@ -164,6 +164,7 @@ def test_random_swarms_satisfy_every_constraint():
             max_swaps=rng.choice([0, 1, 2]),
             stage_visit_cap=rng.choice([None, None, 10]),
             transfer_s=rng.choice([0.0, 0.05]),
+            visit_slack=rng.choice([0.0, 0.0, 0.25]),
         )
         served = len({p.stage_index for p in peers} - {0})
         try:
@@ -390,6 +391,21 @@ def test_kept_stages_are_on_every_path_and_the_rest_share_the_skips():
 def test_bad_kept_stages(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_visit_slack_lets_a_slow_stage_be_visited_less():
+    speeds = {1: (20, 60), 2: (20, 20), 3: (60, 80), 4: (20, 40), 5: (30, 90)}  # scripts/bench_skippipe.py's, in ms
+    peers = [PeerSpec("d", 0, 1e-6)] + [PeerSpec(f"s{s}{i}", s, ms / 1000) for s, pair in speeds.items() for i, ms in enumerate(pair)]
+    config = SkipPipeConfig(num_stages=6, num_microbatches=16, max_swaps=0, always_visit=(1,))
+    even, slack = schedule(peers, config), schedule(peers, dataclasses.replace(config, visit_slack=0.25))
+    for plan, cap in ((even, 8), (slack, 10)):
+        assert plan.stage_visit_cap == cap  # 32 free visits over stages 2..5: 8 each, x1.25
+        check_schedule(plan, peers, {}, config, 4, cap)
+    visits = [Counter(s for path in plan.paths.values() for s, _ in path[1:-1]) for plan in (even, slack)]
+    assert [visits[0][s] for s in range(2, 6)] == [8, 8, 8, 8]  # the even share: no choice of stages left
+    assert visits[1][3] < 8 and slack.iteration_time_s < even.iteration_time_s  # stage 3 (60/80 ms) visited less
+    with pytest.raises(ValueError, match="visit_slack"):
+        SkipPipeConfig(visit_slack=-0.1)
 
 
 def test_unserved_kept_stage_is_infeasible():
