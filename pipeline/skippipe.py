@@ -39,7 +39,9 @@ Reading of the paper's constraints, as implemented
   n = non-zero stages with a peer, K = kept stages: slack 0 spreads the skips evenly, a
   slack lets the time-aware search give a slow stage fewer visits (with a kept stage the
   even share is often exact, which leaves it no choice of stages at all; the runtime uses
-  0.25). The cap is raised one at a time if the greedy below corners itself with it; a kept
+  0.25). With a slack each such stage is also visited at least floor(even * (1 -
+  visit_slack)) times, so no stage falls far behind in training. The cap is raised (the
+  floor lowered) one at a time if the greedy below corners itself with it; a kept
   stage is visited by every microbatch. A path
   is also refused if, after it, the remaining microbatches could no longer pick k - 1 - K
   distinct stages that are not kept under the caps (sum_s min(cap_left_s, r) >=
@@ -88,7 +90,7 @@ LinkDelays = (
 
 class ScheduleInfeasible(ValueError):
     """No plan satisfies the constraints; `constraints` names the ones that ruled paths out
-    ("coverage", "visit_cap", "max_jump", "always_visit", "max_expansions"), `microbatch` the one that failed
+    ("coverage", "visit_cap", "visit_floor", "max_jump", "always_visit", "max_expansions"), `microbatch` the one that failed
     (None when detected before the search)."""
 
     def __init__(self, message: str, constraints: tuple[str, ...], microbatch: int | None = None):
@@ -180,6 +182,7 @@ class Schedule:
     finish_s: dict[int, float]  # end of each microbatch's last backward
     iteration_time_s: float  # makespan
     stage_visit_cap: int | None = None  # the cap the plan obeyed (None: baseline)
+    stage_visit_floor: int = 0  # the least visits of every stage that is not kept
 
 
 class _Timeline:
@@ -242,6 +245,7 @@ class _Planner:
         kept: tuple[int, ...] = (),
     ) -> None:
         self.config, self.visits, self.visit_cap = config, visits, visit_cap
+        self.visit_floor = 0
         self.max_swaps, self.max_jump, self.fixed_order = max_swaps, max_jump, fixed_order
         self.kept = frozenset(kept)
         self.free_visits = visits - 1 - len(self.kept)  # per path, on stages that are not kept
@@ -295,7 +299,7 @@ class _Planner:
             for i in range(len(path) - 1)
         }
         tasks.sort(key=lambda t: (t.start_s, t.peer_id, t.microbatch, t.kind))
-        return Schedule(paths, next_hop, tuple(tasks), finish, max(finish.values()), self.visit_cap)
+        return Schedule(paths, next_hop, tuple(tasks), finish, max(finish.values()), self.visit_cap, self.visit_floor)
 
     def plan(self, m: int) -> tuple[_Node, list[tuple[str, int, str, float, float]]]:
         """A* for microbatch m; returns its forward hops and its loss + backward tasks."""
@@ -340,6 +344,8 @@ class _Planner:
                     pruned["max_jump"] += 1
                 elif not self.caps_leave_room(node.stages, m):
                     pruned["visit_cap"] += 1
+                elif not self.floors_reachable(node.stages, m):
+                    pruned["visit_floor"] += 1
                 else:
                     backward = self.finish(node)
                     push(backward[-1][4], node, backward)
@@ -423,6 +429,13 @@ class _Planner:
         )
         return room >= left * self.free_visits
 
+    def floors_reachable(self, stages: tuple[int, ...], m: int) -> bool:
+        """Can the microbatches after m still bring every stage that is not kept up to the
+        floor (at most one visit to a stage per microbatch, free_visits per microbatch)?"""
+        left = self.config.num_microbatches - m - 1
+        deficits = [max(0, self.visit_floor - self.visit_counts[s] - (s in stages)) for s in self.served_free()]
+        return max(deficits, default=0) <= left and sum(deficits) <= left * self.free_visits
+
     def lower_bound(self, node: _Node) -> float:
         """Admissible A* estimate of a partial path's finish time: its stages still to visit
         at the fastest speed and transfer_s per hop, then the backward through the peers
@@ -492,16 +505,21 @@ def schedule(
             f"{free} non-zero stages each (kept stages {list(config.always_visit)} aside)",
             ("visit_cap",),
         )
+    floor = math.floor(round(even * (1 - config.visit_slack), 9)) if config.visit_slack and not config.stage_visit_cap else 0
     while True:
-        planner.visit_cap = cap
+        planner.visit_cap, planner.visit_floor = cap, floor
         try:
             return planner.run()
         except ScheduleInfeasible as exc:
             # The greedy can corner itself when path shapes leave few usable stage sets; the
-            # default cap is then the smallest one it succeeds with. A set cap is kept.
-            if config.stage_visit_cap or "visit_cap" not in exc.constraints or cap >= m_total:
+            # default cap is then the smallest one it succeeds with (the floor the largest).
+            # A set cap is kept.
+            if "visit_floor" in exc.constraints and floor > 0:
+                floor -= 1
+            elif config.stage_visit_cap or "visit_cap" not in exc.constraints or cap >= m_total:
                 raise
-        cap += 1
+            else:
+                cap += 1
         planner = planner_for()
 
 

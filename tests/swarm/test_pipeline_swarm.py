@@ -13,10 +13,10 @@ def pipelined_run(stages: int = 4):
     return tiny_run(model_preset="tiny-deep", model=PRESETS["tiny-deep"].to_dict(), stages=stages)
 
 
-def config(corpus, peer_id, bootstrap=None, **kw):
+def config(corpus, peer_id, bootstrap=None, stages=4, **kw):
     from conftest import peer_config
 
-    return peer_config(corpus, peer_id, bootstrap, run=pipelined_run(), **kw)
+    return peer_config(corpus, peer_id, bootstrap, run=pipelined_run(stages), **kw)
 
 
 async def start(corpus, specs, **kw):
@@ -72,3 +72,27 @@ def test_stage_peer_without_stage_takes_the_least_served(corpus):
             await stop_all(peers)
 
     run_async(scenario(), 60)
+
+
+def test_skippipe_paths_keep_the_first_block_stage(corpus):
+    """5 stages, --skip-ratio 0.4: every path visits stage 1 (kept) and one of stages 2-4, so
+    stage 1 serves every training microbatch's backward and the other three share as many."""
+
+    async def scenario():
+        specs = [("stage-0", "stage", 0), *((f"stage-{k}", "stage", k) for k in range(1, 5))]
+        peers = await start(corpus, specs, stages=5, max_rounds=2, min_peers=5, skip_ratio=0.4, microbatch_size=1)
+        by_id = {p.peer_id: p for p in peers}
+        try:
+            await wait_until(lambda: all(p.finished.is_set() for p in peers), 120, "2 rounds")
+            for peer in peers:
+                assert peer.error is None, (peer.peer_id, peer.error)
+            paths = by_id["stage-0"].paths.describe()
+            assert (paths["paths"], paths["stages_per_path"], paths["kept_stages"], paths["fallbacks"]) == ("skippipe", 3, [1], 0)
+            backward = {k: by_id[f"stage-{k}"].traffic.received["backward"] for k in range(1, 5)}  # same-size payloads
+            others = sum(backward[k] for k in (2, 3, 4))
+            assert abs(others - backward[1]) <= 0.03 * backward[1], backward  # one other stage per path
+            assert max(backward[k] for k in (2, 3, 4)) < backward[1], backward
+        finally:
+            await stop_all(peers)
+
+    run_async(scenario(), 150)
