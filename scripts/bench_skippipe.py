@@ -102,6 +102,11 @@ def run_key(name: str, repeat: int) -> str:
     return name if repeat == 0 else f"{name}#{repeat + 1}"
 
 
+def setting_of(key: str) -> str:
+    """The run name a results row belongs to: `run_key`'s inverse, without the repeat."""
+    return key.split("#", 1)[0]
+
+
 def vs_full(results: dict, runs: list[str], repeats: int) -> dict:
     """Each run against the full pipeline of the same repeat: ratios per repeat and their mean
     (`iteration_time_ratio` and `eval_loss_ratio` at the top level: skippipe's means)."""
@@ -127,16 +132,20 @@ def plot(results: dict, out: Path) -> str:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    settings = list(dict.fromkeys(setting_of(name) for name in results))
+    colors = {key: f"C{i}" for i, key in enumerate(settings)}  # a setting's repeats share its colour
     for name, row in results.items():
         tokens = [p["tokens"] / 1e6 for p in row["curve"]]
-        line, = left.plot(tokens, [p["eval_loss"] for p in row["curve"]], marker=".", label=f"{name}: all stages")
-        left.plot(tokens, [p["eval_loss_partial"] for p in row["curve"]], "--", marker=".", color=line.get_color(),
+        color = colors[setting_of(name)]
+        left.plot(tokens, [p["eval_loss"] for p in row["curve"]], marker=".", color=color, label=f"{name}: all stages")
+        left.plot(tokens, [p["eval_loss_partial"] for p in row["curve"]], "--", marker=".", color=color,
                   label=f"{name}: stages {EVAL_STAGES} only")
     left.set(title=f"6-stage pipeline ({MODEL}), uneven peers", xlabel="tokens (M)", ylabel="held-out loss (nats/byte)")
-    left.legend(fontsize=8)
+    left.legend(fontsize=7)
     left.grid(alpha=0.3)
     names = list(results)
-    right.bar(names, [results[n]["iteration_s"] for n in names], color=["tab:blue", "tab:orange"][: len(names)])
+    right.bar(names, [results[n]["iteration_s"] for n in names], color=[colors[setting_of(n)] for n in names])
+    right.tick_params(axis="x", labelrotation=25)
     right.set(title="iteration time (median over rounds 2..)", ylabel="seconds per inner step")
     right.grid(alpha=0.3, axis="y")
     fig.tight_layout()
