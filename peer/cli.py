@@ -15,6 +15,7 @@ from pathlib import Path
 from shoal.optim.inner import InnerConfig
 from shoal.peer.config import PeerConfig, ProtocolConfig, RunConfig
 from shoal.peer.errors import ShoalError
+from shoal.pipeline.worker import RESCALE_MODES
 
 log = logging.getLogger("shoal")
 
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--skip-ratio", type=float, default=0.0, help="stage 0: SkipPipe: each microbatch skips this share of the stages on paths planned around slow peers (e.g. 0.33; default 0: every stage)")
     peer.add_argument("--skip-swaps", type=int, default=0, help="stage 0: SkipPipe: most pairs of adjacent stages a path may run swapped (default 0: in order, which cost less loss at the same iteration time in scripts/bench_skippipe.py; the paper allows 2)")
     peer.add_argument("--skip-keep", type=_stage_list("--skip-keep", none_ok=True), default=(1,), help="stage 0: SkipPipe: block stages every path visits, e.g. 1 or 1,5 (default 1: the first block stage, as SkipPipe's stage 0 holds the first layers; none: any stage may be skipped)")
+    peer.add_argument("--skip-rescale", default="sqrt", choices=RESCALE_MODES, help="stage 0: SkipPipe: in training forwards a stage on a share p of the paths scales its residual update by p^-1/2 (sqrt, the default) or 1/p (inverse), so later stages train on a residual stream closer to the full model's; none: unscaled")
     peer.add_argument("--out-of-order", type=float, default=0.0, help="stage 0: CheckFree+: this share of microbatches runs the first and last two block stages swapped, so a lost edge stage can be copied from its neighbour (e.g. 0.5)")
     peer.add_argument("--eval-stages", type=_stage_list("--eval-stages"), help="stage 0: also evaluate through only these block stages, e.g. 1,3,5 (inference on part of the model)")
     peer.add_argument("--emulate-forward-ms", type=float, default=0.0, help="benchmarks: emulate a slower device: each training forward of this stage takes at least this many ms, each backward twice that")
@@ -138,7 +140,7 @@ def peer_config_from(args: argparse.Namespace) -> PeerConfig:
     return PeerConfig(
         run=run_config_from(args), listen_host=args.listen[0], listen_port=args.listen[1], advertise=args.advertise,
         bootstrap=args.bootstrap, swarm_key=args.swarm_key, role=args.role, stage=args.stage, standby=args.standby, activation=args.activation,
-        microbatch_size=args.microbatch_size, in_flight=args.in_flight, router=args.router, skip_ratio=args.skip_ratio, skip_swaps=args.skip_swaps, skip_keep=args.skip_keep,
+        microbatch_size=args.microbatch_size, in_flight=args.in_flight, router=args.router, skip_ratio=args.skip_ratio, skip_swaps=args.skip_swaps, skip_keep=args.skip_keep, skip_rescale=args.skip_rescale,
         out_of_order=args.out_of_order, eval_stages=args.eval_stages, emulate_forward_ms=args.emulate_forward_ms, device=args.device, data_path=args.data,
         checkpoint_dir=args.checkpoint_dir, resume=args.resume, max_rounds=args.rounds, min_peers=args.min_peers, torch_threads=args.threads,
         eval_every=args.eval_every,
@@ -190,7 +192,7 @@ def write_report(node, path: str) -> None:
     driver = getattr(getattr(node, "trainer", None), "driver", None)
     if driver is not None:  # stage 0 of a pipeline replica
         data["pipeline"] = {"microbatch_retries": driver.retries_total, "hop_failovers": driver.failovers_total,
-                            "router": node.router.snapshot() if node.router else None}
+                            "router": node.router.snapshot() if node.router else None, "routes": driver.paths.describe()}
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     tmp.replace(path)

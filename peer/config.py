@@ -13,6 +13,7 @@ from shoal.optim.inner import InnerConfig
 from shoal.optim.outer import OuterConfig
 from shoal.peer.errors import ConfigMismatch
 from shoal.pipeline.skippipe import SkipPipeConfig
+from shoal.pipeline.worker import RESCALE_MODES
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ class PeerConfig:
     skip_ratio: float = 0.0  # stage 0: SkipPipe paths skipping this share of the stages (0: every stage)
     skip_swaps: int = 0  # stage 0: SkipPipe: most pairs of adjacent stages a path may run swapped
     skip_keep: tuple[int, ...] = (1,)  # stage 0: SkipPipe: block stages every path visits
+    skip_rescale: str = "sqrt"  # stage 0: SkipPipe: residual scale of skipped-by-some stages (none, sqrt, inverse)
     out_of_order: float = 0.0  # stage 0: share of microbatches run with edge block stages swapped (CheckFree+)
     eval_stages: tuple[int, ...] | None = None  # stage 0: also evaluate through only these block stages
     emulate_forward_ms: float = 0.0  # benchmarks: a stage's training forward takes at least this (backward 2x)
@@ -172,6 +174,8 @@ class PeerConfig:
             raise ValueError(f"--emulate-forward-ms must be in [0, 60000], got {self.emulate_forward_ms}")
         if self.skip_swaps < 0:
             raise ValueError(f"--skip-swaps must be >= 0, got {self.skip_swaps}")
+        if self.skip_rescale not in RESCALE_MODES:
+            raise ValueError(f"--skip-rescale must be one of {', '.join(RESCALE_MODES)}, got {self.skip_rescale!r}")
         if not 0.0 <= self.skip_ratio < 1.0:
             raise ValueError(f"--skip-ratio must be in [0, 1), got {self.skip_ratio}")
         if self.skip_ratio and (len(set(self.skip_keep)) < len(self.skip_keep) or not all(1 <= s < self.run.stages for s in self.skip_keep)):

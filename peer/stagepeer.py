@@ -270,7 +270,8 @@ def build_stage_trainer(peer: Peer, model: ModelConfig, stage: int) -> DriverTra
         return stage_peers(peer.membership, stage, config.activation)
 
     driver_config = DriverConfig(microbatch_size=config.microbatch_size, max_in_flight=config.in_flight, hop_timeout_s=config.protocol.request_timeout_s)
-    peer.paths = build_paths(run.stages, config.skip_ratio, config.out_of_order, peer.peer_id, peer.router, config.skip_swaps, config.skip_keep)
+    peer.paths = build_paths(run.stages, config.skip_ratio, config.out_of_order, peer.peer_id, peer.router, config.skip_swaps, config.skip_keep,
+                             config.skip_rescale)
     driver = PipelineDriver(edge, plan, setting.codec, peer.router, call, serving, compute, driver_config, name=peer.peer_id, paths=peer.paths)
 
     def ready() -> bool:

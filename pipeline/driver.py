@@ -196,7 +196,8 @@ class PipelineDriver:
             h = await self._run(self.edge.embed, x)
             visited = []
             for stage, prefer in route:
-                peer, h = await self._forward(stage, mb_id, mb, h, keep=True, prefer=prefer)
+                scale = self.paths.residual_scale(stage, route)
+                peer, h = await self._forward(stage, mb_id, mb, h, keep=True, prefer=prefer, scale=scale)
                 visited.append((stage, peer))
             loss, grad, head_grads = await self._run(self.edge.head, h, y)
             for stage, peer in reversed(visited):
@@ -206,11 +207,14 @@ class PipelineDriver:
 
         return await self._attempts(x, "microbatch", once)
 
-    async def _forward(self, stage: int, mb_id: int, mb: Microbatch, h: torch.Tensor, keep: bool, prefer: str | None = None) -> tuple[str, torch.Tensor]:
+    async def _forward(self, stage: int, mb_id: int, mb: Microbatch, h: torch.Tensor, keep: bool, prefer: str | None = None,
+                       scale: float = 1.0) -> tuple[str, torch.Tensor]:
         """One forward hop (to `prefer` if it is usable), trying other replicas of the
-        stage when one fails."""
+        stage when one fails; `scale`: the residual scale of a training forward."""
         payload = await self._run(self.codec.encode, h, mb.tokens)  # once: the same bytes go to any replica
         request = {**mb.to_wire(), "stage": stage, "round": self.round, "codec": self.codec.name, "act": payload}
+        if scale != 1.0:
+            request["scale"] = scale
         tried: set[str] = set()
         while True:
             candidates = [p for p in self.stage_peers(stage) if p not in tried]

@@ -21,6 +21,9 @@ last. Three planners:
 
 Each stage's inner step averages the gradients of the microbatches that visited it
 (pipeline/worker.py), so a stage skipped by some microbatches still takes a full step.
+With `rescale` (`--skip-rescale`, default `sqrt`) a skipping path's stages that are not
+kept run their training forwards with a residual scale p^−1/2 (or 1/p), p the share of
+paths that visit them (pipeline/worker.py, `residual_scale`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from collections.abc import Mapping, Sequence
 
 from shoal.pipeline.routing import Router
 from shoal.pipeline.skippipe import PeerSpec, ScheduleInfeasible, SkipPipeConfig, schedule
+from shoal.pipeline.worker import residual_scale
 
 Route = list[tuple[int, str | None]]  # (block stage, preferred peer or None), in visiting order
 
@@ -52,6 +56,10 @@ class PathPlanner(ABC):
         """One route per microbatch of an inner step (`tokens` per microbatch), given the
         live peers serving each block stage (read on the event loop; planning may run on
         another thread)."""
+
+    def residual_scale(self, stage: int, route: Route) -> float:
+        """The residual scale of `stage`'s training forward on `route` (1: none)."""
+        return 1.0
 
     def describe(self) -> dict:
         return {"paths": self.name}
@@ -90,9 +98,13 @@ class FullPaths(PathPlanner):
 class SkipPaths(PathPlanner):
     name = "skippipe"
 
-    def __init__(self, config: SkipPipeConfig, driver_id: str, router: Router) -> None:
+    def __init__(self, config: SkipPipeConfig, driver_id: str, router: Router, rescale: str = "none") -> None:
         self.config, self.driver_id, self.router = config, driver_id, router
         self.num_stages = config.num_stages
+        self.rescale = rescale
+        kept = len(config.always_visit)
+        visit_share = (config.visits_per_path - 1 - kept) / (config.num_stages - 1 - kept) if config.num_stages - 1 > kept else 1.0
+        self._scale = residual_scale(rescale, kept=False, visit_probability=min(1.0, visit_share))
         self.last_iteration_s: float | None = None  # the scheduler's estimate for the last plan
         self.fallbacks = 0  # steps planned as the full pipeline (too few stages served)
 
@@ -107,6 +119,13 @@ class SkipPaths(PathPlanner):
         self.last_iteration_s = plan.iteration_time_s
         return [[(stage, peer) for stage, peer in plan.paths[m][1:-1]] for m in range(microbatches)]
 
+    def residual_scale(self, stage: int, route: Route) -> float:
+        """p^−1/2 (or 1/p) for a stage that is not kept, on a path that skips; 1 on the
+        full pipeline's paths (a step planned as the full pipeline)."""
+        if len(route) >= self.num_stages - 1 or stage in self.config.always_visit:
+            return 1.0
+        return self._scale
+
     def _specs(self, tokens: int, served: Mapping[int, Sequence[str]]) -> list[PeerSpec]:
         """The live stage peers with their measured forward time for `tokens` tokens."""
         measured = {p: t for peers in served.values() for p in peers if (t := self.router.throughput(p))}
@@ -118,17 +137,17 @@ class SkipPaths(PathPlanner):
 
     def describe(self) -> dict:
         return {"paths": self.name, "skip_ratio": self.config.skip_ratio, "stages_per_path": self.config.visits_per_path, "max_swaps": self.config.max_swaps,
-                "kept_stages": list(self.config.always_visit), "estimated_iteration_s": self.last_iteration_s, "fallbacks": self.fallbacks}
+                "kept_stages": list(self.config.always_visit), "rescale": self.rescale, "residual_scale": self._scale, "estimated_iteration_s": self.last_iteration_s, "fallbacks": self.fallbacks}
 
 
 def build_paths(num_stages: int, skip_ratio: float, out_of_order: float, driver_id: str, router: Router, skip_swaps: int = 0,
-                skip_keep: tuple[int, ...] = (1,)) -> PathPlanner:
-    """The planner for `--skip-ratio` (SkipPipe when > 0; `--skip-swaps`, `--skip-keep`) and
-    `--out-of-order` (CheckFree+)."""
+                skip_keep: tuple[int, ...] = (1,), skip_rescale: str = "none") -> PathPlanner:
+    """The planner for `--skip-ratio` (SkipPipe when > 0; `--skip-swaps`, `--skip-keep`,
+    `--skip-rescale`) and `--out-of-order` (CheckFree+)."""
     if skip_ratio and out_of_order:
         raise ValueError("--skip-ratio and --out-of-order are two path policies; pick one")
     if skip_ratio:
         config = SkipPipeConfig(num_stages=num_stages, skip_ratio=skip_ratio, max_swaps=skip_swaps, always_visit=tuple(skip_keep),
                                 visit_slack=SKIP_VISIT_SLACK)
-        return SkipPaths(config, driver_id, router)
+        return SkipPaths(config, driver_id, router, skip_rescale)
     return FullPaths(num_stages, out_of_order)

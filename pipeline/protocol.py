@@ -1,7 +1,7 @@
 """The messages between stage 0 (the driver) and the stage peers, built and checked here
 on both sides; `peer/` only carries them (msgpack envelopes, HMAC, size limits).
 
-    POST /stage/forward   {key, stage, round, codec, tokens, shape, act}  → {act}
+    POST /stage/forward   {key, stage, round, codec, tokens, shape, act[, scale]}  → {act}
     POST /stage/infer     (the same, for evaluation: nothing is kept)      → {act}
     POST /stage/backward  {key, stage, codec, tokens, shape, grad}        → {grad}
     POST /stage/step      {stage, step, round, train_loss}                → {stepped, step}
@@ -17,6 +17,9 @@ unreachable or failing peer is banned by the router and the hop goes to another 
 of that stage (forward), or the whole microbatch runs again (backward: only the peer that
 ran the forward holds its input). A stage that gets a backward for an unknown key answers
 404 (see worker.UnknownMicrobatch).
+
+`scale` (training forwards only, default 1): SkipPipe's residual scale for this stage on
+this path, h + scale·(f(h) − h) (worker.residual_scale); at most MAX_RESIDUAL_SCALE.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 
 MAX_TOKENS = 1 << 20  # per message: batch × seq
+MAX_RESIDUAL_SCALE = 16.0  # 1/p for a stage on 1 path in 16
 
 
 class StageRequestError(ValueError):
@@ -94,4 +98,12 @@ def check_loss(payload: dict[str, Any]) -> float | None:
         return None
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         raise StageRequestError("train_loss must be a finite number")
+    return float(value)
+
+
+def check_scale(payload: dict[str, Any]) -> float:
+    """A training forward's residual scale: absent means 1."""
+    value = payload.get("scale", 1.0)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value <= MAX_RESIDUAL_SCALE:
+        raise StageRequestError(f"scale must be a number in (0, {MAX_RESIDUAL_SCALE}]")
     return float(value)

@@ -25,6 +25,7 @@ from shoal.pipeline.protocol import (
     check_bytes,
     check_int,
     check_loss,
+    check_scale,
 )
 from shoal.pipeline.worker import BlockWorker
 from shoal.train.model import ModelConfig
@@ -70,11 +71,14 @@ class StageService:
         round_id = check_int(payload, "round")
         await self._await_round(round_id)
         act = check_bytes(payload, "act")
+        scale = check_scale(payload)
+        if scale != 1.0 and not keep:
+            raise StageRequestError("/stage/infer takes no residual scale")
 
         def work() -> bytes:
             begin = time.monotonic()
             h = self.setting.codec.decode(act, mb.tokens, self.model.d_model)
-            out = self.worker.forward(mb.key, h, keep=keep)
+            out = self.worker.forward(mb.key, h, keep=keep, scale=scale)
             encoded = self.setting.codec.encode(out, mb.tokens)
             if keep:
                 self._emulate(begin, self.emulate_forward_s)

@@ -23,6 +23,7 @@ All methods are called from one compute thread at a time (the peer's), plus
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Mapping
@@ -35,6 +36,27 @@ from shoal.optim.inner import InnerConfig, ParamTrainer
 from shoal.pipeline.stages import BlockStage, EdgeStage
 from shoal.pipeline.subspace import Confinement
 from shoal.train.device import autocast_context
+
+RESCALE_MODES = ("none", "sqrt", "inverse")
+
+
+def residual_scale(mode: str, kept: bool, visit_probability: float) -> float:
+    """The factor c by which a SkipPipe stage scales its residual update, h + c(f(h) − h),
+    in training forwards: 1 for a stage on every path (kept, or the full pipeline),
+    otherwise p^−1/2 (`sqrt`) or 1/p (`inverse`) for a stage on a fraction p of paths.
+
+    A stage skipped on part of the paths trains on inputs whose residual stream holds fewer
+    updates than at evaluation, where every stage runs; scaling the updates that are there
+    while training brings the stream's size towards the full pipeline's, so the later
+    stages see at evaluation something closer to what they trained on. Held-out forwards
+    (`/stage/infer`) are unscaled: the model stays a plain Transformer."""
+    if mode not in RESCALE_MODES:
+        raise ValueError(f"residual rescale must be one of {RESCALE_MODES}, not {mode!r}")
+    if not 0.0 < visit_probability <= 1.0:
+        raise ValueError(f"a visit probability is in (0, 1], not {visit_probability}")
+    if mode == "none" or kept or visit_probability == 1.0:
+        return 1.0
+    return visit_probability**-0.5 if mode == "sqrt" else 1.0 / visit_probability
 
 
 class UnknownMicrobatch(KeyError):
@@ -77,42 +99,55 @@ class SliceTrainer(ParamTrainer):
 
 
 class BlockWorker(SliceTrainer):
-    """Stages 1..S−1: forward keeps the input, backward recomputes and returns dL/d(input)."""
+    """Stages 1..S−1: forward keeps the input, backward recomputes and returns dL/d(input).
+
+    A training forward may carry a residual scale c ≠ 1 (SkipPipe, see `residual_scale()`):
+    it returns h + c(f(h) − h), and its backward differentiates that. Forwards with
+    keep=False (inference, held-out loss) always return f(h)."""
 
     module: BlockStage
 
     def __init__(self, module: BlockStage, config: InnerConfig, device: torch.device, basis: SubspaceBasis | None = None, saved_ttl_s: float = 300.0) -> None:
         super().__init__(module, config, device, basis)
         self.saved_ttl_s = saved_ttl_s
-        self._saved: dict[str, tuple[float, torch.Tensor]] = {}
+        self._saved: dict[str, tuple[float, torch.Tensor, float]] = {}  # key → (saved at, input, residual scale)
 
     @property
     def in_flight(self) -> int:
         return len(self._saved)
 
-    def forward(self, key: str, h: torch.Tensor, keep: bool = True) -> torch.Tensor:
+    def forward(self, key: str, h: torch.Tensor, keep: bool = True, scale: float = 1.0) -> torch.Tensor:
+        if not (math.isfinite(scale) and scale > 0.0):
+            raise ValueError(f"a residual scale is positive and finite, not {scale}")
+        if scale != 1.0 and not keep:
+            raise ValueError("only training forwards (keep=True) take a residual scale")
         with self.lock, torch.no_grad(), autocast_context(self.device):
             self._expire()
             h = h.to(self.device)
             if keep:
-                self._saved[key] = (time.monotonic(), h)
-            return self.module(h).float().cpu()
+                self._saved[key] = (time.monotonic(), h, scale)
+            return self._scaled(h, scale).float().cpu()
 
     def backward(self, key: str, grad_out: torch.Tensor) -> torch.Tensor:
         with self.lock:
             entry = self._saved.pop(key, None)
             if entry is None:
                 raise UnknownMicrobatch(key)
-            h = entry[1].detach().requires_grad_(True)
+            _, saved, scale = entry
+            h = saved.detach().requires_grad_(True)
             with torch.enable_grad(), autocast_context(self.device):
-                out = self.module(h)
+                out = self._scaled(h, scale)
             out.backward(grad_out.to(out.device, out.dtype))
             self.microbatches += 1
             return h.grad.float().cpu()
 
+    def _scaled(self, h: torch.Tensor, scale: float) -> torch.Tensor:
+        out = self.module(h)
+        return out if scale == 1.0 else h + scale * (out - h)
+
     def _expire(self) -> None:
         cutoff = time.monotonic() - self.saved_ttl_s
-        for key in [k for k, (t, _) in self._saved.items() if t < cutoff]:
+        for key in [k for k, (t, _, _) in self._saved.items() if t < cutoff]:
             del self._saved[key]
 
 

@@ -28,10 +28,11 @@ two replicas of each stage, SWARM routing among them):
 * `full`: every microbatch visits stages 1..5 in order;
 * `skippipe`: `--skip-ratio 0.33` with the runtime's defaults: each microbatch visits 3 of
   the 5 block stages (4 of 6 counting stage 0), stage 1 always first among them
-  (`--skip-keep 1`), in order (`--skip-swaps 0`), on paths and peers the SkipPipe
-  scheduler (pipeline/skippipe.py) plans each step from the live peers and their measured
-  hop times;
-* ablations (`--runs`): `skippipe-swaps` (`--skip-swaps 2`: up to two pairs of adjacent
+  (`--skip-keep 1`), in order (`--skip-swaps 0`), the skipped-over stages' residual
+  updates scaled by p^-1/2 in training forwards (`--skip-rescale sqrt`), on paths and
+  peers the SkipPipe scheduler (pipeline/skippipe.py) plans each step from the live peers
+  and their measured hop times;
+* ablations (`--runs`): `skippipe-unscaled` (`--skip-rescale none`), `skippipe-swaps` (`--skip-swaps 2`: up to two pairs of adjacent
   stages swapped, the paper's limit), `skippipe-keep-none` (`--skip-keep none`: any block
   stage may be skipped, stage 1 included) and `skippipe-keep-none-swaps` (both).
 
@@ -59,7 +60,8 @@ MODEL = "small-deep"
 STAGES = 6
 SPEEDS_MS = {1: (20, 60), 2: (20, 20), 3: (60, 80), 4: (20, 40), 5: (30, 90)}
 EVAL_STAGES = "1,3,5"
-RUNS = {"full": [], "skippipe": ["--skip-ratio", "0.33"], "skippipe-swaps": ["--skip-ratio", "0.33", "--skip-swaps", "2"],
+RUNS = {"full": [], "skippipe": ["--skip-ratio", "0.33"], "skippipe-unscaled": ["--skip-ratio", "0.33", "--skip-rescale", "none"],
+        "skippipe-swaps": ["--skip-ratio", "0.33", "--skip-swaps", "2"],
         "skippipe-keep-none": ["--skip-ratio", "0.33", "--skip-keep", "none"],
         "skippipe-keep-none-swaps": ["--skip-ratio", "0.33", "--skip-keep", "none", "--skip-swaps", "2"]}
 

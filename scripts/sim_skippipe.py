@@ -21,7 +21,12 @@ Paths (`--variants`, any of):
   depends on timing, not on a coin);
 * `skip-in-order`: the same stages, never swapped;
 * `skip-keep-none`, `skip-keep-none-in-order`: a uniformly random 3 of the 5 block stages
-  (`--skip-keep none`), with and without swaps.
+  (`--skip-keep none`), with and without swaps;
+* `skip-rescaled`, `skip-in-order-rescaled`: `skip` and `skip-in-order` with the runtime's
+  residual rescaling (`--skip-rescale`, `pipeline.worker.residual_scale`): in training
+  forwards a stage visited with probability p < 1 adds its residual update scaled by
+  p^-1/2 (`--rescale sqrt`) or 1/p (`--rescale inverse`), h + c(f(h) - h); held-out
+  forwards are unscaled.
 
 What it leaves out, against the benchmark: the network, the outer rounds (one replica
 per stage here, two averaging by DiLoCo int8 there), the activation codec, and the
@@ -42,17 +47,19 @@ import torch
 
 from shoal.optim.inner import InnerConfig
 from shoal.pipeline.stages import StagePlan, build_stage
-from shoal.pipeline.worker import SliceTrainer
+from shoal.pipeline.worker import SliceTrainer, residual_scale
 from shoal.train import PRESETS, RECIPES
 from shoal.train.data import ByteData, load_corpus
 
 MODEL = "small-deep"
 BLOCK_STAGES, VISITS, MICROBATCH = 5, 3, 2
-VARIANTS = ("full", "skip", "skip-in-order", "skip-keep-none", "skip-keep-none-in-order")
+VARIANTS = ("full", "skip", "skip-in-order", "skip-keep-none", "skip-keep-none-in-order", "skip-rescaled",
+            "skip-in-order-rescaled")
 MAX_SWAPS = 2
 
 
 def route(variant: str, rng: random.Random) -> list[int]:
+    variant = variant.removesuffix("-rescaled")
     if variant == "full":
         return list(range(1, BLOCK_STAGES + 1))
     kept = [] if variant.startswith("skip-keep-none") else [1]
@@ -69,7 +76,7 @@ def route(variant: str, rng: random.Random) -> list[int]:
     return stages
 
 
-def train(variant: str, steps: int, seed: int, eval_batches: int, threads: int) -> dict:
+def train(variant: str, steps: int, seed: int, eval_batches: int, threads: int, rescale: str) -> dict:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     recipe, config = RECIPES[MODEL], PRESETS[MODEL]
@@ -82,16 +89,21 @@ def train(variant: str, steps: int, seed: int, eval_batches: int, threads: int) 
     inner = InnerConfig(lr=recipe.inner_lr, warmup_steps=recipe.warmup_steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len)
     trainers = {s: SliceTrainer(module, inner, torch.device("cpu")) for s, module in stages.items()}
     rng = random.Random(seed)
+    kept = [] if "keep-none" in variant else [1]
+    scale = {s: residual_scale(rescale if variant.endswith("-rescaled") else "none", s in kept,
+                               (VISITS - len(kept)) / (BLOCK_STAGES - len(kept))) for s in range(1, BLOCK_STAGES + 1)}
 
-    def loss_along(x: torch.Tensor, y: torch.Tensor, path: list[int]) -> torch.Tensor:
+    def loss_along(x: torch.Tensor, y: torch.Tensor, path: list[int], training: bool = True) -> torch.Tensor:
         h = edge.embed_tokens(x)
         for stage in path:
-            h = stages[stage](h)
+            c = scale[stage] if training else 1.0
+            h = stages[stage](h) if c == 1.0 else h + c * (stages[stage](h) - h)
         return edge.loss(h, y)
 
     def evaluate(path: list[int]) -> float:
         with torch.no_grad():
-            return sum(float(loss_along(torch.as_tensor(x), torch.as_tensor(y), path)) for x, y in held_out) / len(held_out)
+            return sum(float(loss_along(torch.as_tensor(x), torch.as_tensor(y), path, training=False))
+                       for x, y in held_out) / len(held_out)
 
     curve, begin = [], time.monotonic()
     for step in range(steps):
@@ -117,12 +129,14 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rescale", choices=("sqrt", "inverse"), default="sqrt",
+                        help="the residual scale of the *-rescaled variants: p^-1/2 or 1/p")
     parser.add_argument("--out", default="results/sim_skippipe.json")
     args = parser.parse_args()
     results = {}
     for variant in args.variants:
         print(f"== {variant}: {args.steps} steps", flush=True)
-        results[variant] = train(variant, args.steps, args.seed, args.eval_batches, args.threads)
+        results[variant] = train(variant, args.steps, args.seed, args.eval_batches, args.threads, args.rescale)
     base = results.get("full")
     print(f"{'paths':<22} {'final eval':>10} {'vs full':>8} {'stages 1,3,5':>12}")
     for variant, row in results.items():

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from shoal.optim.inner import InnerConfig
@@ -77,3 +79,8 @@ def test_skip_keep_flag_parses_and_is_checked():
         parse("--skip-ratio", "0.33", "--skip-keep", "2,2")
     with pytest.raises(ValueError, match="--skip-keep keeps 3 stages, but with --skip-ratio 0.33 a path visits only 2 block stages"):
         parse("--skip-ratio", "0.33", "--skip-keep", "1,2,3")
+    assert parse().skip_rescale == "sqrt" and parse("--skip-rescale", "none").skip_rescale == "none"
+    with pytest.raises(SystemExit):
+        parse("--skip-rescale", "cube")
+    with pytest.raises(ValueError, match="--skip-rescale must be one of none, sqrt, inverse"):
+        dataclasses.replace(parse(), skip_rescale="cube")

@@ -15,7 +15,7 @@ from shoal.pipeline.routing import build_router
 from shoal.pipeline.service import StageService
 from shoal.pipeline.skippipe import SkipPipeConfig
 from shoal.pipeline.stages import StagePlan, build_stage
-from shoal.pipeline.worker import BlockWorker, EdgeWorker
+from shoal.pipeline.worker import BlockWorker, EdgeWorker, residual_scale
 from shoal.train import PRESETS
 from tests.pipeline.test_pipeline_grad import InProcess, batch
 
@@ -34,6 +34,17 @@ class Fixed(PathPlanner):
         return [[(s, None) for s in self.stages]] * microbatches
 
 
+class Scaled(Fixed):
+    """A fixed route whose stages run with given residual scales."""
+
+    def __init__(self, stages: list[int], scales: dict[int, float]) -> None:
+        super().__init__(stages)
+        self.scales = scales
+
+    def residual_scale(self, stage: int, route: Route) -> float:
+        return self.scales.get(stage, 1.0)
+
+
 def pipeline(paths: PathPlanner | None = None, replicas: int = 1, router=None):
     plan = StagePlan(STAGES, CONFIG.n_layers)
     inner = InnerConfig(lr=1e-3, batch_size=8, seq_len=16)
@@ -49,14 +60,16 @@ def pipeline(paths: PathPlanner | None = None, replicas: int = 1, router=None):
     return driver, edge, workers
 
 
-def reference(stages: list[int], x, y):
-    """The same weights run as one graph: embedding, the blocks of `stages` in that order, loss."""
+def reference(stages: list[int], x, y, scales: dict[int, float] | None = None):
+    """The same weights run as one graph: embedding, the blocks of `stages` in that order
+    (block k's residual update scaled by scales[k]), loss."""
     plan = StagePlan(STAGES, CONFIG.n_layers)
     edge = build_stage(CONFIG, plan, 0, SEED)
     blocks = {k: build_stage(CONFIG, plan, k, SEED) for k in range(1, STAGES)}
     h = edge.embed_tokens(x)
     for k in stages:
-        h = blocks[k](h)
+        c = (scales or {}).get(k, 1.0)
+        h = h + c * (blocks[k](h) - h)
     loss = edge.loss(h, y)
     loss.backward()
     return float(loss.detach()), edge, blocks
@@ -74,12 +87,12 @@ def test_full_paths_visit_every_stage_and_swap_the_edge_pairs_for_a_share():
         build_paths(6, 0.33, 0.5, "d", build_router("swarm", 0))
 
 
-@pytest.mark.parametrize("stages", [[1, 3, 4], [2, 1, 3, 4], [1, 2, 4, 3]])
-def test_the_driver_follows_a_route_and_the_gradients_are_that_routes(stages):
-    driver, edge, workers = pipeline(Fixed(stages))
+@pytest.mark.parametrize("stages, scales", [([1, 3, 4], {}), ([2, 1, 3, 4], {}), ([1, 2, 4, 3], {}), ([1, 3, 4], {3: 2**0.5, 4: 2.0})])
+def test_the_driver_follows_a_route_and_the_gradients_are_that_routes(stages, scales):
+    driver, edge, workers = pipeline(Scaled(stages, scales))
     x, y = batch()
     loss, done = asyncio.run(driver.accumulate(x, y))
-    ref_loss, ref_edge, ref_blocks = reference(stages, x, y)
+    ref_loss, ref_edge, ref_blocks = reference(stages, x, y, scales)
     assert done == 4 and loss == pytest.approx(ref_loss, rel=1e-5)
     pairs = [(edge, ref_edge)] + [(workers[f"s{k}.0"], ref_blocks[k]) for k in range(1, STAGES)]
     for trainer, module in pairs:
@@ -151,3 +164,26 @@ def test_skippipe_defaults_keep_stage_one_first_and_every_route_in_order():
     assert len(skipped) == 24 and max(map(skipped.count, set(skipped))) <= 8  # the cap: the even 6, +25% slack
     unkept = build_paths(6, 0.33, 0.0, "driver", router, skip_keep=())
     assert any(route[0][0] != 1 for route in unkept.plan(12, 64, served))
+
+
+def test_skippipe_residual_scales():
+    router = build_router("swarm", 0)
+    route = [(1, None), (3, None), (5, None)]
+    sqrt = build_paths(6, 0.33, 0.0, "driver", router, skip_rescale="sqrt")  # 4 of 6: stage 1 kept, the others on 1 path in 2
+    assert sqrt.residual_scale(1, route) == 1.0 and sqrt.residual_scale(3, route) == pytest.approx(2**0.5)
+    assert sqrt.residual_scale(3, FullPaths(6).route()) == 1.0  # a step planned as the full pipeline
+    assert sqrt.describe()["residual_scale"] == pytest.approx(2**0.5)
+    assert build_paths(6, 0.33, 0.0, "driver", router, skip_rescale="inverse").residual_scale(3, route) == pytest.approx(2.0)
+    assert build_paths(6, 0.33, 0.0, "driver", router, skip_rescale="none").residual_scale(3, route) == 1.0
+    unkept = build_paths(6, 0.33, 0.0, "driver", router, skip_keep=(), skip_rescale="sqrt")  # 3 of 5 block stages
+    assert unkept.residual_scale(1, route) == pytest.approx(0.6**-0.5)
+    assert FullPaths(6).residual_scale(3, route) == 1.0
+    for mode, p in (("cube", 0.5), ("sqrt", 0.0), ("sqrt", 1.5)):
+        with pytest.raises(ValueError):
+            residual_scale(mode, kept=False, visit_probability=p)
+    worker = pipeline()[2]["s1.0"]
+    h = torch.randn(2, 4, CONFIG.d_model)
+    for bad in ({"scale": float("nan")}, {"scale": 0.0}, {"scale": 2.0, "keep": False}):
+        with pytest.raises(ValueError, match="scale"):
+            worker.forward("mb", h, **bad)
+    assert worker.in_flight == 0

@@ -44,6 +44,11 @@ def forward_request(svc: StageService, **overrides):
     ({"round": -1}, "round must be"),
     ({"round": 5}, "outer round"),  # the stage is at round 0: waits, then refuses
     ({"act": b"garbage"}, "payload"),
+    ({"scale": 0.0}, "scale must be"),
+    ({"scale": 17.0}, "scale must be"),
+    ({"scale": float("nan")}, "scale must be"),
+    ({"scale": "2"}, "scale must be"),
+    ({"scale": True}, "scale must be"),
 ])
 def test_malformed_forward_is_refused_and_keeps_nothing(damage, error):
     svc = service()
@@ -99,3 +104,17 @@ def test_step_messages_tell_where_the_round_is_even_after_missed_ones():
     assert svc.wait_steps(2, 3, stopping) == 3 and svc.last_loss == 2.5
     asyncio.run(svc.step({**step, "round_step": 4}))
     assert svc.wait_steps(2, 4, stopping) == 4
+
+
+def test_a_residual_scale_scales_the_training_forward_and_is_refused_on_infer():
+    svc = service()
+    request = forward_request(svc, scale=2.0)
+    tokens = Microbatch.from_wire(request, 256, 64).tokens
+    h = svc.setting.codec.decode(request["act"], tokens, CONFIG.d_model)
+    with torch.no_grad():
+        expected = h + 2.0 * (svc.worker.module(h) - h)
+    answer = asyncio.run(svc.forward(request))
+    assert torch.allclose(svc.setting.codec.decode(answer["act"], tokens, CONFIG.d_model), expected, atol=1e-5)
+    with pytest.raises(StageRequestError, match="no residual scale"):
+        asyncio.run(svc.infer(forward_request(svc, key="mb-2", scale=2.0)))
+    assert svc.worker.in_flight == 1  # the training forward's input, nothing of the refused one

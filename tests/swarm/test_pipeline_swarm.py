@@ -88,6 +88,7 @@ def test_skippipe_paths_keep_the_first_block_stage(corpus):
                 assert peer.error is None, (peer.peer_id, peer.error)
             paths = by_id["stage-0"].paths.describe()
             assert (paths["paths"], paths["stages_per_path"], paths["kept_stages"], paths["fallbacks"]) == ("skippipe", 3, [1], 0)
+            assert abs(paths["residual_scale"] - 3**0.5) < 1e-9  # --skip-rescale sqrt: stages 2-4 are on 1 path in 3
             backward = {k: by_id[f"stage-{k}"].traffic.received["backward"] for k in range(1, 5)}  # same-size payloads
             others = sum(backward[k] for k in (2, 3, 4))
             assert abs(others - backward[1]) <= 0.03 * backward[1], backward  # one other stage per path
