@@ -102,9 +102,8 @@ class SkipPaths(PathPlanner):
         self.config, self.driver_id, self.router = config, driver_id, router
         self.num_stages = config.num_stages
         self.rescale = rescale
-        kept = len(config.always_visit)
-        visit_share = (config.visits_per_path - 1 - kept) / (config.num_stages - 1 - kept) if config.num_stages - 1 > kept else 1.0
-        self._scale = residual_scale(rescale, kept=False, visit_probability=min(1.0, visit_share))
+        # share 0: the paths hold only kept stages, so no training forward needs a scale
+        self._scale = residual_scale(rescale, config.visit_share) if config.visit_share else 1.0
         self.last_iteration_s: float | None = None  # the scheduler's estimate for the last plan
         self.fallbacks = 0  # steps planned as the full pipeline (too few stages served)
 

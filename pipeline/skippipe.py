@@ -163,6 +163,14 @@ class SkipPipeConfig:
         skipped = math.floor(self.skip_ratio * self.num_stages + 0.5)
         return max(2, self.num_stages - skipped)  # a path needs one stage besides 0
 
+    @property
+    def visit_share(self) -> float:
+        """The share of paths that visit a block stage that is not kept, with every block
+        stage served: (k − 1 − K) / (S − 1 − K); 1 when every block stage is kept."""
+        kept = len(self.always_visit)
+        free_stages = self.num_stages - 1 - kept
+        return (self.visits_per_path - 1 - kept) / free_stages if free_stages else 1.0
+
 
 @dataclass(frozen=True)
 class Task:

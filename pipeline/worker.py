@@ -40,10 +40,10 @@ from shoal.train.device import autocast_context
 RESCALE_MODES = ("none", "sqrt", "inverse")
 
 
-def residual_scale(mode: str, kept: bool, visit_probability: float) -> float:
+def residual_scale(mode: str, visit_probability: float) -> float:
     """The factor c by which a SkipPipe stage scales its residual update, h + c(f(h) − h),
-    in training forwards: 1 for a stage on every path (kept, or the full pipeline),
-    otherwise p^−1/2 (`sqrt`) or 1/p (`inverse`) for a stage on a fraction p of paths.
+    in training forwards: p^−1/2 (`sqrt`) or 1/p (`inverse`) for a stage on a fraction p
+    of the paths, 1 for `none` or a stage on every path (p = 1).
 
     A stage skipped on part of the paths trains on inputs whose residual stream holds fewer
     updates than at evaluation, where every stage runs; scaling the updates that are there
@@ -54,9 +54,15 @@ def residual_scale(mode: str, kept: bool, visit_probability: float) -> float:
         raise ValueError(f"residual rescale must be one of {RESCALE_MODES}, not {mode!r}")
     if not 0.0 < visit_probability <= 1.0:
         raise ValueError(f"a visit probability is in (0, 1], not {visit_probability}")
-    if mode == "none" or kept or visit_probability == 1.0:
+    if mode == "none" or visit_probability == 1.0:
         return 1.0
     return visit_probability**-0.5 if mode == "sqrt" else 1.0 / visit_probability
+
+
+def scaled_residual(block: torch.nn.Module, h: torch.Tensor, scale: float) -> torch.Tensor:
+    """`block(h)` with its residual update scaled by `scale`: h + scale·(block(h) − h)."""
+    out = block(h)
+    return out if scale == 1.0 else h + scale * (out - h)
 
 
 class UnknownMicrobatch(KeyError):
@@ -126,7 +132,7 @@ class BlockWorker(SliceTrainer):
             h = h.to(self.device)
             if keep:
                 self._saved[key] = (time.monotonic(), h, scale)
-            return self._scaled(h, scale).float().cpu()
+            return scaled_residual(self.module, h, scale).float().cpu()
 
     def backward(self, key: str, grad_out: torch.Tensor) -> torch.Tensor:
         with self.lock:
@@ -136,14 +142,10 @@ class BlockWorker(SliceTrainer):
             _, saved, scale = entry
             h = saved.detach().requires_grad_(True)
             with torch.enable_grad(), autocast_context(self.device):
-                out = self._scaled(h, scale)
+                out = scaled_residual(self.module, h, scale)
             out.backward(grad_out.to(out.device, out.dtype))
             self.microbatches += 1
             return h.grad.float().cpu()
-
-    def _scaled(self, h: torch.Tensor, scale: float) -> torch.Tensor:
-        out = self.module(h)
-        return out if scale == 1.0 else h + scale * (out - h)
 
     def _expire(self) -> None:
         cutoff = time.monotonic() - self.saved_ttl_s

@@ -46,8 +46,9 @@ from pathlib import Path
 import torch
 
 from shoal.optim.inner import InnerConfig
+from shoal.pipeline.skippipe import SkipPipeConfig
 from shoal.pipeline.stages import StagePlan, build_stage
-from shoal.pipeline.worker import SliceTrainer, residual_scale
+from shoal.pipeline.worker import SliceTrainer, residual_scale, scaled_residual
 from shoal.train import PRESETS, RECIPES
 from shoal.train.data import ByteData, load_corpus
 
@@ -89,15 +90,15 @@ def train(variant: str, steps: int, seed: int, eval_batches: int, threads: int, 
     inner = InnerConfig(lr=recipe.inner_lr, warmup_steps=recipe.warmup_steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len)
     trainers = {s: SliceTrainer(module, inner, torch.device("cpu")) for s, module in stages.items()}
     rng = random.Random(seed)
-    kept = [] if "keep-none" in variant else [1]
-    scale = {s: residual_scale(rescale if variant.endswith("-rescaled") else "none", s in kept,
-                               (VISITS - len(kept)) / (BLOCK_STAGES - len(kept))) for s in range(1, BLOCK_STAGES + 1)}
+    kept = () if "keep-none" in variant else (1,)
+    share = SkipPipeConfig(num_stages=BLOCK_STAGES + 1, stages_per_path=VISITS + 1, always_visit=kept).visit_share
+    c = residual_scale(rescale if variant.endswith("-rescaled") else "none", share)
+    scale = {s: 1.0 if s in kept else c for s in range(1, BLOCK_STAGES + 1)}
 
     def loss_along(x: torch.Tensor, y: torch.Tensor, path: list[int], training: bool = True) -> torch.Tensor:
         h = edge.embed_tokens(x)
         for stage in path:
-            c = scale[stage] if training else 1.0
-            h = stages[stage](h) if c == 1.0 else h + c * (stages[stage](h) - h)
+            h = scaled_residual(stages[stage], h, scale[stage] if training else 1.0)
         return edge.loss(h, y)
 
     def evaluate(path: list[int]) -> float:

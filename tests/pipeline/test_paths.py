@@ -178,9 +178,11 @@ def test_skippipe_residual_scales():
     unkept = build_paths(6, 0.33, 0.0, "driver", router, skip_keep=(), skip_rescale="sqrt")  # 3 of 5 block stages
     assert unkept.residual_scale(1, route) == pytest.approx(0.6**-0.5)
     assert FullPaths(6).residual_scale(3, route) == 1.0
+    only_kept = build_paths(5, 0.4, 0.0, "driver", router, skip_keep=(1, 2), skip_rescale="sqrt")  # paths: 1, 2; 3, 4 never
+    assert only_kept.residual_scale(3, [(1, None), (2, None)]) == 1.0
     for mode, p in (("cube", 0.5), ("sqrt", 0.0), ("sqrt", 1.5)):
         with pytest.raises(ValueError):
-            residual_scale(mode, kept=False, visit_probability=p)
+            residual_scale(mode, p)
     worker = pipeline()[2]["s1.0"]
     h = torch.randn(2, 4, CONFIG.d_model)
     for bad in ({"scale": float("nan")}, {"scale": 0.0}, {"scale": 2.0, "keep": False}):
