@@ -46,7 +46,10 @@ def test_demo_writes_a_summary(corpus, tmp_path):
 
 @pytest.mark.timeout(120)
 def test_ctrl_c_stops_every_peer(corpus):
-    demo = subprocess.Popen([*DEMO, "--peers", "2", "--rounds", "1000", "--data", corpus], stdout=subprocess.PIPE, text=True)
+    # Ctrl-C at a terminal: SIGINT at its default, even where this suite was started in the
+    # background (a non-interactive shell's `&` ignores SIGINT, and children inherit that)
+    demo = subprocess.Popen([*DEMO, "--peers", "2", "--rounds", "1000", "--data", corpus], stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         workdir = None
         deadline = time.monotonic() + 90
