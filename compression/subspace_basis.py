@@ -36,35 +36,42 @@ def token_id_nbytes(vocab_size: int) -> int:
     return 1 if vocab_size <= 1 << 8 else 2 if vocab_size <= 1 << 16 else 4
 
 
-# bytes per token of the coordinates, as (per coordinate, fixed): float16 values under one
-# per-payload exponent, or int8 codes under a per-token exponent byte
-COORDINATE_NBYTES = {"fp16": (2, 0), "int8": (1, 1)}
+# bits per token of the coordinates, as (per coordinate, fixed; whole bytes on the wire):
+# float16 values under one per-payload exponent, int8 codes under a per-token exponent byte,
+# or 4-bit codes (two a byte) under a per-token scale byte
+COORDINATE_BITS = {"fp16": (16, 0), "int8": (8, 8), "int4": (4, 8)}
+
+
+def coordinate_nbytes(k: int, coordinates: str) -> int:
+    """Bytes per token of k coordinates in the given format (`COORDINATE_BITS`), rounded up."""
+    if coordinates not in COORDINATE_BITS:
+        raise ValueError(f"coordinates must be one of {sorted(COORDINATE_BITS)}, got {coordinates!r}")
+    per_coordinate, fixed = COORDINATE_BITS[coordinates]
+    return -(-(per_coordinate * k + fixed) // 8)
 
 
 def subspace_dim_for_ratio(d_model: int, ratio: float, vocab_size: int = 256, coordinates: str = "fp16") -> int:
     """The largest k whose subspace payload is at least `ratio` times smaller than raw float32.
 
-    Per token, raw float32 is 4·d_model bytes; the subspace codec sends c·k + f bytes (k
-    coordinates: float16, c = 2 and f = 0, or int8 with a scale exponent, c = 1 and f = 1;
-    `COORDINATE_NBYTES`) and needs the token id, which the message carries anyway but which
-    would not be needed for raw activations, so it is counted: `token_id_nbytes(vocab_size)`
-    (1 byte for the byte model). So k = max{k : 4·d / (c·k + f + t) ≥ ratio}, at least 1 (for
-    a ratio that even k = 1 misses) and at most d_model. The fixed per-payload header is not
-    counted.
+    Per token, raw float32 is 4·d_model bytes; the subspace codec sends b(k) =
+    `coordinate_nbytes(k, coordinates)` bytes (float16: 2k; int8 with a scale exponent:
+    k + 1; int4 with a scale byte: ceil(k/2) + 1) and needs the token id, which the message
+    carries anyway but which would not be needed for raw activations, so it is counted:
+    t = `token_id_nbytes(vocab_size)` (1 byte for the byte model). So k = max{k : 4·d /
+    (b(k) + t) ≥ ratio}, at least 1 (for a ratio that even k = 1 misses) and at most
+    d_model. The fixed per-payload header is not counted.
 
     d_model = 128: ratio 8 → k = 31, ratio 32 → k = 7, ratio 100 → k = 2 (float16); ratio 32
-    → k = 14 (int8)."""
+    → k = 14 (int8), k = 28 (int4)."""
     if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
         raise ValueError(f"d_model must be a positive int, got {d_model!r}")
     if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not (math.isfinite(ratio) and ratio > 0):
         raise ValueError(f"ratio must be a positive finite number, got {ratio!r}")
-    if coordinates not in COORDINATE_NBYTES:
-        raise ValueError(f"coordinates must be one of {sorted(COORDINATE_NBYTES)}, got {coordinates!r}")
-    per_coordinate, fixed = COORDINATE_NBYTES[coordinates]
-    fixed += token_id_nbytes(vocab_size)
+    coordinate_nbytes(1, coordinates)  # the format must be known
+    token_id = token_id_nbytes(vocab_size)
     best = 1
     for k in range(1, d_model + 1):  # exact comparison, no float floor() at the boundary
-        if 4 * d_model < ratio * (per_coordinate * k + fixed):
+        if 4 * d_model < ratio * (coordinate_nbytes(k, coordinates) + token_id):
             break
         best = k
     return best

@@ -70,11 +70,14 @@ class InnerStats:
 class Constraint(Protocol):
     """A set the weights must stay in, kept by projected gradient descent (e.g. the
     subspace confinement of pipeline/subspace.py): gradients projected before each step,
-    weights after it and after every outer update."""
+    weights after it and after every outer update; and a learning-rate factor per
+    parameter (1 for the rest), for parameters the projection changes the step size of."""
 
     def grads(self, params: Mapping[str, torch.Tensor]) -> object: ...
 
     def weights(self, params: Mapping[str, torch.Tensor]) -> object: ...
+
+    def lr_scales(self, params: Mapping[str, torch.Tensor]) -> Mapping[str, float]: ...
 
 
 class ParamTrainer:
@@ -85,7 +88,7 @@ class ParamTrainer:
         self.params = params
         self.config = config
         self.constraint = constraint
-        self.optimizer = config.optimizer(self.params.values())
+        self.optimizer = config.optimizer(self._param_groups())
         self.step_count = 0
         self._grad_norm: torch.Tensor | None = None
         self._outer_offset: dict[str, torch.Tensor] = {}
@@ -95,7 +98,15 @@ class ParamTrainer:
     def restart(self, config: InnerConfig, step: int) -> None:
         """Fresh optimizer state under `config`, continuing the schedule at `step`."""
         self.config, self.step_count = config, step
-        self.optimizer = config.optimizer(self.params.values())
+        self.optimizer = config.optimizer(self._param_groups())
+
+    def _param_groups(self) -> list[dict]:
+        """One AdamW group per learning-rate factor of the constraint (`lr_scale`)."""
+        scales = self.constraint.lr_scales(self.params) if self.constraint is not None else {}
+        groups: dict[float, list[torch.nn.Parameter]] = {}
+        for name, param in self.params.items():
+            groups.setdefault(float(scales.get(name, 1.0)), []).append(param)
+        return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
 
     @property
     def last_grad_norm(self) -> float | None:
@@ -110,7 +121,7 @@ class ParamTrainer:
         # kept as a tensor so that the step does not wait for the device to read it
         self._grad_norm = torch.nn.utils.clip_grad_norm_(self.params.values(), self.config.grad_clip or math.inf)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.config.lr_at(self.step_count)
+            group["lr"] = self.config.lr_at(self.step_count) * group["lr_scale"]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1

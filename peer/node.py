@@ -61,7 +61,7 @@ from shoal.pipeline.paths import PathPlanner
 from shoal.pipeline.routing import Router
 from shoal.pipeline.service import StageService
 from shoal.pipeline.stages import StagePlan
-from shoal.pipeline.subspace import Confinement
+from shoal.pipeline.subspace import confine_module
 from shoal.train import ByteData, build_model, load_corpus, parameter_names, resolve_device
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ class Peer:
             # --activation subspace:R on a full replica: train it as a compressed pipeline
             # replica would (weights confined), to compare against compressing every replica
             basis = parse_activation(config.activation, model.config, run.seed).basis
-            self.trainer = InnerTrainer(model, run.inner, self.batches, self.device, Confinement(basis) if basis is not None else None)
+            self.trainer = InnerTrainer(model, run.inner, self.batches, self.device, confine_module(model, basis) if basis is not None else None)
         self.outer = build_outer(self.trainer.local_weights(), run.outer, slices)
         self.state_shapes = {n: tuple(t.shape) for n, t in self.outer.state_tensors().items()}
         if config.resume:

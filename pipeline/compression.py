@@ -6,6 +6,8 @@
                    (k = subspace_dim_for_ratio(d_model, R) float16 coordinates per token);
                    the replica's weights are confined to the subspace (pipeline/subspace.py)
     subspace-int8:R  the same with int8 coordinates: about twice the k at the same bytes
+    subspace-int4:R  the same with 4-bit coordinates (centred and scaled per payload): about
+                   four times the k; the best loss at 32x (README)
 
 Every peer of one pipeline replica uses the same setting (a stage peer refuses a hop in
 another codec, and drivers route only to stage peers that advertise theirs), while other
@@ -18,12 +20,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shoal.compression.activation import ActivationCodec, get_activation_codec
+from shoal.compression.activation import (
+    ACTIVATION_CODECS,
+    ActivationCodec,
+    SubspaceActivationCodec,
+    get_activation_codec,
+)
 from shoal.compression.subspace_basis import SubspaceBasis, subspace_dim_for_ratio
 from shoal.pipeline.subspace import basis_for_model
 from shoal.train.model import ModelConfig
 
-SUBSPACE_COORDINATES = {"subspace": "fp16", "subspace-int8": "int8"}  # codec name → its coordinates
+SUBSPACE_COORDINATES = {name: codec.coordinates for name, codec in ACTIVATION_CODECS.items() if issubclass(codec, SubspaceActivationCodec)}
 
 
 @dataclass(frozen=True)
@@ -54,5 +61,5 @@ def parse_activation(spec: str, config: ModelConfig, seed: int) -> ActivationSet
         k = subspace_dim_for_ratio(config.d_model, ratio, config.vocab_size, SUBSPACE_COORDINATES[name])
         basis = basis_for_model(config, k, seed)
         return ActivationSetting(get_activation_codec(name, basis=basis), basis, spec)
-    raise ValueError(f"--activation must be none, int8, subspace:RATIO or subspace-int8:RATIO, got {spec!r}")
+    raise ValueError(f"--activation must be none, int8, subspace:RATIO, subspace-int8:RATIO or subspace-int4:RATIO, got {spec!r}")
 

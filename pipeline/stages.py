@@ -21,7 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shoal.train.model import Block, ModelConfig, RMSNorm, RotaryEmbedding, build_model
+from shoal.train.model import (
+    Block,
+    EmbeddingView,
+    ModelConfig,
+    RMSNorm,
+    RotaryEmbedding,
+    Transformer,
+    build_model,
+)
 
 
 @dataclass(frozen=True)
@@ -73,11 +81,9 @@ class EdgeStage(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.embedding_view: EmbeddingView | None = None
 
-    def embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
-        if idx.size(-1) > self.config.max_seq_len:
-            raise ValueError(f"sequence length {idx.size(-1)} exceeds max_seq_len {self.config.max_seq_len}")
-        return self.embed(idx)
+    embed_tokens = Transformer.embed_tokens  # the model's lookup, view included
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy (nats) of the head's logits on the last stage's output."""

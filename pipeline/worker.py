@@ -34,7 +34,7 @@ from torch import nn
 from shoal.compression import SubspaceBasis
 from shoal.optim.inner import InnerConfig, ParamTrainer
 from shoal.pipeline.stages import BlockStage, EdgeStage
-from shoal.pipeline.subspace import Confinement
+from shoal.pipeline.subspace import confine_module
 from shoal.train.device import autocast_context
 
 RESCALE_MODES = ("none", "sqrt", "inverse")
@@ -80,7 +80,7 @@ class SliceTrainer(ParamTrainer):
         self.device = device
         self.lock = threading.Lock()
         self.microbatches = 0  # accumulated since the last step
-        super().__init__(dict(module.named_parameters()), config, Confinement(basis) if basis is not None else None)
+        super().__init__(dict(module.named_parameters()), config, confine_module(module, basis) if basis is not None else None)
 
     def step(self) -> bool:
         """One inner step on the mean of the gradients accumulated since the last; False

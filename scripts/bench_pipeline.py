@@ -9,16 +9,17 @@ Runs (model `small`, 4 stages: stage 0 = embedding/head/loss, stages 1-3 = block
 DiLoCo int8 outer rounds, the same seeds, data shards and token budget per replica):
 
 * `codec/<setting>`: one pipeline replica (4 stage peers) alone, for each activation
-  setting: none, int8, subspace:8, subspace:32, subspace:100. Eval loss per round (stage 0
+  setting (`--codecs`; default none, int8, subspace:8, subspace:32, subspace-int8:32,
+  subspace-int4:32, subspace:100, subspace-int4:100), each once per `--seeds`. Eval loss per round (stage 0
   evaluates through the chain, held-out split), tokens/s, and the hop bytes measured on
   the wire, per token and per activation payload (a microbatch crosses the network
   4·(S−1) times in this star layout: stage 0 sends every stage its input and gets its
   output back, forward and backward; the token ids ride along in every request).
 * `mixed/<name>`: the heterogeneous setting, 2 full replicas + 1 pipeline replica:
   `full-only` (the 2 full replicas alone), `pipeline-none` (uncompressed pipeline),
-  `hetero-32` (full replicas uncompressed, pipeline at subspace:32) and `all-32` (every
-  replica compressed: the full replicas train confined to the same subspace, as
-  compressed pipeline replicas would).
+  `hetero` (full replicas uncompressed, pipeline at `--mixed-activation`, default
+  subspace-int4:32) and `all-compressed` (every replica compressed: the full replicas
+  train confined to the same subspace, as compressed pipeline replicas would).
 * `wan/<rate>/<setting>`: throughput of the 4-stage pipeline with each stage peer's link
   shaped to <rate> through network namespaces (root; `--rates`), a few rounds each.
 
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "wan"))
 from swarm import run_swarm  # noqa: E402
 
 STAGES = 4
-CODECS = ["none", "int8", "subspace:8", "subspace:32", "subspace:100"]
+CODECS = ["none", "int8", "subspace:8", "subspace:32", "subspace-int8:32", "subspace-int4:32", "subspace:100", "subspace-int4:100"]
 HOP_KINDS = ("forward", "backward")
 
 
@@ -47,11 +48,11 @@ def stage_flags(activation: str) -> list[list[str]]:
     return [["--role", "stage", "--stage", str(k), "--activation", activation] for k in range(STAGES)]
 
 
-def mixed_runs() -> dict[str, list[list[str]]]:
+def mixed_runs(compressed: str) -> dict[str, list[list[str]]]:
     full = [["--role", "replica"], ["--role", "replica"]]
-    confined = [["--role", "replica", "--activation", "subspace:32"]] * 2
+    confined = [["--role", "replica", "--activation", compressed]] * 2
     return {"full-only": full, "pipeline-none": full + stage_flags("none"),
-            "hetero-32": full + stage_flags("subspace:32"), "all-32": confined + stage_flags("subspace:32")}
+            "hetero": full + stage_flags(compressed), "all-compressed": confined + stage_flags(compressed)}
 
 
 def summarize(reports: list[dict], tokens_per_step: int, inner_steps: int) -> dict:
@@ -136,9 +137,13 @@ def main() -> int:
     parser.add_argument("--wan-rounds", type=int, default=2)
     parser.add_argument("--parts", nargs="+", default=["codec", "mixed", "wan"], choices=["codec", "mixed", "wan"])
     parser.add_argument("--codecs", nargs="+", default=CODECS)
+    parser.add_argument("--mixed-activation", default="subspace-int4:32", help="mixed part: the compressed replicas' activation setting")
     parser.add_argument("--microbatch-size", type=int, default=4)
     parser.add_argument("--in-flight", type=int, default=4)
     parser.add_argument("--model", default="small", help="model preset (4 stages need >= 3 blocks)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="codec part: run every setting once per run seed (init and data order) and report each seed's "
+                             "ratio to none and their mean; the other parts use the first")
     parser.add_argument("--out", default="results/bench_pipeline.json")
     parser.add_argument("--keep-logs", help="keep the peers' logs and reports under this folder")
     parser.add_argument("--replot", metavar="JSON", help="only redraw the PNG of an earlier run's JSON")
@@ -152,17 +157,20 @@ def main() -> int:
 
     recipe, config = RECIPES[args.model], PRESETS[args.model]
     tokens_per_step = recipe.batch_size * recipe.seq_len
-    common = ["--model", args.model, "--stages", str(STAGES), "--outer", "diloco", "--codec", "int8", "--inner-steps", str(args.inner_steps),
-              "--threads", "1", "--seed", "0", "--microbatch-size", str(args.microbatch_size), "--in-flight", str(args.in_flight),
-              "--gather-timeout", "600"]
+
+    def common(seed: int) -> list[str]:
+        return ["--model", args.model, "--stages", str(STAGES), "--outer", "diloco", "--codec", "int8", "--inner-steps", str(args.inner_steps),
+                "--threads", "1", "--seed", str(seed), "--microbatch-size", str(args.microbatch_size), "--in-flight", str(args.in_flight),
+                "--gather-timeout", "600"]
+
     logs = Path(args.keep_logs or tempfile.mkdtemp(prefix="shoal-pipe-"))
     results: dict = {"codec_bytes": codec_table(config, list(dict.fromkeys([*CODECS, *args.codecs])))}
 
-    def run(part: str, name: str, peer_flags: list[list[str]], rate: str | None, rounds: int) -> dict:
-        print(f"== {part} {name}: {len(peer_flags)} peers, {rounds} rounds of {args.inner_steps} steps", flush=True)
+    def run(part: str, name: str, peer_flags: list[list[str]], rate: str | None, rounds: int, seed: int = args.seeds[0]) -> dict:
+        print(f"== {part} {name} (seed {seed}): {len(peer_flags)} peers, {rounds} rounds of {args.inner_steps} steps", flush=True)
         begin = time.monotonic()
-        reports = run_swarm(len(peer_flags), None if rate is None else [rate], rounds, logs / part / name.replace("/", "_"), common,
-                            peer_flags=peer_flags)
+        reports = run_swarm(len(peer_flags), None if rate is None else [rate], rounds, logs / part / f"{name.replace('/', '_')}_seed{seed}",
+                            common(seed), peer_flags=peer_flags)
         row = summarize(reports, tokens_per_step, args.inner_steps)
         row["launcher_seconds"] = time.monotonic() - begin
         for key in ("full_final_eval_loss", "pipeline_final_eval_loss", "pipeline_tokens_per_s", "hop_bytes_per_token"):
@@ -171,21 +179,34 @@ def main() -> int:
         return row
 
     if "codec" in args.parts:
-        results["codec"] = {spec: run("codec", spec, stage_flags(spec), None, args.rounds) for spec in args.codecs}
-        base = results["codec"].get("none")
-        for row in results["codec"].values():
-            if base:
-                row["eval_loss_vs_none"] = row["pipeline_final_eval_loss"] / base["pipeline_final_eval_loss"] - 1
-                row["hop_bytes_ratio_vs_none"] = base["hop_bytes_per_token"] / row["hop_bytes_per_token"]
+        by_seed = {seed: {spec: run("codec", spec, stage_flags(spec), None, args.rounds, seed) for spec in args.codecs} for seed in args.seeds}
+        for rows in by_seed.values():
+            base = rows.get("none")
+            for row in rows.values():
+                if base:
+                    row["eval_loss_vs_none"] = row["pipeline_final_eval_loss"] / base["pipeline_final_eval_loss"] - 1
+                    row["hop_bytes_ratio_vs_none"] = base["hop_bytes_per_token"] / row["hop_bytes_per_token"]
+        results["codec"] = by_seed[args.seeds[0]]  # the plot's curves and the table's bytes: the first seed
+        if len(args.seeds) > 1:
+            results["codec_by_seed"] = {str(seed): rows for seed, rows in by_seed.items()}
+            for spec, row in results["codec"].items():
+                finals = [by_seed[seed][spec]["pipeline_final_eval_loss"] for seed in args.seeds]
+                row["final_eval_loss_by_seed"] = finals
+                row["mean_final_eval_loss"] = sum(finals) / len(finals)
+                if "eval_loss_vs_none" in row:
+                    ratios = [by_seed[seed][spec]["eval_loss_vs_none"] for seed in args.seeds]
+                    row["eval_loss_vs_none_by_seed"] = ratios
+                    row["mean_eval_loss_vs_none"] = sum(ratios) / len(ratios)
     if "mixed" in args.parts:
-        results["mixed"] = {name: run("mixed", name, flags, None, args.rounds) for name, flags in mixed_runs().items()}
+        results["mixed"] = {name: run("mixed", name, flags, None, args.rounds) for name, flags in mixed_runs(args.mixed_activation).items()}
+        results["mixed_activation"] = args.mixed_activation
     if "wan" in args.parts and args.rates:
         results["wan"] = {rate: {spec: run("wan", f"{rate}/{spec}", stage_flags(spec), rate, args.wan_rounds) for spec in args.codecs}
                           for rate in args.rates}
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    document = {"command": "python scripts/bench_pipeline.py " + " ".join(sys.argv[1:]), "model": args.model, "stages": STAGES,
+    document = {"command": "python scripts/bench_pipeline.py " + " ".join(sys.argv[1:]), "model": args.model, "stages": STAGES, "seeds": args.seeds,
                 "rounds": args.rounds, "inner_steps": args.inner_steps, "tokens_per_step": tokens_per_step, "results": results}
     try:
         document["plot"] = plot(results, out, args.model)
@@ -197,7 +218,9 @@ def main() -> int:
     for spec, row in results.get("codec", {}).items():
         print(f"{spec:<17} {results['codec_bytes'][spec]['bytes_per_token']:15.1f} {row['hop_bytes_per_token_per_payload']:20.1f} "
               f"{row.get('hop_bytes_ratio_vs_none', float('nan')):7.1f} {row['pipeline_tokens_per_s']:9.0f} "
-              f"{row['pipeline_final_eval_loss']:10.3f} {row.get('eval_loss_vs_none', float('nan')):+8.1%}")
+              f"{row['pipeline_final_eval_loss']:10.3f} {row.get('eval_loss_vs_none', float('nan')):+8.1%}"
+              + (f"   seeds {args.seeds}: " + " ".join(f"{v:+.1%}" for v in row["eval_loss_vs_none_by_seed"])
+                 + f", mean {row['mean_eval_loss_vs_none']:+.1%}" if "mean_eval_loss_vs_none" in row else ""))
     for name, row in results.get("mixed", {}).items():
         print(f"mixed {name:<14} full {row.get('full_final_eval_loss', float('nan')):.3f}  pipeline {row.get('pipeline_final_eval_loss', float('nan')):.3f}")
     for rate, rows in results.get("wan", {}).items():

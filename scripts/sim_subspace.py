@@ -17,6 +17,12 @@ Variants (`--variants`), each an activation spec as `--activation` takes it, opt
 prefixed:
 * `SPEC` (`none`, `int8`, `subspace:32`, `subspace-int8:32`, ...): the runtime: weights
   confined to E0 + span(U) (pipeline/subspace.py), one fixed basis;
+* `head-confined:SPEC`: the runtime as it first was: the embedding *parameter* confined
+  too (E ← E0 + (E − E0) U U^T after every step, its gradient projected G U U^T), so the
+  tied head also learns only inside span(U); the runtime confines only the lookup;
+* `writers-scaled:SPEC`: uncompressed and unconfined (codec none), but the writers step
+  at the factor SPEC's confinement gives them (pipeline/subspace.writer_lr_scale): is
+  that factor simply a better recipe for every run?
 * `boundary:SPEC`: the same codec and basis, weights not confined: each stage boundary
   projects the stream onto E0[token] + span(U) (what the codec's encode computes), blocks
   write freely inside a stage;
@@ -49,6 +55,7 @@ from shoal.optim.inner import InnerConfig
 from shoal.optim.outer import OuterConfig
 from shoal.pipeline.compression import parse_activation
 from shoal.pipeline.stages import StagePlan, build_stage
+from shoal.pipeline.subspace import Confinement
 from shoal.pipeline.worker import SliceTrainer
 from shoal.train import PRESETS, RECIPES
 from shoal.train.data import ByteData, load_corpus
@@ -85,6 +92,44 @@ class Boundary:
         self.grad.zero_()
 
 
+class EmbeddingConfined:
+    """`head-confined`: stage 0's constraint with the embedding parameter confined as well."""
+
+    def __init__(self, inner: Confinement) -> None:
+        self.inner, self.basis = inner, inner.basis
+
+    def grads(self, params: dict[str, torch.Tensor]) -> None:
+        self.inner.grads(params)
+        grad = params["embed.weight"].grad
+        if grad is not None:
+            grad.copy_((grad @ self.basis.U) @ self.basis.U.T)
+
+    @torch.no_grad()
+    def weights(self, params: dict[str, torch.Tensor]) -> None:
+        self.inner.weights(params)
+        E, (U, E0) = params["embed.weight"], (self.basis.U, self.basis.E0)
+        E.copy_(E0 + ((E - E0) @ U) @ U.T)
+
+    def lr_scales(self, params: dict[str, torch.Tensor]) -> dict[str, float]:
+        return self.inner.lr_scales(params)
+
+
+class WritersScaled:
+    """`writers-scaled`: no constraint, only the confined writers' learning-rate factor."""
+
+    def __init__(self, basis: SubspaceBasis) -> None:
+        self.scales = Confinement(basis).lr_scales
+
+    def grads(self, params: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def weights(self, params: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def lr_scales(self, params: dict[str, torch.Tensor]) -> dict[str, float]:
+        return self.scales(params)
+
+
 class _Hop(torch.autograd.Function):
     """The stream through a codec: forward encode → decode, backward encode_grad → decode_grad."""
 
@@ -113,15 +158,22 @@ class _Hop(torch.autograd.Function):
 def train(variant: str, seed: int, rounds: int, inner_steps: int, basis_lr: float, eval_batches: int) -> dict:
     torch.manual_seed(seed)
     recipe, config = RECIPES[MODEL], PRESETS[MODEL]
-    mode, spec = variant.split(":", 1) if variant.startswith(("boundary:", "learned:")) else ("runtime", variant)
+    mode, spec = variant.split(":", 1) if variant.startswith(("head-confined:", "writers-scaled:", "boundary:", "learned:")) else ("runtime", variant)
     setting = parse_activation(spec, config, seed)
     if mode != "runtime" and setting.basis is None:
         raise SystemExit(f"{variant}: {mode} needs a subspace codec")
     plan = StagePlan(STAGES, config.n_layers)
     stages = {s: build_stage(config, plan, s, seed) for s in range(STAGES)}
     inner = InnerConfig(lr=recipe.inner_lr, warmup_steps=recipe.warmup_steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len)
-    confine = setting.basis if mode == "runtime" else None
+    confine = setting.basis if mode in ("runtime", "head-confined") else None
     trainers = {s: SliceTrainer(module, inner, torch.device("cpu"), confine) for s, module in stages.items()}
+    if mode == "head-confined":
+        trainers[0].constraint = EmbeddingConfined(trainers[0].constraint)
+    if mode == "writers-scaled":
+        for trainer in trainers.values():
+            trainer.constraint = WritersScaled(setting.basis)
+            trainer.restart(inner, 0)  # the optimizer's groups from the factor
+        setting = parse_activation("none", config, seed)
     outers = {s: DiLoCo(trainer.local_weights(), OuterConfig(codec="int8")) for s, trainer in trainers.items()}  # as peer/node.py
     for stage, trainer in trainers.items():
         trainer.load_weights(outers[stage].params)

@@ -19,12 +19,16 @@ each weight exactly once. That list is what peers hash, ship and average.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# (embedding rows, token ids) → what the lookup writes to the residual stream
+EmbeddingView = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # ---- configuration ------------------------------------------------------------------
 
@@ -205,6 +209,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         # no lm_head module: `head` projects with embed.weight, so the tied matrix exists once
+        self.embedding_view: EmbeddingView | None = None
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator) -> None:
@@ -226,10 +231,12 @@ class Transformer(nn.Module):
     # The three separable parts (pipeline stages slice between them).
 
     def embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
-        """(batch, seq) byte ids → (batch, seq, d_model) residual stream."""
+        """(batch, seq) byte ids → (batch, seq, d_model) residual stream: the embedding rows,
+        or what `embedding_view` makes of them (pipeline/subspace.py confines the stream so)."""
         if idx.size(-1) > self.config.max_seq_len:
             raise ValueError(f"sequence length {idx.size(-1)} exceeds max_seq_len {self.config.max_seq_len}")
-        return self.embed(idx)
+        rows = self.embed(idx)
+        return rows if self.embedding_view is None else self.embedding_view(rows, idx)
 
     def forward_blocks(self, h: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Run blocks[start:end] on the residual stream h."""

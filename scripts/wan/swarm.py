@@ -37,16 +37,23 @@ def run_swarm(peers: int, rates: Sequence[str] | None, rounds: int, out: Path, f
     if len(extra) != peers:
         raise ValueError(f"peer_flags has {len(extra)} entries for {peers} peers")
     if rates is None:
-        ports = [_free_port() for _ in range(peers)]
+        ports = _free_ports(peers)
         return _launch(rounds, out, flags, extra, timeout_s, [f"127.0.0.1:{p}" for p in ports], lambda i, argv: argv)
     with Wan(peers, rates, prefix) as wan:
         return _launch(rounds, out, flags, extra, timeout_s, [f"{wan.address(i)}:{PORT}" for i in range(peers)], wan.exec_args)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports on 127.0.0.1: every socket stays bound until all are picked, so
+    the OS cannot hand out one port twice (it did: two peers of a run got the same port)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _launch(rounds: int, out: Path, flags: Sequence[str], extra: list[list[str]], timeout_s: float, listen: list[str],
@@ -64,10 +71,16 @@ def _launch(rounds: int, out: Path, flags: Sequence[str], extra: list[list[str]]
             if i == 0:
                 time.sleep(3.0)  # let the first peer bind before others bootstrap (they retry anyway)
         deadline = time.monotonic() + timeout_s
+        while any(proc.poll() is None for proc in procs):  # a peer that fails ends the run at once, not at the deadline
+            for i, proc in enumerate(procs):
+                if proc.poll():
+                    raise RuntimeError(f"peer-{i} exited with {proc.returncode}; see {out / f'peer-{i}.log'}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the swarm did not finish within {timeout_s:.0f} s; see {out}")
+            time.sleep(0.5)
         for i, proc in enumerate(procs):
-            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            if code:
-                raise RuntimeError(f"peer-{i} exited with {code}; see {out / f'peer-{i}.log'}")
+            if proc.returncode:
+                raise RuntimeError(f"peer-{i} exited with {proc.returncode}; see {out / f'peer-{i}.log'}")
     finally:
         for proc in procs:
             if proc.poll() is None:

@@ -63,12 +63,12 @@ def recrc(payload: bytes) -> bytes:
 
 
 def test_registry() -> None:
-    assert set(ACTIVATION_CODECS) == {"none", "int8", "subspace", "subspace-int8"}
+    assert set(ACTIVATION_CODECS) == {"none", "int8", "subspace", "subspace-int8", "subspace-int4"}
     for name in ACTIVATION_CODECS:
         codec = make_codec(name)
         assert codec.name == name and isinstance(codec, ActivationCodec)
         assert codec_name(codec.codec_id) == f"activation:{name}"  # no clash with tensor codecs
-    with pytest.raises(ValueError, match="unknown activation codec 'fp8'.*int8, none, subspace, subspace-int8"):
+    with pytest.raises(ValueError, match="unknown activation codec 'fp8'.*int8, none, subspace, subspace-int4, subspace-int8"):
         get_activation_codec("fp8")
     with pytest.raises(TypeError, match="basis"):
         get_activation_codec("subspace")
@@ -79,7 +79,7 @@ def test_registry() -> None:
 def test_bytes_per_token_at_d128() -> None:
     basis = make_basis(d_model=128, k=subspace_dim_for_ratio(128, 8))
     sizes = {name: make_codec(name, basis).bytes_per_token(128) for name in ACTIVATION_CODECS}
-    assert sizes == {"none": 512.0, "int8": 132.0, "subspace": 62.0, "subspace-int8": 32.0}
+    assert sizes == {"none": 512.0, "int8": 132.0, "subspace": 62.0, "subspace-int8": 32.0, "subspace-int4": 17.0}
 
 
 @pytest.mark.parametrize("name", sorted(ACTIVATION_CODECS))
@@ -111,8 +111,15 @@ def test_subspace_dim_for_ratio() -> None:
             k = subspace_dim_for_ratio(d_model, ratio, coordinates="int8")
             assert 4 * d_model / (k + 2) >= ratio or k == 1
             assert k == d_model or 4 * d_model / (k + 3) < ratio
+    # int4 coordinates: ceil(k/2) + 1 bytes, plus the token id
+    assert [subspace_dim_for_ratio(128, ratio, coordinates="int4") for ratio in (8, 32, 100)] == [124, 28, 6]
+    for d_model in (32, 128, 768):
+        for ratio in (2, 8, 32, 100):
+            k = subspace_dim_for_ratio(d_model, ratio, coordinates="int4")
+            assert 4 * d_model / ((k + 1) // 2 + 2) >= ratio or k == 1
+            assert k == d_model or 4 * d_model / ((k + 2) // 2 + 2) < ratio
     with pytest.raises(ValueError, match="coordinates"):
-        subspace_dim_for_ratio(128, 32, coordinates="int4")
+        subspace_dim_for_ratio(128, 32, coordinates="int3")
     for bad in (0, -1, float("nan"), float("inf"), True):
         with pytest.raises(ValueError, match="ratio"):
             subspace_dim_for_ratio(128, bad)
@@ -187,6 +194,35 @@ def test_subspace_int8_per_token_error() -> None:
             assert ((decoded - coords).abs() <= peak / 127 * 1.0001 + 1e-5 * peak + slack).all()
             assert rel_error(decoded[1], coords[1]) < 0.01 and rel_error(decoded, coords) < 0.01
             assert decoded[0, 0].abs().max() < 1e-6 * scale
+
+
+@pytest.mark.parametrize("k", [K, 7])  # an odd k pads a nibble
+def test_subspace_int4_error(k: int) -> None:
+    basis = make_basis(k=k)
+    codec = make_codec("subspace-int4", basis)
+    _, ids = sample(4, 32)
+    generator = torch.Generator().manual_seed(5)
+    # coordinates as a trained stream's: per-dimension offsets up to 4 deviations, spreads 0.3-3
+    spread = 0.3 + 2.7 * torch.rand(k, generator=generator)
+    z = 4 * spread * (2 * torch.rand(k, generator=generator) - 1) + spread * torch.randn(*ids.shape, k, generator=generator)
+    z[0, 0] = 0.0
+    forward = (codec.encode, codec.decode, basis.E0[ids])
+    backward = (codec.encode_grad, codec.decode_grad, 0.0)
+    for scale, directions in ((1.0, (forward, backward)), (1e3, (forward, backward)), (1e-9, (backward,))):
+        coords = z * scale
+        centred = coords - coords.mean(dim=(0, 1))
+        for encode, decode, offset in directions:
+            decoded = (decode(encode(offset + coords @ basis.U.T, ids), ids, D_MODEL) - offset) @ basis.U
+            # each code errs by at most half a token step; the step is <= 2^(1/4)·(the token's
+            # peak of |centred / deviation|)/7 — deviations and means rounded up to a quarter
+            # step and octave do not err, they only widen the bound a little
+            assert rel_error(decoded, coords) < 0.05
+            assert float((decoded - coords).norm() / centred.norm()) < 0.12  # ~10% of the spread
+    # a payload of one token, and a token of zeros
+    one = ids[:1, :1]
+    assert float(codec.decode_grad(codec.encode_grad(torch.zeros(1, 1, D_MODEL), one), one, D_MODEL).abs().max()) == 0.0
+    h = confined(one, basis)
+    assert rel_error(codec.decode(codec.encode(h, one), one, D_MODEL) - basis.E0[one], h - basis.E0[one]) < 0.12
 
 
 def test_subspace_lossy_outside_span() -> None:
@@ -328,6 +364,17 @@ def test_non_finite_payloads_rejected() -> None:
     payload[start] = 127  # token 0's exponent: codes × 2^127 overflow float32
     with pytest.raises(CodecError, match="non-finite values"):
         subspace8.decode(recrc(bytes(payload)), ids, D_MODEL)
+    subspace4 = make_codec("subspace-int4")
+    start = header + 8  # after the basis id: deviation steps i8[k], mean steps i8[k], token scales i8[n]
+    payload = bytearray(subspace4.encode(confined(ids), ids))
+    payload[start : start + 2 * K + 8] = b"\x7f" * (2 * K + 8)  # every scale at its largest, 2^(127/4)
+    payload[start + 2 * K + 8 :] = b"\xff" * (len(payload) - start - 2 * K - 8)  # codes +7
+    # quarter-octave bytes cannot overflow float32 (2^31.75 · 2^31.75 · 7 · 32 < 3.4e38)
+    assert bool(torch.isfinite(subspace4.decode(recrc(bytes(payload)), ids, D_MODEL)).all())
+    payload = bytearray(subspace4.encode(confined(ids), ids))
+    payload[-1] = 0x80  # low nibble 0
+    with pytest.raises(CodecError, match="nibble 0"):
+        subspace4.decode(recrc(bytes(payload)), ids, D_MODEL)
     payload = bytearray(subspace8.encode(confined(ids), ids))
     payload[start + ids.numel()] = 0x80  # int8 -128
     with pytest.raises(CodecError, match="-128"):

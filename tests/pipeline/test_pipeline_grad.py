@@ -16,7 +16,7 @@ from shoal.pipeline.driver import DriverConfig, PipelineDriver
 from shoal.pipeline.routing import build_router
 from shoal.pipeline.service import StageService
 from shoal.pipeline.stages import StagePlan, build_stage
-from shoal.pipeline.subspace import confine_
+from shoal.pipeline.subspace import confine_module
 from shoal.pipeline.worker import BlockWorker, EdgeWorker
 from shoal.train import PRESETS, build_model, parameter_names
 
@@ -118,22 +118,24 @@ def test_int8_activations_stay_close_to_the_exact_loss():
     assert asyncio.run(lossy.evaluate([(x, y)])) == pytest.approx(asyncio.run(exact.evaluate([(x, y)])), rel=1e-3)
 
 
-@pytest.mark.parametrize(("spec", "tolerance"), [("subspace:8", 1e-3), ("subspace-int8:8", 3e-3)])
+@pytest.mark.parametrize(("spec", "tolerance"), [("subspace:8", 1e-3), ("subspace-int8:8", 3e-3), ("subspace-int4:8", 1e-2)])
 def test_subspace_pipeline_computes_the_confined_models_loss(spec, tolerance):
     """With the weights confined to E0[token] + span(U), sending k of d_model coordinates
-    per token loses nothing but the coordinates' rounding (float16, or int8 with twice
-    the k): the pipeline's loss is the confined unsplit model's."""
+    per token loses nothing but the coordinates' rounding (float16, int8 with twice the
+    k, or 4 bits with four times): the pipeline's loss is the confined unsplit model's."""
     setting = parse_activation(spec, CONFIG, SEED)
     driver, edge, workers, _ = make_pipeline(3, spec)
     x, y = batch(1)
     for _ in range(3):  # move the weights off their initial values first
         asyncio.run(driver.train_step(x, y, step=0))
+    with torch.no_grad():  # and the embedding off E0 + span(U), as the tied head's gradient moves it
+        edge.params["embed.weight"].add_(torch.randn(edge.params["embed.weight"].shape, generator=torch.Generator().manual_seed(3)), alpha=0.05)
     model = build_model(CONFIG, SEED)
     with torch.no_grad():
         for trainer in [edge, *workers.values()]:
             for name, param in trainer.params.items():
                 model.get_parameter(name).copy_(param)
-    confine_(dict(model.named_parameters()), setting.basis)
+    confine_module(model, setting.basis)  # its lookup writes the confined view, as stage 0's does
     _, loss = model(x, y)
     assert asyncio.run(driver.evaluate([(x, y)])) == pytest.approx(float(loss.detach()), rel=tolerance)
 
@@ -144,6 +146,8 @@ def test_activation_flag():
     setting = parse_activation("subspace-int8:32", small, SEED)
     assert setting.basis.k == 14 and setting.codec.name == "subspace-int8"  # 14 + 1 + 1
     assert 4 * small.d_model / (setting.codec.bytes_per_token(small.d_model) + 1) >= 32
+    setting = parse_activation("subspace-int4:32", small, SEED)
+    assert setting.basis.k == 28 and setting.codec.bytes_per_token(small.d_model) == 15  # 14 + 1, + 1 token id
     assert parse_activation("int8", small, SEED).basis is None
     for bad, message in [("subspace", "needs a ratio"), ("subspace-int8:x", "needs a ratio"), ("subspace:0.5", ">= 1"),
                          ("int8:4", "takes no ratio"), ("fp8", "must be none, int8")]:

@@ -1,5 +1,6 @@
-"""Subspace confinement on the tiny model: after `confine_`, a stage boundary coded with the
-`subspace` codec gives the uncompressed loss and the uncompressed stage-0 gradients."""
+"""Subspace confinement on the tiny model: after `confine_module` and `confine_`, a stage
+boundary coded with the `subspace` codec gives the uncompressed loss and the uncompressed
+stage-0 gradients."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from shoal.compression import ActivationCodec, get_activation_codec
-from shoal.pipeline.subspace import basis_for_model, confine_, confine_grads_, confinement_error
+from shoal.optim.inner import InnerConfig, ParamTrainer
+from shoal.pipeline.subspace import (
+    basis_for_model,
+    confine_,
+    confine_grads_,
+    confine_module,
+    confinement_error,
+    writer_lr_scale,
+)
 from shoal.train import Transformer, build_model
 
 SEED, K = 0, 8
@@ -26,11 +35,13 @@ def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def confined_model(basis, learned_embedding: bool = True) -> Transformer:
-    """The tiny model, confined; with a nonzero learnable embedding part, as after training."""
+    """The tiny model, confined; with the embedding moved off E0 in every direction, as the
+    head's gradient moves it in training."""
     model = build_model("tiny", seed=SEED)
     if learned_embedding:
         with torch.no_grad():
             model.embed.weight.add_(0.05 * torch.randn(model.embed.weight.shape, generator=torch.Generator().manual_seed(7)))
+    confine_module(model, basis)
     confine_(model, basis)
     return model
 
@@ -56,11 +67,8 @@ def two_stages(model: Transformer, ids: torch.Tensor, targets: torch.Tensor, cod
 
 
 def project_grad(name: str, grad: torch.Tensor, basis) -> torch.Tensor:
-    """What `confine_grads_` does, written out: U U^T G for writers, G U U^T for the embedding."""
-    projector = basis.U @ basis.U.T
-    if name == "embed.weight":
-        return grad @ projector
-    return projector @ grad if name.endswith(("attn.proj.weight", "mlp.down.weight")) else grad
+    """What `confine_grads_` does, written out: U U^T G for writers, nothing to the rest."""
+    return basis.U @ basis.U.T @ grad if name.endswith(("attn.proj.weight", "mlp.down.weight")) else grad
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -75,9 +83,11 @@ def test_basis_for_model_is_the_initial_embedding(basis) -> None:
     assert (basis.d_model, basis.k) == (32, K)
     assert abs(float((basis.U.T @ basis.E0[:K].T).abs().max())) < 0.1  # U not drawn from E0's stream
     embed_before = model.embed.weight.detach().clone()
-    names = confine_(model, basis)
-    assert sorted(names) == sorted(["embed.weight", *WRITERS])
-    assert torch.allclose(model.embed.weight, embed_before)  # learnable part starts at zero
+    confine_module(model, basis)
+    assert sorted(confine_(model, basis)) == sorted(WRITERS)
+    assert torch.equal(model.embed.weight, embed_before)  # the parameter is not confined...
+    ids, _ = batch()
+    assert torch.allclose(model.embed_tokens(ids), embed_before[ids], atol=1e-6)  # ...and its view starts at E
 
 
 def test_confine_projects_only_residual_writers(basis) -> None:
@@ -87,7 +97,7 @@ def test_confine_projects_only_residual_writers(basis) -> None:
     confine_(model, basis)
     assert confinement_error(model, basis) < 1e-5
     for name, param in model.named_parameters():
-        if name not in WRITERS and name != "embed.weight":
+        if name not in WRITERS:
             assert torch.equal(param, before[name]), name
     snapshot = {name: p.detach().clone() for name, p in model.named_parameters()}
     confine_(model, basis)  # a projection: idempotent
@@ -109,6 +119,8 @@ def test_stream_stays_in_subspace(basis) -> None:
     model = confined_model(basis)
     ids, _ = batch()
     projector = basis.U @ basis.U.T
+    embed_learned = model.embed.weight.detach() - basis.E0
+    assert rel_diff(embed_learned @ projector, embed_learned) > 0.5  # the parameter moved outside span(U)
     with torch.no_grad():
         for end in range(model.config.n_layers + 1):
             learned = model.forward_blocks(model.embed_tokens(ids), 0, end) - basis.E0[ids]
@@ -123,10 +135,11 @@ def test_subspace_boundary_matches_uncompressed(basis) -> None:
     loss, compressed = two_stages(model, ids, targets, codec)
     assert abs(float(loss - exact_loss)) < 1e-3 * float(exact_loss)
     for name, grad in compressed.items():
-        # non-writing parameters get exactly the uncompressed gradient; writers and the
-        # embedding the same gradient once projected as confine_grads_ does
+        # non-writing parameters and the embedding (its lookup's gradient comes out of the
+        # confined view already projected) get exactly the uncompressed gradient; writers the
+        # same gradient once projected as confine_grads_ does
         assert rel_diff(project_grad(name, grad, basis), project_grad(name, exact[name], basis)) < 1e-2, name
-        if name.startswith("blocks.0.") and project_grad(name, grad, basis) is grad:
+        if project_grad(name, grad, basis) is grad:
             assert rel_diff(grad, exact[name]) < 1e-2, name
     # ...while the raw writer gradients differ: the codec does not carry g outside span(U)
     assert rel_diff(compressed["blocks.0.mlp.down.weight"], exact["blocks.0.mlp.down.weight"]) > 0.3
@@ -148,6 +161,7 @@ def train(basis, codec: ActivationCodec | None, steps: int = 10, project_grads: 
     """Projected AdamW on two stages, as the trainer runs it (see pipeline/subspace.py).
     Returns each parameter's total update (final − initial) and checks the loss fell."""
     model = build_model("tiny", seed=SEED)
+    confine_module(model, basis)
     confine_(model, basis)
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
@@ -163,7 +177,7 @@ def train(basis, codec: ActivationCodec | None, steps: int = 10, project_grads: 
         grad_h1 = received.grad if codec is None else codec.decode_grad(codec.encode_grad(received.grad, ids), ids, 32)
         h1.backward(grad_h1)  # stage 0
         if project_grads:
-            assert sorted(confine_grads_(model, basis)) == sorted(["embed.weight", *WRITERS])
+            assert sorted(confine_grads_(model, basis)) == sorted(WRITERS)
         optimizer.step()
         confine_(model, basis)
         losses.append(float(loss.detach()))
@@ -181,3 +195,25 @@ def test_training_with_subspace_codec_follows_uncompressed_run(basis) -> None:
     exact, compressed = train(basis, None, project_grads=False), train(basis, codec, project_grads=False)
     for name in WRITERS[:2]:  # measured: > 1.0
         assert rel_diff(compressed[name], exact[name]) > 0.3, name
+
+
+def test_confined_writers_step_at_sqrt_k_over_d(basis) -> None:
+    """AdamW moves each element of a writer by ~lr, nearly all of it inside span(U): the
+    confinement gives the writers lr·sqrt(k/d), every other parameter the run's lr."""
+    model = build_model("tiny", seed=SEED)
+    trainer = ParamTrainer(dict(model.named_parameters()), InnerConfig(lr=1e-3, weight_decay=0.0), confine_module(model, basis))
+    scale = (K / 32) ** 0.5
+    assert writer_lr_scale(basis) == pytest.approx(scale)
+    groups = {group["lr_scale"]: {id(p) for p in group["params"]} for group in trainer.optimizer.param_groups}
+    assert set(groups) == {1.0, scale}
+    assert groups[scale] == {id(model.get_parameter(name)) for name in WRITERS}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ids, targets = batch()
+    model(ids, targets)[1].backward()
+    trainer.optimizer_step()
+    assert sorted(group["lr"] for group in trainer.optimizer.param_groups) == pytest.approx([1e-3 * scale, 1e-3])
+    # AdamW's first step moves an element by lr·g/|g|: the gain's (not confined) by exactly lr
+    moved = (model.get_parameter("blocks.0.mlp_norm.weight").detach() - before["blocks.0.mlp_norm.weight"]).abs()
+    assert float(moved.max()) == pytest.approx(1e-3, rel=1e-3)
+    writer = model.get_parameter(WRITERS[0]).detach() - before[WRITERS[0]]
+    assert float(writer.norm()) < 1.1 * 1e-3 * scale * writer.numel() ** 0.5  # ~lr·sqrt(k/d) per element, then projected
