@@ -132,7 +132,11 @@ class ActivationCodec(ABC):
         ids = _check_token_ids(token_ids)
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             raise CodecError(f"{self.name}: {what} must be a floating-point torch.Tensor")
-        if tensor.ndim != 3 or tuple(tensor.shape[:2]) != tuple(ids.shape) or not 1 <= tensor.shape[2] < _U32_LIMIT:
+        if (
+            tensor.ndim != 3
+            or tuple(tensor.shape[:2]) != tuple(ids.shape)
+            or not 1 <= tensor.shape[2] < _U32_LIMIT
+        ):
             raise CodecError(
                 f"{self.name}: {what} of shape {tuple(tensor.shape)} is not token_ids "
                 f"{tuple(ids.shape)} + (d_model,)"
@@ -145,39 +149,69 @@ class ActivationCodec(ABC):
         if len(body) != self.payload_nbytes(batch * seq, d_model) - ACTIVATION_HEADER.size:
             raise AssertionError(f"{self.name}: encoded {len(body)} body bytes, a codec bug")
         prefix = ACTIVATION_HEADER.pack(
-            MAGIC, self.codec_id, self.version, direction, batch, seq, d_model, _token_ids_crc(ids), 0
+            MAGIC,
+            self.codec_id,
+            self.version,
+            direction,
+            batch,
+            seq,
+            d_model,
+            _token_ids_crc(ids),
+            0,
         )[:_CRC_OFFSET]
         crc = zlib.crc32(body, zlib.crc32(prefix))
         return b"".join((prefix, struct.pack("<I", crc), body))
 
-    def _decode(self, payload: bytes, token_ids: torch.Tensor, d_model: int, direction: int) -> torch.Tensor:
-        if isinstance(d_model, bool) or not isinstance(d_model, int) or not 1 <= d_model < _U32_LIMIT:
+    def _decode(
+        self, payload: bytes, token_ids: torch.Tensor, d_model: int, direction: int
+    ) -> torch.Tensor:
+        if (
+            isinstance(d_model, bool)
+            or not isinstance(d_model, int)
+            or not 1 <= d_model < _U32_LIMIT
+        ):
             raise ValueError(f"d_model must be a positive int, got {d_model!r}")
         self._token_nbytes(d_model)  # the receiver's own d_model must suit the codec (ValueError)
         ids = _check_token_ids(token_ids)
         data = payload_bytes(payload)
         if len(data) < ACTIVATION_HEADER.size:
-            raise CodecError(f"payload is {len(data)} bytes, shorter than the {ACTIVATION_HEADER.size}-byte header")
-        magic, codec_id, version, sent_direction, batch, seq, sent_d, ids_crc, crc = ACTIVATION_HEADER.unpack_from(data)
+            raise CodecError(
+                f"payload is {len(data)} bytes, shorter than the {ACTIVATION_HEADER.size}-byte header"
+            )
+        magic, codec_id, version, sent_direction, batch, seq, sent_d, ids_crc, crc = (
+            ACTIVATION_HEADER.unpack_from(data)
+        )
         if magic != MAGIC:
-            raise CodecError(f"bad magic byte 0x{magic:02x} (want 0x{MAGIC:02x}): not a shoal codec payload")
+            raise CodecError(
+                f"bad magic byte 0x{magic:02x} (want 0x{MAGIC:02x}): not a shoal codec payload"
+            )
         if codec_id != self.codec_id:
-            raise CodecError(f"payload was encoded by {codec_name(codec_id)!r}, not 'activation:{self.name}'")
+            raise CodecError(
+                f"payload was encoded by {codec_name(codec_id)!r}, not 'activation:{self.name}'"
+            )
         if version != self.version:
-            raise CodecError(f"{self.name} payload version {version} is not supported (want {self.version})")
+            raise CodecError(
+                f"{self.name} payload version {version} is not supported (want {self.version})"
+            )
         if sent_direction != direction:
             sent = _DIRECTION.get(sent_direction, f"unknown direction {sent_direction}")
-            raise CodecError(f"{self.name} payload carries {sent}, but {_DIRECTION[direction]} was expected")
+            raise CodecError(
+                f"{self.name} payload carries {sent}, but {_DIRECTION[direction]} was expected"
+            )
         if (batch, seq, sent_d) != (*ids.shape, d_model):
             raise CodecError(
                 f"{self.name} payload describes shape {(batch, seq, sent_d)}, expected {(*ids.shape, d_model)}"
             )
         if ids_crc != _token_ids_crc(ids):
-            raise CodecError(f"{self.name} payload was encoded for other token ids (wrong microbatch?)")
+            raise CodecError(
+                f"{self.name} payload was encoded for other token ids (wrong microbatch?)"
+            )
         n_tokens = batch * seq
         expected = self.payload_nbytes(n_tokens, d_model)
         if len(data) != expected:
-            raise CodecError(f"{self.name} payload is {len(data)} bytes; {n_tokens} tokens × d_model {d_model} need {expected}")
+            raise CodecError(
+                f"{self.name} payload is {len(data)} bytes; {n_tokens} tokens × d_model {d_model} need {expected}"
+            )
         body = data[ACTIVATION_HEADER.size :]
         if zlib.crc32(body, zlib.crc32(data[:_CRC_OFFSET])) != crc:
             raise CodecError(f"{self.name} payload fails its CRC32 check (corrupted in transit?)")
@@ -200,7 +234,9 @@ class ActivationCodec(ABC):
         device; ids are the flat int64 CPU token ids."""
 
     @abstractmethod
-    def _decode_rows(self, body: memoryview, ids: torch.Tensor, d_model: int, direction: int) -> torch.Tensor:
+    def _decode_rows(
+        self, body: memoryview, ids: torch.Tensor, d_model: int, direction: int
+    ) -> torch.Tensor:
         """float32 CPU rows (tokens, d_model) from a CRC-checked body of the exact length."""
 
     def __repr__(self) -> str:
@@ -219,7 +255,9 @@ class RawActivationCodec(ActivationCodec):
     def _encode_rows(self, rows: torch.Tensor, ids: torch.Tensor, direction: int) -> bytes:
         return rows.cpu().numpy().astype("<f4", copy=False).tobytes()
 
-    def _decode_rows(self, body: memoryview, ids: torch.Tensor, d_model: int, direction: int) -> torch.Tensor:
+    def _decode_rows(
+        self, body: memoryview, ids: torch.Tensor, d_model: int, direction: int
+    ) -> torch.Tensor:
         values = np.frombuffer(body, dtype="<f4").astype(np.float32)  # a writable copy we own
         return torch.from_numpy(values).reshape(ids.numel(), d_model)
 
@@ -240,9 +278,13 @@ class Int8ActivationCodec(ActivationCodec):
         scales = rows.abs().amax(dim=1) / 127.0
         safe = torch.where(scales > 0, scales, torch.ones_like(scales))
         codes = torch.round(rows / safe[:, None]).clamp_(-127, 127).to(torch.int8)
-        return b"".join((scales.cpu().numpy().astype("<f4").tobytes(), codes.cpu().numpy().tobytes()))
+        return b"".join(
+            (scales.cpu().numpy().astype("<f4").tobytes(), codes.cpu().numpy().tobytes())
+        )
 
-    def _decode_rows(self, body: memoryview, ids: torch.Tensor, d_model: int, direction: int) -> torch.Tensor:
+    def _decode_rows(
+        self, body: memoryview, ids: torch.Tensor, d_model: int, direction: int
+    ) -> torch.Tensor:
         n_tokens = ids.numel()
         scales = np.frombuffer(body, dtype="<f4", count=n_tokens)
         if not (np.isfinite(scales).all() and (scales >= 0).all()):
@@ -284,7 +326,9 @@ class SubspaceActivationCodec(ActivationCodec):
 
     name = "subspace"
     codec_id = 18
-    coordinates: ClassVar[str] = "fp16"  # how the coordinates travel (subspace_basis.COORDINATE_BITS)
+    coordinates: ClassVar[str] = (
+        "fp16"  # how the coordinates travel (subspace_basis.COORDINATE_BITS)
+    )
     prefix_nbytes = BASIS_ID_NBYTES + 1  # basis id, scale exponent i8
 
     def __init__(self, basis: SubspaceBasis) -> None:
@@ -298,7 +342,9 @@ class SubspaceActivationCodec(ActivationCodec):
 
     def _check_d_model(self, d_model: int, error: type[Exception]) -> None:
         if d_model != self.basis.d_model:
-            raise error(f"subspace basis {self.basis.basis_id} is for d_model {self.basis.d_model}, not {d_model}")
+            raise error(
+                f"subspace basis {self.basis.basis_id} is for d_model {self.basis.d_model}, not {d_model}"
+            )
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < self.basis.vocab_size):
@@ -312,7 +358,9 @@ class SubspaceActivationCodec(ActivationCodec):
             rows = rows - E0[ids.to(rows.device)]
         return self.basis.basis_id_bytes + self._pack_coordinates((rows @ U).cpu().numpy())
 
-    def _decode_rows(self, body: memoryview, ids: torch.Tensor, d_model: int, direction: int) -> torch.Tensor:
+    def _decode_rows(
+        self, body: memoryview, ids: torch.Tensor, d_model: int, direction: int
+    ) -> torch.Tensor:
         self._check_d_model(d_model, ValueError)
         basis_id = bytes(body[:BASIS_ID_NBYTES])
         if basis_id != self.basis.basis_id_bytes:
@@ -331,7 +379,9 @@ class SubspaceActivationCodec(ActivationCodec):
 
     def _pack_coordinates(self, coords: np.ndarray) -> bytes:
         peak = float(np.abs(coords).max(initial=0.0))
-        exponent = 0 if peak == 0.0 else min(127, max(-127, _TARGET_EXPONENT - int(np.frexp(peak)[1])))
+        exponent = (
+            0 if peak == 0.0 else min(127, max(-127, _TARGET_EXPONENT - int(np.frexp(peak)[1])))
+        )
         return struct.pack("<b", exponent) + np.ldexp(coords, exponent).astype("<f2").tobytes()
 
     def _unpack_coordinates(self, data: memoryview, n_tokens: int) -> np.ndarray:
@@ -366,22 +416,32 @@ class SubspaceInt8ActivationCodec(SubspaceActivationCodec):
         mantissa, exponent = np.frexp(peak)  # peak = m·2^e, m in [0.5, 1): 2^e >= peak
         exponent = np.where(mantissa == 0.5, exponent - 1, exponent)  # an exact power of two
         exponent = np.where(peak > 0, exponent, 0).clip(-127, 127).astype(np.int8)
-        codes = np.rint(np.ldexp(coords, -exponent.astype(np.int32)[:, None])).clip(-127, 127).astype(np.int8)
+        codes = (
+            np.rint(np.ldexp(coords, -exponent.astype(np.int32)[:, None]))
+            .clip(-127, 127)
+            .astype(np.int8)
+        )
         return exponent.tobytes() + codes.tobytes()
 
     def _unpack_coordinates(self, data: memoryview, n_tokens: int) -> np.ndarray:
         exponent = np.frombuffer(data, dtype=np.int8, count=n_tokens).astype(np.int32)
         codes = np.frombuffer(data, dtype=np.int8, offset=n_tokens)
         if codes.size and codes.min() < -127:
-            raise CodecError("subspace-int8 payload holds code -128, which the encoder never produces")
+            raise CodecError(
+                "subspace-int8 payload holds code -128, which the encoder never produces"
+            )
         with np.errstate(over="ignore"):  # a huge exponent overflows; refused as non-finite
-            return np.ldexp(codes.reshape(n_tokens, self.basis.k).astype(np.float32), exponent[:, None])
+            return np.ldexp(
+                codes.reshape(n_tokens, self.basis.k).astype(np.float32), exponent[:, None]
+            )
 
 
 # int4 coordinates: per-token scales 2^(q/4), q an int8 — quarter-octave steps, so a token's
 # scale overshoots its peak by at most 19% (a power of two wastes up to half of the 15 levels).
 # The four mantissas are fixed float32 constants, so every peer decodes bit-identically.
-_QUARTER_OCTAVES = np.array([1.0, 1.189207115002721, 1.4142135623730951, 1.681792830507429], dtype=np.float32)
+_QUARTER_OCTAVES = np.array(
+    [1.0, 1.189207115002721, 1.4142135623730951, 1.681792830507429], dtype=np.float32
+)
 _INT4_LEVEL = 7  # codes in [-7, 7], sent as nibbles code + 8 in [1, 15]
 _MEAN_STEPS = 4  # a coordinate's mean travels as an int8 count of quarter deviations
 
@@ -396,7 +456,9 @@ def _quarter_octaves_at_or_above(x: np.ndarray) -> np.ndarray:
     """The smallest int8 q in [-127, 127] with 2^(q/4) >= x (x > 0), as int8."""
     with np.errstate(divide="ignore"):
         q = np.ceil(4 * np.log2(x)).clip(-127, 127)
-    return np.where(_quarter_octave_scale(q) < x, q + 1, q).clip(-127, 127).astype(np.int8)  # log2's rounding
+    return (
+        np.where(_quarter_octave_scale(q) < x, q + 1, q).clip(-127, 127).astype(np.int8)
+    )  # log2's rounding
 
 
 class SubspaceInt4ActivationCodec(SubspaceActivationCodec):
@@ -435,31 +497,53 @@ class SubspaceInt4ActivationCodec(SubspaceActivationCodec):
         mean_codes = np.rint(mean / (spread / _MEAN_STEPS)).clip(-127, 127).astype(np.int8)
         z = (coords - mean_codes * (spread / _MEAN_STEPS)) / spread
         peak = np.abs(z).max(axis=1, initial=0.0) / _INT4_LEVEL
-        token_q = np.where(peak > 0, _quarter_octaves_at_or_above(np.where(peak > 0, peak, 1.0)), -128).astype(np.int8)
-        token_scale = np.where(token_q > -128, _quarter_octave_scale(token_q), 1.0)  # a zero row codes 0s under any scale
-        codes = np.rint(z / token_scale[:, None]).clip(-_INT4_LEVEL, _INT4_LEVEL).astype(np.int16) + 8
+        token_q = np.where(
+            peak > 0, _quarter_octaves_at_or_above(np.where(peak > 0, peak, 1.0)), -128
+        ).astype(np.int8)
+        token_scale = np.where(
+            token_q > -128, _quarter_octave_scale(token_q), 1.0
+        )  # a zero row codes 0s under any scale
+        codes = (
+            np.rint(z / token_scale[:, None]).clip(-_INT4_LEVEL, _INT4_LEVEL).astype(np.int16) + 8
+        )
         if k % 2:
             codes = np.concatenate([codes, np.full((n_tokens, 1), 8, np.int16)], axis=1)
         nibbles = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
-        return b"".join((spread_q.tobytes(), mean_codes.tobytes(), token_q.tobytes(), nibbles.tobytes()))
+        return b"".join(
+            (spread_q.tobytes(), mean_codes.tobytes(), token_q.tobytes(), nibbles.tobytes())
+        )
 
     def _unpack_coordinates(self, data: memoryview, n_tokens: int) -> np.ndarray:
         k = self.basis.k
         spread = _quarter_octave_scale(np.frombuffer(data, dtype=np.int8, count=k))
         mean = np.frombuffer(data, dtype=np.int8, count=k, offset=k) * (spread / _MEAN_STEPS)
-        token_scale = _quarter_octave_scale(np.frombuffer(data, dtype=np.int8, count=n_tokens, offset=2 * k))
-        nibbles = np.frombuffer(data, dtype=np.uint8, offset=2 * k + n_tokens).reshape(n_tokens, (k + 1) // 2)
+        token_scale = _quarter_octave_scale(
+            np.frombuffer(data, dtype=np.int8, count=n_tokens, offset=2 * k)
+        )
+        nibbles = np.frombuffer(data, dtype=np.uint8, offset=2 * k + n_tokens).reshape(
+            n_tokens, (k + 1) // 2
+        )
         codes = np.empty((n_tokens, 2 * nibbles.shape[1]), dtype=np.int16)
         codes[:, 0::2], codes[:, 1::2] = nibbles & 15, nibbles >> 4
         if codes.size and codes.min() == 0:
-            raise CodecError("subspace-int4 payload holds nibble 0, which the encoder never produces")
+            raise CodecError(
+                "subspace-int4 payload holds nibble 0, which the encoder never produces"
+            )
         # int8 quarter-octave bytes cannot overflow float32 (7 · 2^31.75 · 2^31.75 + 32 · 2^31.75 < 3.4e38)
-        return ((codes[:, :k] - 8).astype(np.float32) * token_scale[:, None] * spread + mean).astype(np.float32)
+        return (
+            (codes[:, :k] - 8).astype(np.float32) * token_scale[:, None] * spread + mean
+        ).astype(np.float32)
 
 
 ACTIVATION_CODECS: dict[str, type[ActivationCodec]] = {
     codec.name: codec
-    for codec in (RawActivationCodec, Int8ActivationCodec, SubspaceActivationCodec, SubspaceInt8ActivationCodec, SubspaceInt4ActivationCodec)
+    for codec in (
+        RawActivationCodec,
+        Int8ActivationCodec,
+        SubspaceActivationCodec,
+        SubspaceInt8ActivationCodec,
+        SubspaceInt4ActivationCodec,
+    )
 }
 
 
@@ -471,7 +555,9 @@ def get_activation_codec(name: str, **options: Any) -> ActivationCodec:
         codec_class = ACTIVATION_CODECS[name]
     except (KeyError, TypeError):
         known = ", ".join(sorted(ACTIVATION_CODECS))
-        raise ValueError(f"unknown activation codec {name!r}; known activation codecs: {known}") from None
+        raise ValueError(
+            f"unknown activation codec {name!r}; known activation codecs: {known}"
+        ) from None
     try:
         inspect.signature(codec_class).bind(**options)
     except TypeError as exc:

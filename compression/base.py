@@ -76,7 +76,9 @@ def payload_bytes(payload: object) -> memoryview:
 def normalize_shape(shape: Sequence[int]) -> tuple[int, ...]:
     """`shape` (a tuple, list or torch.Size of non-negative ints) as a tuple of ints."""
     dims = tuple(shape)
-    if not all(isinstance(d, int | np.integer) and not isinstance(d, bool) and d >= 0 for d in dims):
+    if not all(
+        isinstance(d, int | np.integer) and not isinstance(d, bool) and d >= 0 for d in dims
+    ):
         raise ValueError(f"shape must be a sequence of non-negative ints, got {shape!r}")
     return tuple(int(d) for d in dims)
 
@@ -128,7 +130,9 @@ class Codec(ABC):
         body = self._read_header(payload, count)
         values = self._decode_values(body, count)
         if values.dtype != np.float32 or values.shape != (count,):  # a codec bug, not bad input
-            raise AssertionError(f"{self.name}: decoded {values.dtype}{values.shape}, want ({count},)")
+            raise AssertionError(
+                f"{self.name}: decoded {values.dtype}{values.shape}, want ({count},)"
+            )
         if not np.isfinite(values).all():
             raise CodecError(f"{self.name} payload decodes to non-finite values")
         return torch.from_numpy(values).reshape(dims)
@@ -145,16 +149,24 @@ class Codec(ABC):
         """Check the shared header and CRC; return the body."""
         data = payload_bytes(payload)
         if len(data) < HEADER.size:
-            raise CodecError(f"payload is {len(data)} bytes, shorter than the {HEADER.size}-byte header")
+            raise CodecError(
+                f"payload is {len(data)} bytes, shorter than the {HEADER.size}-byte header"
+            )
         magic, codec_id, version, declared, crc = HEADER.unpack_from(data)
         if magic != MAGIC:
-            raise CodecError(f"bad magic byte 0x{magic:02x} (want 0x{MAGIC:02x}): not a shoal codec payload")
+            raise CodecError(
+                f"bad magic byte 0x{magic:02x} (want 0x{MAGIC:02x}): not a shoal codec payload"
+            )
         if codec_id != self.codec_id:
             raise CodecError(f"payload was encoded by {codec_name(codec_id)!r}, not {self.name!r}")
         if version != self.version:
-            raise CodecError(f"{self.name} payload version {version} is not supported (want {self.version})")
+            raise CodecError(
+                f"{self.name} payload version {version} is not supported (want {self.version})"
+            )
         if declared != count:
-            raise CodecError(f"payload holds {declared} elements, but the expected shape has {count}")
+            raise CodecError(
+                f"payload holds {declared} elements, but the expected shape has {count}"
+            )
         body = data[HEADER.size :]
         if zlib.crc32(body, zlib.crc32(data[:_CRC_OFFSET])) != crc:
             raise CodecError(f"{self.name} payload fails its CRC32 check (corrupted in transit?)")

@@ -26,7 +26,9 @@ class _DenseCodec(Codec):
     def _decode_values(self, body: memoryview, count: int) -> np.ndarray:
         expected = self._body_nbytes(count)
         if len(body) != expected:
-            raise CodecError(f"{self.name} body is {len(body)} bytes; {count} elements need {expected}")
+            raise CodecError(
+                f"{self.name} body is {len(body)} bytes; {count} elements need {expected}"
+            )
         # astype copies into a writable, native-endian float32 array we own
         return np.frombuffer(body, dtype=self.wire_dtype, count=count).astype(np.float32)
 

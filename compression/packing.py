@@ -160,4 +160,6 @@ def pack_indices_12bit_many(indices: np.ndarray, lengths: np.ndarray) -> list[me
         buffer[segment_slots(lengths, padded)] = indices
         indices = buffer
     starts = np.cumsum(padded * 3 // 2) - padded * 3 // 2
-    return _split(pack_indices_12bit(indices, checked=False), starts, starts + (lengths * 12 + 7) // 8)
+    return _split(
+        pack_indices_12bit(indices, checked=False), starts, starts + (lengths * 12 + 7) // 8
+    )

@@ -62,7 +62,9 @@ def _slabs(count: int, chunk_size: int) -> Iterator[tuple[int, int, int, int]]:
         yield n_full, 1, n_full * chunk_size, count
 
 
-def _quantize_rows(rows: np.ndarray, bits: int, range_sigmas: float) -> tuple[np.ndarray, np.ndarray]:
+def _quantize_rows(
+    rows: np.ndarray, bits: int, range_sigmas: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Codes (uint8, same shape) and tables (float32, [n_rows, 2**bits]) for chunks as rows."""
     n_bins = 1 << bits
     n_rows, width = rows.shape
@@ -70,13 +72,17 @@ def _quantize_rows(rows: np.ndarray, bits: int, range_sigmas: float) -> tuple[np
     with np.errstate(over="ignore", invalid="ignore"):
         position = rows - mean.astype(np.float32)[:, None]
         sigma = np.sqrt(np.einsum("ij,ij->i", position, position, dtype=np.float64) / width)
-    codes, bin_width = _codes(position, sigma, range_sigmas, n_bins, lambda per_group: per_group[:, None])
+    codes, bin_width = _codes(
+        position, sigma, range_sigmas, n_bins, lambda per_group: per_group[:, None]
+    )
     keys = codes.astype(np.intp)
     keys += (np.arange(n_rows, dtype=np.intp) * n_bins)[:, None]
     return codes, _bin_means(keys.reshape(-1), rows.reshape(-1), mean, bin_width, n_bins)
 
 
-def _codes(position: np.ndarray, sigma: np.ndarray, range_sigmas: float, n_bins: int, spread) -> tuple[np.ndarray, np.ndarray]:
+def _codes(
+    position: np.ndarray, sigma: np.ndarray, range_sigmas: float, n_bins: int, spread
+) -> tuple[np.ndarray, np.ndarray]:
     """Bin codes (uint8) of mean-centred float32 values `position` (overwritten), and the bin
     width per group: 2**bits bins over ±range_sigmas·σ, outliers clamped into the end bins.
     `spread` maps a per-group array onto the elements (broadcast or repeat).
@@ -96,7 +102,9 @@ def _codes(position: np.ndarray, sigma: np.ndarray, range_sigmas: float, n_bins:
     return position.astype(np.uint8), bin_width
 
 
-def _bin_means(keys: np.ndarray, values: np.ndarray, mean: np.ndarray, bin_width: np.ndarray, n_bins: int) -> np.ndarray:
+def _bin_means(
+    keys: np.ndarray, values: np.ndarray, mean: np.ndarray, bin_width: np.ndarray, n_bins: int
+) -> np.ndarray:
     """Per group g and bin b (key = g·n_bins + b), the mean of the values coded there; an
     empty bin gets its centre mean + (b + 1/2 − n_bins/2)·bin_width (no code refers to it)."""
     n_groups = mean.size
@@ -108,7 +116,9 @@ def _bin_means(keys: np.ndarray, values: np.ndarray, mean: np.ndarray, bin_width
     # finite by construction for used bins (a mean of finite float32s); empty-bin centres of
     # huge-σ groups may overflow, and the receiver refuses non-finite tables
     if not np.isfinite(table).all() or np.abs(table).max(initial=0.0) > _F32_MAX:
-        table = np.clip(np.nan_to_num(table, nan=0.0, posinf=_F32_MAX, neginf=-_F32_MAX), -_F32_MAX, _F32_MAX)
+        table = np.clip(
+            np.nan_to_num(table, nan=0.0, posinf=_F32_MAX, neginf=-_F32_MAX), -_F32_MAX, _F32_MAX
+        )
     return table.astype(np.float32)
 
 
@@ -134,7 +144,9 @@ def quantize_segments(
     with np.errstate(over="ignore", invalid="ignore"):
         position = values - mean.astype(np.float32)[segment]
         sigma = np.sqrt(np.add.reduceat(np.square(position, dtype=np.float64), starts) / lengths)
-    codes, bin_width = _codes(position, sigma, range_sigmas, n_bins, lambda per_group: per_group[segment])
+    codes, bin_width = _codes(
+        position, sigma, range_sigmas, n_bins, lambda per_group: per_group[segment]
+    )
     keys = segment * n_bins + codes
     return _bin_means(keys, values, mean, bin_width, n_bins), codes
 
@@ -184,22 +196,40 @@ class QuantizeCodec(Codec):
     bits: ClassVar[int]
 
     def __init__(self, *, chunk_size: int = DEFAULT_CHUNK_SIZE, range_sigmas: float = 6.0) -> None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size < 2**32:
-            raise ValueError(f"{self.name}: chunk_size must be an int in [1, 2**32), got {chunk_size!r}")
-        if isinstance(range_sigmas, bool) or not (
-            isinstance(range_sigmas, int | float) and math.isfinite(range_sigmas) and range_sigmas > 0
+        if (
+            isinstance(chunk_size, bool)
+            or not isinstance(chunk_size, int)
+            or not 1 <= chunk_size < 2**32
         ):
-            raise ValueError(f"{self.name}: range_sigmas must be a positive finite number, got {range_sigmas!r}")
+            raise ValueError(
+                f"{self.name}: chunk_size must be an int in [1, 2**32), got {chunk_size!r}"
+            )
+        if isinstance(range_sigmas, bool) or not (
+            isinstance(range_sigmas, int | float)
+            and math.isfinite(range_sigmas)
+            and range_sigmas > 0
+        ):
+            raise ValueError(
+                f"{self.name}: range_sigmas must be a positive finite number, got {range_sigmas!r}"
+            )
         self.chunk_size = chunk_size
         self.range_sigmas = float(range_sigmas)
 
     def _encode_values(self, values: np.ndarray) -> bytes:
         table, codes = quantize_chunks(values, self.bits, self.chunk_size, self.range_sigmas)
-        return b"".join((_CHUNK_HEADER.pack(self.chunk_size), table.astype("<f4").tobytes(), pack_bits(codes, self.bits)))
+        return b"".join(
+            (
+                _CHUNK_HEADER.pack(self.chunk_size),
+                table.astype("<f4").tobytes(),
+                pack_bits(codes, self.bits),
+            )
+        )
 
     def _decode_values(self, body: memoryview, count: int) -> np.ndarray:
         if len(body) < _CHUNK_HEADER.size:
-            raise CodecError(f"{self.name} body is {len(body)} bytes, too short for its chunk size field")
+            raise CodecError(
+                f"{self.name} body is {len(body)} bytes, too short for its chunk size field"
+            )
         (chunk_size,) = _CHUNK_HEADER.unpack_from(body)
         if chunk_size == 0:
             raise CodecError(f"{self.name} payload declares chunk size 0")
@@ -215,7 +245,9 @@ class QuantizeCodec(Codec):
         table = np.frombuffer(body, dtype="<f4", count=n_chunks * n_bins, offset=_CHUNK_HEADER.size)
         finite = np.isfinite(table)
         if not finite.all():
-            raise CodecError(f"{self.name} lookup table holds {int(finite.size - finite.sum())} non-finite entries")
+            raise CodecError(
+                f"{self.name} lookup table holds {int(finite.size - finite.sum())} non-finite entries"
+            )
         codes = unpack_bits(body[_CHUNK_HEADER.size + table_nbytes :], self.bits, count)
         return dequantize_chunks(table.reshape(n_chunks, n_bins), codes, chunk_size)
 

@@ -25,7 +25,9 @@ def get_codec(name: str, **options: Any) -> Codec:
     try:
         codec_class = CODECS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown codec {name!r}; known codecs: {', '.join(sorted(CODECS))}") from None
+        raise ValueError(
+            f"unknown codec {name!r}; known codecs: {', '.join(sorted(CODECS))}"
+        ) from None
     try:
         return codec_class(**options)
     except TypeError as exc:

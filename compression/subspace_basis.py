@@ -45,12 +45,16 @@ COORDINATE_BITS = {"fp16": (16, 0), "int8": (8, 8), "int4": (4, 8)}
 def coordinate_nbytes(k: int, coordinates: str) -> int:
     """Bytes per token of k coordinates in the given format (`COORDINATE_BITS`), rounded up."""
     if coordinates not in COORDINATE_BITS:
-        raise ValueError(f"coordinates must be one of {sorted(COORDINATE_BITS)}, got {coordinates!r}")
+        raise ValueError(
+            f"coordinates must be one of {sorted(COORDINATE_BITS)}, got {coordinates!r}"
+        )
     per_coordinate, fixed = COORDINATE_BITS[coordinates]
     return -(-(per_coordinate * k + fixed) // 8)
 
 
-def subspace_dim_for_ratio(d_model: int, ratio: float, vocab_size: int = 256, coordinates: str = "fp16") -> int:
+def subspace_dim_for_ratio(
+    d_model: int, ratio: float, vocab_size: int = 256, coordinates: str = "fp16"
+) -> int:
     """The largest k whose subspace payload is at least `ratio` times smaller than raw float32.
 
     Per token, raw float32 is 4·d_model bytes; the subspace codec sends b(k) =
@@ -65,7 +69,11 @@ def subspace_dim_for_ratio(d_model: int, ratio: float, vocab_size: int = 256, co
     → k = 14 (int8), k = 28 (int4)."""
     if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
         raise ValueError(f"d_model must be a positive int, got {d_model!r}")
-    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not (math.isfinite(ratio) and ratio > 0):
+    if (
+        isinstance(ratio, bool)
+        or not isinstance(ratio, int | float)
+        or not (math.isfinite(ratio) and ratio > 0)
+    ):
         raise ValueError(f"ratio must be a positive finite number, got {ratio!r}")
     coordinate_nbytes(1, coordinates)  # the format must be known
     token_id = token_id_nbytes(vocab_size)
@@ -94,9 +102,15 @@ class SubspaceBasis:
         self._E0 = E0.detach().to("cpu", torch.float32).contiguous().clone()
         if not (torch.isfinite(self._U).all() and torch.isfinite(self._E0).all()):
             raise ValueError("U and E0 must be finite")
-        gram_error = (self._U.T.double() @ self._U.double() - torch.eye(self.k, dtype=torch.float64)).abs().max()
+        gram_error = (
+            (self._U.T.double() @ self._U.double() - torch.eye(self.k, dtype=torch.float64))
+            .abs()
+            .max()
+        )
         if gram_error > _ORTHONORMAL_TOL:
-            raise ValueError(f"U's columns are not orthonormal (max |U^T U - I| = {float(gram_error):.2e})")
+            raise ValueError(
+                f"U's columns are not orthonormal (max |U^T U - I| = {float(gram_error):.2e})"
+            )
         digest = hashlib.sha256(b"shoal-subspace-basis-v1")
         digest.update(struct.pack("<III", self.d_model, self.k, self.vocab_size))
         digest.update(self._U.numpy().astype("<f4", copy=False).tobytes())

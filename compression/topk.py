@@ -95,9 +95,11 @@ class ChunkLayout:
 
     def _edges(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """(size, how many) of the block heights and widths, from arithmetic alone."""
+
         def sizes(total: int, tile: int) -> list[tuple[int, int]]:
             full, tail = divmod(total, tile)
             return [(tile, full)] + ([(tail, 1)] if tail else [])
+
         return sizes(self.rows, self.tile_rows), sizes(self.cols, self.tile_cols)
 
     def kept_total(self, k: int) -> int:
@@ -191,7 +193,10 @@ def _padding_slots(lengths: np.ndarray, padded: np.ndarray) -> tuple[np.ndarray 
 def _receive_plan(layouts: tuple[ChunkLayout, ...], k: int, bits: int) -> _ReceivePlan:
     # built only after every payload passed its length checks, so sized by what was
     # received (kept_total(k) >= number of chunks: each keeps >= 1)
-    owners = [np.repeat(np.arange(layout.num_chunks, dtype=np.int64), np.minimum(layout.chunk_sizes(), k)) for layout in layouts]
+    owners = [
+        np.repeat(np.arange(layout.num_chunks, dtype=np.int64), np.minimum(layout.chunk_sizes(), k))
+        for layout in layouts
+    ]
     n_kept = np.array([owner.size for owner in owners], dtype=np.intp)
 
     def per_slot(arrays: list[np.ndarray]) -> np.ndarray:
@@ -200,17 +205,31 @@ def _receive_plan(layouts: tuple[ChunkLayout, ...], k: int, bits: int) -> _Recei
     def per_tensor(values: list[int]) -> np.ndarray:
         return np.repeat(np.array(values, dtype=np.int64), n_kept)
 
-    chunk = per_slot(owners) + per_tensor(np.cumsum([0] + [layout.num_chunks for layout in layouts])[:-1].tolist())
-    base = per_slot([layout.chunk_origin[owner] for layout, owner in zip(layouts, owners, strict=True)])
+    chunk = per_slot(owners) + per_tensor(
+        np.cumsum([0] + [layout.num_chunks for layout in layouts])[:-1].tolist()
+    )
+    base = per_slot(
+        [layout.chunk_origin[owner] for layout, owner in zip(layouts, owners, strict=True)]
+    )
     code_nbytes = (n_kept * bits + 7) // 8
     code_slots, code_padding = _padding_slots(n_kept, code_nbytes * (8 // bits))
     index_slots, index_padding = _padding_slots(n_kept, n_kept + n_kept % 2)
     plan = _ReceivePlan(
         bounds=np.concatenate(([0], np.cumsum(n_kept))),
-        size=per_slot([layout.chunk_sizes()[owner] for layout, owner in zip(layouts, owners, strict=True)]).astype(np.int32),
-        width=per_slot([layout.heights_widths()[1][owner % layout.grid_cols] for layout, owner in zip(layouts, owners, strict=True)]).astype(np.int32),
+        size=per_slot(
+            [layout.chunk_sizes()[owner] for layout, owner in zip(layouts, owners, strict=True)]
+        ).astype(np.int32),
+        width=per_slot(
+            [
+                layout.heights_widths()[1][owner % layout.grid_cols]
+                for layout, owner in zip(layouts, owners, strict=True)
+            ]
+        ).astype(np.int32),
         base=base,
-        dense_base=base + per_tensor(np.cumsum([0] + [layout.rows * layout.cols for layout in layouts])[:-1].tolist()),
+        dense_base=base
+        + per_tensor(
+            np.cumsum([0] + [layout.rows * layout.cols for layout in layouts])[:-1].tolist()
+        ),
         cols=per_tensor([layout.cols for layout in layouts]),
         same_chunk=chunk[1:] == chunk[:-1],
         table_key=(per_tensor(list(range(len(layouts)))) << bits).astype(np.int32),
@@ -261,7 +280,13 @@ class TopKCodec(Codec):
     codec_id = 6
 
     def __init__(
-        self, *, k: int = 64, chunk: int = 4096, tile: int = 64, bits: int = 2, range_sigmas: float = 6.0
+        self,
+        *,
+        k: int = 64,
+        chunk: int = 4096,
+        tile: int = 64,
+        bits: int = 2,
+        range_sigmas: float = 6.0,
     ) -> None:
         self.k = _check_int("k", k, 1, MAX_CHUNK_ELEMENTS)
         self.chunk = _check_int("chunk", chunk, 1, MAX_CHUNK_ELEMENTS)
@@ -270,9 +295,13 @@ class TopKCodec(Codec):
             raise ValueError(f"topk: bits must be one of 1, 2, 4, 8, got {bits!r}")
         self.bits = bits
         if isinstance(range_sigmas, bool) or not (
-            isinstance(range_sigmas, int | float) and math.isfinite(range_sigmas) and range_sigmas > 0
+            isinstance(range_sigmas, int | float)
+            and math.isfinite(range_sigmas)
+            and range_sigmas > 0
         ):
-            raise ValueError(f"topk: range_sigmas must be a positive finite number, got {range_sigmas!r}")
+            raise ValueError(
+                f"topk: range_sigmas must be a positive finite number, got {range_sigmas!r}"
+            )
         self.range_sigmas = float(range_sigmas)
 
     # -- selection (topk_select.py) --------------------------------------------------
@@ -282,7 +311,9 @@ class TopKCodec(Codec):
         chunk, positions increasing within a chunk; values are the exact (unquantized) ones.
         CodecError for non-float or non-finite tensors."""
         values = as_float32_values(tensor)
-        flat, _, _ = select_many([values], [chunk_layout(tuple(tensor.shape), self.chunk, self.tile)], self.k)
+        flat, _, _ = select_many(
+            [values], [chunk_layout(tuple(tensor.shape), self.chunk, self.tile)], self.k
+        )
         return torch.from_numpy(flat), torch.from_numpy(values[flat])
 
     # -- wire ------------------------------------------------------------------------
@@ -309,24 +340,45 @@ class TopKCodec(Codec):
             payloads.append(b"".join((prefix, struct.pack("<I", crc), body)))
         return payloads
 
-    def _bodies(self, values: Sequence[np.ndarray], shapes: Sequence[tuple[int, ...]]) -> list[bytes]:
-        flat, positions, lengths = select_many(values, [chunk_layout(shape, self.chunk, self.tile) for shape in shapes], self.k)
+    def _bodies(
+        self, values: Sequence[np.ndarray], shapes: Sequence[tuple[int, ...]]
+    ) -> list[bytes]:
+        flat, positions, lengths = select_many(
+            values, [chunk_layout(shape, self.chunk, self.tile) for shape in shapes], self.k
+        )
         ends = np.cumsum(lengths)
         kept = np.empty(flat.size, dtype=np.float32)
         for value, start, end in zip(values, (ends - lengths).tolist(), ends.tolist(), strict=True):
-            np.take(value, flat[start:end], out=kept[start:end], mode="clip")  # in range by construction
+            np.take(
+                value, flat[start:end], out=kept[start:end], mode="clip"
+            )  # in range by construction
         nonempty = lengths > 0
         tables = np.zeros((len(values), 1 << self.bits), dtype=np.float32)
         codes = np.empty(0, dtype=np.uint8)
         if nonempty.any():
-            tables[nonempty], codes = quantize_segments(kept, lengths[nonempty], self.bits, self.range_sigmas)
+            tables[nonempty], codes = quantize_segments(
+                kept, lengths[nonempty], self.bits, self.range_sigmas
+            )
         table_bytes, table_nbytes = memoryview(tables.astype("<f4").tobytes()), 4 << self.bits
         code_fields = pack_bits_many(codes, lengths, self.bits)  # quantizer output: in range
-        index_fields = pack_indices_12bit_many(positions, lengths)  # in-chunk positions: < 4096 by layout
+        index_fields = pack_indices_12bit_many(
+            positions, lengths
+        )  # in-chunk positions: < 4096 by layout
         geometry = _GEOMETRY.pack(self.k, self.chunk, self.tile, self.bits)
         return [
-            geometry + zstd_frame(b"".join((table_bytes[i * table_nbytes : (i + 1) * table_nbytes], code_field, index_field)))
-            for i, (code_field, index_field) in enumerate(zip(code_fields, index_fields, strict=True))
+            geometry
+            + zstd_frame(
+                b"".join(
+                    (
+                        table_bytes[i * table_nbytes : (i + 1) * table_nbytes],
+                        code_field,
+                        index_field,
+                    )
+                )
+            )
+            for i, (code_field, index_field) in enumerate(
+                zip(code_fields, index_fields, strict=True)
+            )
         ]
 
     def decode(self, payload: bytes, shape: Sequence[int]) -> torch.Tensor:
@@ -338,13 +390,17 @@ class TopKCodec(Codec):
         dense[flat] = values
         return torch.from_numpy(dense).reshape(dims)
 
-    def decode_sparse(self, payload: bytes, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_sparse(
+        self, payload: bytes, shape: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(flat indices int64, values float32) a peer sent for a tensor of `shape`, in
         chunk order, with all of decode's validation. A sent value may be 0."""
         flat, values, _ = self._decode_joined([payload], [normalize_shape(shape)], dense=False)
         return torch.from_numpy(flat), torch.from_numpy(values)
 
-    def decode_many(self, payloads: Sequence[bytes], shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    def decode_many(
+        self, payloads: Sequence[bytes], shapes: Sequence[Sequence[int]]
+    ) -> list[torch.Tensor]:
         """`decode` of several payloads (a contribution, tensor by tensor) in one batch;
         BatchCodecError names the first payload that fails. The tensors are views of one
         buffer: a fresh allocation per tensor costs more in page faults than the decode."""
@@ -353,16 +409,24 @@ class TopKCodec(Codec):
         counts = [math.prod(shape) for shape in dims]
         dense = np.zeros(sum(counts), dtype=np.float32)  # calloc: pages zeroed as touched
         dense[flat] = values
-        return [part.view(shape) for part, shape in zip(torch.from_numpy(dense).split(counts), dims, strict=True)]
+        return [
+            part.view(shape)
+            for part, shape in zip(torch.from_numpy(dense).split(counts), dims, strict=True)
+        ]
 
     def decode_sparse_many(
         self, payloads: Sequence[bytes], shapes: Sequence[Sequence[int]]
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """`decode_sparse` of several payloads in one batch (views of two shared arrays);
         BatchCodecError names the first payload that fails."""
-        flat, values, bounds = self._decode_batch(payloads, [normalize_shape(shape) for shape in shapes], dense=False)
+        flat, values, bounds = self._decode_batch(
+            payloads, [normalize_shape(shape) for shape in shapes], dense=False
+        )
         flat_tensor, value_tensor = torch.from_numpy(flat), torch.from_numpy(values)
-        return [(flat_tensor[start:end], value_tensor[start:end]) for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)]
+        return [
+            (flat_tensor[start:end], value_tensor[start:end])
+            for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
+        ]
 
     def _decode_batch(
         self, payloads: Sequence[bytes], dims: Sequence[tuple[int, ...]], dense: bool
@@ -413,42 +477,68 @@ class TopKCodec(Codec):
             raise CodecError("padding bits after the last 12-bit index are not zero")
         if plan.code_slots is not None:
             codes = codes[plan.code_slots]
-        positions = (positions if plan.index_slots is None else positions[plan.index_slots]).astype(np.int32)
+        positions = (positions if plan.index_slots is None else positions[plan.index_slots]).astype(
+            np.int32
+        )
         outside = positions >= plan.size
         if outside.any():
-            raise CodecError(self._outside_message(layouts, plan, positions, int(np.argmax(outside))))
+            raise CodecError(
+                self._outside_message(layouts, plan, positions, int(np.argmax(outside)))
+            )
         if (plan.same_chunk & (positions[1:] <= positions[:-1])).any():
-            raise CodecError("topk positions within a chunk must be strictly increasing (duplicate or unordered)")
+            raise CodecError(
+                "topk positions within a chunk must be strictly increasing (duplicate or unordered)"
+            )
         row_in, col_in = np.divmod(positions, plan.width)
         flat = (plan.dense_base if dense else plan.base) + row_in * plan.cols + col_in
-        return flat, np.take(table, plan.table_key + codes, mode="clip"), plan.bounds  # keys < table.size
+        return (
+            flat,
+            np.take(table, plan.table_key + codes, mode="clip"),
+            plan.bounds,
+        )  # keys < table.size
 
-    def _outside_message(self, layouts: tuple[ChunkLayout, ...], plan: _ReceivePlan, positions: np.ndarray, at: int) -> str:
+    def _outside_message(
+        self, layouts: tuple[ChunkLayout, ...], plan: _ReceivePlan, positions: np.ndarray, at: int
+    ) -> str:
         tensor = int(np.searchsorted(plan.bounds, at, side="right")) - 1
         slot = at - int(plan.bounds[tensor])
-        chunk = int(np.searchsorted(np.cumsum(np.minimum(layouts[tensor].chunk_sizes(), self.k)), slot, side="right"))
+        chunk = int(
+            np.searchsorted(
+                np.cumsum(np.minimum(layouts[tensor].chunk_sizes(), self.k)), slot, side="right"
+            )
+        )
         return f"topk position {int(positions[at])} lies outside chunk {chunk} of {int(plan.size[at])} elements"
 
-    def _inner(self, payload: bytes, dims: tuple[int, ...], layout: ChunkLayout) -> tuple[bytes, int]:
+    def _inner(
+        self, payload: bytes, dims: tuple[int, ...], layout: ChunkLayout
+    ) -> tuple[bytes, int]:
         """The inner part of a payload for a tensor of `dims` (header, CRC, geometry, frame
         and length checked), and how many values it holds."""
         body = self._read_header(payload, math.prod(dims))
         n_kept = layout.kept_total(self.k)
         inner_nbytes = self._inner_nbytes(n_kept)
         if len(body) < _PREFIX_NBYTES:
-            raise CodecError(f"topk body is {len(body)} bytes; its geometry and frame flag need {_PREFIX_NBYTES}")
+            raise CodecError(
+                f"topk body is {len(body)} bytes; its geometry and frame flag need {_PREFIX_NBYTES}"
+            )
         geometry = _GEOMETRY.unpack_from(body)
         if geometry != (self.k, self.chunk, self.tile, self.bits):
             raise CodecError(
                 "topk payload was encoded with k={}, chunk={}, tile={}, bits={}; this receiver "
-                "needs k={}, chunk={}, tile={}, bits={}".format(*geometry, self.k, self.chunk, self.tile, self.bits)
+                "needs k={}, chunk={}, tile={}, bits={}".format(
+                    *geometry, self.k, self.chunk, self.tile, self.bits
+                )
             )
         try:
             inner = zstd_unframe(body[_GEOMETRY.size :], max_size=inner_nbytes)
         except FrameTooLarge as exc:
-            raise CodecError(f"topk body holds {exc.size} bytes; {n_kept} kept values need {inner_nbytes}") from None
+            raise CodecError(
+                f"topk body holds {exc.size} bytes; {n_kept} kept values need {inner_nbytes}"
+            ) from None
         if len(inner) != inner_nbytes:
-            raise CodecError(f"topk body holds {len(inner)} bytes; {n_kept} kept values need {inner_nbytes}")
+            raise CodecError(
+                f"topk body holds {len(inner)} bytes; {n_kept} kept values need {inner_nbytes}"
+            )
         return inner, n_kept
 
     def _inner_nbytes(self, n_kept: int) -> int:

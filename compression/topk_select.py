@@ -104,7 +104,9 @@ def _candidates(rows: np.ndarray, k: int) -> _Candidates:
     sample = np.negative(rows[:, ::_SAMPLE_STRIDE])
     sample.partition(j - 1, axis=1)
     floor = np.negative(sample[:, j - 1])
-    is_candidate = np.greater_equal(rows, floor[:, None], out=_workspace("candidate", rows.size, np.bool_).reshape(rows.shape))
+    is_candidate = np.greater_equal(
+        rows, floor[:, None], out=_workspace("candidate", rows.size, np.bool_).reshape(rows.shape)
+    )
     flat = np.flatnonzero(is_candidate)  # row-major, so grouped by row (7x faster than 2-D nonzero)
     values = np.take(rows.reshape(-1), flat)
     bounds = np.searchsorted(flat, np.arange(n_rows + 1, dtype=np.int64) * width)
@@ -117,7 +119,9 @@ def _candidates(rows: np.ndarray, k: int) -> _Candidates:
         # padded with +inf, so the k-th smallest of a row is the k-th largest candidate
         max_count = int(counts[complete].max())
         compact = np.cumsum(complete) - 1
-        slot = np.arange(flat.size, dtype=np.int64) + np.repeat(compact * max_count - starts, counts)
+        slot = np.arange(flat.size, dtype=np.int64) + np.repeat(
+            compact * max_count - starts, counts
+        )
         negated = np.full((n_complete, max_count), np.inf, dtype=rows.dtype)
         if n_complete == n_rows:
             negated.reshape(-1)[slot] = -values
@@ -170,7 +174,9 @@ def kept_entries(blocks: np.ndarray, k: int, quota: np.ndarray) -> np.ndarray:
         return found.flat[is_kept]
     is_kept &= ~redo[found.row_of]
     redone = np.flatnonzero(redo)
-    redone_row, column = np.divmod(np.flatnonzero(_keep_rows(blocks[redone], threshold[redone], quota[redone])), width)
+    redone_row, column = np.divmod(
+        np.flatnonzero(_keep_rows(blocks[redone], threshold[redone], quota[redone])), width
+    )
     return np.sort(np.concatenate((found.flat[is_kept], redone[redone_row] * width + column)))
 
 
@@ -203,7 +209,9 @@ def _send_plan(layouts: tuple[ChunkLayout, ...], k: int) -> _SendPlan:
         first_rows=np.cumsum([0] + n_chunks),
         quota=np.concatenate([np.minimum(layout.chunk_sizes(), k) for layout in layouts]),
         tile_cols=per_tensor([layout.tile_cols for layout in layouts]),
-        chunk_cols=np.concatenate([np.tile(layout.heights_widths()[1], layout.grid_rows) for layout in layouts]),
+        chunk_cols=np.concatenate(
+            [np.tile(layout.heights_widths()[1], layout.grid_rows) for layout in layouts]
+        ),
         cols=per_tensor([layout.cols for layout in layouts]),
         origin=np.concatenate([layout.chunk_origin for layout in layouts]),
     )
@@ -235,18 +243,27 @@ def write_blocks(values: np.ndarray, layout: ChunkLayout, out: np.ndarray) -> No
 _BATCH_ROWS = 256
 
 
-def _band(values: np.ndarray, layout: ChunkLayout, first: int, end: int) -> tuple[np.ndarray, ChunkLayout]:
+def _band(
+    values: np.ndarray, layout: ChunkLayout, first: int, end: int
+) -> tuple[np.ndarray, ChunkLayout]:
     """Chunks first:end of a tensor as a tensor of their own: a contiguous slice of its
     flat values and the layout of that slice (for a tiled tensor, whole grid rows)."""
     if layout.tile_rows == 1:
         begin = first * layout.tile_cols
         piece = values[begin : min(end * layout.tile_cols, layout.cols)]
         return piece, type(layout)(1, piece.size, 1, layout.tile_cols)
-    top, bottom = first // layout.grid_cols * layout.tile_rows, min(end // layout.grid_cols * layout.tile_rows, layout.rows)
-    return values[top * layout.cols : bottom * layout.cols], type(layout)(bottom - top, layout.cols, layout.tile_rows, layout.tile_cols)
+    top, bottom = (
+        first // layout.grid_cols * layout.tile_rows,
+        min(end // layout.grid_cols * layout.tile_rows, layout.rows),
+    )
+    return values[top * layout.cols : bottom * layout.cols], type(layout)(
+        bottom - top, layout.cols, layout.tile_rows, layout.tile_cols
+    )
 
 
-def _batches(layouts: Sequence[ChunkLayout], members: list[int]) -> list[list[tuple[int, int, int]]]:
+def _batches(
+    layouts: Sequence[ChunkLayout], members: list[int]
+) -> list[list[tuple[int, int, int]]]:
     """The chunks of `members` (in order) cut into batches of about `_BATCH_ROWS` rows,
     each a list of (tensor, first chunk, end chunk); a tiled tensor is cut at grid rows."""
     batches: list[list[tuple[int, int, int]]] = [[]]
@@ -291,11 +308,16 @@ def select_many(
             blocks = _workspace("blocks", n_rows * width, np.float32).reshape(n_rows, width)
             row = 0
             for i, first, end in batch:
-                write_blocks(*_band(values[i], layouts[i], first, end), blocks[row : row + end - first])
+                write_blocks(
+                    *_band(values[i], layouts[i], first, end), blocks[row : row + end - first]
+                )
                 row += end - first
             if not math.isfinite(blocks.max()):  # NaN and Inf survive abs and max
                 raise CodecError("tensor holds NaN/Inf value(s) (or values beyond float32 range)")
-            parts.append(kept_entries(blocks, k, plan.quota[first_row : first_row + n_rows]) + first_row * width)
+            parts.append(
+                kept_entries(blocks, k, plan.quota[first_row : first_row + n_rows])
+                + first_row * width
+            )
             first_row += n_rows
         kept = np.concatenate(parts)
         row, padded_position = np.divmod(kept, width)
@@ -309,7 +331,9 @@ def select_many(
     pieces: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for members, flat, positions in groups:
         ends = np.cumsum(lengths[members])
-        for i, start, end in zip(members, (ends - lengths[members]).tolist(), ends.tolist(), strict=True):
+        for i, start, end in zip(
+            members, (ends - lengths[members]).tolist(), ends.tolist(), strict=True
+        ):
             pieces[i] = flat[start:end], positions[start:end]
     ordered = [pieces[i] for i in sorted(pieces)]
     return (

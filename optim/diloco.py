@@ -23,7 +23,12 @@ from shoal.optim.outer import ContributionError, OuterConfig, OuterOptimizer, Te
 class DiLoCo(OuterOptimizer):
     supports_slices = True
 
-    def __init__(self, outer_weights: Mapping[str, torch.Tensor], config: OuterConfig, slices: Sequence[Sequence[str]] | None = None) -> None:
+    def __init__(
+        self,
+        outer_weights: Mapping[str, torch.Tensor],
+        config: OuterConfig,
+        slices: Sequence[Sequence[str]] | None = None,
+    ) -> None:
         super().__init__(outer_weights, config, slices)
         self.codec = get_codec(config.codec)
         self.momentum: Tensors = {n: torch.zeros_like(t) for n, t in self.params.items()}

@@ -48,7 +48,9 @@ class InnerConfig:
         return self.lr
 
     def optimizer(self, params) -> torch.optim.AdamW:
-        return torch.optim.AdamW(params, lr=self.lr, betas=(self.beta1, self.beta2), weight_decay=self.weight_decay)
+        return torch.optim.AdamW(
+            params, lr=self.lr, betas=(self.beta1, self.beta2), weight_decay=self.weight_decay
+        )
 
 
 @dataclass
@@ -84,7 +86,12 @@ class ParamTrainer:
     """Parameters, AdamW with the run's schedule, and the weights the outer rounds read
     and write; shared by full replicas (InnerTrainer) and pipeline stages."""
 
-    def __init__(self, params: dict[str, torch.nn.Parameter], config: InnerConfig, constraint: Constraint | None = None) -> None:
+    def __init__(
+        self,
+        params: dict[str, torch.nn.Parameter],
+        config: InnerConfig,
+        constraint: Constraint | None = None,
+    ) -> None:
         self.params = params
         self.config = config
         self.constraint = constraint
@@ -119,7 +126,9 @@ class ParamTrainer:
             self.constraint.grads(self.params)
         # the norm before clipping, for CheckFree's rebuild weights (inf: measure, never clip);
         # kept as a tensor so that the step does not wait for the device to read it
-        self._grad_norm = torch.nn.utils.clip_grad_norm_(self.params.values(), self.config.grad_clip or math.inf)
+        self._grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.params.values(), self.config.grad_clip or math.inf
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr_at(self.step_count) * group["lr_scale"]
         self.optimizer.step()
@@ -139,7 +148,10 @@ class ParamTrainer:
                 param.copy_(weights[name].to(param.device, param.dtype))
             if self.constraint is not None:
                 self.constraint.weights(self.params)
-                self._outer_offset = {n: weights[n].to("cpu", torch.float32) - p.detach().to("cpu", torch.float32) for n, p in self.params.items()}
+                self._outer_offset = {
+                    n: weights[n].to("cpu", torch.float32) - p.detach().to("cpu", torch.float32)
+                    for n, p in self.params.items()
+                }
 
     def local_weights(self) -> dict[str, torch.Tensor]:
         local = {n: p.detach().to("cpu", torch.float32).clone() for n, p in self.params.items()}

@@ -48,22 +48,43 @@ class NoLoCo(OuterOptimizer):
 
     def __init__(self, outer_weights: Mapping[str, torch.Tensor], config: OuterConfig) -> None:
         super().__init__(outer_weights, config)
-        self.codec = get_codec(config.codec, k=config.topk) if config.codec == "topk" else get_codec(config.codec)
+        self.codec = (
+            get_codec(config.codec, k=config.topk)
+            if config.codec == "topk"
+            else get_codec(config.codec)
+        )
         self.phi_codec = get_codec("fp16")
-        self.origin: Tensors = {n: t.clone() for n, t in self.params.items()}  # θ₀, before any checkpoint load
+        self.origin: Tensors = {
+            n: t.clone() for n, t in self.params.items()
+        }  # θ₀, before any checkpoint load
         self.momentum: Tensors = {n: torch.zeros_like(t) for n, t in self.params.items()}
         self.error: Tensors | None = (
-            {n: torch.zeros_like(t) for n, t in self.params.items()} if isinstance(self.codec, TopKCodec) else None
+            {n: torch.zeros_like(t) for n, t in self.params.items()}
+            if isinstance(self.codec, TopKCodec)
+            else None
         )
-        self.partner_distance: float | None = None  # RMS of φ_i − φ_j over all weights, last exchange
+        self.partner_distance: float | None = (
+            None  # RMS of φ_i − φ_j over all weights, last exchange
+        )
 
     def contribution(self, local_weights: Mapping[str, torch.Tensor]) -> dict[str, bytes]:
         self._check_names(list(local_weights), "local weights")
-        payload = {PHI + n: self.phi_codec.encode(phi - self.origin[n]) for n, phi in self.params.items()}
+        payload = {
+            PHI + n: self.phi_codec.encode(phi - self.origin[n]) for n, phi in self.params.items()
+        }
         if self.error is None:
-            payload.update({DELTA + n: self.codec.encode(local_weights[n].detach().to("cpu", torch.float32) - phi) for n, phi in self.params.items()})
+            payload.update(
+                {
+                    DELTA + n: self.codec.encode(
+                        local_weights[n].detach().to("cpu", torch.float32) - phi
+                    )
+                    for n, phi in self.params.items()
+                }
+            )
             return payload
-        sent = send_with_error_feedback(self.codec, self.error, local_weights, self.params, self.config.error_decay)
+        sent = send_with_error_feedback(
+            self.codec, self.error, local_weights, self.params, self.config.error_decay
+        )
         return payload | {DELTA + n: blob for n, blob in sent.items()}
 
     def decode_contribution(self, payload: Mapping[str, bytes]) -> PairContribution:
@@ -73,8 +94,10 @@ class NoLoCo(OuterOptimizer):
         for key, blob in payload.items():
             prefix = next((p for p in halves if isinstance(key, str) and key.startswith(p)), None)
             if prefix is None:
-                raise ContributionError(f"contribution: unexpected entry {str(key)[:40]!r} (want {PHI}… or {DELTA}…)")
-            halves[prefix][key[len(prefix):]] = blob
+                raise ContributionError(
+                    f"contribution: unexpected entry {str(key)[:40]!r} (want {PHI}… or {DELTA}…)"
+                )
+            halves[prefix][key[len(prefix) :]] = blob
         phi = self._decode_each(halves[PHI], self.phi_codec.decode)
         delta = self._decode_each(halves[DELTA], self.codec.decode)
         for what, tensors in (("phi", phi), ("delta", delta)):

@@ -66,7 +66,9 @@ def weights_hash(tensors: Mapping[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(tensors):
         digest.update(name.encode() + b"\0")
-        digest.update(tensors[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        digest.update(
+            tensors[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+        )
     return digest.hexdigest()
 
 
@@ -80,21 +82,32 @@ class OuterOptimizer(ABC):
     pairwise = False  # True: exchange with one partner per step instead of the whole round
     supports_slices = False  # True: peers holding different slices of the model can share a round
 
-    def __init__(self, outer_weights: Mapping[str, torch.Tensor], config: OuterConfig, slices: Sequence[Sequence[str]] | None = None) -> None:
+    def __init__(
+        self,
+        outer_weights: Mapping[str, torch.Tensor],
+        config: OuterConfig,
+        slices: Sequence[Sequence[str]] | None = None,
+    ) -> None:
         """`outer_weights` are the tensors this peer holds: the whole model for a full
         replica, one stage's slice for a pipeline stage peer. `slices` partitions the
         whole model's names into the run's stage slices (None: one slice, the weights
         given); a contribution must carry every name of a slice or none of it."""
         self.config = config
-        self.params: Tensors = {n: t.detach().to("cpu", torch.float32).clone() for n, t in outer_weights.items()}
+        self.params: Tensors = {
+            n: t.detach().to("cpu", torch.float32).clone() for n, t in outer_weights.items()
+        }
         self.shapes = {n: tuple(t.shape) for n, t in self.params.items()}
-        self.slices: list[list[str]] = [list(s) for s in slices] if slices is not None else [list(self.params)]
+        self.slices: list[list[str]] = (
+            [list(s) for s in slices] if slices is not None else [list(self.params)]
+        )
         self._slice_of = {name: index for index, names in enumerate(self.slices) for name in names}
         missing = set(self.params) - set(self._slice_of)
         if missing:
             raise ValueError(f"weights {sorted(missing)[:3]} belong to no slice of the model")
         if len(self.slices) > 1 and not self.supports_slices:
-            raise ValueError(f"--outer {config.name} does not support pipeline stages (slices of the model); use diloco or sparseloco")
+            raise ValueError(
+                f"--outer {config.name} does not support pipeline stages (slices of the model); use diloco or sparseloco"
+            )
 
     @abstractmethod
     def contribution(self, local_weights: Mapping[str, torch.Tensor]) -> dict[str, bytes]:
@@ -133,7 +146,9 @@ class OuterOptimizer(ABC):
 
     def state_tensors(self) -> Tensors:
         """Outer weights and optimizer state, flat, for checkpoints and joiners."""
-        return {prefix + n: t for prefix, group in self.state_groups().items() for n, t in group.items()}
+        return {
+            prefix + n: t for prefix, group in self.state_groups().items() for n, t in group.items()
+        }
 
     def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Inverse of `state_tensors`; checks every entry before changing any, and raises
@@ -149,7 +164,9 @@ class OuterOptimizer(ABC):
     def weights_hash(self) -> str:
         return weights_hash(self.params)
 
-    def _decode_each(self, payload: Mapping[str, bytes], decode: Callable[[bytes, tuple[int, ...]], Any]) -> dict[str, Any]:
+    def _decode_each(
+        self, payload: Mapping[str, bytes], decode: Callable[[bytes, tuple[int, ...]], Any]
+    ) -> dict[str, Any]:
         """Validate a contribution's names and decode each tensor's payload with `decode`
         (a codec method), turning codec errors into ContributionError. Only the tensors
         this peer holds are decoded: a stage peer skips the rest of a full replica's
@@ -165,7 +182,9 @@ class OuterOptimizer(ABC):
         for index in {self._slice_of[n] for n in names}:
             missing = set(self.slices[index]) - names
             if missing:
-                raise ContributionError(f"contribution: missing {sorted(missing)[:3]} (slice {index} must be sent whole)")
+                raise ContributionError(
+                    f"contribution: missing {sorted(missing)[:3]} (slice {index} must be sent whole)"
+                )
         decoded = {}
         for name, shape in self.shapes.items():
             if name not in payload:
@@ -186,4 +205,6 @@ class OuterOptimizer(ABC):
     def _check_names(self, names: Sequence[str] | set[str], what: str) -> None:
         missing, extra = set(self.params) - set(names), set(names) - set(self.params)
         if missing or extra:
-            raise ContributionError(f"{what}: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+            raise ContributionError(
+                f"{what}: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
+            )

@@ -36,13 +36,19 @@ from shoal.optim.outer import ContributionError, OuterConfig, OuterOptimizer, Te
 
 
 def send_with_error_feedback(
-    codec: TopKCodec, error: Tensors, plus: Mapping[str, torch.Tensor], minus: Mapping[str, torch.Tensor], decay: float
+    codec: TopKCodec,
+    error: Tensors,
+    plus: Mapping[str, torch.Tensor],
+    minus: Mapping[str, torch.Tensor],
+    decay: float,
 ) -> dict[str, bytes]:
     """e ← β·e + (plus − minus), in place (no model-sized temporary); payload = top-k of e
     (all tensors encoded in one batch); e ← e − decoded(payload) (decoded in one batch
     too). Returns the payload by tensor name."""
     for name, buffer in error.items():
-        buffer.mul_(decay).add_(plus[name].detach().to("cpu", torch.float32)).sub_(minus[name].detach().to("cpu", torch.float32))
+        buffer.mul_(decay).add_(plus[name].detach().to("cpu", torch.float32)).sub_(
+            minus[name].detach().to("cpu", torch.float32)
+        )
     payloads = codec.encode_many(list(error.values()))
     decoded = codec.decode_sparse_many(payloads, [tuple(buffer.shape) for buffer in error.values()])
     for buffer, (indices, values) in zip(error.values(), decoded, strict=True):
@@ -69,9 +75,18 @@ class SparseContribution:
 class SparseLoCo(OuterOptimizer):
     supports_slices = True
 
-    def __init__(self, outer_weights: Mapping[str, torch.Tensor], config: OuterConfig, slices: Sequence[Sequence[str]] | None = None) -> None:
+    def __init__(
+        self,
+        outer_weights: Mapping[str, torch.Tensor],
+        config: OuterConfig,
+        slices: Sequence[Sequence[str]] | None = None,
+    ) -> None:
         super().__init__(outer_weights, config, slices)
-        codec = get_codec(config.codec, k=config.topk) if config.codec == "topk" else get_codec(config.codec)
+        codec = (
+            get_codec(config.codec, k=config.topk)
+            if config.codec == "topk"
+            else get_codec(config.codec)
+        )
         if not isinstance(codec, TopKCodec):
             raise ValueError(f"--outer sparseloco needs --codec topk, got {config.codec!r}")
         self.codec: TopKCodec = codec
@@ -79,18 +94,24 @@ class SparseLoCo(OuterOptimizer):
 
     def contribution(self, local_weights: Mapping[str, torch.Tensor]) -> dict[str, bytes]:
         self._check_names(list(local_weights), "local weights")
-        return send_with_error_feedback(self.codec, self.error, self.params, local_weights, self.config.error_decay)
+        return send_with_error_feedback(
+            self.codec, self.error, self.params, local_weights, self.config.error_decay
+        )
 
     def decode_contribution(self, payload: Mapping[str, bytes]) -> SparseContribution:
         # names and payload types checked as for every optimizer; the codec work in one batch
         blobs = self._decode_each(payload, lambda blob, _shape: blob)
         names = list(blobs)
         try:
-            pairs = self.codec.decode_sparse_many([blobs[n] for n in names], [self.shapes[n] for n in names])
+            pairs = self.codec.decode_sparse_many(
+                [blobs[n] for n in names], [self.shapes[n] for n in names]
+            )
         except BatchCodecError as exc:
             raise ContributionError(f"{names[exc.index]}: {exc}") from None
-        return SparseContribution({n: p[0] for n, p in zip(names, pairs, strict=True)},
-                                  {n: p[1] for n, p in zip(names, pairs, strict=True)})
+        return SparseContribution(
+            {n: p[0] for n, p in zip(names, pairs, strict=True)},
+            {n: p[1] for n, p in zip(names, pairs, strict=True)},
+        )
 
     def apply(self, contributions: Sequence[SparseContribution]) -> None:
         for names in self.slices:
@@ -104,11 +125,18 @@ class SparseLoCo(OuterOptimizer):
             for name in names:
                 # sparse throughout: a dense mean would write and read the whole tensor
                 # several times, where the round's entries are ~8·k/4096 of it
-                senders = torch.zeros(self.params[name].numel(), dtype=torch.uint8 if len(held) < 256 else torch.int32)
+                senders = torch.zeros(
+                    self.params[name].numel(), dtype=torch.uint8 if len(held) < 256 else torch.int32
+                )
                 for contribution in held:
                     idx = contribution.indices[name]
                     senders.index_add_(0, idx, torch.ones(idx.numel(), dtype=senders.dtype))
                 param = self.params[name].view(-1)
                 for contribution, scale in zip(held, scales, strict=True):
                     idx = contribution.indices[name]
-                    param.index_add_(0, idx, contribution.values[name] / senders[idx], alpha=-self.config.lr * scale)
+                    param.index_add_(
+                        0,
+                        idx,
+                        contribution.values[name] / senders[idx],
+                        alpha=-self.config.lr * scale,
+                    )

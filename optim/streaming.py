@@ -68,7 +68,9 @@ def fragment_plan(shapes: Mapping[str, tuple[int, ...]], fragments: int) -> list
             sizes[p] += take
             start += take
     if any(not pieces for pieces in plan):
-        raise ValueError(f"--fragments {fragments} leaves a fragment empty: the model has too few parameters")
+        raise ValueError(
+            f"--fragments {fragments} leaves a fragment empty: the model has too few parameters"
+        )
     return plan
 
 
@@ -99,7 +101,12 @@ class StreamingDiLoCo(OuterOptimizer):
         return (round_id + 1) * inner_steps // p - round_id * inner_steps // p
 
     def _gather(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([tensors[n].detach().to("cpu", torch.float32).reshape(-1)[a:b] for n, a, b in self.plan[self.fragment]])
+        return torch.cat(
+            [
+                tensors[n].detach().to("cpu", torch.float32).reshape(-1)[a:b]
+                for n, a, b in self.plan[self.fragment]
+            ]
+        )
 
     def _scatter(self, flat: torch.Tensor, into: Mapping[str, torch.Tensor]) -> None:
         offset = 0
@@ -112,12 +119,18 @@ class StreamingDiLoCo(OuterOptimizer):
 
     def contribution(self, local_weights: Mapping[str, torch.Tensor]) -> dict[str, bytes]:
         self._check_names(list(local_weights), "local weights")
-        return {f"fragment/{self.fragment}": self.codec.encode(self._gather(self.params) - self._gather(local_weights))}
+        return {
+            f"fragment/{self.fragment}": self.codec.encode(
+                self._gather(self.params) - self._gather(local_weights)
+            )
+        }
 
     def decode_contribution(self, payload: Mapping[str, bytes]) -> torch.Tensor:
         key = f"fragment/{self.fragment}"
         if not isinstance(payload, Mapping) or set(payload) != {key}:
-            raise ContributionError(f"contribution must hold exactly {key!r} (this round's fragment)")
+            raise ContributionError(
+                f"contribution must hold exactly {key!r} (this round's fragment)"
+            )
         blob = payload[key]
         if not isinstance(blob, bytes):
             raise ContributionError(f"{key}: payload must be bytes")
@@ -146,7 +159,10 @@ class StreamingDiLoCo(OuterOptimizer):
         """θ_local with this round's fragment mixed toward θ_outer: α·local + (1 − α)·outer."""
         merged = {n: t.detach().to("cpu", torch.float32).clone() for n, t in local_weights.items()}
         alpha = self.config.mix
-        self._scatter(self._gather(merged).mul_(alpha).add_(self._gather(self.params), alpha=1.0 - alpha), merged)
+        self._scatter(
+            self._gather(merged).mul_(alpha).add_(self._gather(self.params), alpha=1.0 - alpha),
+            merged,
+        )
         return merged
 
     def state_groups(self) -> dict[str, Tensors]:

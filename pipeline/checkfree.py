@@ -52,7 +52,9 @@ def lost_stages(plan: StagePlan, live_stage_of_peers: Iterable[int]) -> list[int
     return [stage for stage in range(1, plan.num_stages) if stage not in live]
 
 
-def recovery_source(plan: StagePlan, stage: int, live_stages: Iterable[int]) -> tuple[RecoveryMode, tuple[int, ...]]:
+def recovery_source(
+    plan: StagePlan, stage: int, live_stages: Iterable[int]
+) -> tuple[RecoveryMode, tuple[int, ...]]:
     """How to recover block stage `stage` given the stages that still have a live peer:
     ("copy", (stage,)) if a replica of it survives, ("average", (i−1, i+1)) for CheckFree,
     ("copy", (neighbour,)) for CheckFree+'s edge case, or ("none", ()) when the needed
@@ -107,9 +109,13 @@ def rebuild_stage(
         if side in neighbours and weights is None:
             raise ValueError(f"rebuilding stage {stage} needs the weights of stage {side}")
         if side not in neighbours and weights is not None:
-            raise ValueError(f"stage {side} holds no blocks: pass None for it when rebuilding stage {stage}")
+            raise ValueError(
+                f"stage {side} holds no blocks: pass None for it when rebuilding stage {stage}"
+            )
     if not neighbours:
-        raise ValueError(f"stage {stage} is the only block stage: CheckFree has no neighbour to rebuild it from")
+        raise ValueError(
+            f"stage {stage} is the only block stage: CheckFree has no neighbour to rebuild it from"
+        )
 
     by_block = {n: _split_blocks(plan, n, given[n]) for n in neighbours}  # type: ignore[arg-type]
     if len(neighbours) == 2:
@@ -126,7 +132,9 @@ def rebuild_stage(
             suffixes = _common_suffixes(sources)
             for suffix in suffixes:
                 tensors = {n: sources[n][suffix] for n in neighbours}
-                rebuilt[f"blocks.{block_index}.{suffix}"] = _combine(tensors, coefficients, f"blocks.{block_index}.{suffix}")
+                rebuilt[f"blocks.{block_index}.{suffix}"] = _combine(
+                    tensors, coefficients, f"blocks.{block_index}.{suffix}"
+                )
     return rebuilt
 
 
@@ -138,7 +146,9 @@ def recovered_inner_config(config: InnerConfig) -> InnerConfig:
     return dataclasses.replace(config, lr=config.lr * RECOVERY_LR_SCALE)
 
 
-def recovered_trainer(params: dict[str, torch.nn.Parameter], config: InnerConfig, step_count: int) -> ParamTrainer:
+def recovered_trainer(
+    params: dict[str, torch.nn.Parameter], config: InnerConfig, step_count: int
+) -> ParamTrainer:
     """A fresh ParamTrainer (new AdamW moments) at lr × 1.1 for a rebuilt stage's params.
     `step_count` is the run's current inner step, so the lr schedule (warmup) continues
     where the run is instead of warming up again."""
@@ -152,7 +162,9 @@ def recovered_trainer(params: dict[str, torch.nn.Parameter], config: InnerConfig
 
 def _check_block_stage(plan: StagePlan, stage: int) -> None:
     if not 1 <= stage < plan.num_stages:
-        raise ValueError(f"stage {stage} is not a block stage (1..{plan.num_stages - 1}); CheckFree rebuilds block stages only")
+        raise ValueError(
+            f"stage {stage} is not a block stage (1..{plan.num_stages - 1}); CheckFree rebuilds block stages only"
+        )
 
 
 def _block_neighbours(plan: StagePlan, stage: int) -> tuple[int, ...]:
@@ -168,15 +180,24 @@ def _live_set(plan: StagePlan, stages: Iterable[int]) -> set[int]:
     return live
 
 
-def _split_blocks(plan: StagePlan, stage: int, weights: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+def _split_blocks(
+    plan: StagePlan, stage: int, weights: Mapping[str, torch.Tensor]
+) -> list[dict[str, torch.Tensor]]:
     """Stage `stage`'s weights as one {suffix: tensor} per block, in block order; checks that
     the names are exactly that stage's blocks and every value is finite."""
     indices = plan.blocks(stage)
     blocks: dict[int, dict[str, torch.Tensor]] = {index: {} for index in indices}
     for name, tensor in weights.items():
         parts = name.split(".", 2)
-        if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit() or int(parts[1]) not in blocks:
-            raise ValueError(f"weights of stage {stage} contain {name!r}, not a parameter of its blocks {list(indices)}")
+        if (
+            len(parts) != 3
+            or parts[0] != "blocks"
+            or not parts[1].isdigit()
+            or int(parts[1]) not in blocks
+        ):
+            raise ValueError(
+                f"weights of stage {stage} contain {name!r}, not a parameter of its blocks {list(indices)}"
+            )
         if not torch.isfinite(tensor).all():
             raise ValueError(f"weights of stage {stage}: {name!r} has non-finite values")
         blocks[int(parts[1])][parts[2]] = tensor
@@ -184,7 +205,9 @@ def _split_blocks(plan: StagePlan, stage: int, weights: Mapping[str, torch.Tenso
     first = ordered[0]
     for index, block in zip(indices, ordered, strict=True):
         if not block or set(block) != set(first):
-            raise ValueError(f"weights of stage {stage}: block {index} has parameters {sorted(block)}, expected {sorted(first)}")
+            raise ValueError(
+                f"weights of stage {stage}: block {index} has parameters {sorted(block)}, expected {sorted(first)}"
+            )
         # all blocks share one shape per parameter: any block may stand in for any other
         for suffix, tensor in block.items():
             if tensor.shape != first[suffix].shape or tensor.dtype != first[suffix].dtype:
@@ -202,17 +225,26 @@ def _common_suffixes(sources: Mapping[int, dict[str, torch.Tensor]]) -> list[str
     return names[0]
 
 
-def _averaging_weights(next_grad_norm: float | None, prev_grad_norm: float | None, stage: int) -> tuple[float, float]:
+def _averaging_weights(
+    next_grad_norm: float | None, prev_grad_norm: float | None, stage: int
+) -> tuple[float, float]:
     """(a, b) for W_{i+1}, W_{i−1}: the neighbours' gradient norms, or (1, 1) when either is
     missing, zero, negative or not finite (no information about which side moved more)."""
     norms = (next_grad_norm, prev_grad_norm)
     if all(n is not None and math.isfinite(n) and n > 0 for n in norms):
         return float(next_grad_norm), float(prev_grad_norm)  # type: ignore[arg-type]
-    logger.warning("rebuilding stage %d: gradient norms next=%s prev=%s unusable, averaging with equal weights", stage, next_grad_norm, prev_grad_norm)
+    logger.warning(
+        "rebuilding stage %d: gradient norms next=%s prev=%s unusable, averaging with equal weights",
+        stage,
+        next_grad_norm,
+        prev_grad_norm,
+    )
     return 1.0, 1.0
 
 
-def _combine(tensors: Mapping[int, torch.Tensor], coefficients: Mapping[int, float], name: str) -> torch.Tensor:
+def _combine(
+    tensors: Mapping[int, torch.Tensor], coefficients: Mapping[int, float], name: str
+) -> torch.Tensor:
     """Σ c_n·W_n / Σ c_n in float32, returned in the inputs' dtype and device."""
     first = next(iter(tensors.values()))
     if any(t.shape != first.shape or t.dtype != first.dtype for t in tensors.values()):
@@ -221,5 +253,8 @@ def _combine(tensors: Mapping[int, torch.Tensor], coefficients: Mapping[int, flo
     total = sum(coefficients.values())
     out = torch.zeros(first.shape, dtype=torch.float32, device=first.device)
     for neighbour, tensor in tensors.items():
-        out.add_(tensor.detach().to(device=first.device, dtype=torch.float32), alpha=coefficients[neighbour])
+        out.add_(
+            tensor.detach().to(device=first.device, dtype=torch.float32),
+            alpha=coefficients[neighbour],
+        )
     return out.div_(total).to(first.dtype)

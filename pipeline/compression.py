@@ -30,7 +30,11 @@ from shoal.compression.subspace_basis import SubspaceBasis, subspace_dim_for_rat
 from shoal.pipeline.subspace import basis_for_model
 from shoal.train.model import ModelConfig
 
-SUBSPACE_COORDINATES = {name: codec.coordinates for name, codec in ACTIVATION_CODECS.items() if issubclass(codec, SubspaceActivationCodec)}
+SUBSPACE_COORDINATES = {
+    name: codec.coordinates
+    for name, codec in ACTIVATION_CODECS.items()
+    if issubclass(codec, SubspaceActivationCodec)
+}
 
 
 @dataclass(frozen=True)
@@ -55,11 +59,16 @@ def parse_activation(spec: str, config: ModelConfig, seed: int) -> ActivationSet
         try:
             ratio = float(option)
         except ValueError:
-            raise ValueError(f"--activation {name} needs a ratio, e.g. {name}:32, got {spec!r}") from None
+            raise ValueError(
+                f"--activation {name} needs a ratio, e.g. {name}:32, got {spec!r}"
+            ) from None
         if not ratio >= 1:
             raise ValueError(f"--activation {name} ratio must be >= 1, got {spec!r}")
-        k = subspace_dim_for_ratio(config.d_model, ratio, config.vocab_size, SUBSPACE_COORDINATES[name])
+        k = subspace_dim_for_ratio(
+            config.d_model, ratio, config.vocab_size, SUBSPACE_COORDINATES[name]
+        )
         basis = basis_for_model(config, k, seed)
         return ActivationSetting(get_activation_codec(name, basis=basis), basis, spec)
-    raise ValueError(f"--activation must be none, int8, subspace:RATIO, subspace-int8:RATIO or subspace-int4:RATIO, got {spec!r}")
-
+    raise ValueError(
+        f"--activation must be none, int8, subspace:RATIO, subspace-int8:RATIO or subspace-int4:RATIO, got {spec!r}"
+    )

@@ -52,7 +52,9 @@ from shoal.pipeline.worker import EdgeWorker
 
 log = logging.getLogger(__name__)
 
-Call = Callable[[str, str, dict[str, Any], float], Awaitable[dict[str, Any]]]  # (peer id, path, payload, timeout_s) → answer
+Call = Callable[
+    [str, str, dict[str, Any], float], Awaitable[dict[str, Any]]
+]  # (peer id, path, payload, timeout_s) → answer
 
 
 class HopFailed(Exception):
@@ -105,7 +107,9 @@ class PipelineDriver:
         self._ids = itertools.count()
         self._round = 0
         self.round_step = 0  # inner steps taken in the current outer round
-        self.retries_total = 0  # microbatch attempts that failed and ran again (training and evaluation)
+        self.retries_total = (
+            0  # microbatch attempts that failed and ran again (training and evaluation)
+        )
         self.failovers_total = 0  # forward hops moved to another replica of their stage
 
     @property
@@ -130,7 +134,11 @@ class PipelineDriver:
         await self._run(self.edge.step)
         self.round_step += 1
         await self._step_stages(step, loss)
-        return StepResult(loss, done * self.config.microbatch_size * x.size(1), self.retries_total - retries_before)
+        return StepResult(
+            loss,
+            done * self.config.microbatch_size * x.size(1),
+            self.retries_total - retries_before,
+        )
 
     async def accumulate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
         """Forward and backward every microbatch of (x, y), leaving the gradients
@@ -141,15 +149,28 @@ class PipelineDriver:
         pieces = [(x[s : s + size], y[s : s + size]) for s in range(0, x.size(0), size)]
         served = dict(enumerate(self._serving(), start=1))
         routes = await self._run(self.paths.plan, len(pieces), pieces[0][0].numel(), served)
-        results = await self._in_flight([self._microbatch(xs, ys, route) for (xs, ys), route in zip(pieces, routes, strict=True)], return_exceptions=True)
+        results = await self._in_flight(
+            [
+                self._microbatch(xs, ys, route)
+                for (xs, ys), route in zip(pieces, routes, strict=True)
+            ],
+            return_exceptions=True,
+        )
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, PipelineBroken):
                 raise result
         losses = [r for r in results if not isinstance(r, BaseException)]
         if not losses:
-            raise PipelineBroken(f"no microbatch got through the pipeline in {self.config.max_attempts} attempts; is every stage served?")
+            raise PipelineBroken(
+                f"no microbatch got through the pipeline in {self.config.max_attempts} attempts; is every stage served?"
+            )
         if len(losses) < len(results):
-            log.warning("[%s] dropped %d of %d microbatches of this step", self.name, len(results) - len(losses), len(results))
+            log.warning(
+                "[%s] dropped %d of %d microbatches of this step",
+                self.name,
+                len(results) - len(losses),
+                len(results),
+            )
         return sum(losses) / len(losses), len(losses)
 
     async def _in_flight(self, coroutines: list, return_exceptions: bool = False) -> list:
@@ -160,9 +181,13 @@ class PipelineDriver:
             async with gate:
                 return await coroutine
 
-        return await asyncio.gather(*(gated(c) for c in coroutines), return_exceptions=return_exceptions)
+        return await asyncio.gather(
+            *(gated(c) for c in coroutines), return_exceptions=return_exceptions
+        )
 
-    async def _attempts(self, x: torch.Tensor, what: str, once: Callable[[int, Microbatch], Awaitable[Any]]) -> Any:
+    async def _attempts(
+        self, x: torch.Tensor, what: str, once: Callable[[int, Microbatch], Awaitable[Any]]
+    ) -> Any:
         """Run `once` for a microbatch of tokens `x`, each attempt under a fresh key (a
         stage may still hold the last attempt's input), pausing 0.5, 1, 2, … s between
         attempts (`_pause`); PipelineBroken after `max_attempts`."""
@@ -173,10 +198,14 @@ class PipelineDriver:
                 return await once(mb_id, mb)
             except (HopFailed, NoRoute) as exc:
                 self.retries_total += 1
-                log.warning("[%s] %s %s attempt %d failed: %s", self.name, what, mb.key, attempt + 1, exc)
+                log.warning(
+                    "[%s] %s %s attempt %d failed: %s", self.name, what, mb.key, attempt + 1, exc
+                )
                 if attempt + 1 < self.config.max_attempts:
                     await self._pause(self.config.retry_pause_s * 2**attempt)
-        raise PipelineBroken(f"{what} failed {self.config.max_attempts} times; is every stage served?")
+        raise PipelineBroken(
+            f"{what} failed {self.config.max_attempts} times; is every stage served?"
+        )
 
     async def _pause(self, seconds: float) -> None:
         """Wait `seconds` before a retry, or less if the peers serving some stage change
@@ -197,7 +226,9 @@ class PipelineDriver:
             visited = []
             for stage, prefer in route:
                 scale = self.paths.residual_scale(stage, route)
-                peer, h = await self._forward(stage, mb_id, mb, h, keep=True, prefer=prefer, scale=scale)
+                peer, h = await self._forward(
+                    stage, mb_id, mb, h, keep=True, prefer=prefer, scale=scale
+                )
                 visited.append((stage, peer))
             loss, grad, head_grads = await self._run(self.edge.head, h, y)
             for stage, peer in reversed(visited):
@@ -207,22 +238,45 @@ class PipelineDriver:
 
         return await self._attempts(x, "microbatch", once)
 
-    async def _forward(self, stage: int, mb_id: int, mb: Microbatch, h: torch.Tensor, keep: bool, prefer: str | None = None,
-                       scale: float = 1.0) -> tuple[str, torch.Tensor]:
+    async def _forward(
+        self,
+        stage: int,
+        mb_id: int,
+        mb: Microbatch,
+        h: torch.Tensor,
+        keep: bool,
+        prefer: str | None = None,
+        scale: float = 1.0,
+    ) -> tuple[str, torch.Tensor]:
         """One forward hop (to `prefer` if it is usable), trying other replicas of the
         stage when one fails; `scale`: the residual scale of a training forward."""
-        payload = await self._run(self.codec.encode, h, mb.tokens)  # once: the same bytes go to any replica
-        request = {**mb.to_wire(), "stage": stage, "round": self.round, "codec": self.codec.name, "act": payload}
+        payload = await self._run(
+            self.codec.encode, h, mb.tokens
+        )  # once: the same bytes go to any replica
+        request = {
+            **mb.to_wire(),
+            "stage": stage,
+            "round": self.round,
+            "codec": self.codec.name,
+            "act": payload,
+        }
         if scale != 1.0:
             request["scale"] = scale
         tried: set[str] = set()
         while True:
             candidates = [p for p in self.stage_peers(stage) if p not in tried]
-            peer = self.router.choose(stage, candidates, microbatch=mb_id, task_size=mb.tokens.numel(), prefer=prefer)
+            peer = self.router.choose(
+                stage, candidates, microbatch=mb_id, task_size=mb.tokens.numel(), prefer=prefer
+            )
             tried.add(peer)
             begin = time.monotonic()
             try:
-                answer = await self.call(peer, "/stage/forward" if keep else "/stage/infer", request, self.config.hop_timeout_s)
+                answer = await self.call(
+                    peer,
+                    "/stage/forward" if keep else "/stage/infer",
+                    request,
+                    self.config.hop_timeout_s,
+                )
                 out = await self._run(self.codec.decode, answer.get("act"), mb.tokens, self.d_model)
             except Exception as exc:  # noqa: BLE001 - any failure of a hop means: try another replica
                 self.router.failed(peer)
@@ -234,17 +288,23 @@ class PipelineDriver:
             self.router.report(peer, seconds=time.monotonic() - begin, task_size=mb.tokens.numel())
             return peer, out
 
-    async def _backward(self, stage: int, peer: str, mb: Microbatch, grad: torch.Tensor) -> torch.Tensor:
+    async def _backward(
+        self, stage: int, peer: str, mb: Microbatch, grad: torch.Tensor
+    ) -> torch.Tensor:
         payload = await self._run(self.codec.encode_grad, grad, mb.tokens)
         request = {**mb.to_wire(), "stage": stage, "codec": self.codec.name, "grad": payload}
         begin = time.monotonic()
         try:
             answer = await self.call(peer, "/stage/backward", request, self.config.hop_timeout_s)
-            out = await self._run(self.codec.decode_grad, answer.get("grad"), mb.tokens, self.d_model)
+            out = await self._run(
+                self.codec.decode_grad, answer.get("grad"), mb.tokens, self.d_model
+            )
         except Exception as exc:  # noqa: BLE001 - the peer holding this microbatch's input is gone
             self.router.failed(peer)
             raise HopFailed(f"backward at stage {stage} peer {peer}: {exc}") from None
-        self.router.report(peer, seconds=time.monotonic() - begin, task_size=mb.tokens.numel(), backward=True)
+        self.router.report(
+            peer, seconds=time.monotonic() - begin, task_size=mb.tokens.numel(), backward=True
+        )
         return out
 
     async def _step_stages(self, step: int, loss: float) -> None:
@@ -253,22 +313,53 @@ class PipelineDriver:
         the outer round (`round_step`: the round's steps done so far, so that a peer that
         missed some messages, e.g. one that joined mid-round, still knows where the round
         is). A peer that does not answer steps with the next step instead."""
-        request = {"step": step, "round": self.round, "round_step": self.round_step, "train_loss": loss}
-        targets = [(stage, peer) for stage in range(1, self.plan.num_stages) for peer in self.stage_peers(stage)]
-        calls = [self.call(peer, "/stage/step", {**request, "stage": stage}, self.config.hop_timeout_s) for stage, peer in targets]
-        for (stage, peer), result in zip(targets, await asyncio.gather(*calls, return_exceptions=True), strict=True):
+        request = {
+            "step": step,
+            "round": self.round,
+            "round_step": self.round_step,
+            "train_loss": loss,
+        }
+        targets = [
+            (stage, peer)
+            for stage in range(1, self.plan.num_stages)
+            for peer in self.stage_peers(stage)
+        ]
+        calls = [
+            self.call(peer, "/stage/step", {**request, "stage": stage}, self.config.hop_timeout_s)
+            for stage, peer in targets
+        ]
+        for (stage, peer), result in zip(
+            targets, await asyncio.gather(*calls, return_exceptions=True), strict=True
+        ):
             if isinstance(result, BaseException):
-                log.warning("[%s] step %d: stage %d peer %s did not step: %s", self.name, step, stage, peer, result)
+                log.warning(
+                    "[%s] step %d: stage %d peer %s did not step: %s",
+                    self.name,
+                    step,
+                    stage,
+                    peer,
+                    result,
+                )
 
     # ---- evaluation -------------------------------------------------------------------
 
-    async def evaluate(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], stages: Sequence[int] | None = None) -> float:
+    async def evaluate(
+        self,
+        batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        stages: Sequence[int] | None = None,
+    ) -> float:
         """Mean held-out loss through the pipeline (forward only, nothing kept), through
         every stage or only `stages` (in that order): inference on part of the model."""
         size = self.config.microbatch_size
         stages = list(range(1, self.plan.num_stages)) if stages is None else list(stages)
-        if not stages or not all(1 <= s < self.plan.num_stages for s in stages) or len(set(stages)) < len(stages):
-            raise ValueError(f"evaluation stages must be distinct block stages in 1..{self.plan.num_stages - 1}, got {stages}")
+        if (
+            not stages
+            or not all(1 <= s < self.plan.num_stages for s in stages)
+            or len(set(stages)) < len(stages)
+        ):
+            raise ValueError(
+                f"evaluation stages must be distinct block stages in 1..{self.plan.num_stages - 1}, got {stages}"
+            )
 
         async def one(x: torch.Tensor, y: torch.Tensor) -> float:
             async def once(mb_id: int, mb: Microbatch) -> float:
@@ -279,7 +370,11 @@ class PipelineDriver:
 
             return await self._attempts(x, "evaluation microbatch", once)
 
-        pieces = [(x[s : s + size], y[s : s + size]) for x, y in batches for s in range(0, x.size(0), size)]
+        pieces = [
+            (x[s : s + size], y[s : s + size])
+            for x, y in batches
+            for s in range(0, x.size(0), size)
+        ]
         losses = await self._in_flight([one(x, y) for x, y in pieces])
         weights = [x.numel() for x, _ in pieces]
         return sum(loss * w for loss, w in zip(losses, weights, strict=True)) / sum(weights)

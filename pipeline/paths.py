@@ -52,7 +52,9 @@ class PathPlanner(ABC):
     num_stages: int
 
     @abstractmethod
-    def plan(self, microbatches: int, tokens: int, served: Mapping[int, Sequence[str]]) -> list[Route]:
+    def plan(
+        self, microbatches: int, tokens: int, served: Mapping[int, Sequence[str]]
+    ) -> list[Route]:
         """One route per microbatch of an inner step (`tokens` per microbatch), given the
         live peers serving each block stage (read on the event loop; planning may run on
         another thread)."""
@@ -75,7 +77,9 @@ class FullPaths(PathPlanner):
             raise ValueError("--out-of-order needs at least two block stages (--stages >= 3)")
         self.num_stages, self.swap_fraction = num_stages, swap_fraction
 
-    def plan(self, microbatches: int, tokens: int, served: Mapping[int, Sequence[str]] | None = None) -> list[Route]:
+    def plan(
+        self, microbatches: int, tokens: int, served: Mapping[int, Sequence[str]] | None = None
+    ) -> list[Route]:
         return [self.route(swapped=self.is_swapped(m)) for m in range(microbatches)]
 
     def is_swapped(self, m: int) -> bool:
@@ -98,7 +102,9 @@ class FullPaths(PathPlanner):
 class SkipPaths(PathPlanner):
     name = "skippipe"
 
-    def __init__(self, config: SkipPipeConfig, driver_id: str, router: Router, rescale: str = "none") -> None:
+    def __init__(
+        self, config: SkipPipeConfig, driver_id: str, router: Router, rescale: str = "none"
+    ) -> None:
         self.config, self.driver_id, self.router = config, driver_id, router
         self.num_stages = config.num_stages
         self.rescale = rescale
@@ -107,7 +113,9 @@ class SkipPaths(PathPlanner):
         self.last_iteration_s: float | None = None  # the scheduler's estimate for the last plan
         self.fallbacks = 0  # steps planned as the full pipeline (too few stages served)
 
-    def plan(self, microbatches: int, tokens: int, served: Mapping[int, Sequence[str]]) -> list[Route]:
+    def plan(
+        self, microbatches: int, tokens: int, served: Mapping[int, Sequence[str]]
+    ) -> list[Route]:
         peers = self._specs(tokens, served)
         config = dataclasses.replace(self.config, num_microbatches=microbatches)
         try:
@@ -127,26 +135,57 @@ class SkipPaths(PathPlanner):
 
     def _specs(self, tokens: int, served: Mapping[int, Sequence[str]]) -> list[PeerSpec]:
         """The live stage peers with their measured forward time for `tokens` tokens."""
-        measured = {p: t for peers in served.values() for p in peers if (t := self.router.throughput(p))}
-        default = tokens / statistics.median(measured.values()) if measured else tokens * DEFAULT_SECONDS_PER_TOKEN
+        measured = {
+            p: t for peers in served.values() for p in peers if (t := self.router.throughput(p))
+        }
+        default = (
+            tokens / statistics.median(measured.values())
+            if measured
+            else tokens * DEFAULT_SECONDS_PER_TOKEN
+        )
         specs = [PeerSpec(self.driver_id, 0, forward_s=1e-6)]  # the embedding: next to nothing
         for stage, peers in served.items():
-            specs += [PeerSpec(p, stage, forward_s=tokens / measured[p] if p in measured else default) for p in peers]
+            specs += [
+                PeerSpec(p, stage, forward_s=tokens / measured[p] if p in measured else default)
+                for p in peers
+            ]
         return specs
 
     def describe(self) -> dict:
-        return {"paths": self.name, "skip_ratio": self.config.skip_ratio, "stages_per_path": self.config.visits_per_path, "max_swaps": self.config.max_swaps,
-                "kept_stages": list(self.config.always_visit), "rescale": self.rescale, "residual_scale": self._scale, "estimated_iteration_s": self.last_iteration_s, "fallbacks": self.fallbacks}
+        return {
+            "paths": self.name,
+            "skip_ratio": self.config.skip_ratio,
+            "stages_per_path": self.config.visits_per_path,
+            "max_swaps": self.config.max_swaps,
+            "kept_stages": list(self.config.always_visit),
+            "rescale": self.rescale,
+            "residual_scale": self._scale,
+            "estimated_iteration_s": self.last_iteration_s,
+            "fallbacks": self.fallbacks,
+        }
 
 
-def build_paths(num_stages: int, skip_ratio: float, out_of_order: float, driver_id: str, router: Router, skip_swaps: int = 0,
-                skip_keep: tuple[int, ...] = (1,), skip_rescale: str = "none") -> PathPlanner:
+def build_paths(
+    num_stages: int,
+    skip_ratio: float,
+    out_of_order: float,
+    driver_id: str,
+    router: Router,
+    skip_swaps: int = 0,
+    skip_keep: tuple[int, ...] = (1,),
+    skip_rescale: str = "none",
+) -> PathPlanner:
     """The planner for `--skip-ratio` (SkipPipe when > 0; `--skip-swaps`, `--skip-keep`,
     `--skip-rescale`) and `--out-of-order` (CheckFree+)."""
     if skip_ratio and out_of_order:
         raise ValueError("--skip-ratio and --out-of-order are two path policies; pick one")
     if skip_ratio:
-        config = SkipPipeConfig(num_stages=num_stages, skip_ratio=skip_ratio, max_swaps=skip_swaps, always_visit=tuple(skip_keep),
-                                visit_slack=SKIP_VISIT_SLACK)
+        config = SkipPipeConfig(
+            num_stages=num_stages,
+            skip_ratio=skip_ratio,
+            max_swaps=skip_swaps,
+            always_visit=tuple(skip_keep),
+            visit_slack=SKIP_VISIT_SLACK,
+        )
         return SkipPaths(config, driver_id, router, skip_rescale)
     return FullPaths(num_stages, out_of_order)

@@ -62,17 +62,29 @@ class Microbatch:
         key, data, shape = payload.get("key"), payload.get("tokens"), payload.get("shape")
         if not isinstance(key, str) or not 0 < len(key) <= 128:
             raise StageRequestError("key must be a string of 1..128 characters")
-        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+        if not (
+            isinstance(shape, list)
+            and len(shape) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+        ):
             raise StageRequestError("shape must be [batch, seq] with positive integers")
         batch, seq = shape
         if seq > max_seq_len or batch * seq > MAX_TOKENS:
-            raise StageRequestError(f"microbatch {batch}x{seq} exceeds the limits (seq <= {max_seq_len}, tokens <= {MAX_TOKENS})")
+            raise StageRequestError(
+                f"microbatch {batch}x{seq} exceeds the limits (seq <= {max_seq_len}, tokens <= {MAX_TOKENS})"
+            )
         if not isinstance(data, bytes):
             raise StageRequestError("tokens must be bytes")
         width = len(data) // (batch * seq) if batch * seq else 0
         if width not in (1, 4) or len(data) != width * batch * seq:
-            raise StageRequestError(f"tokens hold {len(data)} bytes, expected {batch * seq} (uint8) or {4 * batch * seq} (int32)")
-        ids = np.frombuffer(data, dtype=np.uint8 if width == 1 else "<i4").astype(np.int64).reshape(batch, seq)
+            raise StageRequestError(
+                f"tokens hold {len(data)} bytes, expected {batch * seq} (uint8) or {4 * batch * seq} (int32)"
+            )
+        ids = (
+            np.frombuffer(data, dtype=np.uint8 if width == 1 else "<i4")
+            .astype(np.int64)
+            .reshape(batch, seq)
+        )
         if ids.min() < 0 or ids.max() >= vocab_size:
             raise StageRequestError(f"token ids outside 0..{vocab_size - 1}")
         return cls(key, torch.from_numpy(ids))
@@ -104,6 +116,10 @@ def check_loss(payload: dict[str, Any]) -> float | None:
 def check_scale(payload: dict[str, Any]) -> float:
     """A training forward's residual scale: absent means 1."""
     value = payload.get("scale", 1.0)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value <= MAX_RESIDUAL_SCALE:
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not 0.0 < value <= MAX_RESIDUAL_SCALE
+    ):
         raise StageRequestError(f"scale must be a number in (0, {MAX_RESIDUAL_SCALE}]")
     return float(value)

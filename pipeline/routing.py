@@ -237,7 +237,11 @@ class Router(ABC):
         with self._lock:
             peer_ids, now = self._begin(stage, candidates)
             usable = self.book.usable(peer_ids, now)
-            if prefer is not None and prefer in usable and self.book.peers[prefer].banned_until <= now:
+            if (
+                prefer is not None
+                and prefer in usable
+                and self.book.peers[prefer].banned_until <= now
+            ):
                 self.assignments.remember(stage, microbatch, prefer)
                 return prefer
             return self._pick(stage, peer_ids, usable, now, microbatch, task_size, backward)
@@ -251,7 +255,14 @@ class Router(ABC):
 
     @abstractmethod
     def _pick(
-        self, stage: int, peer_ids: list[str], usable: list[str], now: float, microbatch: int, task_size: float, backward: bool
+        self,
+        stage: int,
+        peer_ids: list[str],
+        usable: list[str],
+        now: float,
+        microbatch: int,
+        task_size: float,
+        backward: bool,
     ) -> str:
         """The router's rule, under the lock: a peer of `usable` (never empty), given every
         candidate of the stage in `peer_ids`."""
@@ -324,12 +335,23 @@ class RandomRouter(Router):
         self._cycles: dict[int, tuple[frozenset[str], list[str], int]] = {}
 
     def _pick(
-        self, stage: int, peer_ids: list[str], usable: list[str], now: float, microbatch: int, task_size: float, backward: bool
+        self,
+        stage: int,
+        peer_ids: list[str],
+        usable: list[str],
+        now: float,
+        microbatch: int,
+        task_size: float,
+        backward: bool,
     ) -> str:
         previous = self.assignments.get(stage, microbatch)
         if previous in usable:
             return previous
-        peer_id = self.rng.choice(usable) if previous is not None else self._next_in_cycle(stage, peer_ids, set(usable))
+        peer_id = (
+            self.rng.choice(usable)
+            if previous is not None
+            else self._next_in_cycle(stage, peer_ids, set(usable))
+        )
         self.assignments.remember(stage, microbatch, peer_id)
         return peer_id
 
@@ -374,7 +396,14 @@ class SwarmRouter(Router):
     name = "swarm"
 
     def _pick(
-        self, stage: int, peer_ids: list[str], usable: list[str], now: float, microbatch: int, task_size: float, backward: bool
+        self,
+        stage: int,
+        peer_ids: list[str],
+        usable: list[str],
+        now: float,
+        microbatch: int,
+        task_size: float,
+        backward: bool,
     ) -> str:
         cost = self._cost(task_size, backward)
         measured = [t for p in peer_ids if (t := self.book.peers[p].throughput) is not None]

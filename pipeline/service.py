@@ -51,7 +51,9 @@ class StageService:
         self.tokens = 0  # tokens of the microbatches served (forward, training only)
         self.busy_s = 0.0  # compute seconds spent on forwards and backwards
         self.last_loss: float | None = None
-        self._steps: Counter[int] = Counter()  # inner steps done per outer round, as the drivers report
+        self._steps: Counter[int] = (
+            Counter()
+        )  # inner steps done per outer round, as the drivers report
         self._steps_changed = threading.Condition()
         self._driver_round = 0  # the latest outer round a driver's microbatch was in
         self._round_changed = asyncio.Event()
@@ -125,7 +127,11 @@ class StageService:
         middle of round `round_id` and saw only its last steps), or `stopping` is set;
         returns the steps seen."""
         with self._steps_changed:
-            while self._steps[round_id] < steps and self._driver_round <= round_id and not stopping.is_set():
+            while (
+                self._steps[round_id] < steps
+                and self._driver_round <= round_id
+                and not stopping.is_set()
+            ):
                 self._steps_changed.wait(0.2)
             for old in [r for r in self._steps if r < round_id]:
                 del self._steps[old]
@@ -141,12 +147,16 @@ class StageService:
     def _microbatch(self, payload: dict[str, Any]) -> Microbatch:
         self._check_stage(payload)
         if payload.get("codec") != self.setting.name:
-            raise StageRequestError(f"this stage peer serves activation codec {self.setting.spec!r}, got {payload.get('codec')!r}")
+            raise StageRequestError(
+                f"this stage peer serves activation codec {self.setting.spec!r}, got {payload.get('codec')!r}"
+            )
         return Microbatch.from_wire(payload, self.model.vocab_size, self.model.max_seq_len)
 
     def _check_stage(self, payload: dict[str, Any]) -> None:
         if payload.get("stage") != self.stage:
-            raise StageRequestError(f"this peer serves stage {self.stage}, not {payload.get('stage')!r}")
+            raise StageRequestError(
+                f"this peer serves stage {self.stage}, not {payload.get('stage')!r}"
+            )
 
     async def _await_round(self, round_id: int) -> None:
         deadline = time.monotonic() + self.round_wait_s
@@ -157,7 +167,9 @@ class StageService:
         while self.current_round() < round_id:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise StageRequestError(f"stage is at outer round {self.current_round()}, the microbatch at {round_id}")
+                raise StageRequestError(
+                    f"stage is at outer round {self.current_round()}, the microbatch at {round_id}"
+                )
             try:
                 await asyncio.wait_for(self._round_changed.wait(), remaining)
             except TimeoutError:

@@ -120,7 +120,9 @@ class SkipPipeConfig:
     max_jump: int = 4
     max_swaps: int = 2
     always_visit: tuple[int, ...] = ()  # block stages on every path (the runtime keeps (1,))
-    stage_visit_cap: int | None = None  # None: ceil(M * (k - 1 - K) / (stages with a peer - K) * (1 + visit_slack))
+    stage_visit_cap: int | None = (
+        None  # None: ceil(M * (k - 1 - K) / (stages with a peer - K) * (1 + visit_slack))
+    )
     visit_slack: float = 0.0  # the default cap's share above the even spread (the runtime: 0.25)
     backward_factor: float = 2.0
     transfer_s: float = 0.0  # per-hop transfer time of one microbatch's activations/grads
@@ -146,7 +148,9 @@ class SkipPipeConfig:
             raise ValueError(f"max_swaps must be >= 0, got {self.max_swaps}")
         kept = self.always_visit
         if len(set(kept)) < len(kept) or not all(1 <= s < self.num_stages for s in kept):
-            raise ValueError(f"always_visit must list distinct block stages in 1..{self.num_stages - 1}, got {list(kept)}")
+            raise ValueError(
+                f"always_visit must list distinct block stages in 1..{self.num_stages - 1}, got {list(kept)}"
+            )
         if len(kept) > self.visits_per_path - 1:
             raise ValueError(
                 f"always_visit keeps {len(kept)} stages but paths visit only {self.visits_per_path - 1} "
@@ -307,7 +311,15 @@ class _Planner:
             for i in range(len(path) - 1)
         }
         tasks.sort(key=lambda t: (t.start_s, t.peer_id, t.microbatch, t.kind))
-        return Schedule(paths, next_hop, tuple(tasks), finish, max(finish.values()), self.visit_cap, self.visit_floor)
+        return Schedule(
+            paths,
+            next_hop,
+            tuple(tasks),
+            finish,
+            max(finish.values()),
+            self.visit_cap,
+            self.visit_floor,
+        )
 
     def plan(self, m: int) -> tuple[_Node, list[tuple[str, int, str, float, float]]]:
         """A* for microbatch m; returns its forward hops and its loss + backward tasks."""
@@ -441,7 +453,10 @@ class _Planner:
         """Can the microbatches after m still bring every stage that is not kept up to the
         floor (at most one visit to a stage per microbatch, free_visits per microbatch)?"""
         left = self.config.num_microbatches - m - 1
-        deficits = [max(0, self.visit_floor - self.visit_counts[s] - (s in stages)) for s in self.served_free()]
+        deficits = [
+            max(0, self.visit_floor - self.visit_counts[s] - (s in stages))
+            for s in self.served_free()
+        ]
         return max(deficits, default=0) <= left and sum(deficits) <= left * self.free_visits
 
     def lower_bound(self, node: _Node) -> float:
@@ -486,7 +501,14 @@ def schedule(
 
     def planner_for() -> _Planner:
         return _Planner(
-            peers, config, k, None, config.max_swaps, config.max_jump, None, link_delay_s,
+            peers,
+            config,
+            k,
+            None,
+            config.max_swaps,
+            config.max_jump,
+            None,
+            link_delay_s,
             config.always_visit,
         )
 
@@ -506,14 +528,20 @@ def schedule(
     m_total, free = config.num_microbatches, planner.free_visits
     free_stages = len(planner.served_free())
     even = m_total * free / free_stages if free else m_total
-    cap = config.stage_visit_cap or min(m_total, math.ceil(round(even * (1 + config.visit_slack), 9)))
+    cap = config.stage_visit_cap or min(
+        m_total, math.ceil(round(even * (1 + config.visit_slack), 9))
+    )
     if cap * free_stages < m_total * free:
         raise ScheduleInfeasible(
             f"stage_visit_cap={cap} x {free_stages} stages < {m_total} microbatches x "
             f"{free} non-zero stages each (kept stages {list(config.always_visit)} aside)",
             ("visit_cap",),
         )
-    floor = math.floor(round(even * (1 - config.visit_slack), 9)) if config.visit_slack and not config.stage_visit_cap else 0
+    floor = (
+        math.floor(round(even * (1 - config.visit_slack), 9))
+        if config.visit_slack and not config.stage_visit_cap
+        else 0
+    )
     while True:
         planner.visit_cap, planner.visit_floor = cap, floor
         try:

@@ -41,7 +41,9 @@ class StagePlan:
 
     def __post_init__(self) -> None:
         if not 2 <= self.num_stages <= self.n_layers + 1:
-            raise ValueError(f"--stages must be in 2..{self.n_layers + 1} (stage 0 plus at most one stage per block), got {self.num_stages}")
+            raise ValueError(
+                f"--stages must be in 2..{self.n_layers + 1} (stage 0 plus at most one stage per block), got {self.num_stages}"
+            )
 
     def blocks(self, stage: int) -> range:
         """The block indices stage `stage` runs (empty for stage 0)."""
@@ -113,17 +115,23 @@ def stage_shapes(config: ModelConfig, plan: StagePlan, stage: int) -> dict[str, 
     return {name: tuple(param.shape) for name, param in module.named_parameters()}
 
 
-def build_stage(config: ModelConfig, plan: StagePlan, stage: int, seed: int, device: str | torch.device = "cpu") -> EdgeStage | BlockStage:
+def build_stage(
+    config: ModelConfig, plan: StagePlan, stage: int, seed: int, device: str | torch.device = "cpu"
+) -> EdgeStage | BlockStage:
     """Stage `stage` of the model with the run's initial weights (bit-identical to the same
     tensors of `build_model(config, seed)`, so stage peers and full replicas start equal).
 
     The whole model is built once on the CPU to draw those weights in the same order, then
     dropped; a model too large for one host would draw its slice alone (not needed yet)."""
     if plan.n_layers != config.n_layers:
-        raise ValueError(f"stage plan covers {plan.n_layers} blocks, the model has {config.n_layers}")
+        raise ValueError(
+            f"stage plan covers {plan.n_layers} blocks, the model has {config.n_layers}"
+        )
     full = build_model(config, seed)
     with torch.device("meta"):
-        module: EdgeStage | BlockStage = EdgeStage(config) if stage == 0 else BlockStage(config, plan.blocks(stage))
+        module: EdgeStage | BlockStage = (
+            EdgeStage(config) if stage == 0 else BlockStage(config, plan.blocks(stage))
+        )
     module.to_empty(device="cpu")
     source = dict(full.named_parameters())
     with torch.no_grad():

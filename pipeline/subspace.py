@@ -78,7 +78,9 @@ def _project_(name: str, tensor: torch.Tensor, basis: SubspaceBasis) -> bool:
     if not _is_writer(name):
         return False
     if tensor.ndim != 2 or tensor.shape[0] != basis.d_model:
-        raise ValueError(f"{name}: expected ({basis.d_model}, in_features), got {tuple(tensor.shape)}")
+        raise ValueError(
+            f"{name}: expected ({basis.d_model}, in_features), got {tuple(tensor.shape)}"
+        )
     U, _ = basis.on(tensor.device)
     tensor.copy_(U @ (U.T @ tensor.float()))
     return True
@@ -92,17 +94,23 @@ def confine_(params: Mapping[str, torch.Tensor] | nn.Module, basis: SubspaceBasi
 
 
 @torch.no_grad()
-def confine_grads_(params: Mapping[str, torch.Tensor] | nn.Module, basis: SubspaceBasis) -> list[str]:
+def confine_grads_(
+    params: Mapping[str, torch.Tensor] | nn.Module, basis: SubspaceBasis
+) -> list[str]:
     """Project the `.grad` of the residual-writing weights onto what a confined writer may
     move by (G ← U U^T G). Call after backward, before the optimizer step. In place; returns
     the names it projected (grad not None)."""
     return [
-        name for name, param in _named_params(params).items() if param.grad is not None and _project_(name, param.grad, basis)
+        name
+        for name, param in _named_params(params).items()
+        if param.grad is not None and _project_(name, param.grad, basis)
     ]
 
 
 @torch.no_grad()
-def confinement_error(params: Mapping[str, torch.Tensor] | nn.Module, basis: SubspaceBasis) -> float:
+def confinement_error(
+    params: Mapping[str, torch.Tensor] | nn.Module, basis: SubspaceBasis
+) -> float:
     """Largest relative norm, over the residual writers present, of the part outside
     span(U) (‖W − U U^T W‖ / ‖W‖): ~1e-7 right after `confine_`."""
     worst = 0.0

@@ -75,12 +75,22 @@ class SliceTrainer(ParamTrainer):
     gradients accumulated over microbatches, and a lock (hops run on the compute thread,
     the outer rounds on the training thread)."""
 
-    def __init__(self, module: nn.Module, config: InnerConfig, device: torch.device, basis: SubspaceBasis | None = None) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        config: InnerConfig,
+        device: torch.device,
+        basis: SubspaceBasis | None = None,
+    ) -> None:
         self.module = module.to(device)
         self.device = device
         self.lock = threading.Lock()
         self.microbatches = 0  # accumulated since the last step
-        super().__init__(dict(module.named_parameters()), config, confine_module(module, basis) if basis is not None else None)
+        super().__init__(
+            dict(module.named_parameters()),
+            config,
+            confine_module(module, basis) if basis is not None else None,
+        )
 
     def step(self) -> bool:
         """One inner step on the mean of the gradients accumulated since the last; False
@@ -113,16 +123,27 @@ class BlockWorker(SliceTrainer):
 
     module: BlockStage
 
-    def __init__(self, module: BlockStage, config: InnerConfig, device: torch.device, basis: SubspaceBasis | None = None, saved_ttl_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        module: BlockStage,
+        config: InnerConfig,
+        device: torch.device,
+        basis: SubspaceBasis | None = None,
+        saved_ttl_s: float = 300.0,
+    ) -> None:
         super().__init__(module, config, device, basis)
         self.saved_ttl_s = saved_ttl_s
-        self._saved: dict[str, tuple[float, torch.Tensor, float]] = {}  # key → (saved at, input, residual scale)
+        self._saved: dict[
+            str, tuple[float, torch.Tensor, float]
+        ] = {}  # key → (saved at, input, residual scale)
 
     @property
     def in_flight(self) -> int:
         return len(self._saved)
 
-    def forward(self, key: str, h: torch.Tensor, keep: bool = True, scale: float = 1.0) -> torch.Tensor:
+    def forward(
+        self, key: str, h: torch.Tensor, keep: bool = True, scale: float = 1.0
+    ) -> torch.Tensor:
         if not (math.isfinite(scale) and scale > 0.0):
             raise ValueError(f"a residual scale is positive and finite, not {scale}")
         if scale != 1.0 and not keep:
@@ -167,7 +188,9 @@ class EdgeWorker(SliceTrainer):
         with self.lock, torch.no_grad():
             return self.module.embed_tokens(idx.to(self.device)).float().cpu()
 
-    def head(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[float, torch.Tensor, list[torch.Tensor | None]]:
+    def head(
+        self, h: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[float, torch.Tensor, list[torch.Tensor | None]]:
         """Loss on the last stage's output, dL/dh, and the head's parameter gradients."""
         with self.lock:
             h = h.to(self.device).detach().requires_grad_(True)
@@ -181,7 +204,9 @@ class EdgeWorker(SliceTrainer):
         with self.lock, torch.no_grad(), autocast_context(self.device):
             return float(self.module.loss(h.to(self.device), targets.to(self.device)))
 
-    def commit(self, idx: torch.Tensor, grad_h0: torch.Tensor, head_grads: list[torch.Tensor | None]) -> None:
+    def commit(
+        self, idx: torch.Tensor, grad_h0: torch.Tensor, head_grads: list[torch.Tensor | None]
+    ) -> None:
         """Accumulate one finished microbatch: the head's gradients plus the embedding
         lookup's (dL/dE[t] = Σ of dL/dh0 over the positions holding token t)."""
         with self.lock, torch.no_grad():
@@ -190,6 +215,10 @@ class EdgeWorker(SliceTrainer):
                     continue
                 param.grad = grad.clone() if param.grad is None else param.grad.add_(grad)
             embed = self.module.embed.weight
-            lookup = torch.zeros_like(embed).index_add_(0, idx.to(embed.device).reshape(-1), grad_h0.to(embed.device, embed.dtype).reshape(-1, embed.size(1)))
+            lookup = torch.zeros_like(embed).index_add_(
+                0,
+                idx.to(embed.device).reshape(-1),
+                grad_h0.to(embed.device, embed.dtype).reshape(-1, embed.size(1)),
+            )
             embed.grad = lookup if embed.grad is None else embed.grad.add_(lookup)
             self.microbatches += 1

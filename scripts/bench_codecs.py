@@ -71,21 +71,35 @@ class Coder:
     def encode_input(self, tensors: list[torch.Tensor]) -> list[bytes]:
         return self.encode_all(tensors) if self.encode_all else [self.encode(t) for t in tensors]
 
-    def decode_input(self, payloads: list[bytes], shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    def decode_input(
+        self, payloads: list[bytes], shapes: list[tuple[int, ...]]
+    ) -> list[torch.Tensor]:
         if self.decode_all:
             return self.decode_all(payloads, shapes)
-        return [self.decode(payload, shape) for payload, shape in zip(payloads, shapes, strict=True)]
+        return [
+            self.decode(payload, shape) for payload, shape in zip(payloads, shapes, strict=True)
+        ]
 
 
 def our_coder(name: str) -> Coder:
     codec = get_codec(name)
-    return Coder(name, codec.encode, codec.decode, getattr(codec, "encode_many", None), getattr(codec, "decode_many", None))
+    return Coder(
+        name,
+        codec.encode,
+        codec.decode,
+        getattr(codec, "encode_many", None),
+        getattr(codec, "decode_many", None),
+    )
 
 
 def _extract_quantized(self, serialized):  # hivemind's Quantization.extract, numpy>=2.4-safe
     codebook_size = int(np.frombuffer(serialized.buffer, count=1, dtype=np.int64)[0])
-    codebook = np.frombuffer(serialized.buffer, offset=8, count=codebook_size, dtype=self.codebook_dtype)
-    quantized = np.frombuffer(serialized.buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
+    codebook = np.frombuffer(
+        serialized.buffer, offset=8, count=codebook_size, dtype=self.codebook_dtype
+    )
+    quantized = np.frombuffer(
+        serialized.buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype
+    )
     quantized = torch.as_tensor(quantized, dtype=torch.int64).reshape(tuple(serialized.size))
     codebook = torch.as_tensor(codebook).to(dtype=getattr(torch, serialized.dtype))
     return codebook[quantized]
@@ -116,7 +130,9 @@ def hivemind_coders() -> tuple[list[Coder], str | None]:
 
     def wrap(name: str, compression) -> Coder:
         def encode(tensor: torch.Tensor) -> bytes:
-            return compression.compress(tensor, CompressionInfo.from_tensor(tensor)).SerializeToString()
+            return compression.compress(
+                tensor, CompressionInfo.from_tensor(tensor)
+            ).SerializeToString()
 
         def decode(payload: bytes, shape: tuple[int, ...]) -> torch.Tensor:
             message = runtime_pb2.Tensor()
@@ -125,16 +141,23 @@ def hivemind_coders() -> tuple[list[Coder], str | None]:
 
         return Coder(name, encode, decode)
 
-    coders = [wrap("hm-fp16", Float16Compression()), wrap("hm-uniform8", Uniform8BitQuantization()),
-              wrap("hm-quantile8", Quantile8BitQuantization())]
+    coders = [
+        wrap("hm-fp16", Float16Compression()),
+        wrap("hm-uniform8", Uniform8BitQuantization()),
+        wrap("hm-quantile8", Quantile8BitQuantization()),
+    ]
     return coders, None
 
 
 def real_delta(inner_steps: int, seed: int) -> dict[str, torch.Tensor]:
     """Δ = θ_start − θ_after H inner steps of the `small` model (as scripts/tune_small.py)."""
     recipe = RECIPES["small"]
-    inner = InnerConfig(lr=recipe.inner_lr, warmup_steps=recipe.warmup_steps, batch_size=recipe.batch_size,
-                        seq_len=recipe.seq_len)
+    inner = InnerConfig(
+        lr=recipe.inner_lr,
+        warmup_steps=recipe.warmup_steps,
+        batch_size=recipe.batch_size,
+        seq_len=recipe.seq_len,
+    )
     data = ByteData(load_corpus(None), num_shards=16)
     model = build_model("small", seed=seed)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -156,15 +179,23 @@ def median_time(fn: Callable[[], object], repeats: int, min_total_s: float = 1.0
     return statistics.median(times)
 
 
-def measure(coder: Coder, tensors: dict[str, torch.Tensor], rounds_of: Callable[[int], dict[str, torch.Tensor]],
-            rounds: int, repeats: int) -> dict:
+def measure(
+    coder: Coder,
+    tensors: dict[str, torch.Tensor],
+    rounds_of: Callable[[int], dict[str, torch.Tensor]],
+    rounds: int,
+    repeats: int,
+) -> dict:
     """All metrics of one codec on one input (a dict of tensors coded one by one)."""
     count = sum(t.numel() for t in tensors.values())
     shapes = [tuple(t.shape) for t in tensors.values()]
     payloads = coder.encode_input(list(tensors.values()))
     wire_bytes = sum(len(p) for p in payloads)
     decoded = coder.decode_input(payloads, shapes)
-    err2 = sum(float((d - t).double().square().sum()) for d, t in zip(decoded, tensors.values(), strict=True))
+    err2 = sum(
+        float((d - t).double().square().sum())
+        for d, t in zip(decoded, tensors.values(), strict=True)
+    )
     norm2 = sum(float(t.double().square().sum()) for t in tensors.values())
     encode_s = median_time(lambda: coder.encode_input(list(tensors.values())), repeats)
     decode_s = median_time(lambda: coder.decode_input(payloads, shapes), repeats)
@@ -202,7 +233,9 @@ def parse_size(text: str) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="results/bench_codecs.json")
     parser.add_argument("--sizes", default="1M,4M,16M", help="random tensor sizes (K/M suffixes)")
     parser.add_argument("--big", action="store_true", help="also a 64M-element tensor")
@@ -223,14 +256,20 @@ def main() -> None:
     if not args.no_real:
         begin = time.perf_counter()
         delta = real_delta(args.inner_steps, args.seed)
-        print(f"small-delta: {sum(t.numel() for t in delta.values()):,} params, H={args.inner_steps}, "
-              f"{time.perf_counter() - begin:.0f} s")
+        print(
+            f"small-delta: {sum(t.numel() for t in delta.values()):,} params, H={args.inner_steps}, "
+            f"{time.perf_counter() - begin:.0f} s"
+        )
 
-        def delta_round(round_id: int, delta: dict[str, torch.Tensor] = delta) -> dict[str, torch.Tensor]:
+        def delta_round(
+            round_id: int, delta: dict[str, torch.Tensor] = delta
+        ) -> dict[str, torch.Tensor]:
             gen = torch.Generator().manual_seed(10_000 + round_id)
             scale = 0.5 + torch.rand((), generator=gen).item()
-            return {n: scale * t + 0.1 * t.square().mean().sqrt() * torch.randn(t.shape, generator=gen)
-                    for n, t in delta.items()}
+            return {
+                n: scale * t + 0.1 * t.square().mean().sqrt() * torch.randn(t.shape, generator=gen)
+                for n, t in delta.items()
+            }
 
         inputs.append(("small-delta", delta, delta_round))
     sizes = [parse_size(s) for s in args.sizes.split(",") if s] + ([64 << 20] if args.big else [])
@@ -238,9 +277,19 @@ def main() -> None:
         shape = (size // 1024, 1024) if size % 1024 == 0 else (size,)
 
         def random_round(round_id: int, shape: tuple[int, ...] = shape) -> dict[str, torch.Tensor]:
-            return {"x": torch.randn(shape, generator=torch.Generator().manual_seed(args.seed + 1 + round_id))}
+            return {
+                "x": torch.randn(
+                    shape, generator=torch.Generator().manual_seed(args.seed + 1 + round_id)
+                )
+            }
 
-        inputs.append((f"randn-{size >> 20}M" if size >= 1 << 20 else f"randn-{size}", random_round(-1), random_round))
+        inputs.append(
+            (
+                f"randn-{size >> 20}M" if size >= 1 << 20 else f"randn-{size}",
+                random_round(-1),
+                random_round,
+            )
+        )
 
     rows = []
     for input_name, tensors, rounds_of in inputs:
@@ -257,27 +306,37 @@ def main() -> None:
         for row in by_codec.values():
             row["bytes_vs_hm_uniform8"] = row["wire_bytes"] / base["wire_bytes"] if base else None
             row["time_vs_hm_uniform8"] = (
-                (row["encode_s"] + row["decode_s"]) / (base["encode_s"] + base["decode_s"]) if base else None
+                (row["encode_s"] + row["decode_s"]) / (base["encode_s"] + base["decode_s"])
+                if base
+                else None
             )
 
     def ratio(value: float | None) -> str:
         return f"{value:8.3f}" if value is not None else f"{'-':>8}"
 
-    header = (f"{'input':<12} {'codec':<13} {'bits/param':>10} {'rel_err':>8} {'rel_err_ef':>10} "
-              f"{'enc Me/s':>9} {'dec Me/s':>9} {'bytes/u8':>8} {'time/u8':>8}")
+    header = (
+        f"{'input':<12} {'codec':<13} {'bits/param':>10} {'rel_err':>8} {'rel_err_ef':>10} "
+        f"{'enc Me/s':>9} {'dec Me/s':>9} {'bytes/u8':>8} {'time/u8':>8}"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
         if "unavailable" in row:
             print(f"{row['input']:<12} {row['codec']:<13} unavailable: {row['unavailable']}")
             continue
-        print(f"{row['input']:<12} {row['codec']:<13} {row['bits_per_param']:10.4f} {row['rel_err']:8.4f} "
-              f"{row['rel_err_ef']:10.4f} {row['encode_eps'] / 1e6:9.1f} {row['decode_eps'] / 1e6:9.1f} "
-              f"{ratio(row['bytes_vs_hm_uniform8'])} {ratio(row['time_vs_hm_uniform8'])}")
+        print(
+            f"{row['input']:<12} {row['codec']:<13} {row['bits_per_param']:10.4f} {row['rel_err']:8.4f} "
+            f"{row['rel_err_ef']:10.4f} {row['encode_eps'] / 1e6:9.1f} {row['decode_eps'] / 1e6:9.1f} "
+            f"{ratio(row['bytes_vs_hm_uniform8'])} {ratio(row['time_vs_hm_uniform8'])}"
+        )
 
     result = {
-        "command": "python scripts/bench_codecs.py " + " ".join(
-            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items() if v not in (False, None)),
+        "command": "python scripts/bench_codecs.py "
+        + " ".join(
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            for k, v in vars(args).items()
+            if v not in (False, None)
+        ),
         "torch_threads": 1,
         "torch": torch.__version__,
         "numpy": np.__version__,
@@ -285,7 +344,8 @@ def main() -> None:
         "real_delta_rounds": "x_t = a_t*Δ + 0.1*rms(Δ)*ξ_t per tensor, a_t ~ U(0.5, 1.5), ξ_t ~ N(0, 1)",
         "random_rounds": "fresh x_t ~ N(0, 1) each round",
         "random_shape": "(N / 1024, 1024)",
-        "hivemind": hm_missing or "available; Quantization.extract patched for numpy >= 2.4 (int(arr[0]))",
+        "hivemind": hm_missing
+        or "available; Quantization.extract patched for numpy >= 2.4 (int(arr[0]))",
         "rows": rows,
     }
     out = Path(args.out)

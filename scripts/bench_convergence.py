@@ -43,12 +43,20 @@ FRAGMENTS = 4
 def methods(h: int, overlap: int) -> dict[str, tuple[list[str], int, int]]:
     """name → (flags, inner steps per round, eval every N rounds)."""
     return {
-        "ddp": (["--outer", "diloco", "--codec", "fp32", "--outer-lr", "1.0", "--outer-momentum", "0"], 1, h),
+        "ddp": (
+            ["--outer", "diloco", "--codec", "fp32", "--outer-lr", "1.0", "--outer-momentum", "0"],
+            1,
+            h,
+        ),
         "diloco-fp32": (["--outer", "diloco", "--codec", "fp32"], h, 1),
         "diloco-int8": (["--outer", "diloco", "--codec", "int8"], h, 1),
         "sparseloco": (["--outer", "sparseloco"], h, 1),
         "noloco": (["--outer", "noloco"], h, 1),
-        "streaming": (["--outer", "streaming", "--fragments", str(FRAGMENTS), "--overlap", str(overlap)], h // FRAGMENTS, FRAGMENTS),
+        "streaming": (
+            ["--outer", "streaming", "--fragments", str(FRAGMENTS), "--overlap", str(overlap)],
+            h // FRAGMENTS,
+            FRAGMENTS,
+        ),
     }
 
 
@@ -58,22 +66,39 @@ def summarize(reports: list[dict], tokens_per_step: int, steps_per_round: int) -
     peers = len(reports)
     curve = []
     for i, entry in enumerate(reports[0]["rounds"]):
-        losses = [r["rounds"][i]["eval_loss"] for r in reports if i < len(r["rounds"]) and r["rounds"][i]["eval_loss"] is not None]
+        losses = [
+            r["rounds"][i]["eval_loss"]
+            for r in reports
+            if i < len(r["rounds"]) and r["rounds"][i]["eval_loss"] is not None
+        ]
         if not losses:
             continue
-        curve.append({
-            "round": entry["round"],
-            "tokens": entry["round"] * steps_per_round * tokens_per_step * peers,
-            "eval_loss": statistics.fmean(losses),  # NoLoCo replicas differ: their mean
-            "bytes_sent_per_peer": statistics.fmean(r["rounds"][i]["bytes_sent"] for r in reports if i < len(r["rounds"])),
-            "seconds": max(r["rounds"][i]["time"] for r in reports if i < len(r["rounds"])) - start,
-        })
+        curve.append(
+            {
+                "round": entry["round"],
+                "tokens": entry["round"] * steps_per_round * tokens_per_step * peers,
+                "eval_loss": statistics.fmean(losses),  # NoLoCo replicas differ: their mean
+                "bytes_sent_per_peer": statistics.fmean(
+                    r["rounds"][i]["bytes_sent"] for r in reports if i < len(r["rounds"])
+                ),
+                "seconds": max(r["rounds"][i]["time"] for r in reports if i < len(r["rounds"]))
+                - start,
+            }
+        )
     spans = [r["rounds"][-1]["time"] - r["train_started_at"] for r in reports]
-    utilization = [r["inner_seconds_total"] / max(1e-9, span) for r, span in zip(reports, spans, strict=True)]
+    utilization = [
+        r["inner_seconds_total"] / max(1e-9, span) for r, span in zip(reports, spans, strict=True)
+    ]
     # evaluation is the benchmark's measurement, not training: utilization without it
-    training = [r["inner_seconds_total"] / max(1e-9, span - r["eval_seconds_total"]) for r, span in zip(reports, spans, strict=True)]
-    uploads = [b["contribution_bytes_sent"] - a["contribution_bytes_sent"]
-               for r in reports for a, b in zip([{"contribution_bytes_sent": 0}, *r["rounds"]], r["rounds"], strict=False)]
+    training = [
+        r["inner_seconds_total"] / max(1e-9, span - r["eval_seconds_total"])
+        for r, span in zip(reports, spans, strict=True)
+    ]
+    uploads = [
+        b["contribution_bytes_sent"] - a["contribution_bytes_sent"]
+        for r in reports
+        for a, b in zip([{"contribution_bytes_sent": 0}, *r["rounds"]], r["rounds"], strict=False)
+    ]
     return {
         "initial_eval_loss": statistics.fmean(r["initial_eval_loss"] for r in reports),
         "final_eval_loss": curve[-1]["eval_loss"] if curve else None,
@@ -99,9 +124,11 @@ def plot(results: dict, out: Path) -> list[str]:
 
     written = []
     rates = list(results)
-    for axis, label, key in (("tokens", "training tokens (all peers)", "tokens"),
-                             ("bytes", "MB sent per peer", "bytes_sent_per_peer"),
-                             ("wall", "wall-clock seconds", "seconds")):
+    for axis, label, key in (
+        ("tokens", "training tokens (all peers)", "tokens"),
+        ("bytes", "MB sent per peer", "bytes_sent_per_peer"),
+        ("wall", "wall-clock seconds", "seconds"),
+    ):
         fig, axes = plt.subplots(1, len(rates), figsize=(6.5 * len(rates), 4.5), squeeze=False)
         for ax, rate in zip(axes[0], rates, strict=True):
             for method, row in results[rate].items():
@@ -125,14 +152,29 @@ def plot(results: dict, out: Path) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peers", type=int, default=4)
-    parser.add_argument("--rates", nargs="+", default=["100mbit", "10mbit"], help="per-peer link rates; 'loopback' for none")
-    parser.add_argument("--steps", type=int, default=240, help="inner steps per peer (the token budget)")
+    parser.add_argument(
+        "--rates",
+        nargs="+",
+        default=["100mbit", "10mbit"],
+        help="per-peer link rates; 'loopback' for none",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=240, help="inner steps per peer (the token budget)"
+    )
     parser.add_argument("--inner-steps", type=int, default=24, help="H for the outer methods")
     parser.add_argument("--overlap", type=int, default=5, help="Streaming DiLoCo's τ")
-    parser.add_argument("--ddp-steps", type=int, default=24, help="steps of `ddp` on shaped links (it is slow there)")
+    parser.add_argument(
+        "--ddp-steps",
+        type=int,
+        default=24,
+        help="steps of `ddp` on shaped links (it is slow there)",
+    )
     parser.add_argument("--methods", nargs="+", help="a subset of the methods")
-    parser.add_argument("--final-eval-only", action="store_true",
-                        help="evaluate only after the last round (utilization without the benchmark's own evaluations)")
+    parser.add_argument(
+        "--final-eval-only",
+        action="store_true",
+        help="evaluate only after the last round (utilization without the benchmark's own evaluations)",
+    )
     parser.add_argument("--model", default="small")
     parser.add_argument("--out", default="results/bench_convergence.json")
     parser.add_argument("--keep-logs", help="keep the peers' logs and reports under this folder")
@@ -154,33 +196,65 @@ def main() -> int:
             rounds = steps // steps_per_round
             if args.final_eval_only:
                 eval_every = rounds
-            cmd_flags = [*flags, "--model", args.model, "--inner-steps", str(args.inner_steps if name != "ddp" else 1),
-                         "--eval-every", str(eval_every), "--threads", "1", "--seed", "0"]
+            cmd_flags = [
+                *flags,
+                "--model",
+                args.model,
+                "--inner-steps",
+                str(args.inner_steps if name != "ddp" else 1),
+                "--eval-every",
+                str(eval_every),
+                "--threads",
+                "1",
+                "--seed",
+                "0",
+            ]
             print(f"== {rate} {name}: {rounds} rounds of {steps_per_round} steps", flush=True)
             begin = time.monotonic()
-            reports = run_swarm(args.peers, None if rate == "loopback" else [rate], rounds, logs_root / rate / name, cmd_flags)
+            reports = run_swarm(
+                args.peers,
+                None if rate == "loopback" else [rate],
+                rounds,
+                logs_root / rate / name,
+                cmd_flags,
+            )
             row = summarize(reports, tokens_per_step, steps_per_round)
-            row.update(flags=cmd_flags, steps_per_peer=steps, launcher_seconds=time.monotonic() - begin)
+            row.update(
+                flags=cmd_flags, steps_per_peer=steps, launcher_seconds=time.monotonic() - begin
+            )
             results[rate][name] = row
-            print(f"   final eval {row['final_eval_loss']:.3f}, {row['bytes_sent_per_peer'] / 1e6:.1f} MB/peer, "
-                  f"utilization {row['utilization']:.1%} ({row['utilization_excl_eval']:.1%} excl. eval), longest stall {row['longest_stall_s']:.1f} s, "
-                  f"wall {row['wall_seconds']:.0f} s", flush=True)
+            print(
+                f"   final eval {row['final_eval_loss']:.3f}, {row['bytes_sent_per_peer'] / 1e6:.1f} MB/peer, "
+                f"utilization {row['utilization']:.1%} ({row['utilization_excl_eval']:.1%} excl. eval), longest stall {row['longest_stall_s']:.1f} s, "
+                f"wall {row['wall_seconds']:.0f} s",
+                flush=True,
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    document = {"command": "python scripts/bench_convergence.py " + " ".join(sys.argv[1:]), "peers": args.peers,
-                "model": args.model, "steps_per_peer": args.steps, "inner_steps": args.inner_steps,
-                "tokens_per_step": tokens_per_step, "results": results}
+    document = {
+        "command": "python scripts/bench_convergence.py " + " ".join(sys.argv[1:]),
+        "peers": args.peers,
+        "model": args.model,
+        "steps_per_peer": args.steps,
+        "inner_steps": args.inner_steps,
+        "tokens_per_step": tokens_per_step,
+        "results": results,
+    }
     try:
         document["plots"] = plot(results, out)
     except ImportError:
         document["plots"] = "matplotlib not installed (pip install -e '.[plot]')"
     out.write_text(json.dumps(document, indent=1))
-    print(f"{'rate':<9} {'method':<12} {'final eval':>10} {'MB/peer':>9} {'peak MB/round':>13} {'util':>6} {'w/o eval':>8} {'stall s':>8} {'wall s':>7}")
+    print(
+        f"{'rate':<9} {'method':<12} {'final eval':>10} {'MB/peer':>9} {'peak MB/round':>13} {'util':>6} {'w/o eval':>8} {'stall s':>8} {'wall s':>7}"
+    )
     for rate, rows in results.items():
         for name, row in rows.items():
-            print(f"{rate:<9} {name:<12} {row['final_eval_loss']:10.3f} {row['bytes_sent_per_peer'] / 1e6:9.2f} "
-                  f"{row['peak_round_bytes_per_peer'] / 1e6:13.3f} {row['utilization']:6.1%} {row['utilization_excl_eval']:8.1%} {row['longest_stall_s']:8.1f} "
-                  f"{row['wall_seconds']:7.0f}")
+            print(
+                f"{rate:<9} {name:<12} {row['final_eval_loss']:10.3f} {row['bytes_sent_per_peer'] / 1e6:9.2f} "
+                f"{row['peak_round_bytes_per_peer'] / 1e6:13.3f} {row['utilization']:6.1%} {row['utilization_excl_eval']:8.1%} {row['longest_stall_s']:8.1f} "
+                f"{row['wall_seconds']:7.0f}"
+            )
     print(f"written to {out}")
     return 0
 

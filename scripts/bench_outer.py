@@ -24,8 +24,23 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
     outer, _, codec = method.partition(":")
     with tempfile.TemporaryDirectory() as tmp:
         summary_path = Path(tmp) / "summary.json"
-        cmd = [sys.executable, "-m", "shoal.peer.cli", "demo", "--peers", str(args.peers), "--rounds", str(args.rounds),
-               "--model", args.model, "--outer", outer, "--summary", str(summary_path), *args.extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "shoal.peer.cli",
+            "demo",
+            "--peers",
+            str(args.peers),
+            "--rounds",
+            str(args.rounds),
+            "--model",
+            args.model,
+            "--outer",
+            outer,
+            "--summary",
+            str(summary_path),
+            *args.extra,
+        ]
         if codec:
             cmd += ["--codec", codec]
         if args.inner_steps:
@@ -44,7 +59,12 @@ def plot(runs: dict[str, dict], peers: int, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, s in runs.items():
         per_peer_mb = [0.0] + [b / peers / 1e6 for b in s["bytes_sent_per_round"]]
-        ax.plot(per_peer_mb, [s["eval_loss_initial"], *s["eval_loss_per_round"]], marker="o", label=method)
+        ax.plot(
+            per_peer_mb,
+            [s["eval_loss_initial"], *s["eval_loss_per_round"]],
+            marker="o",
+            label=method,
+        )
     ax.set_xscale("symlog", linthresh=0.1)
     ax.set_xlabel("MB sent per peer (cumulative)")
     ax.set_ylabel("held-out loss (nats)")
@@ -61,7 +81,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--model", default="small")
     parser.add_argument("--inner-steps", type=int)
-    parser.add_argument("--methods", nargs="+", default=["diloco:fp32", "diloco:int8", "sparseloco:topk"], help="OUTER[:CODEC] ...")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["diloco:fp32", "diloco:int8", "sparseloco:topk"],
+        help="OUTER[:CODEC] ...",
+    )
     parser.add_argument("--out", default="results/bench_outer.json")
     parser.add_argument("extra", nargs="*", help="more flags for every `shoal demo` (after --)")
     args = parser.parse_args()
@@ -71,25 +96,50 @@ def main() -> int:
     base = runs[base_name]
     rows = []
     for method, s in runs.items():
-        rows.append({
-            "method": method, "eval_loss_last": s["eval_loss_last"],
-            "eval_loss_vs_base": s["eval_loss_last"] / base["eval_loss_last"] - 1.0,
-            "bytes_sent_per_peer": s["bytes_sent_total"] / s["peers"],
-            "contribution_bytes_per_peer": s["bytes_sent_contributions"] / s["peers"],
-            "contribution_bytes_vs_base": s["bytes_sent_contributions"] / base["bytes_sent_contributions"],
-            "bits_per_param_per_round": 8 * s["bytes_sent_contributions"] / (s["peers"] * (s["peers"] - 1) * s["rounds"] * s["params"]) if s["peers"] > 1 else None,
-            "ddp_over_sent": s["ddp_over_sent"], "wall_seconds": s["wall_seconds"],
-        })
+        rows.append(
+            {
+                "method": method,
+                "eval_loss_last": s["eval_loss_last"],
+                "eval_loss_vs_base": s["eval_loss_last"] / base["eval_loss_last"] - 1.0,
+                "bytes_sent_per_peer": s["bytes_sent_total"] / s["peers"],
+                "contribution_bytes_per_peer": s["bytes_sent_contributions"] / s["peers"],
+                "contribution_bytes_vs_base": s["bytes_sent_contributions"]
+                / base["bytes_sent_contributions"],
+                "bits_per_param_per_round": 8
+                * s["bytes_sent_contributions"]
+                / (s["peers"] * (s["peers"] - 1) * s["rounds"] * s["params"])
+                if s["peers"] > 1
+                else None,
+                "ddp_over_sent": s["ddp_over_sent"],
+                "wall_seconds": s["wall_seconds"],
+            }
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"peers": args.peers, "rounds": args.rounds, "model": args.model, "base": base_name, "rows": rows, "runs": runs}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "peers": args.peers,
+                "rounds": args.rounds,
+                "model": args.model,
+                "base": base_name,
+                "rows": rows,
+                "runs": runs,
+            },
+            indent=1,
+        )
+    )
     plot(runs, args.peers, out.with_suffix(".png"))
 
-    print(f"\n{'method':18s} {'eval loss':>9s} {'vs base':>8s} {'MB/peer':>8s} {'contrib vs base':>15s} {'bits/param':>10s} {'DDP/sent':>9s} {'wall s':>7s}")
+    print(
+        f"\n{'method':18s} {'eval loss':>9s} {'vs base':>8s} {'MB/peer':>8s} {'contrib vs base':>15s} {'bits/param':>10s} {'DDP/sent':>9s} {'wall s':>7s}"
+    )
     for r in rows:
         bits = r["bits_per_param_per_round"]
-        print(f"{r['method']:18s} {r['eval_loss_last']:9.3f} {r['eval_loss_vs_base']:+8.2%} {r['bytes_sent_per_peer'] / 1e6:8.2f} "
-              f"{r['contribution_bytes_vs_base']:15.4f} {bits if bits is None else f'{bits:.3f}':>10} {r['ddp_over_sent']:9.1f} {r['wall_seconds']:7.1f}")
+        print(
+            f"{r['method']:18s} {r['eval_loss_last']:9.3f} {r['eval_loss_vs_base']:+8.2%} {r['bytes_sent_per_peer'] / 1e6:8.2f} "
+            f"{r['contribution_bytes_vs_base']:15.4f} {bits if bits is None else f'{bits:.3f}':>10} {r['ddp_over_sent']:9.1f} {r['wall_seconds']:7.1f}"
+        )
     print(f"written to {out} and {out.with_suffix('.png')}")
     return 0
 

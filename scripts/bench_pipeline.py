@@ -40,19 +40,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "wan"))
 from swarm import run_swarm  # noqa: E402
 
 STAGES = 4
-CODECS = ["none", "int8", "subspace:8", "subspace:32", "subspace-int8:32", "subspace-int4:32", "subspace:100", "subspace-int4:100"]
+CODECS = [
+    "none",
+    "int8",
+    "subspace:8",
+    "subspace:32",
+    "subspace-int8:32",
+    "subspace-int4:32",
+    "subspace:100",
+    "subspace-int4:100",
+]
 HOP_KINDS = ("forward", "backward")
 
 
 def stage_flags(activation: str) -> list[list[str]]:
-    return [["--role", "stage", "--stage", str(k), "--activation", activation] for k in range(STAGES)]
+    return [
+        ["--role", "stage", "--stage", str(k), "--activation", activation] for k in range(STAGES)
+    ]
 
 
 def mixed_runs(compressed: str) -> dict[str, list[list[str]]]:
     full = [["--role", "replica"], ["--role", "replica"]]
     confined = [["--role", "replica", "--activation", compressed]] * 2
-    return {"full-only": full, "pipeline-none": full + stage_flags("none"),
-            "hetero": full + stage_flags(compressed), "all-compressed": confined + stage_flags(compressed)}
+    return {
+        "full-only": full,
+        "pipeline-none": full + stage_flags("none"),
+        "hetero": full + stage_flags(compressed),
+        "all-compressed": confined + stage_flags(compressed),
+    }
 
 
 def summarize(reports: list[dict], tokens_per_step: int, inner_steps: int) -> dict:
@@ -60,11 +75,21 @@ def summarize(reports: list[dict], tokens_per_step: int, inner_steps: int) -> di
     for report in reports:
         key = "full" if report["role"] == "replica" else f"stage-{report['stage']}"
         by_role.setdefault(key, []).append(report)
-    row: dict = {"wall_seconds": max(r["finished_at"] for r in reports) - min(r["train_started_at"] for r in reports)}
+    row: dict = {
+        "wall_seconds": max(r["finished_at"] for r in reports)
+        - min(r["train_started_at"] for r in reports)
+    }
 
     def curve(report: dict) -> list[dict]:
-        return [{"round": e["round"], "tokens": e["round"] * inner_steps * tokens_per_step, "eval_loss": e["eval_loss"],
-                 "time": e["time"] - report["train_started_at"]} for e in report["rounds"]]
+        return [
+            {
+                "round": e["round"],
+                "tokens": e["round"] * inner_steps * tokens_per_step,
+                "eval_loss": e["eval_loss"],
+                "time": e["time"] - report["train_started_at"],
+            }
+            for e in report["rounds"]
+        ]
 
     if "full" in by_role:
         row["full_curve"] = curve(by_role["full"][0])
@@ -95,8 +120,11 @@ def codec_table(config, specs: list[str]) -> dict[str, dict]:
     for spec in specs:
         codec = parse_activation(spec, config, 0).codec
         per_token = codec.bytes_per_token(d_model)
-        rows[spec] = {"bytes_per_token": per_token, "ratio_vs_fp32": 4 * d_model / per_token,
-                      "k": getattr(getattr(codec, "basis", None), "k", None)}
+        rows[spec] = {
+            "bytes_per_token": per_token,
+            "ratio_vs_fp32": 4 * d_model / per_token,
+            "k": getattr(getattr(codec, "basis", None), "k", None),
+        }
     return rows
 
 
@@ -113,13 +141,34 @@ def plot(results: dict, out: Path, model: str) -> str:
     axes = axes[0]
     for axis, part in zip(axes, panels, strict=True):
         for name, row in results[part].items():
-            for which, style in (("full_curve", "-"), ("pipeline_curve", "--" if part == "mixed" else "-")):
+            for which, style in (
+                ("full_curve", "-"),
+                ("pipeline_curve", "--" if part == "mixed" else "-"),
+            ):
                 if which in row:
                     points = row[which]
-                    label = name if part == "codec" else f"{name}: {'full replica' if which == 'full_curve' else 'pipeline'}"
-                    axis.plot([p["tokens"] / 1e6 for p in points], [p["eval_loss"] for p in points], style, marker=".", label=label)
-        title = "one 4-stage pipeline replica, by activation codec" if part == "codec" else "2 full replicas + 1 pipeline replica"
-        axis.set(title=f"{title} ({model})", xlabel="tokens per replica (M)", ylabel="held-out loss (nats/byte)")
+                    label = (
+                        name
+                        if part == "codec"
+                        else f"{name}: {'full replica' if which == 'full_curve' else 'pipeline'}"
+                    )
+                    axis.plot(
+                        [p["tokens"] / 1e6 for p in points],
+                        [p["eval_loss"] for p in points],
+                        style,
+                        marker=".",
+                        label=label,
+                    )
+        title = (
+            "one 4-stage pipeline replica, by activation codec"
+            if part == "codec"
+            else "2 full replicas + 1 pipeline replica"
+        )
+        axis.set(
+            title=f"{title} ({model})",
+            xlabel="tokens per replica (M)",
+            ylabel="held-out loss (nats/byte)",
+        )
     for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
@@ -133,20 +182,38 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--inner-steps", type=int, default=25)
-    parser.add_argument("--rates", nargs="*", default=[], help="per-peer link rates for the throughput runs (root), e.g. 20mbit")
+    parser.add_argument(
+        "--rates",
+        nargs="*",
+        default=[],
+        help="per-peer link rates for the throughput runs (root), e.g. 20mbit",
+    )
     parser.add_argument("--wan-rounds", type=int, default=2)
-    parser.add_argument("--parts", nargs="+", default=["codec", "mixed", "wan"], choices=["codec", "mixed", "wan"])
+    parser.add_argument(
+        "--parts", nargs="+", default=["codec", "mixed", "wan"], choices=["codec", "mixed", "wan"]
+    )
     parser.add_argument("--codecs", nargs="+", default=CODECS)
-    parser.add_argument("--mixed-activation", default="subspace-int4:32", help="mixed part: the compressed replicas' activation setting")
+    parser.add_argument(
+        "--mixed-activation",
+        default="subspace-int4:32",
+        help="mixed part: the compressed replicas' activation setting",
+    )
     parser.add_argument("--microbatch-size", type=int, default=4)
     parser.add_argument("--in-flight", type=int, default=4)
     parser.add_argument("--model", default="small", help="model preset (4 stages need >= 3 blocks)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
-                        help="codec part: run every setting once per run seed (init and data order) and report each seed's "
-                             "ratio to none and their mean; the other parts use the first")
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="codec part: run every setting once per run seed (init and data order) and report each seed's "
+        "ratio to none and their mean; the other parts use the first",
+    )
     parser.add_argument("--out", default="results/bench_pipeline.json")
     parser.add_argument("--keep-logs", help="keep the peers' logs and reports under this folder")
-    parser.add_argument("--replot", metavar="JSON", help="only redraw the PNG of an earlier run's JSON")
+    parser.add_argument(
+        "--replot", metavar="JSON", help="only redraw the PNG of an earlier run's JSON"
+    )
     args = parser.parse_args()
     if args.replot:
         document = json.loads(Path(args.replot).read_text())
@@ -159,34 +226,88 @@ def main() -> int:
     tokens_per_step = recipe.batch_size * recipe.seq_len
 
     def common(seed: int) -> list[str]:
-        return ["--model", args.model, "--stages", str(STAGES), "--outer", "diloco", "--codec", "int8", "--inner-steps", str(args.inner_steps),
-                "--threads", "1", "--seed", str(seed), "--microbatch-size", str(args.microbatch_size), "--in-flight", str(args.in_flight),
-                "--gather-timeout", "600"]
+        return [
+            "--model",
+            args.model,
+            "--stages",
+            str(STAGES),
+            "--outer",
+            "diloco",
+            "--codec",
+            "int8",
+            "--inner-steps",
+            str(args.inner_steps),
+            "--threads",
+            "1",
+            "--seed",
+            str(seed),
+            "--microbatch-size",
+            str(args.microbatch_size),
+            "--in-flight",
+            str(args.in_flight),
+            "--gather-timeout",
+            "600",
+        ]
 
     logs = Path(args.keep_logs or tempfile.mkdtemp(prefix="shoal-pipe-"))
-    results: dict = {"codec_bytes": codec_table(config, list(dict.fromkeys([*CODECS, *args.codecs])))}
+    results: dict = {
+        "codec_bytes": codec_table(config, list(dict.fromkeys([*CODECS, *args.codecs])))
+    }
 
-    def run(part: str, name: str, peer_flags: list[list[str]], rate: str | None, rounds: int, seed: int = args.seeds[0]) -> dict:
-        print(f"== {part} {name} (seed {seed}): {len(peer_flags)} peers, {rounds} rounds of {args.inner_steps} steps", flush=True)
+    def run(
+        part: str,
+        name: str,
+        peer_flags: list[list[str]],
+        rate: str | None,
+        rounds: int,
+        seed: int = args.seeds[0],
+    ) -> dict:
+        print(
+            f"== {part} {name} (seed {seed}): {len(peer_flags)} peers, {rounds} rounds of {args.inner_steps} steps",
+            flush=True,
+        )
         begin = time.monotonic()
-        reports = run_swarm(len(peer_flags), None if rate is None else [rate], rounds, logs / part / f"{name.replace('/', '_')}_seed{seed}",
-                            common(seed), peer_flags=peer_flags)
+        reports = run_swarm(
+            len(peer_flags),
+            None if rate is None else [rate],
+            rounds,
+            logs / part / f"{name.replace('/', '_')}_seed{seed}",
+            common(seed),
+            peer_flags=peer_flags,
+        )
         row = summarize(reports, tokens_per_step, args.inner_steps)
         row["launcher_seconds"] = time.monotonic() - begin
-        for key in ("full_final_eval_loss", "pipeline_final_eval_loss", "pipeline_tokens_per_s", "hop_bytes_per_token"):
+        for key in (
+            "full_final_eval_loss",
+            "pipeline_final_eval_loss",
+            "pipeline_tokens_per_s",
+            "hop_bytes_per_token",
+        ):
             if key in row:
                 print(f"   {key} {row[key]:.3f}", flush=True)
         return row
 
     if "codec" in args.parts:
-        by_seed = {seed: {spec: run("codec", spec, stage_flags(spec), None, args.rounds, seed) for spec in args.codecs} for seed in args.seeds}
+        by_seed = {
+            seed: {
+                spec: run("codec", spec, stage_flags(spec), None, args.rounds, seed)
+                for spec in args.codecs
+            }
+            for seed in args.seeds
+        }
         for rows in by_seed.values():
             base = rows.get("none")
             for row in rows.values():
                 if base:
-                    row["eval_loss_vs_none"] = row["pipeline_final_eval_loss"] / base["pipeline_final_eval_loss"] - 1
-                    row["hop_bytes_ratio_vs_none"] = base["hop_bytes_per_token"] / row["hop_bytes_per_token"]
-        results["codec"] = by_seed[args.seeds[0]]  # the plot's curves and the table's bytes: the first seed
+                    row["eval_loss_vs_none"] = (
+                        row["pipeline_final_eval_loss"] / base["pipeline_final_eval_loss"] - 1
+                    )
+                    row["hop_bytes_ratio_vs_none"] = (
+                        base["hop_bytes_per_token"] / row["hop_bytes_per_token"]
+                    )
+        results["codec"] = by_seed[
+            args.seeds[0]
+        ]  # the plot's curves and the table's bytes: the first seed
         if len(args.seeds) > 1:
             results["codec_by_seed"] = {str(seed): rows for seed, rows in by_seed.items()}
             for spec, row in results["codec"].items():
@@ -198,31 +319,58 @@ def main() -> int:
                     row["eval_loss_vs_none_by_seed"] = ratios
                     row["mean_eval_loss_vs_none"] = sum(ratios) / len(ratios)
     if "mixed" in args.parts:
-        results["mixed"] = {name: run("mixed", name, flags, None, args.rounds) for name, flags in mixed_runs(args.mixed_activation).items()}
+        results["mixed"] = {
+            name: run("mixed", name, flags, None, args.rounds)
+            for name, flags in mixed_runs(args.mixed_activation).items()
+        }
         results["mixed_activation"] = args.mixed_activation
     if "wan" in args.parts and args.rates:
-        results["wan"] = {rate: {spec: run("wan", f"{rate}/{spec}", stage_flags(spec), rate, args.wan_rounds) for spec in args.codecs}
-                          for rate in args.rates}
+        results["wan"] = {
+            rate: {
+                spec: run("wan", f"{rate}/{spec}", stage_flags(spec), rate, args.wan_rounds)
+                for spec in args.codecs
+            }
+            for rate in args.rates
+        }
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    document = {"command": "python scripts/bench_pipeline.py " + " ".join(sys.argv[1:]), "model": args.model, "stages": STAGES, "seeds": args.seeds,
-                "rounds": args.rounds, "inner_steps": args.inner_steps, "tokens_per_step": tokens_per_step, "results": results}
+    document = {
+        "command": "python scripts/bench_pipeline.py " + " ".join(sys.argv[1:]),
+        "model": args.model,
+        "stages": STAGES,
+        "seeds": args.seeds,
+        "rounds": args.rounds,
+        "inner_steps": args.inner_steps,
+        "tokens_per_step": tokens_per_step,
+        "results": results,
+    }
     try:
         document["plot"] = plot(results, out, args.model)
     except ImportError:
         document["plot"] = "matplotlib not installed (pip install -e '.[plot]')"
     out.write_text(json.dumps(document, indent=1))
 
-    print(f"{'codec':<13} {'B/token/payload':>15} {'wire B/token/payload':>20} {'ratio':>7} {'tokens/s':>9} {'final eval':>10} {'vs none':>8}")
+    print(
+        f"{'codec':<13} {'B/token/payload':>15} {'wire B/token/payload':>20} {'ratio':>7} {'tokens/s':>9} {'final eval':>10} {'vs none':>8}"
+    )
     for spec, row in results.get("codec", {}).items():
-        print(f"{spec:<17} {results['codec_bytes'][spec]['bytes_per_token']:15.1f} {row['hop_bytes_per_token_per_payload']:20.1f} "
-              f"{row.get('hop_bytes_ratio_vs_none', float('nan')):7.1f} {row['pipeline_tokens_per_s']:9.0f} "
-              f"{row['pipeline_final_eval_loss']:10.3f} {row.get('eval_loss_vs_none', float('nan')):+8.1%}"
-              + (f"   seeds {args.seeds}: " + " ".join(f"{v:+.1%}" for v in row["eval_loss_vs_none_by_seed"])
-                 + f", mean {row['mean_eval_loss_vs_none']:+.1%}" if "mean_eval_loss_vs_none" in row else ""))
+        print(
+            f"{spec:<17} {results['codec_bytes'][spec]['bytes_per_token']:15.1f} {row['hop_bytes_per_token_per_payload']:20.1f} "
+            f"{row.get('hop_bytes_ratio_vs_none', float('nan')):7.1f} {row['pipeline_tokens_per_s']:9.0f} "
+            f"{row['pipeline_final_eval_loss']:10.3f} {row.get('eval_loss_vs_none', float('nan')):+8.1%}"
+            + (
+                f"   seeds {args.seeds}: "
+                + " ".join(f"{v:+.1%}" for v in row["eval_loss_vs_none_by_seed"])
+                + f", mean {row['mean_eval_loss_vs_none']:+.1%}"
+                if "mean_eval_loss_vs_none" in row
+                else ""
+            )
+        )
     for name, row in results.get("mixed", {}).items():
-        print(f"mixed {name:<14} full {row.get('full_final_eval_loss', float('nan')):.3f}  pipeline {row.get('pipeline_final_eval_loss', float('nan')):.3f}")
+        print(
+            f"mixed {name:<14} full {row.get('full_final_eval_loss', float('nan')):.3f}  pipeline {row.get('pipeline_final_eval_loss', float('nan')):.3f}"
+        )
     for rate, rows in results.get("wan", {}).items():
         for spec, row in rows.items():
             print(f"wan {rate:<8} {spec:<13} {row['pipeline_tokens_per_s']:9.0f} tokens/s")

@@ -60,10 +60,21 @@ MODEL = "small-deep"
 STAGES = 6
 SPEEDS_MS = {1: (20, 60), 2: (20, 20), 3: (60, 80), 4: (20, 40), 5: (30, 90)}
 EVAL_STAGES = "1,3,5"
-RUNS = {"full": [], "skippipe": ["--skip-ratio", "0.33"], "skippipe-unscaled": ["--skip-ratio", "0.33", "--skip-rescale", "none"],
-        "skippipe-swaps": ["--skip-ratio", "0.33", "--skip-swaps", "2"],
-        "skippipe-keep-none": ["--skip-ratio", "0.33", "--skip-keep", "none"],
-        "skippipe-keep-none-swaps": ["--skip-ratio", "0.33", "--skip-keep", "none", "--skip-swaps", "2"]}
+RUNS = {
+    "full": [],
+    "skippipe": ["--skip-ratio", "0.33"],
+    "skippipe-unscaled": ["--skip-ratio", "0.33", "--skip-rescale", "none"],
+    "skippipe-swaps": ["--skip-ratio", "0.33", "--skip-swaps", "2"],
+    "skippipe-keep-none": ["--skip-ratio", "0.33", "--skip-keep", "none"],
+    "skippipe-keep-none-swaps": [
+        "--skip-ratio",
+        "0.33",
+        "--skip-keep",
+        "none",
+        "--skip-swaps",
+        "2",
+    ],
+}
 
 
 def peer_flags(run_flags: list[str], speed_scale: float) -> list[list[str]]:
@@ -71,7 +82,10 @@ def peer_flags(run_flags: list[str], speed_scale: float) -> list[list[str]]:
     stage = ["--role", "stage"]
     flags = [[*stage, "--stage", "0", "--eval-stages", EVAL_STAGES, *run_flags]]
     for k, speeds in SPEEDS_MS.items():
-        flags += [[*stage, "--stage", str(k), "--emulate-forward-ms", f"{ms * speed_scale:g}"] for ms in speeds]
+        flags += [
+            [*stage, "--stage", str(k), "--emulate-forward-ms", f"{ms * speed_scale:g}"]
+            for ms in speeds
+        ]
     return flags
 
 
@@ -83,8 +97,15 @@ def summarize(reports: list[dict], tokens_per_step: int, inner_steps: int) -> di
     driver = next(r for r in reports if r["role"] == "stage" and r["stage"] == 0)
     rounds = driver["rounds"]
     per_round = [e["inner_seconds"] / inner_steps for e in rounds]
-    curve = [{"round": e["round"], "tokens": e["round"] * inner_steps * tokens_per_step, "eval_loss": e["eval_loss"],
-              "eval_loss_partial": e.get("eval_loss_partial")} for e in rounds]
+    curve = [
+        {
+            "round": e["round"],
+            "tokens": e["round"] * inner_steps * tokens_per_step,
+            "eval_loss": e["eval_loss"],
+            "eval_loss_partial": e.get("eval_loss_partial"),
+        }
+        for e in rounds
+    ]
     final = rounds[-1]
     return {
         "iteration_s_per_round": per_round,
@@ -93,7 +114,9 @@ def summarize(reports: list[dict], tokens_per_step: int, inner_steps: int) -> di
         "final_eval_loss": final["eval_loss"],
         "final_eval_loss_partial": final.get("eval_loss_partial"),
         "final_perplexity": math.exp(final["eval_loss"]),
-        "final_perplexity_partial": math.exp(final["eval_loss_partial"]) if final.get("eval_loss_partial") else None,
+        "final_perplexity_partial": math.exp(final["eval_loss_partial"])
+        if final.get("eval_loss_partial")
+        else None,
         "pipeline": driver.get("pipeline"),
         "tokens": driver["inner_steps_total"] * tokens_per_step,
     }
@@ -117,10 +140,18 @@ def vs_full(results: dict, runs: list[str], repeats: int) -> dict:
         pairs = [(results[run_key("full", r)], results[run_key(name, r)]) for r in range(repeats)]
         iteration = [run["iteration_s"] / full["iteration_s"] for full, run in pairs]
         loss = [run["final_eval_loss"] / full["final_eval_loss"] for full, run in pairs]
-        table[name] = {"iteration_time_ratio": iteration, "eval_loss_ratio": loss,
-                       "iteration_time_ratio_mean": statistics.fmean(iteration), "eval_loss_ratio_mean": statistics.fmean(loss)}
-    summary: dict = {"vs_full": table,
-                     "partial_perplexity_increase": {n: r["final_perplexity_partial"] / r["final_perplexity"] - 1 for n, r in results.items()}}
+        table[name] = {
+            "iteration_time_ratio": iteration,
+            "eval_loss_ratio": loss,
+            "iteration_time_ratio_mean": statistics.fmean(iteration),
+            "eval_loss_ratio_mean": statistics.fmean(loss),
+        }
+    summary: dict = {
+        "vs_full": table,
+        "partial_perplexity_increase": {
+            n: r["final_perplexity_partial"] / r["final_perplexity"] - 1 for n, r in results.items()
+        },
+    }
     if "skippipe" in table:
         summary["iteration_time_ratio"] = table["skippipe"]["iteration_time_ratio_mean"]
         summary["eval_loss_ratio"] = table["skippipe"]["eval_loss_ratio_mean"]
@@ -135,18 +166,40 @@ def plot(results: dict, out: Path) -> str:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     settings = list(dict.fromkeys(setting_of(name) for name in results))
-    colors = {key: f"C{i}" for i, key in enumerate(settings)}  # a setting's repeats share its colour
+    colors = {
+        key: f"C{i}" for i, key in enumerate(settings)
+    }  # a setting's repeats share its colour
     for name, row in results.items():
         tokens = [p["tokens"] / 1e6 for p in row["curve"]]
         color = colors[setting_of(name)]
-        left.plot(tokens, [p["eval_loss"] for p in row["curve"]], marker=".", color=color, label=f"{name}: all stages")
-        left.plot(tokens, [p["eval_loss_partial"] for p in row["curve"]], "--", marker=".", color=color,
-                  label=f"{name}: stages {EVAL_STAGES} only")
-    left.set(title=f"6-stage pipeline ({MODEL}), uneven peers", xlabel="tokens (M)", ylabel="held-out loss (nats/byte)")
+        left.plot(
+            tokens,
+            [p["eval_loss"] for p in row["curve"]],
+            marker=".",
+            color=color,
+            label=f"{name}: all stages",
+        )
+        left.plot(
+            tokens,
+            [p["eval_loss_partial"] for p in row["curve"]],
+            "--",
+            marker=".",
+            color=color,
+            label=f"{name}: stages {EVAL_STAGES} only",
+        )
+    left.set(
+        title=f"6-stage pipeline ({MODEL}), uneven peers",
+        xlabel="tokens (M)",
+        ylabel="held-out loss (nats/byte)",
+    )
     left.legend(fontsize=7)
     left.grid(alpha=0.3)
     names = list(results)
-    right.bar(names, [results[n]["iteration_s"] for n in names], color=[colors[setting_of(n)] for n in names])
+    right.bar(
+        names,
+        [results[n]["iteration_s"] for n in names],
+        color=[colors[setting_of(n)] for n in names],
+    )
     right.tick_params(axis="x", labelrotation=25)
     right.set(title="iteration time (median over rounds 2..)", ylabel="seconds per inner step")
     right.grid(alpha=0.3, axis="y")
@@ -162,16 +215,36 @@ def main() -> int:
     parser.add_argument("--inner-steps", type=int, default=20)
     parser.add_argument("--microbatch-size", type=int, default=2)
     parser.add_argument("--in-flight", type=int, default=8)
-    parser.add_argument("--speed-scale", type=float, default=1.0, help="multiply every emulated forward time (larger: the emulated devices dominate this machine's own CPU time)")
-    parser.add_argument("--activation", default="none", help="the pipeline replica's activation codec (none, int8, subspace:R)")
-    parser.add_argument("--wan", action="store_true", help="run each peer in its own namespace with uneven links (root)")
+    parser.add_argument(
+        "--speed-scale",
+        type=float,
+        default=1.0,
+        help="multiply every emulated forward time (larger: the emulated devices dominate this machine's own CPU time)",
+    )
+    parser.add_argument(
+        "--activation",
+        default="none",
+        help="the pipeline replica's activation codec (none, int8, subspace:R)",
+    )
+    parser.add_argument(
+        "--wan",
+        action="store_true",
+        help="run each peer in its own namespace with uneven links (root)",
+    )
     parser.add_argument("--fast-rate", default="200mbit")
     parser.add_argument("--slow-rate", default="20mbit")
     parser.add_argument("--runs", nargs="+", default=["full", "skippipe"], choices=list(RUNS))
-    parser.add_argument("--repeats", type=int, default=1, help="run the list this many times (rows name#2, name#3, ...): the runs' routing is timing-dependent, so one pair of runs differs by a few percent by chance")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run the list this many times (rows name#2, name#3, ...): the runs' routing is timing-dependent, so one pair of runs differs by a few percent by chance",
+    )
     parser.add_argument("--out", default="results/bench_skippipe.json")
     parser.add_argument("--keep-logs", help="keep the peers' logs and reports under this folder")
-    parser.add_argument("--replot", metavar="JSON", help="only redraw the PNG of an earlier run's JSON")
+    parser.add_argument(
+        "--replot", metavar="JSON", help="only redraw the PNG of an earlier run's JSON"
+    )
     args = parser.parse_args()
     if args.replot:
         print(plot(json.loads(Path(args.replot).read_text())["results"], Path(args.replot)))
@@ -181,9 +254,30 @@ def main() -> int:
 
     recipe = RECIPES[MODEL]
     tokens_per_step = recipe.batch_size * recipe.seq_len
-    common = ["--model", MODEL, "--stages", str(STAGES), "--outer", "diloco", "--codec", "int8", "--inner-steps", str(args.inner_steps),
-              "--threads", "1", "--seed", "0", "--microbatch-size", str(args.microbatch_size), "--in-flight", str(args.in_flight),
-              "--gather-timeout", "600", "--activation", args.activation]
+    common = [
+        "--model",
+        MODEL,
+        "--stages",
+        str(STAGES),
+        "--outer",
+        "diloco",
+        "--codec",
+        "int8",
+        "--inner-steps",
+        str(args.inner_steps),
+        "--threads",
+        "1",
+        "--seed",
+        "0",
+        "--microbatch-size",
+        str(args.microbatch_size),
+        "--in-flight",
+        str(args.in_flight),
+        "--gather-timeout",
+        "600",
+        "--activation",
+        args.activation,
+    ]
     logs = Path(args.keep_logs or tempfile.mkdtemp(prefix="shoal-skippipe-"))
     results: dict = {}
     for repeat in range(args.repeats):
@@ -191,26 +285,53 @@ def main() -> int:
             key = run_key(name, repeat)
             flags = peer_flags(RUNS[name], args.speed_scale)
             rates = link_rates(len(flags), args.fast_rate, args.slow_rate) if args.wan else None
-            print(f"== {key}: {len(flags)} peers, {args.rounds} rounds of {args.inner_steps} steps", flush=True)
+            print(
+                f"== {key}: {len(flags)} peers, {args.rounds} rounds of {args.inner_steps} steps",
+                flush=True,
+            )
             begin = time.monotonic()
-            row = summarize(run_swarm(len(flags), rates, args.rounds, logs / key, common, peer_flags=flags), tokens_per_step, args.inner_steps)
+            row = summarize(
+                run_swarm(len(flags), rates, args.rounds, logs / key, common, peer_flags=flags),
+                tokens_per_step,
+                args.inner_steps,
+            )
             row["launcher_seconds"] = time.monotonic() - begin
             results[key] = row
-            print(f"   iteration {row['iteration_s']:.3f} s, eval {row['final_eval_loss']:.3f}, "
-                  f"stages {EVAL_STAGES} only {row['final_eval_loss_partial']:.3f}", flush=True)
+            print(
+                f"   iteration {row['iteration_s']:.3f} s, eval {row['final_eval_loss']:.3f}, "
+                f"stages {EVAL_STAGES} only {row['final_eval_loss_partial']:.3f}",
+                flush=True,
+            )
 
     summary = vs_full(results, args.runs, args.repeats) if "full" in args.runs else {}
     for name, row in summary.get("vs_full", {}).items():
-        print(f"{name} / full: iteration time {row['iteration_time_ratio_mean']:.3f}, final eval loss {row['eval_loss_ratio_mean']:.4f} "
-              f"(per repeat {', '.join(f'{v:.4f}' for v in row['eval_loss_ratio'])})")
+        print(
+            f"{name} / full: iteration time {row['iteration_time_ratio_mean']:.3f}, final eval loss {row['eval_loss_ratio_mean']:.4f} "
+            f"(per repeat {', '.join(f'{v:.4f}' for v in row['eval_loss_ratio'])})"
+        )
     if summary:
-        print(f"perplexity through stages {EVAL_STAGES} vs all: "
-              + ", ".join(f"{n} +{100 * v:.1f}%" for n, v in summary["partial_perplexity_increase"].items()))
+        print(
+            f"perplexity through stages {EVAL_STAGES} vs all: "
+            + ", ".join(
+                f"{n} +{100 * v:.1f}%" for n, v in summary["partial_perplexity_increase"].items()
+            )
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    document = {"command": "python scripts/bench_skippipe.py " + " ".join(sys.argv[1:]), "model": MODEL, "stages": STAGES,
-                "speeds_ms": {k: [ms * args.speed_scale for ms in v] for k, v in SPEEDS_MS.items()}, "activation": args.activation, "wan": [args.fast_rate, args.slow_rate] if args.wan else None, "rounds": args.rounds,
-                "inner_steps": args.inner_steps, "repeats": args.repeats, "tokens_per_step": tokens_per_step, "summary": summary, "results": results}
+    document = {
+        "command": "python scripts/bench_skippipe.py " + " ".join(sys.argv[1:]),
+        "model": MODEL,
+        "stages": STAGES,
+        "speeds_ms": {k: [ms * args.speed_scale for ms in v] for k, v in SPEEDS_MS.items()},
+        "activation": args.activation,
+        "wan": [args.fast_rate, args.slow_rate] if args.wan else None,
+        "rounds": args.rounds,
+        "inner_steps": args.inner_steps,
+        "repeats": args.repeats,
+        "tokens_per_step": tokens_per_step,
+        "summary": summary,
+        "results": results,
+    }
     document["plot"] = plot(results, out)
     out.write_text(json.dumps(document, indent=1))
     print(f"wrote {out} and {document['plot']}")

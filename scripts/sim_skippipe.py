@@ -54,8 +54,15 @@ from shoal.train.data import ByteData, load_corpus
 
 MODEL = "small-deep"
 BLOCK_STAGES, VISITS, MICROBATCH = 5, 3, 2
-VARIANTS = ("full", "skip", "skip-in-order", "skip-keep-none", "skip-keep-none-in-order", "skip-rescaled",
-            "skip-in-order-rescaled")
+VARIANTS = (
+    "full",
+    "skip",
+    "skip-in-order",
+    "skip-keep-none",
+    "skip-keep-none-in-order",
+    "skip-rescaled",
+    "skip-in-order-rescaled",
+)
 MAX_SWAPS = 2
 
 
@@ -69,7 +76,11 @@ def route(variant: str, rng: random.Random) -> list[int]:
     if not variant.endswith("in-order"):
         i = swaps = 0
         while i + 1 < len(stages) and swaps < MAX_SWAPS:
-            if stages[i + 1] == stages[i] + 1 and not {stages[i], stages[i + 1]} & set(kept) and rng.random() < 0.5:
+            if (
+                stages[i + 1] == stages[i] + 1
+                and not {stages[i], stages[i + 1]} & set(kept)
+                and rng.random() < 0.5
+            ):
                 stages[i], stages[i + 1] = stages[i + 1], stages[i]
                 i, swaps = i + 2, swaps + 1
             else:
@@ -77,25 +88,38 @@ def route(variant: str, rng: random.Random) -> list[int]:
     return stages
 
 
-def train(variant: str, steps: int, seed: int, eval_batches: int, threads: int, rescale: str) -> dict:
+def train(
+    variant: str, steps: int, seed: int, eval_batches: int, threads: int, rescale: str
+) -> dict:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     recipe, config = RECIPES[MODEL], PRESETS[MODEL]
     plan = StagePlan(BLOCK_STAGES + 1, config.n_layers)
-    stages = {s: build_stage(config, plan, s, seed) for s in range(plan.num_stages)}  # the runtime's slices and init
+    stages = {
+        s: build_stage(config, plan, s, seed) for s in range(plan.num_stages)
+    }  # the runtime's slices and init
     edge = stages[0]
     data = ByteData(load_corpus(None))
     batches = data.train_batches("peer-0", recipe.batch_size, recipe.seq_len, seed)
     held_out = data.eval_batches(recipe.batch_size, recipe.seq_len, eval_batches)
-    inner = InnerConfig(lr=recipe.inner_lr, warmup_steps=recipe.warmup_steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len)
+    inner = InnerConfig(
+        lr=recipe.inner_lr,
+        warmup_steps=recipe.warmup_steps,
+        batch_size=recipe.batch_size,
+        seq_len=recipe.seq_len,
+    )
     trainers = {s: SliceTrainer(module, inner, torch.device("cpu")) for s, module in stages.items()}
     rng = random.Random(seed)
     kept = () if "keep-none" in variant else (1,)
-    share = SkipPipeConfig(num_stages=BLOCK_STAGES + 1, stages_per_path=VISITS + 1, always_visit=kept).visit_share
+    share = SkipPipeConfig(
+        num_stages=BLOCK_STAGES + 1, stages_per_path=VISITS + 1, always_visit=kept
+    ).visit_share
     c = residual_scale(rescale if variant.endswith("-rescaled") else "none", share)
     scale = {s: 1.0 if s in kept else c for s in range(1, BLOCK_STAGES + 1)}
 
-    def loss_along(x: torch.Tensor, y: torch.Tensor, path: list[int], training: bool = True) -> torch.Tensor:
+    def loss_along(
+        x: torch.Tensor, y: torch.Tensor, path: list[int], training: bool = True
+    ) -> torch.Tensor:
         h = edge.embed_tokens(x)
         for stage in path:
             h = scaled_residual(stages[stage], h, scale[stage] if training else 1.0)
@@ -103,8 +127,10 @@ def train(variant: str, steps: int, seed: int, eval_batches: int, threads: int, 
 
     def evaluate(path: list[int]) -> float:
         with torch.no_grad():
-            return sum(float(loss_along(torch.as_tensor(x), torch.as_tensor(y), path, training=False))
-                       for x, y in held_out) / len(held_out)
+            return sum(
+                float(loss_along(torch.as_tensor(x), torch.as_tensor(y), path, training=False))
+                for x, y in held_out
+            ) / len(held_out)
 
     curve, begin = [], time.monotonic()
     for step in range(steps):
@@ -113,14 +139,29 @@ def train(variant: str, steps: int, seed: int, eval_batches: int, threads: int, 
             visited = route(variant, rng)
             for stage in (0, *visited):
                 trainers[stage].microbatches += 1
-            loss_along(x[first : first + MICROBATCH], y[first : first + MICROBATCH], visited).backward()
+            loss_along(
+                x[first : first + MICROBATCH], y[first : first + MICROBATCH], visited
+            ).backward()
         for trainer in trainers.values():
             trainer.step()  # the runtime's stage step: the mean over the microbatches it saw, if any
         if (step + 1) % max(1, steps // 4) == 0 or step + 1 == steps:
-            curve.append({"step": step + 1, "tokens": (step + 1) * recipe.batch_size * recipe.seq_len, "eval_loss": evaluate(list(range(1, BLOCK_STAGES + 1)))})
-            print(f"   {variant}: step {step + 1}, eval {curve[-1]['eval_loss']:.4f} ({time.monotonic() - begin:.0f} s)", flush=True)
-    return {"final_eval_loss": curve[-1]["eval_loss"], "eval_loss_stages_1_3_5": evaluate([1, 3, 5]), "curve": curve,
-            "seconds": time.monotonic() - begin}
+            curve.append(
+                {
+                    "step": step + 1,
+                    "tokens": (step + 1) * recipe.batch_size * recipe.seq_len,
+                    "eval_loss": evaluate(list(range(1, BLOCK_STAGES + 1))),
+                }
+            )
+            print(
+                f"   {variant}: step {step + 1}, eval {curve[-1]['eval_loss']:.4f} ({time.monotonic() - begin:.0f} s)",
+                flush=True,
+            )
+    return {
+        "final_eval_loss": curve[-1]["eval_loss"],
+        "eval_loss_stages_1_3_5": evaluate([1, 3, 5]),
+        "curve": curve,
+        "seconds": time.monotonic() - begin,
+    }
 
 
 def main() -> int:
@@ -130,25 +171,41 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rescale", choices=("sqrt", "inverse"), default="sqrt",
-                        help="the residual scale of the *-rescaled variants: p^-1/2 or 1/p")
+    parser.add_argument(
+        "--rescale",
+        choices=("sqrt", "inverse"),
+        default="sqrt",
+        help="the residual scale of the *-rescaled variants: p^-1/2 or 1/p",
+    )
     parser.add_argument("--out", default="results/sim_skippipe.json")
     args = parser.parse_args()
     results = {}
     for variant in args.variants:
         print(f"== {variant}: {args.steps} steps", flush=True)
-        results[variant] = train(variant, args.steps, args.seed, args.eval_batches, args.threads, args.rescale)
+        results[variant] = train(
+            variant, args.steps, args.seed, args.eval_batches, args.threads, args.rescale
+        )
     base = results.get("full")
     print(f"{'paths':<22} {'final eval':>10} {'vs full':>8} {'stages 1,3,5':>12}")
     for variant, row in results.items():
         if base:
             row["vs_full"] = row["final_eval_loss"] / base["final_eval_loss"] - 1
         versus = f"{100 * row['vs_full']:+7.1f}%" if base else f"{'-':>8}"
-        print(f"{variant:<22} {row['final_eval_loss']:10.4f} {versus} {row['eval_loss_stages_1_3_5']:12.4f}")
+        print(
+            f"{variant:<22} {row['final_eval_loss']:10.4f} {versus} {row['eval_loss_stages_1_3_5']:12.4f}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": "python scripts/sim_skippipe.py " + " ".join(sys.argv[1:]), "model": MODEL,
-                               "results": results}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "command": "python scripts/sim_skippipe.py " + " ".join(sys.argv[1:]),
+                "model": MODEL,
+                "results": results,
+            },
+            indent=1,
+        )
+    )
     print(f"written to {out}")
     return 0
 

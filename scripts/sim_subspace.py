@@ -73,7 +73,11 @@ class Boundary:
         basis = getattr(codec, "basis", None)
         if learn:
             self.grad = torch.zeros_like(basis.U)
-            self.moment, self.second, self.steps = torch.zeros_like(basis.U), torch.zeros_like(basis.U), 0
+            self.moment, self.second, self.steps = (
+                torch.zeros_like(basis.U),
+                torch.zeros_like(basis.U),
+                0,
+            )
 
     def apply(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return _Hop.apply(h, ids, self)
@@ -85,7 +89,9 @@ class Boundary:
         self.steps += 1
         self.moment.mul_(b1).add_(self.grad, alpha=1 - b1)
         self.second.mul_(b2).addcmul_(self.grad, self.grad, value=1 - b2)
-        update = (self.moment / (1 - b1**self.steps)) / ((self.second / (1 - b2**self.steps)).sqrt() + ADAM_EPS)
+        update = (self.moment / (1 - b1**self.steps)) / (
+            (self.second / (1 - b2**self.steps)).sqrt() + ADAM_EPS
+        )
         q, r = torch.linalg.qr((basis.U - lr * update).double())
         q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)  # keep each column's sign
         self.codec = get_activation_codec(self.codec.name, basis=SubspaceBasis(q.float(), basis.E0))
@@ -151,22 +157,37 @@ class _Hop(torch.autograd.Function):
         if boundary.learn:
             a, c = (t.reshape(-1, t.size(-1)) for t in ctx.saved_tensors)
             c_g = sent.reshape(-1, g.size(-1)) @ codec.basis.U
-            boundary.grad += a.T @ c_g + g.reshape(-1, g.size(-1)).T @ c  # sender's half + receiver's half
+            boundary.grad += (
+                a.T @ c_g + g.reshape(-1, g.size(-1)).T @ c
+            )  # sender's half + receiver's half
         return sent, None, None
 
 
-def train(variant: str, seed: int, rounds: int, inner_steps: int, basis_lr: float, eval_batches: int) -> dict:
+def train(
+    variant: str, seed: int, rounds: int, inner_steps: int, basis_lr: float, eval_batches: int
+) -> dict:
     torch.manual_seed(seed)
     recipe, config = RECIPES[MODEL], PRESETS[MODEL]
-    mode, spec = variant.split(":", 1) if variant.startswith(("head-confined:", "writers-scaled:", "boundary:", "learned:")) else ("runtime", variant)
+    mode, spec = (
+        variant.split(":", 1)
+        if variant.startswith(("head-confined:", "writers-scaled:", "boundary:", "learned:"))
+        else ("runtime", variant)
+    )
     setting = parse_activation(spec, config, seed)
     if mode != "runtime" and setting.basis is None:
         raise SystemExit(f"{variant}: {mode} needs a subspace codec")
     plan = StagePlan(STAGES, config.n_layers)
     stages = {s: build_stage(config, plan, s, seed) for s in range(STAGES)}
-    inner = InnerConfig(lr=recipe.inner_lr, warmup_steps=recipe.warmup_steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len)
+    inner = InnerConfig(
+        lr=recipe.inner_lr,
+        warmup_steps=recipe.warmup_steps,
+        batch_size=recipe.batch_size,
+        seq_len=recipe.seq_len,
+    )
     confine = setting.basis if mode in ("runtime", "head-confined") else None
-    trainers = {s: SliceTrainer(module, inner, torch.device("cpu"), confine) for s, module in stages.items()}
+    trainers = {
+        s: SliceTrainer(module, inner, torch.device("cpu"), confine) for s, module in stages.items()
+    }
     if mode == "head-confined":
         trainers[0].constraint = EmbeddingConfined(trainers[0].constraint)
     if mode == "writers-scaled":
@@ -174,7 +195,10 @@ def train(variant: str, seed: int, rounds: int, inner_steps: int, basis_lr: floa
             trainer.constraint = WritersScaled(setting.basis)
             trainer.restart(inner, 0)  # the optimizer's groups from the factor
         setting = parse_activation("none", config, seed)
-    outers = {s: DiLoCo(trainer.local_weights(), OuterConfig(codec="int8")) for s, trainer in trainers.items()}  # as peer/node.py
+    outers = {
+        s: DiLoCo(trainer.local_weights(), OuterConfig(codec="int8"))
+        for s, trainer in trainers.items()
+    }  # as peer/node.py
     for stage, trainer in trainers.items():
         trainer.load_weights(outers[stage].params)
     # boundary b carries stage b's output (b = 0: the embedding; b = S-1: the last stage's, to the head)
@@ -197,7 +221,10 @@ def train(variant: str, seed: int, rounds: int, inner_steps: int, basis_lr: floa
             for trainer in trainers.values():
                 trainer.microbatches = 1
                 trainer.step()
-        for stage, trainer in trainers.items():  # the runtime's round: contribution, apply, continue from θ_outer
+        for (
+            stage,
+            trainer,
+        ) in trainers.items():  # the runtime's round: contribution, apply, continue from θ_outer
             outer = outers[stage]
             outer.apply([outer.decode_contribution(outer.contribution(trainer.local_weights()))])
             trainer.load_weights(outer.params)
@@ -205,8 +232,16 @@ def train(variant: str, seed: int, rounds: int, inner_steps: int, basis_lr: floa
             if boundary.learn:
                 boundary.step(basis_lr)
         with torch.no_grad():
-            curve.append(sum(float(loss_of(torch.as_tensor(x), torch.as_tensor(y))) for x, y in held_out) / len(held_out))
-    return {"final_eval_loss": curve[-1], "curve": curve, "k": getattr(setting.basis, "k", None), "seconds": time.monotonic() - begin}
+            curve.append(
+                sum(float(loss_of(torch.as_tensor(x), torch.as_tensor(y))) for x, y in held_out)
+                / len(held_out)
+            )
+    return {
+        "final_eval_loss": curve[-1],
+        "curve": curve,
+        "k": getattr(setting.basis, "k", None),
+        "seconds": time.monotonic() - begin,
+    }
 
 
 def main() -> int:
@@ -215,7 +250,9 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--inner-steps", type=int, default=25)
-    parser.add_argument("--basis-lr", type=float, default=1e-2, help="learned: step of the per-round basis update")
+    parser.add_argument(
+        "--basis-lr", type=float, default=1e-2, help="learned: step of the per-round basis update"
+    )
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="results/sim_subspace.json")
@@ -227,21 +264,45 @@ def main() -> int:
     for variant in args.variants:
         runs = {}
         for seed in args.seeds:
-            runs[seed] = train(variant, seed, args.rounds, args.inner_steps, args.basis_lr, args.eval_batches)
-            print(f"   {variant} seed {seed}: eval {runs[seed]['final_eval_loss']:.4f} ({runs[seed]['seconds']:.0f} s)", flush=True)
-        results[variant] = {"k": runs[args.seeds[0]]["k"], "runs": {str(s): r for s, r in runs.items()}}
+            runs[seed] = train(
+                variant, seed, args.rounds, args.inner_steps, args.basis_lr, args.eval_batches
+            )
+            print(
+                f"   {variant} seed {seed}: eval {runs[seed]['final_eval_loss']:.4f} ({runs[seed]['seconds']:.0f} s)",
+                flush=True,
+            )
+        results[variant] = {
+            "k": runs[args.seeds[0]]["k"],
+            "runs": {str(s): r for s, r in runs.items()},
+        }
     base = results["none"]["runs"]
     print(f"{'variant':<30} {'k':>3} {'mean eval':>10} {'vs none':>8}  per seed")
     for variant, row in results.items():
         finals = [r["final_eval_loss"] for r in row["runs"].values()]
-        ratios = [r["final_eval_loss"] / base[s]["final_eval_loss"] - 1 for s, r in row["runs"].items()]
+        ratios = [
+            r["final_eval_loss"] / base[s]["final_eval_loss"] - 1 for s, r in row["runs"].items()
+        ]
         row.update(mean_eval_loss=statistics.fmean(finals), mean_vs_none=statistics.fmean(ratios))
-        print(f"{variant:<30} {row['k'] or '-':>3} {row['mean_eval_loss']:10.4f} {100 * row['mean_vs_none']:+7.1f}%  "
-              + " ".join(f"{100 * v:+.1f}%" for v in ratios))
+        print(
+            f"{variant:<30} {row['k'] or '-':>3} {row['mean_eval_loss']:10.4f} {100 * row['mean_vs_none']:+7.1f}%  "
+            + " ".join(f"{100 * v:+.1f}%" for v in ratios)
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": "python scripts/sim_subspace.py " + " ".join(sys.argv[1:]), "model": MODEL, "stages": STAGES,
-                               "rounds": args.rounds, "inner_steps": args.inner_steps, "basis_lr": args.basis_lr, "results": results}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "command": "python scripts/sim_subspace.py " + " ".join(sys.argv[1:]),
+                "model": MODEL,
+                "stages": STAGES,
+                "rounds": args.rounds,
+                "inner_steps": args.inner_steps,
+                "basis_lr": args.basis_lr,
+                "results": results,
+            },
+            indent=1,
+        )
+    )
     print(f"written to {out}")
     return 0
 

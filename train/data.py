@@ -80,7 +80,9 @@ def _default_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[bytes]:
             documents.append(data)
             total += len(data)
     if not documents:
-        raise ValueError(f"no .py files found under the standard library at {sysconfig.get_paths()['stdlib']}")
+        raise ValueError(
+            f"no .py files found under the standard library at {sysconfig.get_paths()['stdlib']}"
+        )
     return documents
 
 
@@ -94,7 +96,9 @@ def _read_file(path: Path) -> list[bytes]:
         try:
             text = json.loads(line)["text"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'text' field ({exc})") from None
+            raise ValueError(
+                f"{path}:{lineno}: expected a JSON object with a 'text' field ({exc})"
+            ) from None
         if not isinstance(text, str):
             raise ValueError(f"{path}:{lineno}: 'text' must be a string")
         documents.append(text.encode("utf-8"))
@@ -155,7 +159,9 @@ class ByteData:
     Order is kept: train pieces joined by DOC_SEPARATOR, in corpus order, form the
     training bytes, cut into `num_shards` contiguous shards."""
 
-    def __init__(self, documents: list[bytes], num_shards: int = 16, eval_fraction: float = 0.03) -> None:
+    def __init__(
+        self, documents: list[bytes], num_shards: int = 16, eval_fraction: float = 0.03
+    ) -> None:
         if num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {num_shards}")
         if not 0 < eval_fraction < 1:
@@ -164,7 +170,9 @@ class ByteData:
         if total == 0:
             raise ValueError("the corpus is empty")
         piece_bytes = max(256, min(MAX_PIECE_BYTES, total // 100))
-        pieces = [doc[i : i + piece_bytes] for doc in documents for i in range(0, len(doc), piece_bytes)]
+        pieces = [
+            doc[i : i + piece_bytes] for doc in documents for i in range(0, len(doc), piece_bytes)
+        ]
         scores = [_stable_score(p) for p in pieces]
         is_eval = [s < eval_fraction for s in scores]
         if not any(is_eval):
@@ -193,7 +201,9 @@ class ByteData:
     def peer_shard(self, peer_id: str) -> np.ndarray:
         return self.shards[shard_for(peer_id, self.num_shards)]
 
-    def train_batches(self, peer_id: str, batch_size: int, seq_len: int, seed: int) -> Iterator[Batch]:
+    def train_batches(
+        self, peer_id: str, batch_size: int, seq_len: int, seed: int
+    ) -> Iterator[Batch]:
         """Endless random windows from this peer's shard, as (x, y) int64 tensors of shape
         (batch_size, seq_len); y is x shifted left by one byte (y[:, t] follows x[:, t]). The stream
         depends only on (corpus, peer_id, seed): a restarted peer replays it."""
@@ -207,7 +217,9 @@ class ByteData:
         return self._windows(shard, batch_size, seq_len, np.random.default_rng([seed, peer_key]))
 
     @staticmethod
-    def _windows(data: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator) -> Iterator[Batch]:
+    def _windows(
+        data: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator
+    ) -> Iterator[Batch]:
         span = np.arange(seq_len + 1)
         while True:
             starts = rng.integers(0, len(data) - seq_len, size=batch_size)
@@ -220,7 +232,11 @@ class ByteData:
         same bytes and the estimate covers the whole held-out set)."""
         count = batch_size * num_batches
         if len(self.eval_bytes) < seq_len + 1:
-            raise ValueError(f"eval split holds {len(self.eval_bytes)} bytes, fewer than seq_len + 1 = {seq_len + 1}")
+            raise ValueError(
+                f"eval split holds {len(self.eval_bytes)} bytes, fewer than seq_len + 1 = {seq_len + 1}"
+            )
         starts = np.linspace(0, len(self.eval_bytes) - seq_len - 1, count).astype(np.int64)
-        windows = torch.from_numpy(self.eval_bytes[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
+        windows = torch.from_numpy(
+            self.eval_bytes[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)
+        )
         return [(w[:, :-1], w[:, 1:]) for w in windows.split(batch_size)]

@@ -16,7 +16,9 @@ from shoal.train.device import autocast_context
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> float:
+def evaluate(
+    model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> float:
     """Mean cross-entropy in nats per byte over `batches` (token-weighted, so uneven
     batches count fairly). The model is put in eval mode and its previous mode restored,
     so this can run between inner steps."""

@@ -136,8 +136,12 @@ class RotaryEmbedding(nn.Module):
         if self.cos.is_meta:
             return  # shapes only; reset() again once the module has real storage
         device = self.cos.device
-        inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float64) / self.head_dim)
-        angles = torch.outer(torch.arange(self.max_seq_len, device=device, dtype=torch.float64), inv_freq)
+        inv_freq = self.theta ** (
+            -torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float64) / self.head_dim
+        )
+        angles = torch.outer(
+            torch.arange(self.max_seq_len, device=device, dtype=torch.float64), inv_freq
+        )
         self.cos.copy_(angles.cos())
         self.sin.copy_(angles.sin())
 
@@ -156,14 +160,22 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.head_dim = config.n_heads, config.head_dim
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)  # one matmul for q, k, v
-        self.proj = nn.Linear(config.d_model, config.d_model, bias=False)  # residual output projection
+        self.qkv = nn.Linear(
+            config.d_model, 3 * config.d_model, bias=False
+        )  # one matmul for q, k, v
+        self.proj = nn.Linear(
+            config.d_model, config.d_model, bias=False
+        )  # residual output projection
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq, d_model = x.shape
-        q, k, v = self.qkv(x).view(batch, seq, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            self.qkv(x).view(batch, seq, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        )
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (batch, heads, seq, head_dim)
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True
+        )  # (batch, heads, seq, head_dim)
         return self.proj(out.transpose(1, 2).reshape(batch, seq, d_model))
 
 
@@ -234,11 +246,15 @@ class Transformer(nn.Module):
         """(batch, seq) byte ids → (batch, seq, d_model) residual stream: the embedding rows,
         or what `embedding_view` makes of them (pipeline/subspace.py confines the stream so)."""
         if idx.size(-1) > self.config.max_seq_len:
-            raise ValueError(f"sequence length {idx.size(-1)} exceeds max_seq_len {self.config.max_seq_len}")
+            raise ValueError(
+                f"sequence length {idx.size(-1)} exceeds max_seq_len {self.config.max_seq_len}"
+            )
         rows = self.embed(idx)
         return rows if self.embedding_view is None else self.embedding_view(rows, idx)
 
-    def forward_blocks(self, h: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+    def forward_blocks(
+        self, h: torch.Tensor, start: int = 0, end: int | None = None
+    ) -> torch.Tensor:
         """Run blocks[start:end] on the residual stream h."""
         cos, sin = self.rotary(h.size(1))
         for block in self.blocks[start:end]:
@@ -272,7 +288,9 @@ def parameter_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_parameters()]
 
 
-def build_model(preset_or_config: str | ModelConfig, seed: int, device: str | torch.device = "cpu") -> Transformer:
+def build_model(
+    preset_or_config: str | ModelConfig, seed: int, device: str | torch.device = "cpu"
+) -> Transformer:
     """Build a model with initial weights that depend only on (config, seed): every peer of
     a run builds bit-identical weights on the CPU, touching no global RNG state.
 
@@ -281,7 +299,9 @@ def build_model(preset_or_config: str | ModelConfig, seed: int, device: str | to
     shape-only model (e.g. to count or list parameters of the large preset for free)."""
     if isinstance(preset_or_config, str):
         if preset_or_config not in PRESETS:
-            raise ValueError(f"unknown model preset {preset_or_config!r}; choose from {sorted(PRESETS)}")
+            raise ValueError(
+                f"unknown model preset {preset_or_config!r}; choose from {sorted(PRESETS)}"
+            )
         config = PRESETS[preset_or_config]
     else:
         config = preset_or_config

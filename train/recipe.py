@@ -41,7 +41,9 @@ RECIPES: dict[str, Recipe] = {
     "tiny": Recipe(batch_size=8, seq_len=64, inner_lr=3e-3, warmup_steps=5, inner_steps=10),
     "tiny-deep": Recipe(batch_size=8, seq_len=64, inner_lr=3e-3, warmup_steps=5, inner_steps=10),
     "small": Recipe(batch_size=16, seq_len=128, inner_lr=2e-3, warmup_steps=20, inner_steps=50),
-    "small-deep": Recipe(batch_size=16, seq_len=128, inner_lr=2e-3, warmup_steps=20, inner_steps=50),
+    "small-deep": Recipe(
+        batch_size=16, seq_len=128, inner_lr=2e-3, warmup_steps=20, inner_steps=50
+    ),
     "base": Recipe(batch_size=32, seq_len=512, inner_lr=1e-3, warmup_steps=200, inner_steps=100),
     "large": Recipe(batch_size=32, seq_len=1024, inner_lr=6e-4, warmup_steps=500, inner_steps=100),
 }

@@ -79,7 +79,9 @@ class Wan:
             raise ValueError(f"give one rate or one per peer ({self.peers}), got {len(rates)}")
         self.rates = [parse_rate(r) for r in rates]
         if not re.fullmatch(r"[a-z][a-z0-9]{0,7}", self.prefix):
-            raise ValueError("--prefix must be 1-8 lowercase letters/digits, starting with a letter")
+            raise ValueError(
+                "--prefix must be 1-8 lowercase letters/digits, starting with a letter"
+            )
 
     @property
     def bridge(self) -> str:
@@ -160,7 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="build the namespaces and shape the links")
     up.add_argument("--peers", type=int, default=4)
-    up.add_argument("--rate", nargs="+", default=["10mbit"], help="one rate for all, or one per peer")
+    up.add_argument(
+        "--rate", nargs="+", default=["10mbit"], help="one rate for all, or one per peer"
+    )
     sub.add_parser("down", help="delete the namespaces")
     run = sub.add_parser("exec", help="run a command in peer I's namespace")
     run.add_argument("index", type=int)
@@ -175,7 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         Wan(1, ["1mbit"], args.prefix).down()
     else:
         argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-        return subprocess.call(Wan(args.index + 1, ["1mbit"], args.prefix).exec_args(args.index, argv))
+        return subprocess.call(
+            Wan(args.index + 1, ["1mbit"], args.prefix).exec_args(args.index, argv)
+        )
     return 0
 
 

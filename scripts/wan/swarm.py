@@ -27,8 +27,16 @@ from netns import Wan  # noqa: E402
 PORT = 7000
 
 
-def run_swarm(peers: int, rates: Sequence[str] | None, rounds: int, out: Path, flags: Sequence[str],
-              timeout_s: float = 1800.0, prefix: str = "shoal", peer_flags: Sequence[Sequence[str]] | None = None) -> list[dict]:
+def run_swarm(
+    peers: int,
+    rates: Sequence[str] | None,
+    rounds: int,
+    out: Path,
+    flags: Sequence[str],
+    timeout_s: float = 1800.0,
+    prefix: str = "shoal",
+    peer_flags: Sequence[Sequence[str]] | None = None,
+) -> list[dict]:
     """Start the swarm, wait for every peer to finish its rounds, return their reports.
     `rates` None: no namespaces, every peer on 127.0.0.1 (unshaped loopback, no root).
     `peer_flags[i]`, when given, go to peer i only (after `flags`)."""
@@ -38,9 +46,25 @@ def run_swarm(peers: int, rates: Sequence[str] | None, rounds: int, out: Path, f
         raise ValueError(f"peer_flags has {len(extra)} entries for {peers} peers")
     if rates is None:
         ports = _free_ports(peers)
-        return _launch(rounds, out, flags, extra, timeout_s, [f"127.0.0.1:{p}" for p in ports], lambda i, argv: argv)
+        return _launch(
+            rounds,
+            out,
+            flags,
+            extra,
+            timeout_s,
+            [f"127.0.0.1:{p}" for p in ports],
+            lambda i, argv: argv,
+        )
     with Wan(peers, rates, prefix) as wan:
-        return _launch(rounds, out, flags, extra, timeout_s, [f"{wan.address(i)}:{PORT}" for i in range(peers)], wan.exec_args)
+        return _launch(
+            rounds,
+            out,
+            flags,
+            extra,
+            timeout_s,
+            [f"{wan.address(i)}:{PORT}" for i in range(peers)],
+            wan.exec_args,
+        )
 
 
 def _free_ports(n: int) -> list[int]:
@@ -56,31 +80,62 @@ def _free_ports(n: int) -> list[int]:
             sock.close()
 
 
-def _launch(rounds: int, out: Path, flags: Sequence[str], extra: list[list[str]], timeout_s: float, listen: list[str],
-            wrap: Callable[[int, list[str]], list[str]]) -> list[dict]:
+def _launch(
+    rounds: int,
+    out: Path,
+    flags: Sequence[str],
+    extra: list[list[str]],
+    timeout_s: float,
+    listen: list[str],
+    wrap: Callable[[int, list[str]], list[str]],
+) -> list[dict]:
     procs: list[subprocess.Popen] = []
     peers = len(extra)
     try:
         for i in range(peers):
-            cmd = [sys.executable, "-m", "shoal.peer.cli", "peer", "--listen", listen[i], "--peer-id", f"peer-{i}",
-                   "--rounds", str(rounds), "--min-peers", str(peers), "--report", str(out / f"peer-{i}.json"), *flags, *extra[i]]
+            cmd = [
+                sys.executable,
+                "-m",
+                "shoal.peer.cli",
+                "peer",
+                "--listen",
+                listen[i],
+                "--peer-id",
+                f"peer-{i}",
+                "--rounds",
+                str(rounds),
+                "--min-peers",
+                str(peers),
+                "--report",
+                str(out / f"peer-{i}.json"),
+                *flags,
+                *extra[i],
+            ]
             if i:
                 cmd += ["--bootstrap", f"http://{listen[0]}"]
             with open(out / f"peer-{i}.log", "w") as log:
                 procs.append(subprocess.Popen(wrap(i, cmd), stdout=log, stderr=subprocess.STDOUT))
             if i == 0:
-                time.sleep(3.0)  # let the first peer bind before others bootstrap (they retry anyway)
+                time.sleep(
+                    3.0
+                )  # let the first peer bind before others bootstrap (they retry anyway)
         deadline = time.monotonic() + timeout_s
-        while any(proc.poll() is None for proc in procs):  # a peer that fails ends the run at once, not at the deadline
+        while any(
+            proc.poll() is None for proc in procs
+        ):  # a peer that fails ends the run at once, not at the deadline
             for i, proc in enumerate(procs):
                 if proc.poll():
-                    raise RuntimeError(f"peer-{i} exited with {proc.returncode}; see {out / f'peer-{i}.log'}")
+                    raise RuntimeError(
+                        f"peer-{i} exited with {proc.returncode}; see {out / f'peer-{i}.log'}"
+                    )
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the swarm did not finish within {timeout_s:.0f} s; see {out}")
             time.sleep(0.5)
         for i, proc in enumerate(procs):
             if proc.returncode:
-                raise RuntimeError(f"peer-{i} exited with {proc.returncode}; see {out / f'peer-{i}.log'}")
+                raise RuntimeError(
+                    f"peer-{i} exited with {proc.returncode}; see {out / f'peer-{i}.log'}"
+                )
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -96,19 +151,28 @@ def _launch(rounds: int, out: Path, flags: Sequence[str], extra: list[list[str]]
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peers", type=int, default=4)
-    parser.add_argument("--rate", nargs="+", default=["10mbit"], help="one rate for all peers, or one per peer; 'loopback': no namespaces")
+    parser.add_argument(
+        "--rate",
+        nargs="+",
+        default=["10mbit"],
+        help="one rate for all peers, or one per peer; 'loopback': no namespaces",
+    )
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--out", default="wan-run")
     parser.add_argument("--timeout", type=float, default=1800.0)
-    parser.add_argument("flags", nargs=argparse.REMAINDER, help="-- then flags for every `shoal peer`")
+    parser.add_argument(
+        "flags", nargs=argparse.REMAINDER, help="-- then flags for every `shoal peer`"
+    )
     args = parser.parse_args(argv)
     flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
     rates = None if args.rate == ["loopback"] else args.rate
     reports = run_swarm(args.peers, rates, args.rounds, Path(args.out), flags, args.timeout)
     for report in reports:
         last = report["rounds"][-1] if report["rounds"] else {}
-        print(f"{report['peer_id']}: {len(report['rounds'])} rounds, eval {last.get('eval_loss', float('nan')):.3f}, "
-              f"sent {report['bytes_sent'] / 1e6:.1f} MB, longest stall {report['longest_stall_s']:.1f} s")
+        print(
+            f"{report['peer_id']}: {len(report['rounds'])} rounds, eval {last.get('eval_loss', float('nan')):.3f}, "
+            f"sent {report['bytes_sent'] / 1e6:.1f} MB, longest stall {report['longest_stall_s']:.1f} s"
+        )
     return 0
 
 

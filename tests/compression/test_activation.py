@@ -33,10 +33,16 @@ BASIS = make_basis()
 
 
 def make_codec(name: str, basis: SubspaceBasis = BASIS) -> ActivationCodec:
-    return get_activation_codec(name, basis=basis) if name.startswith("subspace") else get_activation_codec(name)
+    return (
+        get_activation_codec(name, basis=basis)
+        if name.startswith("subspace")
+        else get_activation_codec(name)
+    )
 
 
-def sample(batch: int = 2, seq: int = 16, d_model: int = D_MODEL, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(
+    batch: int = 2, seq: int = 16, d_model: int = D_MODEL, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (batch, seq), generator=generator)
     return torch.randn(batch, seq, d_model, generator=generator), ids
@@ -68,7 +74,10 @@ def test_registry() -> None:
         codec = make_codec(name)
         assert codec.name == name and isinstance(codec, ActivationCodec)
         assert codec_name(codec.codec_id) == f"activation:{name}"  # no clash with tensor codecs
-    with pytest.raises(ValueError, match="unknown activation codec 'fp8'.*int8, none, subspace, subspace-int4, subspace-int8"):
+    with pytest.raises(
+        ValueError,
+        match="unknown activation codec 'fp8'.*int8, none, subspace, subspace-int4, subspace-int8",
+    ):
         get_activation_codec("fp8")
     with pytest.raises(TypeError, match="basis"):
         get_activation_codec("subspace")
@@ -79,7 +88,13 @@ def test_registry() -> None:
 def test_bytes_per_token_at_d128() -> None:
     basis = make_basis(d_model=128, k=subspace_dim_for_ratio(128, 8))
     sizes = {name: make_codec(name, basis).bytes_per_token(128) for name in ACTIVATION_CODECS}
-    assert sizes == {"none": 512.0, "int8": 132.0, "subspace": 62.0, "subspace-int8": 32.0, "subspace-int4": 17.0}
+    assert sizes == {
+        "none": 512.0,
+        "int8": 132.0,
+        "subspace": 62.0,
+        "subspace-int8": 32.0,
+        "subspace-int4": 17.0,
+    }
 
 
 @pytest.mark.parametrize("name", sorted(ACTIVATION_CODECS))
@@ -105,14 +120,22 @@ def test_subspace_dim_for_ratio() -> None:
     assert subspace_dim_for_ratio(128, 0.5) == 128
     assert subspace_dim_for_ratio(128, 32, vocab_size=50_000) == 7  # 2-byte token ids: 4·128/16
     # int8 coordinates: k + 1 bytes, plus the token id
-    assert [subspace_dim_for_ratio(128, ratio, coordinates="int8") for ratio in (8, 32, 100)] == [62, 14, 3]
+    assert [subspace_dim_for_ratio(128, ratio, coordinates="int8") for ratio in (8, 32, 100)] == [
+        62,
+        14,
+        3,
+    ]
     for d_model in (32, 128, 768):
         for ratio in (2, 8, 32, 100):
             k = subspace_dim_for_ratio(d_model, ratio, coordinates="int8")
             assert 4 * d_model / (k + 2) >= ratio or k == 1
             assert k == d_model or 4 * d_model / (k + 3) < ratio
     # int4 coordinates: ceil(k/2) + 1 bytes, plus the token id
-    assert [subspace_dim_for_ratio(128, ratio, coordinates="int4") for ratio in (8, 32, 100)] == [124, 28, 6]
+    assert [subspace_dim_for_ratio(128, ratio, coordinates="int4") for ratio in (8, 32, 100)] == [
+        124,
+        28,
+        6,
+    ]
     for d_model in (32, 128, 768):
         for ratio in (2, 8, 32, 100):
             k = subspace_dim_for_ratio(d_model, ratio, coordinates="int4")
@@ -156,7 +179,10 @@ def test_int8_per_token_error() -> None:
     h[0, 0] = 0.0  # a zero row round-trips exactly
     h[1] *= 1e-6  # small rows keep their own scale (a gradient-sized row)
     for scale in (1.0, 1e-8, 1e4):
-        for encode, decode in ((codec.encode, codec.decode), (codec.encode_grad, codec.decode_grad)):
+        for encode, decode in (
+            (codec.encode, codec.decode),
+            (codec.encode_grad, codec.decode_grad),
+        ):
             original = h * scale
             decoded = decode(encode(original, ids), ids, D_MODEL)
             row_absmax = original.abs().amax(dim=-1, keepdim=True)
@@ -185,10 +211,16 @@ def test_subspace_int8_per_token_error() -> None:
     # (encode, decode, what the stream adds, float32 rounding of that sum)
     forward = (codec.encode, codec.decode, BASIS.E0[ids], 1e-7)
     backward = (codec.encode_grad, codec.decode_grad, 0.0, 0.0)
-    for scale, directions in ((1.0, (forward, backward)), (1e3, (forward, backward)), (1e-9, (backward,))):
+    for scale, directions in (
+        (1.0, (forward, backward)),
+        (1e3, (forward, backward)),
+        (1e-9, (backward,)),
+    ):
         coords = z * scale
         for encode, decode, offset, slack in directions:
-            decoded = (decode(encode(offset + coords @ BASIS.U.T, ids), ids, D_MODEL) - offset) @ BASIS.U
+            decoded = (
+                decode(encode(offset + coords @ BASIS.U.T, ids), ids, D_MODEL) - offset
+            ) @ BASIS.U
             peak = coords.abs().amax(dim=-1, keepdim=True)
             # half a step, the step 2^e < 2·peak/127, plus float32 rounding through U
             assert ((decoded - coords).abs() <= peak / 127 * 1.0001 + 1e-5 * peak + slack).all()
@@ -204,15 +236,23 @@ def test_subspace_int4_error(k: int) -> None:
     generator = torch.Generator().manual_seed(5)
     # coordinates as a trained stream's: per-dimension offsets up to 4 deviations, spreads 0.3-3
     spread = 0.3 + 2.7 * torch.rand(k, generator=generator)
-    z = 4 * spread * (2 * torch.rand(k, generator=generator) - 1) + spread * torch.randn(*ids.shape, k, generator=generator)
+    z = 4 * spread * (2 * torch.rand(k, generator=generator) - 1) + spread * torch.randn(
+        *ids.shape, k, generator=generator
+    )
     z[0, 0] = 0.0
     forward = (codec.encode, codec.decode, basis.E0[ids])
     backward = (codec.encode_grad, codec.decode_grad, 0.0)
-    for scale, directions in ((1.0, (forward, backward)), (1e3, (forward, backward)), (1e-9, (backward,))):
+    for scale, directions in (
+        (1.0, (forward, backward)),
+        (1e3, (forward, backward)),
+        (1e-9, (backward,)),
+    ):
         coords = z * scale
         centred = coords - coords.mean(dim=(0, 1))
         for encode, decode, offset in directions:
-            decoded = (decode(encode(offset + coords @ basis.U.T, ids), ids, D_MODEL) - offset) @ basis.U
+            decoded = (
+                decode(encode(offset + coords @ basis.U.T, ids), ids, D_MODEL) - offset
+            ) @ basis.U
             # each code errs by at most half a token step; the step is <= 2^(1/4)·(the token's
             # peak of |centred / deviation|)/7 — deviations and means rounded up to a quarter
             # step and octave do not err, they only widen the bound a little
@@ -220,9 +260,21 @@ def test_subspace_int4_error(k: int) -> None:
             assert float((decoded - coords).norm() / centred.norm()) < 0.12  # ~10% of the spread
     # a payload of one token, and a token of zeros
     one = ids[:1, :1]
-    assert float(codec.decode_grad(codec.encode_grad(torch.zeros(1, 1, D_MODEL), one), one, D_MODEL).abs().max()) == 0.0
+    assert (
+        float(
+            codec.decode_grad(codec.encode_grad(torch.zeros(1, 1, D_MODEL), one), one, D_MODEL)
+            .abs()
+            .max()
+        )
+        == 0.0
+    )
     h = confined(one, basis)
-    assert rel_error(codec.decode(codec.encode(h, one), one, D_MODEL) - basis.E0[one], h - basis.E0[one]) < 0.12
+    assert (
+        rel_error(
+            codec.decode(codec.encode(h, one), one, D_MODEL) - basis.E0[one], h - basis.E0[one]
+        )
+        < 0.12
+    )
 
 
 def test_subspace_lossy_outside_span() -> None:
@@ -267,7 +319,10 @@ def test_corruption_and_truncation_rejected(name: str) -> None:
     h, ids = sample(2, 4)
     payload = codec.encode(confined(ids), ids)
     step = max(1, len(payload) // 40)
-    for position in [*range(ACTIVATION_HEADER.size + codec.prefix_nbytes), *range(0, len(payload), step)]:
+    for position in [
+        *range(ACTIVATION_HEADER.size + codec.prefix_nbytes),
+        *range(0, len(payload), step),
+    ]:
         corrupted = bytearray(payload)
         corrupted[position] ^= 0x10
         with pytest.raises(CodecError):
@@ -290,7 +345,9 @@ def test_wrong_shape_microbatch_or_direction_rejected(name: str) -> None:
         codec.decode(payload, ids[:, :3], D_MODEL)
     with pytest.raises(CodecError, match="describes shape"):
         codec.decode(payload, ids.reshape(4, 2), D_MODEL)
-    if not name.startswith("subspace"):  # the subspace basis fixes d_model: a ValueError on the receiver
+    if not name.startswith(
+        "subspace"
+    ):  # the subspace basis fixes d_model: a ValueError on the receiver
         with pytest.raises(CodecError, match="describes shape"):
             codec.decode(payload, ids, D_MODEL * 2)
     with pytest.raises(CodecError, match="other token ids"):
@@ -365,9 +422,13 @@ def test_non_finite_payloads_rejected() -> None:
     with pytest.raises(CodecError, match="non-finite values"):
         subspace8.decode(recrc(bytes(payload)), ids, D_MODEL)
     subspace4 = make_codec("subspace-int4")
-    start = header + 8  # after the basis id: deviation steps i8[k], mean steps i8[k], token scales i8[n]
+    start = (
+        header + 8
+    )  # after the basis id: deviation steps i8[k], mean steps i8[k], token scales i8[n]
     payload = bytearray(subspace4.encode(confined(ids), ids))
-    payload[start : start + 2 * K + 8] = b"\x7f" * (2 * K + 8)  # every scale at its largest, 2^(127/4)
+    payload[start : start + 2 * K + 8] = b"\x7f" * (
+        2 * K + 8
+    )  # every scale at its largest, 2^(127/4)
     payload[start + 2 * K + 8 :] = b"\xff" * (len(payload) - start - 2 * K - 8)  # codes +7
     # quarter-octave bytes cannot overflow float32 (2^31.75 · 2^31.75 · 7 · 32 < 3.4e38)
     assert bool(torch.isfinite(subspace4.decode(recrc(bytes(payload)), ids, D_MODEL)).all())
@@ -380,7 +441,9 @@ def test_non_finite_payloads_rejected() -> None:
     with pytest.raises(CodecError, match="-128"):
         subspace8.decode(recrc(bytes(payload)), ids, D_MODEL)
     with pytest.raises(CodecError, match="basis out of sync"):
-        subspace8.decode(make_codec("subspace-int8", make_basis(seed=1)).encode(confined(ids), ids), ids, D_MODEL)
+        subspace8.decode(
+            make_codec("subspace-int8", make_basis(seed=1)).encode(confined(ids), ids), ids, D_MODEL
+        )
     bad_ids = ids + VOCAB  # sent with a matching token ids CRC: checked before E0[ids]
     payload = bytearray(subspace.encode(confined(ids), ids))
     payload[16:20] = struct.pack("<I", zlib.crc32(bad_ids.numpy().astype("<i8").tobytes()))

@@ -177,9 +177,10 @@ def test_random_garbage(name: str) -> None:
         if length >= HEADER.size:
             forged = HEADER.pack(MAGIC, codec_id, 1, count, 0) + garbage[HEADER.size :]
             decode_or_codec_error(codec, reseal(forged))
-    exact = HEADER.pack(MAGIC, codec_id, 1, count, 0) + rng.integers(
-        0, 256, codec.payload_nbytes(count) - HEADER.size, dtype=np.uint8
-    ).tobytes()
+    exact = (
+        HEADER.pack(MAGIC, codec_id, 1, count, 0)
+        + rng.integers(0, 256, codec.payload_nbytes(count) - HEADER.size, dtype=np.uint8).tobytes()
+    )
     decode_or_codec_error(codec, reseal(exact))
 
 

@@ -48,7 +48,9 @@ def test_codec_options() -> None:
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_round_trip(name: str, shape: tuple[int, ...]) -> None:
     codec = get_codec(name)
-    original = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape) * 1000 + sum(shape)))
+    original = torch.randn(
+        shape, generator=torch.Generator().manual_seed(len(shape) * 1000 + sum(shape))
+    )
     payload = codec.encode(original)
     assert isinstance(payload, bytes)
     assert codec.nbytes(payload) == len(payload)

@@ -31,7 +31,9 @@ def test_error_bounds_on_gaussian_data() -> None:
     assert errors["int8"] < errors["q4"] < errors["q2"]
 
 
-@pytest.mark.parametrize(("name", "low", "high"), [("int8", 3.8, 4.05), ("q4", 7.6, 8.05), ("q2", 15.0, 16.05)])
+@pytest.mark.parametrize(
+    ("name", "low", "high"), [("int8", 3.8, 4.05), ("q4", 7.6, 8.05), ("q2", 15.0, 16.05)]
+)
 def test_wire_size_vs_fp32(name: str, low: float, high: float) -> None:
     original = torch.randn(1_000_000)
     fp32 = get_codec("fp32")
@@ -83,7 +85,9 @@ def test_zero_variance_chunks_round_trip_exactly(name: str) -> None:
     codec = get_codec(name, chunk_size=chunk_size)
     decoded = codec.decode(codec.encode(torch.from_numpy(values)), values.shape).numpy()
     for start in (0, chunk_size, 3 * chunk_size, 4 * chunk_size):
-        assert np.array_equal(decoded[start : start + chunk_size], values[start : start + chunk_size])
+        assert np.array_equal(
+            decoded[start : start + chunk_size], values[start : start + chunk_size]
+        )
 
 
 @pytest.mark.parametrize("name", QUANTIZERS)
@@ -104,7 +108,9 @@ def test_extreme_values_stay_finite_without_warnings(name: str) -> None:
         assert np.isfinite(decoded).all()
         exact = values.astype(np.float64)
         # table entries are float32: relative rounding, absolute for subnormals
-        tolerance = 1e-6 * np.abs(exact).sum() + values.size * np.finfo(np.float32).smallest_subnormal
+        tolerance = (
+            1e-6 * np.abs(exact).sum() + values.size * np.finfo(np.float32).smallest_subnormal
+        )
         assert abs(decoded.astype(np.float64).sum() - exact.sum()) <= tolerance
 
 

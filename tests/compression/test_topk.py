@@ -29,7 +29,9 @@ CRC_AT = HEADER.size - 4
 BODY_AT = HEADER.size + 6  # after the geometry fields: the frame flag
 
 
-def reference_topk(tensor: torch.Tensor, k: int = 64, chunk: int = 4096, tile: int = 64) -> list[int]:
+def reference_topk(
+    tensor: torch.Tensor, k: int = 64, chunk: int = 4096, tile: int = 64
+) -> list[int]:
     """Flat indices of the top-k |x| per chunk/tile, chunk by chunk, increasing within a
     chunk: a slow loop written from the spec, independent of the codec's vectorised path."""
     flat_index = torch.arange(tensor.numel()).reshape(tensor.shape)
@@ -42,7 +44,9 @@ def reference_topk(tensor: torch.Tensor, k: int = 64, chunk: int = 4096, tile: i
         ]
     else:
         flat, index = tensor.reshape(-1), flat_index.reshape(-1)
-        blocks = [(flat[s : s + chunk], index[s : s + chunk]) for s in range(0, flat.numel(), chunk)]
+        blocks = [
+            (flat[s : s + chunk], index[s : s + chunk]) for s in range(0, flat.numel(), chunk)
+        ]
     kept: list[int] = []
     for values, indices in blocks:
         values, indices = values.reshape(-1), indices.reshape(-1)
@@ -59,11 +63,21 @@ def reseal(data: bytes | bytearray) -> bytes:
     return bytes(data)
 
 
-def forge(shape, positions, codes=None, table=(-1.0, -0.5, 0.5, 1.0), geometry=(64, 4096, 64, 2)) -> bytes:
+def forge(
+    shape, positions, codes=None, table=(-1.0, -0.5, 0.5, 1.0), geometry=(64, 4096, 64, 2)
+) -> bytes:
     """A stored (not zstd) topk payload with a valid CRC, from its parts."""
     positions = np.asarray(positions, dtype=np.int64)
-    codes = np.zeros(positions.size, dtype=np.uint8) if codes is None else np.asarray(codes, dtype=np.uint8)
-    inner = np.asarray(table, dtype="<f4").tobytes() + pack_bits(codes, 2) + pack_indices_12bit(positions)
+    codes = (
+        np.zeros(positions.size, dtype=np.uint8)
+        if codes is None
+        else np.asarray(codes, dtype=np.uint8)
+    )
+    inner = (
+        np.asarray(table, dtype="<f4").tobytes()
+        + pack_bits(codes, 2)
+        + pack_indices_12bit(positions)
+    )
     body = struct.pack("<HHBB", *geometry) + b"\0" + inner
     return reseal(HEADER.pack(MAGIC, TopKCodec.codec_id, 1, math.prod(shape), 0) + body)
 
@@ -103,7 +117,9 @@ def test_ties_keep_exactly_k_lowest_positions_first(shape) -> None:
     for tensor in (small_ints, torch.zeros(shape)):
         indices, _ = codec.topk_select(tensor)
         assert indices.tolist() == reference_topk(tensor)
-        assert codec.decode_sparse(codec.encode(tensor), shape)[0].tolist() == reference_topk(tensor)
+        assert codec.decode_sparse(codec.encode(tensor), shape)[0].tolist() == reference_topk(
+            tensor
+        )
 
 
 def test_decoded_values_are_bin_means() -> None:
@@ -115,7 +131,9 @@ def test_decoded_values_are_bin_means() -> None:
     assert 2 <= levels.numel() <= 4
     for level in levels:  # each decoded level is the mean of the original values sent to it
         assert float(kept[decoded == level].mean()) == pytest.approx(float(level), rel=1e-5)
-    assert float(decoded.double().sum()) == pytest.approx(float(kept.double().sum()), rel=1e-4)  # unbiased
+    assert float(decoded.double().sum()) == pytest.approx(
+        float(kept.double().sum()), rel=1e-4
+    )  # unbiased
 
 
 def test_small_model_bits_per_parameter() -> None:
@@ -209,7 +227,10 @@ def test_byte_flips_truncation_garbage_and_wrong_shape() -> None:
         with pytest.raises(CodecError):
             codec.decode(bytes(corrupt), shape)
     for cut in range(len(payload)):
-        for candidate in (payload[:cut], reseal(payload[:cut]) if cut >= HEADER.size else payload[:cut]):
+        for candidate in (
+            payload[:cut],
+            reseal(payload[:cut]) if cut >= HEADER.size else payload[:cut],
+        ):
             with pytest.raises(CodecError):
                 codec.decode_sparse(candidate, shape)
     with pytest.raises(CodecError, match="bytes"):
@@ -280,7 +301,18 @@ def pseudo_random(shape, seed: int) -> torch.Tensor:
     return torch.from_numpy((x * x * x).astype(np.float32).reshape(shape))
 
 
-MODEL_SHAPES = [(130, 70), (4097,), (3, 5, 7), (1,), (64, 64), (), (0,), (200, 3), (128,), (384, 128)]
+MODEL_SHAPES = [
+    (130, 70),
+    (4097,),
+    (3, 5, 7),
+    (1,),
+    (64, 64),
+    (),
+    (0,),
+    (200, 3),
+    (128,),
+    (384, 128),
+]
 # sha256 of encode_many(MODEL_SHAPES inputs) as produced by the per-tensor implementation
 # that preceded the batched one: the wire bytes must not change with the implementation
 WIRE_SHA256 = "6e59b2c1ff5891c6069d70cc133fc704a52b39107030649f1bd507398631402b"
@@ -289,27 +321,43 @@ WIRE_SHA256 = "6e59b2c1ff5891c6069d70cc133fc704a52b39107030649f1bd507398631402b"
 def test_wire_bytes_are_pinned() -> None:
     import hashlib
 
-    payloads = TopKCodec().encode_many([pseudo_random(shape, i) for i, shape in enumerate(MODEL_SHAPES)])
+    payloads = TopKCodec().encode_many(
+        [pseudo_random(shape, i) for i, shape in enumerate(MODEL_SHAPES)]
+    )
     assert all(payload[BODY_AT] == 0 for payload in payloads)  # stored: no zstd version in the hash
     assert hashlib.sha256(b"".join(payloads)).hexdigest() == WIRE_SHA256
 
 
-@pytest.mark.parametrize("options", [{}, {"k": 3, "bits": 1}, {"k": 100, "chunk": 333, "tile": 10, "bits": 4}], ids=str)
+@pytest.mark.parametrize(
+    "options", [{}, {"k": 3, "bits": 1}, {"k": 100, "chunk": 333, "tile": 10, "bits": 4}], ids=str
+)
 def test_batched_encode_and_decode_match_one_tensor_at_a_time(options) -> None:
     # {"chunk": 333, "tile": 10}: 2-D and other tensors have different chunk widths, so
     # the batch is stacked in two matrices and put back in tensor order
     codec = TopKCodec(**options)
     generator = torch.Generator().manual_seed(5)
     tensors = [torch.randn(shape, generator=generator) for shape in MODEL_SHAPES]
-    tensors += [torch.randint(-2, 3, (150, 90), generator=generator).float(), torch.zeros(70, 70), torch.randn(300, 257)]
+    tensors += [
+        torch.randint(-2, 3, (150, 90), generator=generator).float(),
+        torch.zeros(70, 70),
+        torch.randn(300, 257),
+    ]
     shapes = [tuple(t.shape) for t in tensors]
     payloads = codec.encode_many(tensors)
     assert payloads == [codec.encode(t) for t in tensors]
-    for dense, payload, shape in zip(codec.decode_many(payloads, shapes), payloads, shapes, strict=True):
+    for dense, payload, shape in zip(
+        codec.decode_many(payloads, shapes), payloads, shapes, strict=True
+    ):
         assert dense.shape == shape and torch.equal(dense, codec.decode(payload, shape))
-    for (flat, values), payload, shape in zip(codec.decode_sparse_many(payloads, shapes), payloads, shapes, strict=True):
+    for (flat, values), payload, shape in zip(
+        codec.decode_sparse_many(payloads, shapes), payloads, shapes, strict=True
+    ):
         alone_flat, alone_values = codec.decode_sparse(payload, shape)
-        assert flat.dtype == torch.int64 and torch.equal(flat, alone_flat) and torch.equal(values, alone_values)
+        assert (
+            flat.dtype == torch.int64
+            and torch.equal(flat, alone_flat)
+            and torch.equal(values, alone_values)
+        )
 
 
 @pytest.mark.parametrize("batch_rows", [1, 7, 100])
@@ -321,7 +369,10 @@ def test_selection_in_small_batches_changes_nothing(monkeypatch, batch_rows) -> 
 
     generator = torch.Generator().manual_seed(7)
     tensors = [pseudo_random(shape, i) for i, shape in enumerate(MODEL_SHAPES)]
-    tensors += [torch.randn(shape, generator=generator) for shape in [(130, 1000), (30 * 4096 + 5,), (700, 200), (5, 5)]]
+    tensors += [
+        torch.randn(shape, generator=generator)
+        for shape in [(130, 1000), (30 * 4096 + 5,), (700, 200), (5, 5)]
+    ]
     codec = TopKCodec()
     monkeypatch.setattr(topk_select, "_BATCH_ROWS", 1 << 30)
     whole = codec.encode_many(tensors)
@@ -350,7 +401,10 @@ def test_decode_many_names_the_first_payload_that_fails_alone() -> None:
     good = codec.encode(torch.randn(shape))
     duplicate = honest_positions(shape)
     duplicate[5] = duplicate[4]
-    unordered, nan_table = forge(shape, duplicate), forge(shape, honest_positions(shape), table=(0.0, float("nan"), 1.0, 2.0))
+    unordered, nan_table = (
+        forge(shape, duplicate),
+        forge(shape, honest_positions(shape), table=(0.0, float("nan"), 1.0, 2.0)),
+    )
     with pytest.raises(CodecError) as alone:
         codec.decode_sparse(unordered, shape)
     # index 3 fails a later check than index 4 does; one at a time, 3 fails first
@@ -385,5 +439,9 @@ def test_kept_entries_match_a_stable_sort() -> None:
         for r in range(n_rows):
             rows[r, rng.permutation(width)[: width - sizes[r]]] = -1
         quota = np.minimum(sizes, k)
-        expected = [r * width + i for r in range(n_rows) for i in sorted(np.argsort(-rows[r], kind="stable")[: quota[r]])]
+        expected = [
+            r * width + i
+            for r in range(n_rows)
+            for i in sorted(np.argsort(-rows[r], kind="stable")[: quota[r]])
+        ]
         assert kept_entries(rows, k, quota).tolist() == expected

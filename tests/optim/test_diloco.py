@@ -16,7 +16,9 @@ def test_outer_step_matches_torch_sgd_nesterov():
     ref = {n: torch.nn.Parameter(t.clone()) for n, t in start.items()}
     opt = torch.optim.SGD(ref.values(), lr=0.7, momentum=0.9, nesterov=True)
     for _ in range(3):
-        locals_ = [{n: t - 0.01 * torch.randn_like(t) for n, t in outer.params.items()} for _ in range(3)]
+        locals_ = [
+            {n: t - 0.01 * torch.randn_like(t) for n, t in outer.params.items()} for _ in range(3)
+        ]
         decoded = [outer.decode_contribution(outer.contribution(loc)) for loc in locals_]
         outer.apply(decoded)
         for n, p in ref.items():
@@ -36,7 +38,10 @@ def test_int8_contribution_is_a_quarter_and_close():
 
 
 def test_apply_is_order_fixed_and_deterministic():
-    a, b = DiLoCo(weights(), OuterConfig(codec="fp32")), DiLoCo(weights(), OuterConfig(codec="fp32"))
+    a, b = (
+        DiLoCo(weights(), OuterConfig(codec="fp32")),
+        DiLoCo(weights(), OuterConfig(codec="fp32")),
+    )
     contributions = [{n: torch.randn_like(t) for n, t in weights().items()} for _ in range(4)]
     a.apply(contributions)
     b.apply(contributions)
@@ -89,13 +94,17 @@ def test_stage_slices_average_with_the_full_replicas_same_tensors():
     for outer in (full, stage):
         outer.apply([outer.decode_contribution(from_full), outer.decode_contribution(from_stage)])
     torch.testing.assert_close(full.params["b"], stage.params["b"])
-    expected_b = weights()["b"] - 0.7 * (1 + 0.9) * 0.2  # mean Δ = (0.1 + 0.3)/2, Nesterov first step
+    expected_b = (
+        weights()["b"] - 0.7 * (1 + 0.9) * 0.2
+    )  # mean Δ = (0.1 + 0.3)/2, Nesterov first step
     torch.testing.assert_close(stage.params["b"], expected_b)
     expected_a = weights()["a"] - 0.7 * 1.9 * 0.1  # a: the full replica alone
     torch.testing.assert_close(full.params["a"], expected_a)
     assert stage.decode_contribution({"a": from_full["a"]}) == {}  # another slice: nothing of ours
     with pytest.raises(ContributionError, match="missing"):
-        DiLoCo(weights(), config, [["a", "b"]]).decode_contribution({"a": from_full["a"]})  # half a slice
+        DiLoCo(weights(), config, [["a", "b"]]).decode_contribution(
+            {"a": from_full["a"]}
+        )  # half a slice
     with pytest.raises(ContributionError, match="unexpected"):
         stage.decode_contribution({**from_full, "c": from_full["a"]})
     with pytest.raises(ValueError, match="no slice"):

@@ -13,7 +13,12 @@ def fixed_batches():
 
 
 def test_inner_steps_learn_and_keep_optimizer_state():
-    trainer = InnerTrainer(build_model("tiny", seed=0), InnerConfig(lr=1e-2, batch_size=4, seq_len=32, warmup_steps=3), fixed_batches(), torch.device("cpu"))
+    trainer = InnerTrainer(
+        build_model("tiny", seed=0),
+        InnerConfig(lr=1e-2, batch_size=4, seq_len=32, warmup_steps=3),
+        fixed_batches(),
+        torch.device("cpu"),
+    )
     start = trainer.local_weights()
     first = trainer.run(20)
     assert first.steps == 20 and first.tokens == 20 * 4 * 32
@@ -27,7 +32,12 @@ def test_inner_steps_learn_and_keep_optimizer_state():
 
 
 def test_warmup_ramps_the_learning_rate():
-    trainer = InnerTrainer(build_model("tiny", seed=0), InnerConfig(lr=1e-2, warmup_steps=4), fixed_batches(), torch.device("cpu"))
+    trainer = InnerTrainer(
+        build_model("tiny", seed=0),
+        InnerConfig(lr=1e-2, warmup_steps=4),
+        fixed_batches(),
+        torch.device("cpu"),
+    )
     seen = []
     trainer.run(6, on_step=lambda step, loss: seen.append(trainer.optimizer.param_groups[0]["lr"]))
     assert seen == [2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2]
@@ -36,7 +46,9 @@ def test_warmup_ramps_the_learning_rate():
 def test_phases_add_up_and_an_empty_round_keeps_a_finite_loss():
     overlapped, rest = InnerStats(2, 20, 1.0, 3.0), InnerStats(6, 60, 2.0, 2.0)
     both = overlapped + rest
-    assert (both.steps, both.tokens, both.seconds) == (8, 80, 3.0) and both.train_loss == (2 * 3.0 + 6 * 2.0) / 8
+    assert (both.steps, both.tokens, both.seconds) == (8, 80, 3.0) and both.train_loss == (
+        2 * 3.0 + 6 * 2.0
+    ) / 8
     # a stage peer whose driver died at a round's start sees no step in either phase; its
     # loss is the driver's last, not 0/0 (a NaN in the peer table made others refuse it)
     assert (InnerStats(0, 0, 0.0, float("nan")) + InnerStats(0, 0, 5.0, 2.5)).train_loss == 2.5

@@ -33,12 +33,21 @@ def test_pair_step_matches_the_noloco_update():
     config = outer_config("noloco", codec="fp32")
     me, partner = NoLoCo(weights(), config), NoLoCo(weights(), config)
     partner.params = drift(partner.params, 1e-2, seed=1)  # replicas' slow weights differ
-    phi, m = {n: t.clone() for n, t in me.params.items()}, {n: torch.zeros_like(t) for n, t in me.params.items()}
+    phi, m = (
+        {n: t.clone() for n, t in me.params.items()},
+        {n: torch.zeros_like(t) for n, t in me.params.items()},
+    )
     for step in range(2):
-        theta_i, theta_j = drift(me.params, 1e-3, seed=10 + step), drift(partner.params, 1e-3, seed=20 + step)
+        theta_i, theta_j = (
+            drift(me.params, 1e-3, seed=10 + step),
+            drift(partner.params, 1e-3, seed=20 + step),
+        )
         phi_j = {n: t.clone() for n, t in partner.params.items()}
         distance = (sum(float((phi[n] - phi_j[n]).square().sum()) for n in phi) / 161) ** 0.5
-        group = [me.decode_contribution(me.contribution(theta_i)), me.decode_contribution(partner.contribution(theta_j))]
+        group = [
+            me.decode_contribution(me.contribution(theta_i)),
+            me.decode_contribution(partner.contribution(theta_j)),
+        ]
         me.apply(group)
         for n in phi:
             d_mean = ((theta_i[n] - phi[n]) + (theta_j[n] - phi_j[n])) / 2
@@ -56,7 +65,9 @@ def test_alone_is_a_momentum_step_on_own_progress():
     local = drift(start, 1e-3, seed=3)
     outer.apply([outer.decode_contribution(outer.contribution(local))])
     for n in start:
-        torch.testing.assert_close(outer.params[n], start[n] + 0.7 * (local[n] - start[n]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            outer.params[n], start[n] + 0.7 * (local[n] - start[n]), rtol=0, atol=1e-6
+        )
     assert outer.partner_distance is None
 
 
@@ -66,7 +77,10 @@ def test_pairing_pulls_slow_weights_together():
     b.params = drift(b.params, 1e-2, seed=5)
     distances = []
     for _ in range(4):
-        pa, pb = a.contribution(a.params), b.contribution(b.params)  # no local progress: only the pull
+        pa, pb = (
+            a.contribution(a.params),
+            b.contribution(b.params),
+        )  # no local progress: only the pull
         group = [a.decode_contribution(pa), a.decode_contribution(pb)]
         a.apply(group)
         b.apply(group)
@@ -80,10 +94,14 @@ def test_topk_progress_uses_error_feedback():
     payload = outer.contribution(local)
     sent = outer.decode_contribution(payload).delta["w"]
     assert 0 < int((sent != 0).sum()) <= 4 * 64
-    torch.testing.assert_close(outer.error["w"] + sent, local["w"], rtol=0, atol=1e-9)  # e = d − sent
+    torch.testing.assert_close(
+        outer.error["w"] + sent, local["w"], rtol=0, atol=1e-9
+    )  # e = d − sent
 
 
-@pytest.mark.parametrize("damage", ["nan_phi", "inf_delta", "extra_key", "missing_half", "not_a_map"])
+@pytest.mark.parametrize(
+    "damage", ["nan_phi", "inf_delta", "extra_key", "missing_half", "not_a_map"]
+)
 def test_bad_contributions_are_refused(damage):
     outer = NoLoCo(weights(), outer_config("noloco", codec="fp32"))
     payload = outer.contribution(drift(outer.params, 1e-3, seed=0))

@@ -18,7 +18,13 @@ def drifted(outer, seed, scale=0.01):
 
 
 def test_defaults_follow_the_paper():
-    assert (CONFIG.lr, CONFIG.momentum, CONFIG.codec, CONFIG.error_decay, CONFIG.topk) == (1.0, 0.0, "topk", 0.95, 64)
+    assert (CONFIG.lr, CONFIG.momentum, CONFIG.codec, CONFIG.error_decay, CONFIG.topk) == (
+        1.0,
+        0.0,
+        "topk",
+        0.95,
+        64,
+    )
     assert isinstance(build_outer(weights(), CONFIG), SparseLoCo)
 
 
@@ -45,31 +51,44 @@ def test_error_feedback_keeps_what_was_not_sent():
 
 
 def test_aggregate_is_a_per_index_mean_over_senders():
-    opt = SparseLoCo({"x": torch.zeros(8)}, OuterConfig(name="sparseloco", codec="topk", lr=1.0, momentum=0.0))
+    opt = SparseLoCo(
+        {"x": torch.zeros(8)}, OuterConfig(name="sparseloco", codec="topk", lr=1.0, momentum=0.0)
+    )
     from shoal.optim.sparseloco import SparseContribution
 
     a = SparseContribution({"x": torch.tensor([0, 1])}, {"x": torch.tensor([1.0, 1.0])})
     b = SparseContribution({"x": torch.tensor([1, 2])}, {"x": torch.tensor([3.0, -1.0])})
     c = SparseContribution({"x": torch.tensor([5, 6])}, {"x": torch.tensor([1.0, 1.0])})
     opt.apply([a, b, c])  # all norms under the median-clip: a=√2, c=√2, b=√10 → b scaled to √2/√10
-    s = (2 ** 0.5) / (10 ** 0.5)
+    s = (2**0.5) / (10**0.5)
     expected = -torch.tensor([1.0, (1.0 + 3.0 * s) / 2, -1.0 * s, 0, 0, 1.0, 1.0, 0])
     torch.testing.assert_close(opt.params["x"], expected)
 
 
 def test_huge_contribution_is_clipped_to_the_median_norm():
     honest = [SparseLoCo(weights(), CONFIG) for _ in range(3)]
-    contributions = [o.decode_contribution(o.contribution(drifted(o, i))) for i, o in enumerate(honest)]
+    contributions = [
+        o.decode_contribution(o.contribution(drifted(o, i))) for i, o in enumerate(honest)
+    ]
     attacker = SparseLoCo(weights(), CONFIG)
-    attack = attacker.decode_contribution(attacker.contribution({n: t - 1e6 * torch.randn_like(t) for n, t in attacker.params.items()}))
+    attack = attacker.decode_contribution(
+        attacker.contribution(
+            {n: t - 1e6 * torch.randn_like(t) for n, t in attacker.params.items()}
+        )
+    )
     with_attack = SparseLoCo(weights(), CONFIG)
     with_attack.apply(contributions[:2] + [attack])
     # each contribution is clipped to the round's median norm, so the per-index mean of 3 of
     # them is at most √3 · median, however large the attacker's
     median = sorted([contributions[0].norm(), contributions[1].norm(), attack.norm()])[1]
     assert attack.norm() > 1e4 * median
-    bound = 3 ** 0.5 * median
-    change = sum(float((with_attack.params[n] - weights()[n]).square().sum()) for n in with_attack.params) ** 0.5
+    bound = 3**0.5 * median
+    change = (
+        sum(
+            float((with_attack.params[n] - weights()[n]).square().sum()) for n in with_attack.params
+        )
+        ** 0.5
+    )
     assert change <= bound * 1.0001
     assert all(torch.isfinite(p).all() for p in with_attack.params.values())
 
@@ -96,10 +115,14 @@ def test_stage_slices_clip_and_average_alike_on_full_and_stage_peers():
     payloads = [
         full.contribution({n: t - 0.01 for n, t in start.items()}),
         other_full.contribution({n: t + 0.02 for n, t in start.items()}),
-        stage.contribution({n: start[n] - 100.0 for n in names[1:]}),  # a huge stage contribution: clipped
+        stage.contribution(
+            {n: start[n] - 100.0 for n in names[1:]}
+        ),  # a huge stage contribution: clipped
     ]
     for outer in (full, stage):
         outer.apply([outer.decode_contribution(p) for p in payloads])
     for name in names[1:]:
         torch.testing.assert_close(full.params[name], stage.params[name], rtol=0, atol=0)
-        assert float((stage.params[name] - start[name]).abs().max()) < 1.0  # the huge one did not get through
+        assert (
+            float((stage.params[name] - start[name]).abs().max()) < 1.0
+        )  # the huge one did not get through

@@ -22,7 +22,10 @@ def test_plan_covers_every_element_once_and_strides_layers(fragments):
         for name, a, b in pieces:
             covered[name][a:b] += 1
             if name.startswith("blocks."):
-                assert int(name.split(".")[1]) % fragments == p and (a, b) == (0, covered[name].numel())
+                assert int(name.split(".")[1]) % fragments == p and (a, b) == (
+                    0,
+                    covered[name].numel(),
+                )
     assert all(bool((c == 1).all()) for c in covered.values())
 
 
@@ -41,7 +44,9 @@ def test_fragments_are_equal_when_layers_divide():
 
 def weights(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {f"blocks.{i}.w": torch.randn(6, 5, generator=g) for i in range(4)} | {"embed": torch.randn(20, generator=g)}
+    return {f"blocks.{i}.w": torch.randn(6, 5, generator=g) for i in range(4)} | {
+        "embed": torch.randn(20, generator=g)
+    }
 
 
 def test_rounds_sync_fragments_in_turn_and_match_diloco_on_each():
@@ -49,20 +54,36 @@ def test_rounds_sync_fragments_in_turn_and_match_diloco_on_each():
     stream = StreamingDiLoCo(weights(), config)
     dense = DiLoCo(weights(), outer_config("diloco", codec="fp32"))
     assert [stream.round_steps(r, 50) for r in range(4)] == [25, 25, 25, 25]
-    assert sum(StreamingDiLoCo(weights(), outer_config("streaming", fragments=3)).round_steps(r, 50) for r in range(3)) == 50
-    for round_id in range(2):  # one full cycle: every fragment once, so same result as one DiLoCo step
+    assert (
+        sum(
+            StreamingDiLoCo(weights(), outer_config("streaming", fragments=3)).round_steps(r, 50)
+            for r in range(3)
+        )
+        == 50
+    )
+    for round_id in range(
+        2
+    ):  # one full cycle: every fragment once, so same result as one DiLoCo step
         stream.begin_round(round_id)
         locals_ = [{n: t - 0.01 * (i + 1) for n, t in weights().items()} for i in range(3)]
         stream.apply([stream.decode_contribution(stream.contribution(local)) for local in locals_])
-    dense.apply([dense.decode_contribution(dense.contribution({n: t - 0.01 * (i + 1) for n, t in weights().items()}))
-                 for i in range(3)])
+    dense.apply(
+        [
+            dense.decode_contribution(
+                dense.contribution({n: t - 0.01 * (i + 1) for n, t in weights().items()})
+            )
+            for i in range(3)
+        ]
+    )
     for name in dense.params:
         torch.testing.assert_close(stream.params[name], dense.params[name])
         torch.testing.assert_close(stream.momentum[name], dense.momentum[name])
 
 
 def test_merge_mixes_only_the_synced_fragment():
-    stream = StreamingDiLoCo(weights(), outer_config("streaming", codec="fp32", fragments=2, overlap=0, mix=0.25))
+    stream = StreamingDiLoCo(
+        weights(), outer_config("streaming", codec="fp32", fragments=2, overlap=0, mix=0.25)
+    )
     stream.begin_round(1)
     local = {n: t + 1.0 for n, t in weights().items()}
     stream.apply([stream.decode_contribution(stream.contribution(local))])
@@ -71,11 +92,15 @@ def test_merge_mixes_only_the_synced_fragment():
     for name, tensor in merged.items():
         if name.startswith("blocks.") and name not in synced:
             torch.testing.assert_close(tensor, local[name])  # untouched
-    torch.testing.assert_close(merged["blocks.1.w"], 0.25 * local["blocks.1.w"] + 0.75 * stream.params["blocks.1.w"])
+    torch.testing.assert_close(
+        merged["blocks.1.w"], 0.25 * local["blocks.1.w"] + 0.75 * stream.params["blocks.1.w"]
+    )
 
 
 def test_decode_refuses_another_rounds_fragment_and_non_finite():
-    stream = StreamingDiLoCo(weights(), outer_config("streaming", codec="fp32", fragments=2, overlap=0))
+    stream = StreamingDiLoCo(
+        weights(), outer_config("streaming", codec="fp32", fragments=2, overlap=0)
+    )
     stream.begin_round(0)
     payload = stream.contribution({n: t + 0.1 for n, t in weights().items()})
     stream.begin_round(1)

@@ -23,7 +23,9 @@ from shoal.pipeline.stages import StagePlan
 from shoal.train import build_model
 
 
-def constant_blocks(plan: StagePlan, stage: int, shape: tuple[int, ...] = (2, 3)) -> dict[str, torch.Tensor]:
+def constant_blocks(
+    plan: StagePlan, stage: int, shape: tuple[int, ...] = (2, 3)
+) -> dict[str, torch.Tensor]:
     """Stage weights where every tensor of block k is filled with k (and `b` with −k)."""
     weights = {}
     for k in plan.blocks(stage):
@@ -172,7 +174,9 @@ def test_rebuilt_stage_in_tiny_deep_model():
     stage_names = plan.slices(list(params))
 
     def grad_norm(stage: int) -> float:  # pre-clip, as a stage peer would record it
-        return torch.linalg.vector_norm(torch.stack([params[n].grad.norm() for n in stage_names[stage]])).item()
+        return torch.linalg.vector_norm(
+            torch.stack([params[n].grad.norm() for n in stage_names[stage]])
+        ).item()
 
     a, b = grad_norm(3), grad_norm(1)
     prev = {n: params[n].detach().clone() for n in stage_names[1]}

@@ -52,11 +52,26 @@ def pipeline(paths: PathPlanner | None = None, replicas: int = 1, router=None):
     compute = ThreadPoolExecutor(1)
     edge = EdgeWorker(build_stage(CONFIG, plan, 0, SEED), inner, torch.device("cpu"))
     peers = {f"s{k}.{r}": k for k in range(1, STAGES) for r in range(replicas)}
-    workers = {p: BlockWorker(build_stage(CONFIG, plan, k, SEED), inner, torch.device("cpu")) for p, k in peers.items()}
-    services = {p: StageService(workers[p], k, setting, CONFIG, compute, lambda: 0) for p, k in peers.items()}
+    workers = {
+        p: BlockWorker(build_stage(CONFIG, plan, k, SEED), inner, torch.device("cpu"))
+        for p, k in peers.items()
+    }
+    services = {
+        p: StageService(workers[p], k, setting, CONFIG, compute, lambda: 0)
+        for p, k in peers.items()
+    }
     router = router or build_router("swarm", 0)
-    driver = PipelineDriver(edge, plan, setting.codec, router, InProcess(services), lambda s: [p for p, k in peers.items() if k == s],
-                            compute, DriverConfig(microbatch_size=2, max_in_flight=2), paths=paths)
+    driver = PipelineDriver(
+        edge,
+        plan,
+        setting.codec,
+        router,
+        InProcess(services),
+        lambda s: [p for p, k in peers.items() if k == s],
+        compute,
+        DriverConfig(microbatch_size=2, max_in_flight=2),
+        paths=paths,
+    )
     return driver, edge, workers
 
 
@@ -80,14 +95,20 @@ def test_full_paths_visit_every_stage_and_swap_the_edge_pairs_for_a_share():
     routes = FullPaths(6, swap_fraction=0.5).plan(8, 8)
     swapped = [r for r in routes if r != FullPaths(6).route()]
     assert len(swapped) == 4 and all([s for s, _ in r] == [2, 1, 3, 5, 4] for r in swapped)
-    assert [s for s, _ in FullPaths(3, 1.0).route(swapped=True)] == [2, 1]  # two block stages: one pair
+    assert [s for s, _ in FullPaths(3, 1.0).route(swapped=True)] == [
+        2,
+        1,
+    ]  # two block stages: one pair
     with pytest.raises(ValueError, match="out-of-order"):
         FullPaths(2, 0.5)
     with pytest.raises(ValueError, match="pick one"):
         build_paths(6, 0.33, 0.5, "d", build_router("swarm", 0))
 
 
-@pytest.mark.parametrize("stages, scales", [([1, 3, 4], {}), ([2, 1, 3, 4], {}), ([1, 2, 4, 3], {}), ([1, 3, 4], {3: 2**0.5, 4: 2.0})])
+@pytest.mark.parametrize(
+    "stages, scales",
+    [([1, 3, 4], {}), ([2, 1, 3, 4], {}), ([1, 2, 4, 3], {}), ([1, 3, 4], {3: 2**0.5, 4: 2.0})],
+)
 def test_the_driver_follows_a_route_and_the_gradients_are_that_routes(stages, scales):
     driver, edge, workers = pipeline(Scaled(stages, scales))
     x, y = batch()
@@ -98,7 +119,9 @@ def test_the_driver_follows_a_route_and_the_gradients_are_that_routes(stages, sc
     for trainer, module in pairs:
         expected = dict(module.named_parameters())
         if trainer is not edge and int(next(iter(trainer.params)).split(".")[1]) + 1 not in stages:
-            assert trainer.microbatches == 0 and all(p.grad is None for p in trainer.params.values())
+            assert trainer.microbatches == 0 and all(
+                p.grad is None for p in trainer.params.values()
+            )
             continue
         assert trainer.microbatches == 4
         for name, param in trainer.params.items():
@@ -111,7 +134,9 @@ def test_evaluation_on_part_of_the_model():
     x, y = batch(1)
     half = asyncio.run(driver.evaluate([(x, y)], stages=[1, 3]))
     assert half == pytest.approx(reference([1, 3], x, y)[0], rel=1e-5)
-    assert asyncio.run(driver.evaluate([(x, y)])) == pytest.approx(reference([1, 2, 3, 4], x, y)[0], rel=1e-5)
+    assert asyncio.run(driver.evaluate([(x, y)])) == pytest.approx(
+        reference([1, 2, 3, 4], x, y)[0], rel=1e-5
+    )
     for bad in ([], [0, 1], [1, 1], [5]):
         with pytest.raises(ValueError, match="distinct block stages"):
             asyncio.run(driver.evaluate([(x, y)], stages=bad))
@@ -121,7 +146,9 @@ def test_skippipe_plans_skip_stages_and_avoid_the_slow_replica():
     router = build_router("swarm", 0)
     served = {s: [f"s{s}.0", f"s{s}.1"] for s in range(1, 6)}
     for peer in (p for peers in served.values() for p in peers):
-        router.report(peer, seconds=1.0, task_size=1000 if peer != "s3.0" else 100)  # s3.0 is 10x slower
+        router.report(
+            peer, seconds=1.0, task_size=1000 if peer != "s3.0" else 100
+        )  # s3.0 is 10x slower
     planner = SkipPaths(SkipPipeConfig(num_stages=6), "driver", router)
     routes = planner.plan(8, 64, served)
     assert len(routes) == 8 and planner.last_iteration_s > 0
@@ -138,7 +165,9 @@ def test_skippipe_plans_skip_stages_and_avoid_the_slow_replica():
 
 def test_a_skippipe_step_trains_through_the_runtime():
     router = build_router("swarm", 0)
-    driver, edge, workers = pipeline(build_paths(STAGES, 0.25, 0.0, "driver", router), replicas=2, router=router)
+    driver, edge, workers = pipeline(
+        build_paths(STAGES, 0.25, 0.0, "driver", router), replicas=2, router=router
+    )
     x, y = batch()
     before = asyncio.run(driver.evaluate([(x, y)]))
     for step in range(3):
@@ -161,7 +190,9 @@ def test_skippipe_defaults_keep_stage_one_first_and_every_route_in_order():
         stages = [s for s, _ in route]
         assert stages == sorted(stages) and len(stages) == 3 and stages[0] == 1
     skipped = [s for route in routes for s, _ in route[1:]]
-    assert len(skipped) == 24 and max(map(skipped.count, set(skipped))) <= 8  # the cap: the even 6, +25% slack
+    assert (
+        len(skipped) == 24 and max(map(skipped.count, set(skipped))) <= 8
+    )  # the cap: the even 6, +25% slack
     unkept = build_paths(6, 0.33, 0.0, "driver", router, skip_keep=())
     assert any(route[0][0] != 1 for route in unkept.plan(12, 64, served))
 
@@ -169,16 +200,31 @@ def test_skippipe_defaults_keep_stage_one_first_and_every_route_in_order():
 def test_skippipe_residual_scales():
     router = build_router("swarm", 0)
     route = [(1, None), (3, None), (5, None)]
-    sqrt = build_paths(6, 0.33, 0.0, "driver", router, skip_rescale="sqrt")  # 4 of 6: stage 1 kept, the others on 1 path in 2
-    assert sqrt.residual_scale(1, route) == 1.0 and sqrt.residual_scale(3, route) == pytest.approx(2**0.5)
-    assert sqrt.residual_scale(3, FullPaths(6).route()) == 1.0  # a step planned as the full pipeline
+    sqrt = build_paths(
+        6, 0.33, 0.0, "driver", router, skip_rescale="sqrt"
+    )  # 4 of 6: stage 1 kept, the others on 1 path in 2
+    assert sqrt.residual_scale(1, route) == 1.0 and sqrt.residual_scale(3, route) == pytest.approx(
+        2**0.5
+    )
+    assert (
+        sqrt.residual_scale(3, FullPaths(6).route()) == 1.0
+    )  # a step planned as the full pipeline
     assert sqrt.describe()["residual_scale"] == pytest.approx(2**0.5)
-    assert build_paths(6, 0.33, 0.0, "driver", router, skip_rescale="inverse").residual_scale(3, route) == pytest.approx(2.0)
-    assert build_paths(6, 0.33, 0.0, "driver", router, skip_rescale="none").residual_scale(3, route) == 1.0
-    unkept = build_paths(6, 0.33, 0.0, "driver", router, skip_keep=(), skip_rescale="sqrt")  # 3 of 5 block stages
+    assert build_paths(6, 0.33, 0.0, "driver", router, skip_rescale="inverse").residual_scale(
+        3, route
+    ) == pytest.approx(2.0)
+    assert (
+        build_paths(6, 0.33, 0.0, "driver", router, skip_rescale="none").residual_scale(3, route)
+        == 1.0
+    )
+    unkept = build_paths(
+        6, 0.33, 0.0, "driver", router, skip_keep=(), skip_rescale="sqrt"
+    )  # 3 of 5 block stages
     assert unkept.residual_scale(1, route) == pytest.approx(0.6**-0.5)
     assert FullPaths(6).residual_scale(3, route) == 1.0
-    only_kept = build_paths(5, 0.4, 0.0, "driver", router, skip_keep=(1, 2), skip_rescale="sqrt")  # paths: 1, 2; 3, 4 never
+    only_kept = build_paths(
+        5, 0.4, 0.0, "driver", router, skip_keep=(1, 2), skip_rescale="sqrt"
+    )  # paths: 1, 2; 3, 4 never
     assert only_kept.residual_scale(3, [(1, None), (2, None)]) == 1.0
     for mode, p in (("cube", 0.5), ("sqrt", 0.0), ("sqrt", 1.5)):
         with pytest.raises(ValueError):

@@ -53,7 +53,12 @@ class InProcess:
     async def __call__(self, peer: str, path: str, payload: dict, timeout_s: float) -> dict:
         self.calls.append(path)
         service = self.services[peer]
-        handler = {"/stage/forward": service.forward, "/stage/infer": service.infer, "/stage/backward": service.backward, "/stage/step": service.step}[path]
+        handler = {
+            "/stage/forward": service.forward,
+            "/stage/infer": service.infer,
+            "/stage/backward": service.backward,
+            "/stage/step": service.step,
+        }[path]
         return await asyncio.wait_for(handler(payload), timeout_s)
 
 
@@ -63,11 +68,27 @@ def make_pipeline(num_stages: int, activation: str = "none", microbatch_size: in
     setting = parse_activation(activation, CONFIG, SEED)
     compute = ThreadPoolExecutor(1)
     edge = EdgeWorker(build_stage(CONFIG, plan, 0, SEED), inner, torch.device("cpu"), setting.basis)
-    workers = {f"s{k}": BlockWorker(build_stage(CONFIG, plan, k, SEED), inner, torch.device("cpu"), setting.basis) for k in range(1, num_stages)}
-    services = {f"s{k}": StageService(workers[f"s{k}"], k, setting, CONFIG, compute, lambda: 0) for k in range(1, num_stages)}
+    workers = {
+        f"s{k}": BlockWorker(
+            build_stage(CONFIG, plan, k, SEED), inner, torch.device("cpu"), setting.basis
+        )
+        for k in range(1, num_stages)
+    }
+    services = {
+        f"s{k}": StageService(workers[f"s{k}"], k, setting, CONFIG, compute, lambda: 0)
+        for k in range(1, num_stages)
+    }
     call = InProcess(services)
-    driver = PipelineDriver(edge, plan, setting.codec, build_router("random", 0), call, lambda stage: [f"s{stage}"], compute,
-                            DriverConfig(microbatch_size=microbatch_size, max_in_flight=3))
+    driver = PipelineDriver(
+        edge,
+        plan,
+        setting.codec,
+        build_router("random", 0),
+        call,
+        lambda stage: [f"s{stage}"],
+        compute,
+        DriverConfig(microbatch_size=microbatch_size, max_in_flight=3),
+    )
     return driver, edge, workers, call
 
 
@@ -115,10 +136,15 @@ def test_int8_activations_stay_close_to_the_exact_loss():
     exact, *_ = make_pipeline(3)
     lossy, *_ = make_pipeline(3, "int8")
     x, y = batch(1)
-    assert asyncio.run(lossy.evaluate([(x, y)])) == pytest.approx(asyncio.run(exact.evaluate([(x, y)])), rel=1e-3)
+    assert asyncio.run(lossy.evaluate([(x, y)])) == pytest.approx(
+        asyncio.run(exact.evaluate([(x, y)])), rel=1e-3
+    )
 
 
-@pytest.mark.parametrize(("spec", "tolerance"), [("subspace:8", 1e-3), ("subspace-int8:8", 3e-3), ("subspace-int4:8", 1e-2)])
+@pytest.mark.parametrize(
+    ("spec", "tolerance"),
+    [("subspace:8", 1e-3), ("subspace-int8:8", 3e-3), ("subspace-int4:8", 1e-2)],
+)
 def test_subspace_pipeline_computes_the_confined_models_loss(spec, tolerance):
     """With the weights confined to E0[token] + span(U), sending k of d_model coordinates
     per token loses nothing but the coordinates' rounding (float16, int8 with twice the
@@ -128,8 +154,15 @@ def test_subspace_pipeline_computes_the_confined_models_loss(spec, tolerance):
     x, y = batch(1)
     for _ in range(3):  # move the weights off their initial values first
         asyncio.run(driver.train_step(x, y, step=0))
-    with torch.no_grad():  # and the embedding off E0 + span(U), as the tied head's gradient moves it
-        edge.params["embed.weight"].add_(torch.randn(edge.params["embed.weight"].shape, generator=torch.Generator().manual_seed(3)), alpha=0.05)
+    with (
+        torch.no_grad()
+    ):  # and the embedding off E0 + span(U), as the tied head's gradient moves it
+        edge.params["embed.weight"].add_(
+            torch.randn(
+                edge.params["embed.weight"].shape, generator=torch.Generator().manual_seed(3)
+            ),
+            alpha=0.05,
+        )
     model = build_model(CONFIG, SEED)
     with torch.no_grad():
         for trainer in [edge, *workers.values()]:
@@ -137,7 +170,9 @@ def test_subspace_pipeline_computes_the_confined_models_loss(spec, tolerance):
                 model.get_parameter(name).copy_(param)
     confine_module(model, setting.basis)  # its lookup writes the confined view, as stage 0's does
     _, loss = model(x, y)
-    assert asyncio.run(driver.evaluate([(x, y)])) == pytest.approx(float(loss.detach()), rel=tolerance)
+    assert asyncio.run(driver.evaluate([(x, y)])) == pytest.approx(
+        float(loss.detach()), rel=tolerance
+    )
 
 
 def test_activation_flag():
@@ -147,9 +182,16 @@ def test_activation_flag():
     assert setting.basis.k == 14 and setting.codec.name == "subspace-int8"  # 14 + 1 + 1
     assert 4 * small.d_model / (setting.codec.bytes_per_token(small.d_model) + 1) >= 32
     setting = parse_activation("subspace-int4:32", small, SEED)
-    assert setting.basis.k == 28 and setting.codec.bytes_per_token(small.d_model) == 15  # 14 + 1, + 1 token id
+    assert (
+        setting.basis.k == 28 and setting.codec.bytes_per_token(small.d_model) == 15
+    )  # 14 + 1, + 1 token id
     assert parse_activation("int8", small, SEED).basis is None
-    for bad, message in [("subspace", "needs a ratio"), ("subspace-int8:x", "needs a ratio"), ("subspace:0.5", ">= 1"),
-                         ("int8:4", "takes no ratio"), ("fp8", "must be none, int8")]:
+    for bad, message in [
+        ("subspace", "needs a ratio"),
+        ("subspace-int8:x", "needs a ratio"),
+        ("subspace:0.5", ">= 1"),
+        ("int8:4", "takes no ratio"),
+        ("fp8", "must be none, int8"),
+    ]:
         with pytest.raises(ValueError, match=message):
             parse_activation(bad, small, SEED)

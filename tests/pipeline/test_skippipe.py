@@ -88,9 +88,13 @@ def check_schedule(plan: Schedule, peers, delays, config: SkipPipeConfig, visits
         swaps = order_swaps(inner)
         assert swaps is not None and swaps <= config.max_swaps, inner
         assert set(config.always_visit) <= set(inner), (inner, config.always_visit)
-        for kept in config.always_visit:  # in its place: after every lower stage, before every higher
+        for (
+            kept
+        ) in config.always_visit:  # in its place: after every lower stage, before every higher
             at = inner.index(kept)
-            assert all(s < kept for s in inner[:at]) and all(s > kept for s in inner[at + 1 :]), inner
+            assert all(s < kept for s in inner[:at]) and all(s > kept for s in inner[at + 1 :]), (
+                inner
+            )
         visit_counts.update(s for s in inner if s not in config.always_visit)
         for (_, a), (_, b) in zip(path, path[1:], strict=False):
             assert plan.next_hop[(m, a)] == b
@@ -98,7 +102,10 @@ def check_schedule(plan: Schedule, peers, delays, config: SkipPipeConfig, visits
     if cap is not None and visit_counts:
         assert max(visit_counts.values()) <= cap
     served_free = {p.stage_index for p in peers} - {0} - set(config.always_visit)
-    assert all(visit_counts[s] >= plan.stage_visit_floor for s in served_free), (visit_counts, plan.stage_visit_floor)
+    assert all(visit_counts[s] >= plan.stage_visit_floor for s in served_free), (
+        visit_counts,
+        plan.stage_visit_floor,
+    )
 
     by_peer = defaultdict(list)
     by_mb = defaultdict(list)
@@ -367,15 +374,21 @@ def test_recompute_after_a_peer_leaves():
 
 def test_kept_stages_are_on_every_path_and_the_rest_share_the_skips():
     peers, delays = uneven_swarm()
-    peers = [dataclasses.replace(p, forward_s=4.0) if p.stage_index == 1 else p for p in peers]  # slow, but kept
+    peers = [
+        dataclasses.replace(p, forward_s=4.0) if p.stage_index == 1 else p for p in peers
+    ]  # slow, but kept
     config = SkipPipeConfig(num_stages=6, num_microbatches=12, always_visit=(1,))
     plan = schedule(peers, config, delays)
     check_schedule(plan, peers, delays, config, 4, plan.stage_visit_cap)
     assert all(path[1][0] == 1 for path in plan.paths.values())  # kept: never skipped nor swapped
     counts = Counter(stage for path in plan.paths.values() for stage, _ in path[1:-1])
-    assert counts[1] == 12 and plan.stage_visit_cap == math.ceil(12 * 2 / 4)  # 2 free visits over stages 2..5
+    assert counts[1] == 12 and plan.stage_visit_cap == math.ceil(
+        12 * 2 / 4
+    )  # 2 free visits over stages 2..5
     assert sum(counts[s] for s in range(2, 6)) == 24
-    both_ends = schedule(peers, dataclasses.replace(config, always_visit=(1, 5), max_swaps=0), delays)
+    both_ends = schedule(
+        peers, dataclasses.replace(config, always_visit=(1, 5), max_swaps=0), delays
+    )
     for path in both_ends.paths.values():
         inner = [stage for stage, _ in path[1:-1]]
         assert (inner[0], inner[-1]) == (1, 5) and len(inner) == 3
@@ -396,16 +409,41 @@ def test_bad_kept_stages(make, match):
 
 
 def test_visit_slack_lets_a_slow_stage_be_visited_less():
-    speeds = {1: (20, 60), 2: (20, 20), 3: (60, 80), 4: (20, 40), 5: (30, 90)}  # scripts/bench_skippipe.py's, in ms
-    peers = [PeerSpec("d", 0, 1e-6)] + [PeerSpec(f"s{s}{i}", s, ms / 1000) for s, pair in speeds.items() for i, ms in enumerate(pair)]
+    speeds = {
+        1: (20, 60),
+        2: (20, 20),
+        3: (60, 80),
+        4: (20, 40),
+        5: (30, 90),
+    }  # scripts/bench_skippipe.py's, in ms
+    peers = [PeerSpec("d", 0, 1e-6)] + [
+        PeerSpec(f"s{s}{i}", s, ms / 1000)
+        for s, pair in speeds.items()
+        for i, ms in enumerate(pair)
+    ]
     config = SkipPipeConfig(num_stages=6, num_microbatches=16, max_swaps=0, always_visit=(1,))
-    even, slack = schedule(peers, config), schedule(peers, dataclasses.replace(config, visit_slack=0.25))
+    even, slack = (
+        schedule(peers, config),
+        schedule(peers, dataclasses.replace(config, visit_slack=0.25)),
+    )
     for plan, cap, floor in ((even, 8, 0), (slack, 10, 6)):
-        assert (plan.stage_visit_cap, plan.stage_visit_floor) == (cap, floor)  # 32 free visits over stages 2..5: 8 each, x1.25, x0.75
+        assert (plan.stage_visit_cap, plan.stage_visit_floor) == (
+            cap,
+            floor,
+        )  # 32 free visits over stages 2..5: 8 each, x1.25, x0.75
         check_schedule(plan, peers, {}, config, 4, cap)
-    visits = [Counter(s for path in plan.paths.values() for s, _ in path[1:-1]) for plan in (even, slack)]
-    assert [visits[0][s] for s in range(2, 6)] == [8, 8, 8, 8]  # the even share: no choice of stages left
-    assert 6 <= visits[1][3] < 8 and slack.iteration_time_s < even.iteration_time_s  # stage 3 (60/80 ms) visited less
+    visits = [
+        Counter(s for path in plan.paths.values() for s, _ in path[1:-1]) for plan in (even, slack)
+    ]
+    assert [visits[0][s] for s in range(2, 6)] == [
+        8,
+        8,
+        8,
+        8,
+    ]  # the even share: no choice of stages left
+    assert (
+        6 <= visits[1][3] < 8 and slack.iteration_time_s < even.iteration_time_s
+    )  # stage 3 (60/80 ms) visited less
     with pytest.raises(ValueError, match="visit_slack"):
         SkipPipeConfig(visit_slack=-0.1)
 

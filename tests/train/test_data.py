@@ -10,7 +10,10 @@ from shoal.train import DOC_SEPARATOR, ByteData, DataConfig, load_corpus, shard_
 def make_docs(count: int = 200, seed: int = 0) -> list[bytes]:
     rng = random.Random(seed)
     words = ["def", "return", "self", "import", "class", "value", "for", "in", "if", "else"]
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(20, 200))).encode() for _ in range(count)]
+    return [
+        " ".join(rng.choice(words) for _ in range(rng.randint(20, 200))).encode()
+        for _ in range(count)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +97,10 @@ def test_eval_split_disjoint_and_reproducible(stdlib_docs):
     train = a.train_bytes.tobytes()
     eval_docs = [d for d in a.eval_bytes.tobytes().split(DOC_SEPARATOR) if len(d) > 200]
     assert eval_docs and not any(d in train for d in eval_docs[:20])
-    assert all(torch.equal(p[0], q[0]) for p, q in zip(a.eval_batches(4, 32, 3), b.eval_batches(4, 32, 3), strict=True))
+    assert all(
+        torch.equal(p[0], q[0])
+        for p, q in zip(a.eval_batches(4, 32, 3), b.eval_batches(4, 32, 3), strict=True)
+    )
 
 
 def test_small_corpus_still_gets_an_eval_split():
@@ -147,7 +153,9 @@ def test_different_peers_train_on_different_bytes(data):
 
 def test_eval_batches_fixed_and_cover_eval_bytes(data):
     batches = data.eval_batches(batch_size=2, seq_len=8, num_batches=5)
-    assert len(batches) == 5 and all(x.shape == (2, 8) and torch.equal(x[:, 1:], y[:, :-1]) for x, y in batches)
+    assert len(batches) == 5 and all(
+        x.shape == (2, 8) and torch.equal(x[:, 1:], y[:, :-1]) for x, y in batches
+    )
     assert batches[0][0][0].tolist() == list(data.eval_bytes[:8])
     last_x, last_y = batches[-1]
     assert last_y[-1, -1].item() == data.eval_bytes[-1]

@@ -54,7 +54,9 @@ def test_too_long_sequence_is_refused(tiny):
 def test_tied_weights_stored_once(tiny):
     names = parameter_names(tiny)
     assert names == list(tiny.state_dict()) == [n for n, _ in tiny.named_parameters()]
-    assert len(names) == len(set(names)) and names[0] == "embed.weight" and names[-1] == "norm.weight"
+    assert (
+        len(names) == len(set(names)) and names[0] == "embed.weight" and names[-1] == "norm.weight"
+    )
     assert not any("head" in n or "rotary" in n for n in names)
     assert sum(p.numel() for p in tiny.parameters()) == tiny.config.num_params
     # the head really is the embedding: a gradient through the logits reaches embed.weight
@@ -81,7 +83,9 @@ def test_build_model_leaves_global_rng_alone():
 
 
 def test_init_std_and_residual_scaling():
-    model = build_model(ModelConfig(d_model=64, n_layers=8, n_heads=4, d_ff=256, max_seq_len=16), seed=0)
+    model = build_model(
+        ModelConfig(d_model=64, n_layers=8, n_heads=4, d_ff=256, max_seq_len=16), seed=0
+    )
     assert model.embed.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.blocks[0].attn.proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.1)
     assert model.blocks[0].mlp.down.weight.std().item() == pytest.approx(0.02 / 4, rel=0.1)
