@@ -2,19 +2,33 @@
 
 Every call has a timeout; a response is read up to a size cap and its envelope (MAC,
 swarm id, version) is checked like a request's. Non-2xx answers come back as the typed
-errors of `peer.errors`; network failures as `PeerUnreachable`.
+errors of `peer.errors`; network failures as `PeerUnreachable`. The event loop only waits:
+packing a large request and joining, hashing and unpacking a large response run in the
+default executor (`off_loop`).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import aiohttp
 
 from shoal.peer.errors import PayloadTooLarge, ShoalError, error_for_status
-from shoal.peer.wire import NO_SWARM, Envelope, WireCodec
+from shoal.peer.wire import NO_SWARM, Envelope, PreparedBody, WireCodec
+
+T = TypeVar("T")
+
+
+async def off_loop(large: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)`, in the default executor when `large` (byte work proportional to a
+    body's size), else inline: an executor hop costs more than a small message's work."""
+    if not large:
+        return fn(*args, **kwargs)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, lambda: fn(*args, **kwargs))
 
 
 class PeerUnreachable(ShoalError):
@@ -78,7 +92,10 @@ class PeerClient:
 
         `joining`: we do not know the swarm id yet; send NO_SWARM and accept the answer's."""
         assert self._session is not None, "client not started"
-        body, headers = self.wire.encode(method, path, payload or {}, swarm_id=NO_SWARM if joining else None)
+        payload = payload or {}
+        prepared: PreparedBody = await off_loop(self.wire.is_large(payload), self.wire.prepare, payload)
+        headers = self.wire.headers(method, path, prepared, swarm_id=NO_SWARM if joining else None)
+        body = prepared.data
         limit = max_response_bytes or self.max_response_bytes
         timeout = aiohttp.ClientTimeout(total=timeout_s or self.request_timeout_s)
         kind = Traffic.kind(path)
@@ -94,10 +111,19 @@ class PeerClient:
                     if size > limit:
                         raise PayloadTooLarge(f"{address}{path}: response exceeds {limit} bytes")
                     chunks.append(chunk)
-                data = b"".join(chunks)
-                self.traffic.received[kind] += len(data)
+                self.traffic.received[kind] += size
                 if resp.status >= 300:
-                    raise error_for_status(resp.status, data[:500].decode("utf-8", "replace"))
-                return self.wire.decode("RESPONSE", response_path(path), resp.headers, data, any_swarm=joining, max_bytes=limit)
+                    message = b"".join(chunks)[:500].decode("utf-8", "replace")
+                    raise error_for_status(resp.status, message)
+                large = size >= self.wire.compress_above_bytes
+                return await off_loop(large, self._open, path, resp.headers, chunks, joining, limit)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise PeerUnreachable(f"{address}{path}: {type(exc).__name__}: {exc}") from None
+
+    def _open(
+        self, path: str, headers: Mapping[str, str], chunks: list[bytes], joining: bool, limit: int
+    ) -> Envelope:
+        data = b"".join(chunks)
+        return self.wire.decode(
+            "RESPONSE", response_path(path), headers, data, any_swarm=joining, max_bytes=limit
+        )

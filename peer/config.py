@@ -1,17 +1,33 @@
-"""Configuration: what a run shares (RunConfig, compared on join) and what one peer chooses.
+"""Configuration: one tree of frozen dataclasses, validated once at start-up.
 
-Validated once at start-up; error messages name the CLI flag to change.
+    PeerConfig
+      run       RunConfig: what every peer of a run shares (compared on /join)
+      network   where this peer listens, how others reach it, whom it joins, its key
+      pipeline  its role in a pipeline replica and stage 0's routing
+      data      its corpus and evaluation
+      schedule  device, threads, rounds, checkpoints
+      protocol  every timeout and limit of the peer protocol
+
+Each field of the sections below is a `setting` with its help text, which is also its
+flag's (`peer/options.py` generates the `shoal` flags and reads `--config FILE` from the
+same fields); error messages name the flag to change. The run's settings as given on the
+command line (`RunSettings`, `InnerSettings`, `OuterSettings`: None means the preset's or
+the optimizer's default) resolve into the `RunConfig` that travels.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 from shoal.optim.inner import InnerConfig
 from shoal.optim.outer import OuterConfig
 from shoal.peer.errors import ConfigMismatch
+from shoal.peer.options import flag_name, setting, stage_list
+from shoal.peer.protocol_config import ProtocolConfig
 from shoal.pipeline.skippipe import SkipPipeConfig
 from shoal.pipeline.worker import RESCALE_MODES
 
@@ -77,97 +93,200 @@ def _flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-@dataclass(frozen=True)
-class ProtocolConfig:
-    """Timeouts and limits of the peer protocol, in one place."""
 
-    heartbeat_interval_s: float = 1.0
-    gossip_fanout: int = 3
-    suspect_after_s: float = 3.0
-    dead_after_s: float = 6.0
-    gather_timeout_s: float | None = None  # None: derived from the measured inner-phase time
-    min_gather_timeout_s: float = 10.0
-    agree_timeout_s: float = 5.0
-    partner_timeout_s: float = 10.0  # NoLoCo: the longest a peer waits for its partner
-    request_timeout_s: float = 30.0
-    max_request_bytes: int = 8 * 2**20
-    max_response_bytes: int = 2 * 2**30
-    state_chunk_bytes: int = 4 * 2**20
-    max_clock_skew_s: float = 300.0
-    rounds_kept: int = 3
 
-    def __post_init__(self) -> None:
-        if not self.partner_timeout_s > 0:
-            raise ValueError(f"--partner-timeout must be positive, got {self.partner_timeout_s}")
+# ---- the run, as given (resolved into RunConfig) ------------------------------------------
 
-    def gather_deadline_s(self, inner_seconds: float) -> float:
-        """How long to wait for others after publishing: as long as our own inner phase took
-        (slower peers get that much slack), never less than `min_gather_timeout_s`."""
-        if self.gather_timeout_s is not None:
-            return self.gather_timeout_s
-        return max(self.min_gather_timeout_s, inner_seconds)
+
+def _presets() -> tuple[str, ...]:
+    from shoal.train import PRESETS
+
+    return tuple(sorted(PRESETS))
+
+
+def _outers() -> tuple[str, ...]:
+    from shoal.optim.registry import OUTER_OPTIMIZERS
+
+    return tuple(sorted(OUTER_OPTIMIZERS))
+
+
+def _codecs() -> tuple[str, ...]:
+    from shoal.compression import CODECS
+
+    return tuple(sorted(CODECS))
 
 
 @dataclass(frozen=True)
-class PeerConfig:
-    """One peer process's settings (CLI flags)."""
+class RunSettings:
+    """The run's model and shape (must match across the swarm)."""
 
-    run: RunConfig
-    listen_host: str = "127.0.0.1"
-    listen_port: int = 0
-    advertise: str | None = None  # URL others reach us at; derived from listen when None
-    bootstrap: str | None = None
-    swarm_key: str | None = None
-    swarm_id: str | None = None  # first peer only; joiners adopt the swarm's
-    peer_id: str = field(default_factory=lambda: "peer-" + secrets.token_hex(4))
-    role: str = "replica"  # "replica" (the whole model) or "stage" (one pipeline stage)
-    stage: int | None = None  # --role stage: which one (None: the least served, chosen on join)
-    standby: bool = False  # --role stage: wait, serving nothing, to take over a stage that lost every peer
-    activation: str = "none"  # --role stage: the pipeline replica's activation codec
-    microbatch_size: int = 4  # stage 0: sequences per microbatch
-    in_flight: int = 4  # stage 0: microbatches in the pipeline at once
-    router: str = "swarm"  # stage 0: how a hop picks among a stage's peers (random, swarm)
-    skip_ratio: float = 0.0  # stage 0: SkipPipe paths skipping this share of the stages (0: every stage)
-    skip_swaps: int = 0  # stage 0: SkipPipe: most pairs of adjacent stages a path may run swapped
-    skip_keep: tuple[int, ...] = (1,)  # stage 0: SkipPipe: block stages every path visits
-    skip_rescale: str = "sqrt"  # stage 0: SkipPipe: residual scale of skipped-by-some stages (none, sqrt, inverse)
-    out_of_order: float = 0.0  # stage 0: share of microbatches run with edge block stages swapped (CheckFree+)
-    eval_stages: tuple[int, ...] | None = None  # stage 0: also evaluate through only these block stages
-    emulate_forward_ms: float = 0.0  # benchmarks: a stage's training forward takes at least this (backward 2x)
-    device: str = "auto"
-    data_path: str | None = None
-    num_shards: int = 16
-    eval_batches: int = 8
-    eval_every: int = 1  # evaluate after every N-th outer round (and the last)
-    checkpoint_dir: str | None = None
-    resume: bool = False
-    max_rounds: int | None = None
-    min_peers: int = 1  # wait until this many peers (us included) are alive before training
-    linger_s: float = 60.0  # after the last round, serve until others finish theirs, at most this
-    torch_threads: int | None = None
-    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    model: str = setting("small", "model size preset", choices=_presets())
+    inner_steps: int | None = setting(None, "H, inner steps per outer round (default: the preset's recipe)", kind=int)
+    seed: int = setting(0, "initial-weights seed of the run")
+    stages: int = setting(0, "pipeline stages S of the run's pipeline replicas (default 0: full replicas only)")
+
+
+@dataclass(frozen=True)
+class InnerSettings:
+    """The inner AdamW loop (must match across the swarm)."""
+
+    inner_lr: float | None = setting(None, "AdamW learning rate (default: the preset's recipe)", kind=float)
+    batch_size: int | None = setting(None, "sequences per inner step (default: the preset's recipe)", kind=int)
+    seq_len: int | None = setting(None, "bytes per sequence (default: the preset's recipe)", kind=int)
+
+
+@dataclass(frozen=True)
+class OuterSettings:
+    """The outer optimizer (must match across the swarm)."""
+
+    outer: str = setting("diloco", "outer optimizer", choices=_outers())
+    codec: str | None = setting(None, "pseudo-gradient codec (default: int8 for diloco and noloco, topk for "
+                                "sparseloco, q4 for streaming)", kind=str, choices=_codecs())
+    outer_lr: float | None = setting(None, "outer learning rate (default: 0.7 for diloco and noloco's η, 1.0 for "
+                                     "sparseloco)", kind=float)
+    outer_momentum: float | None = setting(None, "outer momentum (default: 0.9 Nesterov for diloco, 0.5 for "
+                                           "noloco, 0 for sparseloco)", kind=float)
+    error_decay: float | None = setting(None, "sparseloco's error-feedback decay (default 0.95)", kind=float)
+    topk: int | None = setting(None, "sparseloco's values kept per 4096-element chunk (default 64)", kind=int)
+    fragments: int | None = setting(None, "streaming: P, parameter fragments synced in turn (default 4)", kind=int)
+    overlap: int | None = setting(None, "streaming: τ, inner steps each exchange overlaps (default 5)", kind=int)
+    mix: float | None = setting(None, "streaming: α in θ_local ← α·θ_local + (1−α)·θ_outer (default 0.5)",
+                                kind=float)
+
+
+def resolve_run(run: RunSettings, inner: InnerSettings, outer: OuterSettings) -> RunConfig:
+    """The RunConfig these settings define, defaults filled from the preset's recipe and the
+    optimizer's registry entry."""
+    from shoal.optim.registry import outer_config
+    from shoal.train import PRESETS, RECIPES
+
+    recipe = RECIPES[run.model]
+    inner_config = InnerConfig(
+        lr=inner.inner_lr or recipe.inner_lr,
+        warmup_steps=recipe.warmup_steps,
+        batch_size=inner.batch_size or recipe.batch_size,
+        seq_len=inner.seq_len or recipe.seq_len,
+    )
+    outer_config_ = outer_config(
+        outer.outer, codec=outer.codec, lr=outer.outer_lr, momentum=outer.outer_momentum,
+        error_decay=outer.error_decay, topk=outer.topk, fragments=outer.fragments,
+        overlap=outer.overlap, mix=outer.mix,
+    )
+    return RunConfig(model_preset=run.model, model=PRESETS[run.model].to_dict(), inner=inner_config,
+                     outer=outer_config_, inner_steps=run.inner_steps or recipe.inner_steps,
+                     seed=run.seed, stages=run.stages)
+
+
+# ---- one peer's sections ---------------------------------------------------------------
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--listen wants HOST:PORT, got {value!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Where this peer listens, how others reach it, and which run it joins."""
+
+    listen: str = setting("127.0.0.1:7000", "HOST:PORT to listen on; port 0 picks a free one (the bound "
+                          "address is printed)", metavar="HOST:PORT")
+    advertise: str | None = setting(None, "URL other peers reach this one at (default: http://HOST:PORT of "
+                                    "--listen)", kind=str)
+    bootstrap: str | None = setting(None, "any peer of the run, e.g. http://10.0.0.5:7000 (none: start a "
+                                    "new run)", kind=str, metavar="URL")
+    swarm_key: str | None = setting(None, "shared secret; every message is HMAC-signed with it (default: "
+                                    "$SHOAL_SWARM_KEY)", kind=str)
+    peer_id: str = setting(None, "this peer's id (default: random); also picks its data shard",
+                           kind=str, factory=lambda: "peer-" + secrets.token_hex(4))
+    swarm_id: str | None = None  # the first peer's choice; joiners adopt the swarm's (no flag)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.listen_port < 65536:
-            raise ValueError(f"--listen port must be in 0..65535, got {self.listen_port}")
+        host, port = _host_port(self.listen)
+        if not 0 <= port < 65536:
+            raise ValueError(f"--listen port must be in 0..65535, got {port}")
         if self.bootstrap is not None and not self.bootstrap.startswith(("http://", "https://")):
             raise ValueError(f"--bootstrap must be a URL like http://host:port, got {self.bootstrap!r}")
-        if self.resume and not self.checkpoint_dir:
-            raise ValueError("--resume needs --checkpoint-dir")
-        if self.max_rounds is not None and self.max_rounds < 1:
-            raise ValueError(f"--rounds must be >= 1, got {self.max_rounds}")
-        if self.eval_every < 1:
-            raise ValueError(f"--eval-every must be >= 1, got {self.eval_every}")
-        if self.min_peers < 1:
-            raise ValueError(f"--min-peers must be >= 1, got {self.min_peers}")
+        if self.advertise is not None and not self.advertise.startswith(("http://", "https://")):
+            raise ValueError(f"--advertise must be a URL like http://host:port, got {self.advertise!r}")
+        if not 0 < len(self.peer_id) <= 128:
+            raise ValueError("--peer-id must be 1..128 characters")
+
+    @property
+    def listen_host(self) -> str:
+        return _host_port(self.listen)[0]
+
+    @property
+    def listen_port(self) -> int:
+        return _host_port(self.listen)[1]
+
+    def loopback_warning(self) -> str | None:
+        """Why others may not reach us: we advertise a loopback address to a run whose
+        bootstrap is elsewhere (None when that is not the case)."""
+        if self.bootstrap is None:
+            return None
+        advertised = urlsplit(self.advertise).hostname if self.advertise else self.listen_host
+        if is_loopback(advertised or "") and not is_loopback(urlsplit(self.bootstrap).hostname or ""):
+            return (f"this peer advertises the loopback address {advertised} to a swarm at "
+                    f"{self.bootstrap}: other machines cannot reach it; pass --advertise "
+                    "http://PUBLIC_HOST:PORT (and --listen 0.0.0.0:PORT)")
+        return None
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """This peer's place in a pipeline replica, and stage 0's routing of microbatches."""
+
+    role: str = setting("replica", "replica: a full model replica; stage: one stage of a pipeline replica "
+                        "(needs --stages)", choices=("replica", "stage"))
+    stage: int | None = setting(None, "--role stage: the stage to serve (default: the least served one in the "
+                                "swarm); stage 0 holds the data and drives the pipeline", kind=int)
+    standby: bool = setting(False, "--role stage: join and wait, serving nothing, until some stage loses "
+                            "every peer; then take it over, rebuilt from its neighbours (CheckFree), or for "
+                            "stage 0 copied from stage 1 (CheckFree+)")
+    activation: str = setting("none", "activation codec of this pipeline replica: none, int8, subspace:RATIO, "
+                              "subspace-int8:RATIO or subspace-int4:RATIO (e.g. subspace-int4:32); on a full "
+                              "replica, a subspace setting trains it confined as such a replica would be")
+    microbatch_size: int = setting(4, "stage 0: sequences per microbatch")
+    in_flight: int = setting(4, "stage 0: microbatches in the pipeline at once")
+    router: str = setting("swarm", "stage 0: per-hop choice among a stage's peers (swarm: least projected "
+                          "busy time; random)", choices=("random", "swarm"))
+    skip_ratio: float = setting(0.0, "stage 0: SkipPipe: each microbatch skips this share of the stages on "
+                                "paths planned around slow peers (e.g. 0.33; 0: every stage)")
+    skip_swaps: int = setting(0, "stage 0: SkipPipe: most pairs of adjacent stages a path may run swapped "
+                              "(0: in order, which cost less loss in scripts/bench_skippipe.py; the paper "
+                              "allows 2)")
+    skip_keep: tuple[int, ...] = setting((1,), "stage 0: SkipPipe: block stages every path visits, e.g. 1 "
+                                         "or 1,5 (1: the first block stage; none: any may be skipped)",
+                                         parse=stage_list("--skip-keep", none_ok=True))
+    skip_rescale: str = setting("sqrt", "stage 0: SkipPipe: a stage on a share p of the paths scales its "
+                                "residual update by p^-1/2 (sqrt) or 1/p (inverse) in training forwards; "
+                                "none: unscaled", choices=RESCALE_MODES)
+    out_of_order: float = setting(0.0, "stage 0: CheckFree+: this share of microbatches runs the first and "
+                                  "last two block stages swapped, so a lost edge stage can be copied from "
+                                  "its neighbour (e.g. 0.5)")
+    eval_stages: tuple[int, ...] | None = setting(None, "stage 0: also evaluate through only these block "
+                                                  "stages, e.g. 1,3,5", parse=stage_list("--eval-stages"))
+    emulate_forward_ms: float = setting(0.0, "benchmarks: each training forward of this stage takes at "
+                                        "least this many ms, each backward twice that",
+                                        flag="--emulate-forward-ms")
+
+    def __post_init__(self) -> None:
         if self.role not in ("replica", "stage"):
             raise ValueError(f"--role must be replica or stage, got {self.role!r}")
-        if self.role == "stage" and not self.run.stages:
-            raise ValueError("--role stage needs a pipelined run: --stages S (S >= 2) on every peer")
         if self.standby and (self.role != "stage" or self.stage is not None):
             raise ValueError("--standby is for --role stage without --stage: the stage is the one that gets lost")
-        if self.stage is not None and not 0 <= self.stage < max(self.run.stages, 1):
-            raise ValueError(f"--stage must be in 0..{self.run.stages - 1}, got {self.stage}")
         if self.microbatch_size < 1 or self.in_flight < 1:
             raise ValueError("--microbatch-size and --in-flight must be >= 1")
         if not 0.0 <= self.emulate_forward_ms <= 60_000:
@@ -178,16 +297,113 @@ class PeerConfig:
             raise ValueError(f"--skip-rescale must be one of {', '.join(RESCALE_MODES)}, got {self.skip_rescale!r}")
         if not 0.0 <= self.skip_ratio < 1.0:
             raise ValueError(f"--skip-ratio must be in [0, 1), got {self.skip_ratio}")
-        if self.skip_ratio and (len(set(self.skip_keep)) < len(self.skip_keep) or not all(1 <= s < self.run.stages for s in self.skip_keep)):
-            raise ValueError(f"--skip-keep must list distinct block stages in 1..{self.run.stages - 1}, got {list(self.skip_keep)}")
-        if self.skip_ratio and self.run.stages:
-            visits = SkipPipeConfig(num_stages=self.run.stages, skip_ratio=self.skip_ratio).visits_per_path
-            if len(self.skip_keep) > visits - 1:
-                raise ValueError(f"--skip-keep keeps {len(self.skip_keep)} stages, but with --skip-ratio {self.skip_ratio} a path visits only {visits - 1} block stages")
         if not 0.0 <= self.out_of_order <= 1.0:
             raise ValueError(f"--out-of-order must be in [0, 1], got {self.out_of_order}")
+
+    def check_against(self, run: RunConfig) -> None:
+        """What depends on the run's number of stages."""
+        stages = run.stages
+        if self.role == "stage" and not stages:
+            raise ValueError("--role stage needs a pipelined run: --stages S (S >= 2) on every peer")
+        if self.stage is not None and not 0 <= self.stage < max(stages, 1):
+            raise ValueError(f"--stage must be in 0..{stages - 1}, got {self.stage}")
+        if self.skip_ratio and (len(set(self.skip_keep)) < len(self.skip_keep)
+                                or not all(1 <= s < stages for s in self.skip_keep)):
+            raise ValueError(f"--skip-keep must list distinct block stages in 1..{stages - 1}, "
+                             f"got {list(self.skip_keep)}")
+        if self.skip_ratio and stages:
+            visits = SkipPipeConfig(num_stages=stages, skip_ratio=self.skip_ratio).visits_per_path
+            if len(self.skip_keep) > visits - 1:
+                raise ValueError(f"--skip-keep keeps {len(self.skip_keep)} stages, but with --skip-ratio "
+                                 f"{self.skip_ratio} a path visits only {visits - 1} block stages")
         if self.eval_stages is not None and (not self.eval_stages or len(set(self.eval_stages)) < len(self.eval_stages)
-                                             or not all(1 <= s < self.run.stages for s in self.eval_stages)):
-            raise ValueError(f"--eval-stages must list distinct block stages in 1..{self.run.stages - 1}, got {list(self.eval_stages)}")
-        if not 0 < len(self.peer_id) <= 128:
-            raise ValueError("--peer-id must be 1..128 characters")
+                                             or not all(1 <= s < stages for s in self.eval_stages)):
+            raise ValueError(f"--eval-stages must list distinct block stages in 1..{stages - 1}, "
+                             f"got {list(self.eval_stages) if self.eval_stages is not None else None}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What this peer trains and evaluates on."""
+
+    path: str | None = setting(None, "text file, folder or glob of UTF-8 text (.jsonl: its text field); "
+                               "default: this Python's standard library sources", kind=str, flag="--data")
+    num_shards: int = setting(16, "the corpus is cut into this many shards; a peer trains on the one its "
+                              "id picks")
+    eval_batches: int = setting(8, "held-out batches per evaluation")
+    eval_every: int = setting(1, "evaluate on the held-out split after every N-th round and the last")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.name != "path" and getattr(self, f.name) < 1:
+                raise ValueError(f"{flag_name(f)} must be >= 1, got {getattr(self, f.name)}")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Where and how long this peer trains, and what it keeps."""
+
+    device: str = setting("auto", "auto|cpu|cuda|cuda:N (auto: cuda when present)")
+    torch_threads: int | None = setting(None, "torch CPU threads", kind=int, flag="--threads")
+    max_rounds: int | None = setting(None, "stop after this many outer rounds (default: train until stopped)",
+                                     kind=int, flag="--rounds")
+    min_peers: int = setting(1, "wait until this many peers (this one included) are alive before training "
+                             "(at most --min-peers-timeout)")
+    checkpoint_dir: str | None = setting(None, "write the outer state here after every round", kind=str)
+    resume: bool = setting(False, "continue from the latest checkpoint in --checkpoint-dir")
+
+    def __post_init__(self) -> None:
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("--resume needs --checkpoint-dir")
+        if self.max_rounds is not None and self.max_rounds < 1:
+            raise ValueError(f"--rounds must be >= 1, got {self.max_rounds}")
+        if self.min_peers < 1:
+            raise ValueError(f"--min-peers must be >= 1, got {self.min_peers}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.torch_threads}")
+
+
+SECTIONS: dict[str, type] = {
+    "network": NetworkConfig, "pipeline": PipelineConfig, "data": DataConfig,
+    "schedule": ScheduleConfig, "protocol": ProtocolConfig,
+}
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """One peer process's settings."""
+
+    run: RunConfig
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+
+    def __post_init__(self) -> None:
+        self.pipeline.check_against(self.run)
+
+    @property
+    def peer_id(self) -> str:
+        return self.network.peer_id
+
+    @classmethod
+    def of(cls, run: RunConfig, protocol: ProtocolConfig | None = None, **settings: Any) -> PeerConfig:
+        """A PeerConfig from flat keywords, each placed in the section that has it (for
+        tests and scripts): `PeerConfig.of(run, peer_id="a", role="stage", max_rounds=3)`.
+        `listen_host`/`listen_port` set `listen`; `data_path` is `data.path`."""
+        by_section: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        host, port = settings.pop("listen_host", None), settings.pop("listen_port", None)
+        if host is not None or port is not None:
+            by_section["network"]["listen"] = f"{host or '127.0.0.1'}:{7000 if port is None else port}"
+        if "data_path" in settings:
+            by_section["data"]["path"] = settings.pop("data_path")
+        for key, value in settings.items():
+            owners = [name for name, section in SECTIONS.items() if key in {f.name for f in fields(section)}]
+            if not owners:
+                raise TypeError(f"no config section has a setting {key!r}")
+            by_section[owners[0]][key] = value
+        sections = {name: SECTIONS[name](**values) for name, values in by_section.items() if name != "protocol"}
+        if by_section["protocol"]:
+            protocol = ProtocolConfig(**{**asdict(protocol or ProtocolConfig()), **by_section["protocol"]})
+        return cls(run=run, protocol=protocol or ProtocolConfig(), **sections)

@@ -8,9 +8,9 @@ stopped before it returns.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,12 +21,15 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from shoal.peer.cli import run_config_from
+from shoal.peer.cli import DEMO_GROUPS, DemoSettings, run_config_from
+from shoal.peer.options import build_section, flag_fields, key_name
 
 STARTUP_TIMEOUT_S = 120.0
+SERVING = re.compile(r"^shoal peer \S+ serving (http://\S+) ")
 
 
 def free_port() -> int:
+    """A port free now (tests of explicit ports only: peers listen on port 0)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -40,13 +43,50 @@ def fetch_json(url: str, timeout_s: float = 2.0) -> dict[str, Any] | None:
         return None
 
 
-def run_flags(args: argparse.Namespace) -> list[str]:
-    flags = ["--model", args.model, "--outer", args.outer, "--seed", str(args.seed)]
-    for flag in ("codec", "outer_lr", "outer_momentum", "error_decay", "topk", "fragments", "overlap", "mix", "inner_steps", "inner_lr", "batch_size", "seq_len", "data"):
-        value = getattr(args, flag)
-        if value is not None:
-            flags += ["--" + flag.replace("_", "-"), str(value)]
-    return flags
+def peer_settings_toml(values: dict[str, Any]) -> str:
+    """The settings every demo peer shares (run, data, protocol), as `--config` TOML."""
+    lines = []
+    for name, section in DEMO_GROUPS.items():
+        if name == "demo":
+            continue
+        for f in flag_fields(section):
+            key = key_name(f)
+            if key in values and values[key] is not None:
+                lines.append(f"{key} = {_toml_value(values[key])}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string
+
+
+def serving_url(log_path: Path, proc: subprocess.Popen, timeout_s: float) -> str:
+    """The URL a peer started with `--listen 127.0.0.1:0` reports once serving (its log's
+    `shoal peer ID serving URL` line); RuntimeError with the peer's own error line if it
+    exits first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for line in log_path.read_text(errors="replace").splitlines():
+            if match := SERVING.match(line):
+                return match.group(1)
+        if proc.poll() is not None:
+            raise RuntimeError(f"{log_path.stem} exited during start-up: {peer_error(log_path)}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{log_path.stem} did not serve within {timeout_s:.0f} s; see {log_path}")
+        time.sleep(0.2)
+
+
+def peer_error(log_path: Path) -> str:
+    """A dead peer's own error line (`shoal: error: ...`), else its log's last line."""
+    lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line.removeprefix("shoal: error: ") for line in lines if line.startswith("shoal: error:")]
+    return errors[-1] if errors else (lines[-1] if lines else "(no output)")
 
 
 def stop_all(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
@@ -62,8 +102,8 @@ def stop_all(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
             proc.wait()
 
 
-def summarize(args: argparse.Namespace, reports: list[dict], wall_s: float) -> dict[str, Any]:
-    run = run_config_from(args)
+def summarize(values: dict[str, Any], reports: list[dict], wall_s: float) -> dict[str, Any]:
+    run = run_config_from(values)
     first = reports[0]
     evals = [r["eval_loss"] for r in first["rounds"]]
     params = first["params"]
@@ -74,7 +114,8 @@ def summarize(args: argparse.Namespace, reports: list[dict], wall_s: float) -> d
     contribution_bytes = sum(r["bytes_sent_by_kind"].get("contribution", 0) for r in reports)
     final_hashes = {r["rounds"][-1]["weights_hash"] for r in reports if r["rounds"]}
     return {
-        "peers": n, "rounds": len(evals), "model": args.model, "params": params, "codec": run.outer.codec, "outer": args.outer,
+        "peers": n, "rounds": len(evals), "model": run.model_preset, "params": params, "codec": run.outer.codec,
+        "outer": run.outer.name, "stages": run.stages,
         "inner_steps": run.inner_steps, "tokens_total": steps * run.inner.batch_size * run.inner.seq_len,
         "eval_loss_initial": first["initial_eval_loss"],
         "eval_loss_first": evals[0] if evals else None, "eval_loss_last": evals[-1] if evals else None,
@@ -88,60 +129,60 @@ def summarize(args: argparse.Namespace, reports: list[dict], wall_s: float) -> d
     }
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    if args.peers < 1:
-        raise ValueError(f"--peers must be >= 1, got {args.peers}")
-    run_config_from(args)  # validate the flags before starting anything
+def run_demo(values: dict[str, Any]) -> int:
+    demo: DemoSettings = build_section(DemoSettings, values)
+    if demo.peers < 1:
+        raise ValueError(f"--peers must be >= 1, got {demo.peers}")
+    run = run_config_from(values)  # validate the flags before starting anything
     workdir = Path(tempfile.mkdtemp(prefix="shoal-demo-"))
-    threads = max(1, (os.cpu_count() or 1) // args.peers)
-    ports = [args.port or free_port()] + [free_port() for _ in range(args.peers - 1)]
-    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    settings = workdir / "run.toml"
+    settings.write_text(peer_settings_toml(values))
+    roles = [[] for _ in range(demo.peers)] + [["--role", "stage", "--stage", str(s)] for s in range(run.stages)]
+    threads = max(1, (os.cpu_count() or 1) // len(roles))
+    env = dict(os.environ, SHOAL_SWARM_KEY=demo.swarm_key or os.environ.get("SHOAL_SWARM_KEY") or "")
     procs: list[subprocess.Popen] = []
-    logs = []
+    urls: list[str] = []
     start = time.monotonic()
     try:
-        for i, port in enumerate(ports):
-            cmd = [sys.executable, "-m", "shoal.peer.cli", "peer", "--listen", f"127.0.0.1:{port}", "--peer-id", f"peer-{i}",
-                   "--rounds", str(args.rounds), "--min-peers", str(args.peers), "--threads", str(threads), "--report", str(workdir / f"peer-{i}.json"), *run_flags(args)]
+        for i, role in enumerate(roles):
+            port = demo.port if i == 0 else 0
+            cmd = [sys.executable, "-m", "shoal.peer.cli", "peer", "--config", str(settings),
+                   "--listen", f"127.0.0.1:{port}", "--peer-id", f"peer-{i}", "--rounds", str(demo.rounds),
+                   "--min-peers", str(len(roles)), "--threads", str(threads),
+                   "--report", str(workdir / f"peer-{i}.json"), *role]
             if i > 0:
                 cmd += ["--bootstrap", urls[0]]
-            env = dict(os.environ, SHOAL_SWARM_KEY=args.swarm_key or "")
-            logs.append(open(workdir / f"peer-{i}.log", "w"))
-            procs.append(subprocess.Popen(cmd, stdout=logs[-1], stderr=subprocess.STDOUT, env=env))
+            with open(workdir / f"peer-{i}.log", "w") as log_file:
+                procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env))
+            urls.append(serving_url(workdir / f"peer-{i}.log", procs[-1], STARTUP_TIMEOUT_S))
             if i == 0:
-                wait_until_serving(urls[0], procs[0], workdir)
-                print(f"shoal demo: {args.peers} peers, {args.rounds} rounds of {args.model}; logs in {workdir}")
+                pipeline = f" and a {run.stages}-stage pipeline replica" if run.stages else ""
+                print(f"shoal demo: {demo.peers} peers{pipeline}, {demo.rounds} rounds of {run.model_preset}; "
+                      f"logs in {workdir}")
                 print(f"dashboard: {urls[0]}/", flush=True)
-        watch(urls, procs, args.rounds)
+        watch(urls, procs, demo.rounds)
         wall_s = time.monotonic() - start
         failed = [i for i, p in enumerate(procs) if p.returncode != 0]
         if failed:
+            for i in failed:
+                print(f"shoal demo: peer-{i}: {peer_error(workdir / f'peer-{i}.log')}", file=sys.stderr)
             print(f"shoal demo: peers {failed} exited with errors; see {workdir}", file=sys.stderr)
             return 1
-        reports = [json.loads((workdir / f"peer-{i}.json").read_text()) for i in range(args.peers)]
-        summary = summarize(args, reports, wall_s)
+        reports = [json.loads((workdir / f"peer-{i}.json").read_text()) for i in range(len(roles))]
+        summary = summarize(values, reports, wall_s)
         print_summary(summary)
-        if args.summary:
-            Path(args.summary).write_text(json.dumps(summary, indent=1))
-            print(f"summary written to {args.summary}")
+        if demo.summary:
+            Path(demo.summary).write_text(json.dumps(summary, indent=1))
+            print(f"summary written to {demo.summary}")
         return 0
+    except RuntimeError as exc:  # a peer that did not start: its own error, no traceback
+        print(f"shoal demo: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\nshoal demo: interrupted; stopping peers", file=sys.stderr)
         return 130
     finally:
         stop_all(procs)
-        for f in logs:
-            f.close()
-
-
-def wait_until_serving(url: str, proc: subprocess.Popen, workdir: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while fetch_json(url + "/api/swarm") is None:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the first peer exited during start-up; see {workdir / 'peer-0.log'}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the first peer did not serve within {STARTUP_TIMEOUT_S:.0f} s")
-        time.sleep(0.3)
 
 
 def watch(urls: list[str], procs: list[subprocess.Popen], rounds: int) -> None:

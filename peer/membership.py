@@ -54,6 +54,7 @@ class PeerInfo:
     stage: int | None = None  # role "stage": the pipeline stage this peer serves
     activation: str | None = None  # role "stage": the activation codec of its pipeline replica
     grad_norm: float | None = None  # the last inner step's gradient norm before clipping (CheckFree)
+    loop_lag_ms_max: float | None = None  # its event loop's worst lateness over the last 60 s
 
     def version(self) -> tuple[float, int]:
         return (self.incarnation, self.heartbeat)
@@ -81,7 +82,10 @@ class PeerInfo:
 _FIELD_NAMES = {f.name for f in fields(PeerInfo)}
 _STRINGS = {"peer_id": 128, "address": 256, "role": 32, "weights_hash": 128, "partner": 128, "activation": 64}
 _INTS = {"heartbeat", "first_round", "round", "step", "bytes_sent", "bytes_received", "stage"}
-_FLOATS = {"incarnation", "train_loss", "eval_loss", "tokens_per_s", "partner_distance", "grad_norm"}
+_FLOATS = {
+    "incarnation", "train_loss", "eval_loss", "tokens_per_s", "partner_distance", "grad_norm",
+    "loop_lag_ms_max",
+}
 _NULLABLE = {f.name for f in fields(PeerInfo) if f.default is None}  # optional fields: None when unknown
 
 

@@ -3,7 +3,8 @@
 Round r is named by its number; every message below carries it.
 
 1. **Publish.** After its inner steps a peer stores its encoded contribution for round r
-   in its RoundStore, where others fetch it (`POST /round/contribution {round, peer,
+   in its RoundStore, as the prepared answer body (packed and hashed once, off the event
+   loop, whoever fetches it), where others fetch it (`POST /round/contribution {round, peer,
    wait_s}`: a long poll that answers as soon as the contribution is held, or 404 after
    `wait_s`).
 2. **Gather.** It fetches round r from every live peer whose `first_round <= r`, retrying
@@ -38,7 +39,6 @@ from shoal.peer.membership import Membership, PeerInfo
 log = logging.getLogger(__name__)
 
 Decoder = Callable[[Any], Awaitable[Any]]  # raises ValueError on an unusable contribution
-MAX_POLL_S = 5.0
 
 
 class RoundStore:
@@ -58,8 +58,9 @@ class RoundStore:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def put_contribution(self, round_id: int, peer_id: str, tensors: Any) -> None:
-        self.contributions.setdefault(round_id, {})[peer_id] = tensors
+    def put_contribution(self, round_id: int, peer_id: str, answer: Any) -> None:
+        """`answer`: what `/round/contribution` returns for it (a prepared body)."""
+        self.contributions.setdefault(round_id, {})[peer_id] = answer
         self._bump(round_id)
 
     def put_set(self, round_id: int, peer_ids: list[str]) -> None:
@@ -100,15 +101,17 @@ class RoundExchange:
     def me(self) -> str:
         return self.membership.me.peer_id
 
-    async def publish(self, round_id: int, tensors: Any, decoded: Any) -> None:
+    async def publish(self, round_id: int, answer: Any, decoded: Any) -> None:
+        """Step 1: serve `answer` (the prepared `/round/contribution` body of our
+        contribution) and hold our own `decoded` contribution for the aggregate."""
         self.decoded = {round_id: {self.me: decoded}}
-        self.store.put_contribution(round_id, self.me, tensors)
+        self.store.put_contribution(round_id, self.me, answer)
 
     async def _poll(self, peer: PeerInfo, path: str, request: dict[str, Any], deadline: float, wait: bool) -> dict[str, Any] | None:
         """Long-poll `path` at `peer` until it answers, the deadline passes or the peer dies."""
         loop = asyncio.get_running_loop()
         while (remaining := deadline - loop.time()) > 0 and self.membership.is_alive(peer.peer_id):
-            wait_s = min(remaining, MAX_POLL_S) if wait else 0.0
+            wait_s = min(remaining, self.protocol.max_poll_s) if wait else 0.0
             try:
                 envelope = await self.client.call(
                     peer.address, "POST", path, {**request, "wait_s": wait_s},

@@ -1,9 +1,12 @@
 """The incoming half of the transport: the aiohttp app every peer serves.
 
-Handlers parse, validate, call the domain objects of `node` and serialise; nothing else.
-Errors are mapped to HTTP status codes in one middleware (see `peer.errors`). RPC
-endpoints take and return authenticated msgpack envelopes (`peer.wire`); the dashboard
-endpoints (`/`, `/api/swarm`, `/metrics`) are read-only and unauthenticated.
+Handlers parse, validate, call the parts of `node` (the membership agent, the round store,
+the state server, the stage service) and serialise; nothing else. Errors are mapped to HTTP
+status codes in one middleware (see `peer.errors`). RPC endpoints take and return
+authenticated msgpack envelopes (`peer.wire`); authenticating and unpacking a large request
+and packing a large answer run in the executor (`client.off_loop`), and a prepared answer
+(our round contribution, packed once) is sent as it is. The dashboard endpoints (`/`,
+`/api/swarm`, `/metrics`) are read-only and unauthenticated.
 
     POST /join                {peer, run}            → {swarm_id, run, peers, round}
     POST /gossip              {peers}                → {peers}
@@ -24,19 +27,18 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from shoal.peer.client import Traffic, response_path
+from shoal.peer.client import Traffic, off_loop, response_path
 from shoal.peer.dashboard import render_html, render_metrics
 from shoal.peer.errors import NotFound, ProtocolError, ShoalError
-from shoal.peer.membership import PeerInfo
 from shoal.peer.rounds import check_round_request
-from shoal.peer.wire import Envelope
+from shoal.peer.wire import Envelope, PreparedBody
 from shoal.pipeline.worker import UnknownMicrobatch
 
 if TYPE_CHECKING:
     from shoal.peer.node import Peer
 
 log = logging.getLogger(__name__)
-Handler = Callable[["Peer", Envelope], Awaitable[dict[str, Any]]]
+Handler = Callable[["Peer", Envelope], Awaitable[dict[str, Any] | PreparedBody]]
 NODE: web.AppKey[Peer] = web.AppKey("node")
 # Second line of defence behind the dashboard's escaping: nothing from elsewhere, ever.
 CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:"
@@ -57,48 +59,47 @@ def rpc(handler: Handler, *, any_swarm: bool = False) -> Callable[[web.Request],
 
     async def wrapped(request: web.Request) -> web.Response:
         node: Peer = request.app[NODE]
+        wire = node.wire
         body = await request.read()  # aiohttp answers 413 itself above client_max_size
         kind = Traffic.kind(request.path)
         node.traffic.received[kind] += len(body)
-        envelope = node.wire.decode(request.method, request.path, request.headers, body, any_swarm=any_swarm)
-        payload = await handler(node, envelope)
-        data, headers = node.wire.encode("RESPONSE", response_path(request.path), payload)
-        node.traffic.sent[kind] += len(data)
-        return web.Response(body=data, headers=headers, content_type="application/msgpack")
+        large = len(body) >= wire.compress_above_bytes
+        envelope = await off_loop(large, wire.decode, request.method, request.path,
+                                  request.headers, body, any_swarm=any_swarm)
+        answer = await handler(node, envelope)
+        if not isinstance(answer, PreparedBody):
+            answer = await off_loop(wire.is_large(answer), wire.prepare, answer)
+        headers = wire.headers("RESPONSE", response_path(request.path), answer)
+        node.traffic.sent[kind] += len(answer.data)
+        return web.Response(body=answer.data, headers=headers, content_type="application/msgpack")
 
     return wrapped
 
 
 async def handle_join(node: Peer, envelope: Envelope) -> dict[str, Any]:
-    from shoal.peer.config import RunConfig
-
-    run = envelope.payload.get("run")
-    if not isinstance(run, dict):
-        raise ProtocolError("join needs the joiner's run config")
-    RunConfig.from_dict(run).check_same(node.config.run)
-    entry = PeerInfo.from_wire(envelope.payload.get("peer"))
-    if entry.peer_id != envelope.sender:
-        raise ProtocolError("join entry's peer_id differs from the sender")
-    node.membership.merge([entry.to_wire()])
-    log.info("[%s] %s joined from %s", node.peer_id, entry.peer_id, entry.address)
-    return {"swarm_id": node.wire.swarm_id, "run": node.config.run.to_dict(), "peers": node.membership.table(), "round": node.outer_round}
+    return _agent(node).welcome(envelope)
 
 
 async def handle_gossip(node: Peer, envelope: Envelope) -> dict[str, Any]:
-    node.membership.merge(envelope.payload.get("peers"))
-    return {"peers": node.membership.table()}
+    return _agent(node).gossip_answer(envelope)
 
 
-async def handle_contribution(node: Peer, envelope: Envelope) -> dict[str, Any]:
+def _agent(node: Peer):
+    if node.agent is None:
+        raise NotFound("this peer is still starting")
+    return node.agent
+
+
+async def handle_contribution(node: Peer, envelope: Envelope) -> PreparedBody:
     round_id, wait_s = check_round_request(envelope.payload)
     owner = envelope.payload.get("peer")
     if not isinstance(owner, str):
         raise ProtocolError("peer must be a string")
     store = node.store
-    tensors = await store.wait_for(lambda: store.contributions.get(round_id, {}).get(owner), wait_s)
-    if tensors is None:
+    answer = await store.wait_for(lambda: store.contributions.get(round_id, {}).get(owner), wait_s)
+    if answer is None:
         raise NotFound(f"no round-{round_id} contribution of {owner} here")
-    return {"round": round_id, "peer": owner, "tensors": tensors}
+    return answer
 
 
 async def _round_record(node: Peer, envelope: Envelope, table: dict[int, Any], what: str) -> tuple[int, Any]:
@@ -161,8 +162,8 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text=text, content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
 
 
-def make_app(node: Peer) -> web.Application:
-    app = web.Application(client_max_size=node.config.protocol.max_request_bytes, middlewares=[error_middleware])
+def make_app(node: Peer, max_request_bytes: int) -> web.Application:
+    app = web.Application(client_max_size=max_request_bytes, middlewares=[error_middleware])
     app[NODE] = node
     app.router.add_post("/join", rpc(handle_join, any_swarm=True))
     app.router.add_post("/gossip", rpc(handle_gossip))

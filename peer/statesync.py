@@ -9,6 +9,9 @@ Protocol:
 - The joiner checks the blob's sha256 against the manifest, parses it with safetensors
   (no pickle), and checks every tensor's name and shape against its own model before
   using any of it. A peer that vanishes mid-transfer costs a retry from another peer.
+
+Byte work (serializing a snapshot, joining and hashing a download, parsing it) runs in the
+default executor; a manifest request waits at most `serve_timeout_s` for its blob.
 """
 
 from __future__ import annotations
@@ -83,8 +86,9 @@ def parse_state(data: bytes, expected_shapes: Mapping[str, tuple[int, ...]]) -> 
 class StateServer:
     """Holds the latest frozen outer state and serves it in chunks."""
 
-    def __init__(self, chunk_bytes: int) -> None:
+    def __init__(self, chunk_bytes: int, serve_timeout_s: float = 120.0) -> None:
         self.chunk_bytes = chunk_bytes
+        self.serve_timeout_s = serve_timeout_s
         self._source: tuple[int, dict[str, torch.Tensor], dict] | None = None
         self._blobs: dict[int, StateBlob] = {}
         self._lock = asyncio.Lock()
@@ -97,20 +101,27 @@ class StateServer:
         self._blobs.pop(round_id, None)
 
     async def latest(self) -> StateBlob:
+        """The blob of the newest snapshot, serialized once (in the executor). Snapshots
+        replaced while one serializes make it start over with the newest, until
+        `serve_timeout_s`: then Gone, and the requester asks again or another peer."""
         if self._source is None:
             raise Gone("no state to serve yet")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.serve_timeout_s
         async with self._lock:
-            while True:
+            while loop.time() < deadline:
                 source = self._source
                 round_id, tensors, metadata = source
                 if round_id in self._blobs:
                     return self._blobs[round_id]
-                loop = asyncio.get_running_loop()
-                blob = await loop.run_in_executor(None, serialize_state, round_id, tensors, metadata, self.chunk_bytes)
-                if self._source is source:  # else replaced while we serialized it: serialize the new one
+                blob = await loop.run_in_executor(
+                    None, serialize_state, round_id, tensors, metadata, self.chunk_bytes
+                )
+                if self._source is source:  # else replaced meanwhile: serialize the new one
                     self._blobs[round_id] = blob
                     for old in sorted(self._blobs)[:-2]:
                         del self._blobs[old]
+        raise Gone(f"the state kept changing for {self.serve_timeout_s:.0f} s; ask again")
 
     def blob(self, round_id: int) -> StateBlob:
         if round_id not in self._blobs:
@@ -158,8 +169,16 @@ async def _download_from(client, source: PeerInfo, expected_shapes, on_progress)
         parts.append(data)
         if on_progress is not None:
             on_progress(index + 1, num_chunks)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(
+        None, _verify_and_parse, source.peer_id, parts, size, sha256, expected_shapes
+    )
+
+
+def _verify_and_parse(
+    source: str, parts: list[bytes], size: int, sha256: str, expected_shapes
+) -> tuple[int, dict[str, torch.Tensor], dict]:
     blob = b"".join(parts)
     if len(blob) != size or hashlib.sha256(blob).hexdigest() != sha256:
-        raise ProtocolError(f"state from {source.peer_id} fails its hash check")
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(None, parse_state, blob, expected_shapes)
+        raise ProtocolError(f"state from {source} fails its hash check")
+    return parse_state(blob, expected_shapes)

@@ -9,10 +9,14 @@ envelope travels in HTTP headers so the body stays a plain map:
     X-Shoal-Time      sender's unix time; older/newer than `max_clock_skew_s` is an AuthError
     X-Shoal-Encoding  "zstd" when the body is zstd-framed, "identity" otherwise
     X-Shoal-MAC       hex HMAC-SHA256, keyed by the swarm secret, over the method, the path,
-                      the other envelope fields and the body (only when a secret is set)
+                      the other envelope fields and the body's SHA-256 (only when a secret
+                      is set)
 
 Binding the method and path into the MAC means a body signed for one endpoint cannot be
-replayed against another. Tensors are maps {"dtype", "shape", "data"} with little-endian
+replayed against another. The MAC covers the body through its SHA-256 digest so that a
+body is packed, compressed and hashed once (`prepare`, off the event loop for anything
+large) and then served to any number of fetchers with only a header MAC computed per
+answer (`headers`): a round's contribution is encoded once, not once per fetcher. Tensors are maps {"dtype", "shape", "data"} with little-endian
 raw bytes; `unpack_tensor` checks the dtype against an allow-list and the byte count
 against the shape (and the shape against the expected one) before touching the data.
 """
@@ -33,7 +37,7 @@ import torch
 from shoal.compression import CodecError, FrameTooLarge, zstd_frame, zstd_unframe
 from shoal.peer.errors import AuthError, PayloadTooLarge, ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the MAC covers the body's SHA-256
 H_VERSION, H_SWARM, H_PEER, H_TIME = "X-Shoal-Version", "X-Shoal-Swarm", "X-Shoal-Peer", "X-Shoal-Time"
 H_ENCODING, H_MAC = "X-Shoal-Encoding", "X-Shoal-MAC"
 NO_SWARM = "-"
@@ -59,9 +63,19 @@ class Envelope:
     payload: dict[str, Any]
 
 
-def _mac(key: bytes, method: str, path: str, fields: list[str], body: bytes) -> str:
+@dataclass(frozen=True)
+class PreparedBody:
+    """A message body ready to send: packed, maybe compressed, and its SHA-256 (what the
+    MAC covers). Immutable, so one can answer many requests."""
+
+    data: bytes
+    encoding: str  # "zstd" or "identity"
+    digest: bytes  # sha256(data)
+
+
+def _mac(key: bytes, method: str, path: str, fields: list[str], digest: bytes) -> str:
     head = "\n".join([method.upper(), path, *fields]).encode() + b"\n"
-    return hmac.new(key, head + body, hashlib.sha256).hexdigest()
+    return hmac.new(key, head + digest, hashlib.sha256).hexdigest()
 
 
 class WireCodec:
@@ -84,25 +98,48 @@ class WireCodec:
         self.compress_above_bytes = compress_above_bytes
         self.max_clock_skew_s = max_clock_skew_s
 
-    def encode(self, method: str, path: str, payload: Mapping[str, Any], *, swarm_id: str | None = None) -> tuple[bytes, dict[str, str]]:
-        """Serialise `payload` and build the envelope headers for `method path`."""
+    def prepare(self, payload: Mapping[str, Any]) -> PreparedBody:
+        """Pack `payload`, compress it if large, hash it (work proportional to its size:
+        call it off the event loop when `is_large(payload)`)."""
         raw = msgpack.packb(dict(payload), use_bin_type=True)
         body, encoding = raw, "identity"
         if len(raw) >= self.compress_above_bytes:
             framed = zstd_frame(raw, min_size=self.compress_above_bytes)
             if framed[0] == 1:  # the framing compressed it
                 body, encoding = framed, "zstd"
-        fields = [str(PROTOCOL_VERSION), swarm_id or self.swarm_id, self.peer_id, f"{time.time():.3f}", encoding]
+        return PreparedBody(body, encoding, hashlib.sha256(body).digest())
+
+    def headers(
+        self, method: str, path: str, body: PreparedBody, *, swarm_id: str | None = None
+    ) -> dict[str, str]:
+        """The envelope headers for sending `body` as `method path` now (cheap: the MAC
+        covers the body's digest)."""
+        fields = [
+            str(PROTOCOL_VERSION), swarm_id or self.swarm_id, self.peer_id,
+            f"{time.time():.3f}", body.encoding,
+        ]
         headers = dict(zip((H_VERSION, H_SWARM, H_PEER, H_TIME, H_ENCODING), fields, strict=True))
         if self.key is not None:
-            headers[H_MAC] = _mac(self.key, method, path, fields, body)
-        return body, headers
+            headers[H_MAC] = _mac(self.key, method, path, fields, body.digest)
+        return headers
+
+    def encode(
+        self, method: str, path: str, payload: Mapping[str, Any], *, swarm_id: str | None = None
+    ) -> tuple[bytes, dict[str, str]]:
+        """Serialise `payload` and build the envelope headers for `method path`."""
+        body = self.prepare(payload)
+        return body.data, self.headers(method, path, body, swarm_id=swarm_id)
+
+    def is_large(self, payload: Any) -> bool:
+        """Whether packing `payload` is byte work for an executor (house rule: anything over
+        `compress_above_bytes`)."""
+        return payload_nbytes(payload, self.compress_above_bytes) >= self.compress_above_bytes
 
     def sign(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> str:
         """The MAC for `body` under the envelope fields in `headers` (needs a swarm key)."""
         assert self.key is not None, "no swarm key to sign with"
         fields = [headers[h] for h in (H_VERSION, H_SWARM, H_PEER, H_TIME, H_ENCODING)]
-        return _mac(self.key, method, path, fields, body)
+        return _mac(self.key, method, path, fields, hashlib.sha256(body).digest())
 
     def decode(self, method: str, path: str, headers: Mapping[str, str], body: bytes, *, any_swarm: bool = False, max_bytes: int | None = None) -> Envelope:
         """Authenticate and parse a message; raise AuthError/ProtocolError/PayloadTooLarge.
@@ -119,7 +156,8 @@ class WireCodec:
         version, swarm_id, sender, stamp, encoding = fields
         if self.key is not None:
             given = headers.get(H_MAC, "")
-            if not hmac.compare_digest(given, _mac(self.key, method, path, fields, body)):
+            expected = _mac(self.key, method, path, fields, hashlib.sha256(body).digest())
+            if not hmac.compare_digest(given, expected):
                 raise AuthError("bad or missing HMAC: wrong swarm key?")
         if version != str(PROTOCOL_VERSION):
             raise ProtocolError(f"protocol version {version!r}, this peer speaks {PROTOCOL_VERSION}")
@@ -143,6 +181,25 @@ class WireCodec:
         else:
             raise ProtocolError(f"unknown encoding {encoding!r}")
         return Envelope(sender=sender, swarm_id=swarm_id, timestamp=timestamp, payload=unpack_map(raw))
+
+
+def payload_nbytes(obj: Any, stop_at: int) -> int:
+    """Bytes of the binary and text values in `obj` (maps and lists walked), counting up to
+    `stop_at`: a cheap estimate of its packed size for small control messages."""
+    total, stack = 0, [obj]
+    while stack and total < stop_at:
+        item = stack.pop()
+        if isinstance(item, (bytes, bytearray, memoryview, str)):
+            total += len(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+            total += 8 * len(item)
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+            total += 8
+        else:
+            total += 8
+    return total
 
 
 def unpack_map(raw: bytes) -> dict[str, Any]:

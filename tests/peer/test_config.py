@@ -5,7 +5,12 @@ import pytest
 from shoal.optim.inner import InnerConfig
 from shoal.optim.outer import OuterConfig
 from shoal.peer.config import PeerConfig, ProtocolConfig, RunConfig
+from shoal.peer.cli import build_parser, peer_config_from, settings_of
 from shoal.peer.errors import ConfigMismatch
+
+
+def peer_config(flags: list[str]) -> PeerConfig:
+    return peer_config_from(settings_of(build_parser().parse_args(["peer", *flags])))
 
 
 def run(**kw):
@@ -33,9 +38,9 @@ def test_validation_names_flags():
     with pytest.raises(ValueError, match="--inner-steps"):
         run(inner_steps=0)
     with pytest.raises(ValueError, match="--bootstrap"):
-        PeerConfig(run=run(), bootstrap="127.0.0.1:7000")
+        PeerConfig.of(run(), bootstrap="127.0.0.1:7000")
     with pytest.raises(ValueError, match="--resume"):
-        PeerConfig(run=run(), resume=True)
+        PeerConfig.of(run(), resume=True)
     with pytest.raises(ValueError, match="--outer-lr"):
         OuterConfig(lr=0)
 
@@ -52,21 +57,19 @@ def test_pipeline_settings_are_checked():
     with pytest.raises(ValueError, match="--stages needs --outer diloco or sparseloco"):
         run(stages=3, outer=OuterConfig(name="noloco"))
     with pytest.raises(ValueError, match="--role stage needs a pipelined run"):
-        PeerConfig(run=run(), role="stage")
+        PeerConfig.of(run(), role="stage")
     with pytest.raises(ValueError, match="--stage must be in 0..2"):
-        PeerConfig(run=run(stages=3), role="stage", stage=3)
+        PeerConfig.of(run(stages=3), role="stage", stage=3)
     with pytest.raises(ValueError, match="--role must be"):
-        PeerConfig(run=run(), role="trainer")
+        PeerConfig.of(run(), role="trainer")
     assert RunConfig.from_dict(run(stages=3).to_dict()).stages == 3
     with pytest.raises(ConfigMismatch, match="stages"):
         run(stages=3).check_same(run())
 
 
 def test_skip_keep_flag_parses_and_is_checked():
-    from shoal.peer.cli import build_parser, peer_config_from
-
-    def parse(*flags: str) -> PeerConfig:
-        return peer_config_from(build_parser().parse_args(["peer", "--model", "tiny-deep", "--stages", "5", "--role", "stage", *flags]))
+    def parse(*flags: str):
+        return peer_config(["--model", "tiny-deep", "--stages", "5", "--role", "stage", *flags]).pipeline
 
     assert parse().skip_keep == (1,) and parse().skip_swaps == 0  # the defaults
     assert parse("--skip-keep", "1,4").skip_keep == (1, 4)

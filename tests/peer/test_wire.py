@@ -86,3 +86,24 @@ def test_bad_tensors_are_rejected():
         unpack_tensor({**good, "shape": [-1, 6]})
     with pytest.raises(ProtocolError):
         unpack_tensor({**good, "extra": 1})
+
+
+def test_a_prepared_body_answers_many_requests():
+    server, client = codec(peer="server"), codec(peer="client")
+    body = server.prepare({"tensors": b"\x07" * 200_000})
+    for _ in range(2):  # one body, a fresh envelope (time, MAC) per answer
+        headers = server.headers("RESPONSE", "response:/round/contribution", body)
+        env = client.decode("RESPONSE", "response:/round/contribution", headers, body.data)
+        assert env.payload == {"tensors": b"\x07" * 200_000}
+    headers = server.headers("RESPONSE", "response:/round/contribution", body)
+    with pytest.raises(AuthError):  # the MAC covers the body through its digest
+        client.decode("RESPONSE", "response:/round/contribution", headers, body.data[:-1] + b"\x00")
+    with pytest.raises(AuthError):  # and the path
+        client.decode("RESPONSE", "response:/round/set", headers, body.data)
+
+
+def test_is_large_estimates_packed_size():
+    wire = codec(compress_above_bytes=64 * 1024)
+    assert not wire.is_large({"peers": [{"peer_id": "p" * 20, "round": 3}] * 50})
+    assert wire.is_large({"round": 1, "tensors": {"w": b"\x00" * (64 * 1024)}})
+    assert wire.is_large({"act": {"data": bytearray(70_000)}})

@@ -16,7 +16,7 @@ import pytest
 from shoal.optim.inner import InnerConfig
 from shoal.optim.outer import OuterConfig
 from shoal.peer.config import PeerConfig, ProtocolConfig, RunConfig
-from shoal.peer.demo import fetch_json, free_port
+from shoal.peer.demo import fetch_json, serving_url
 from shoal.peer.node import Peer
 from shoal.train import PRESETS
 
@@ -45,7 +45,7 @@ def corpus(tmp_path_factory) -> str:
 def peer_config(corpus: str, peer_id: str, bootstrap: str | None = None, **kw) -> PeerConfig:
     base = dict(run=tiny_run(), peer_id=peer_id, bootstrap=bootstrap, data_path=corpus, listen_port=0, eval_batches=2,
                 torch_threads=1, linger_s=5.0, protocol=FAST_PROTOCOL)
-    return PeerConfig(**{**base, **kw})
+    return PeerConfig.of(**{**base, **kw})
 
 
 async def start_swarm(corpus: str, n: int, **kw) -> list[Peer]:
@@ -92,11 +92,11 @@ def wait_for(predicate, timeout_s, what):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def spawn_peer(corpus, tmp_path, i: int, port: int, rounds: int, inner_steps: int, extra: list[str], model: str = "tiny",
+def spawn_peer(corpus, tmp_path, i: int, rounds: int, inner_steps: int, extra: list[str], model: str = "tiny",
                bootstrap: str | None = None) -> subprocess.Popen:
-    """`shoal peer` process peer-<i> on 127.0.0.1:<port>, tiny settings, logging and
-    reporting to tmp_path (see `peer_processes`)."""
-    cmd = [sys.executable, "-m", "shoal.peer.cli", "peer", "--listen", f"127.0.0.1:{port}", "--peer-id", f"peer-{i}",
+    """`shoal peer` process peer-<i> on 127.0.0.1, port 0, tiny settings, logging and
+    reporting to tmp_path (see `peer_processes`; `peer_url` reads the URL it serves at)."""
+    cmd = [sys.executable, "-m", "shoal.peer.cli", "peer", "--listen", "127.0.0.1:0", "--peer-id", f"peer-{i}",
            "--model", model, "--inner-steps", str(inner_steps), "--batch-size", "4", "--seq-len", "32",
            "--inner-lr", "0.003", "--data", corpus, "--rounds", str(rounds), "--threads", "1",
            "--report", str(tmp_path / f"peer-{i}.json"), *extra]
@@ -106,21 +106,24 @@ def spawn_peer(corpus, tmp_path, i: int, port: int, rounds: int, inner_steps: in
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
+def peer_url(tmp_path, i: int, proc: subprocess.Popen, timeout_s: float = 60) -> str:
+    """The URL peer-<i> reports once it serves (it listens on port 0)."""
+    return serving_url(tmp_path / f"peer-{i}.log", proc, timeout_s)
+
+
 @contextlib.contextmanager
 def peer_processes(corpus, tmp_path, rounds: int, inner_steps: int, flags: list[list[str]], model: str = "tiny"):
-    """One `shoal peer` process per entry of `flags` (its extra flags), on free ports, tiny
+    """One `shoal peer` process per entry of `flags` (its extra flags), each on port 0, tiny
     model, all bootstrapping from peer-0 and waiting for each other; each writes its report
     and log to tmp_path. Yields (processes, urls) and kills whatever still runs on the way out."""
-    ports = [free_port() for _ in flags]
-    urls = [f"http://127.0.0.1:{p}" for p in ports]
-    procs = []
+    procs, first = [], None
     try:
-        for i, (port, extra) in enumerate(zip(ports, flags, strict=True)):
-            procs.append(spawn_peer(corpus, tmp_path, i, port, rounds, inner_steps, [*extra, "--min-peers", str(len(flags))], model,
-                                    urls[0] if i else None))
+        for i, extra in enumerate(flags):
+            procs.append(spawn_peer(corpus, tmp_path, i, rounds, inner_steps, [*extra, "--min-peers", str(len(flags))], model,
+                                    first))
             if i == 0:
-                wait_for(lambda: swarm_view(urls[0]), 60, "the first peer to serve")
-        yield procs, urls
+                first = peer_url(tmp_path, 0, procs[0])
+        yield procs, [first, *(peer_url(tmp_path, i, p) for i, p in enumerate(procs) if i)]
     finally:
         for proc in procs:
             if proc.poll() is None:

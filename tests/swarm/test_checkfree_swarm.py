@@ -8,7 +8,7 @@ import signal
 import time
 
 import pytest
-from conftest import free_port, peer_processes, spawn_peer, swarm_view, wait_for
+from conftest import peer_processes, spawn_peer, swarm_view, wait_for
 
 STAGE = ["--role", "stage", "--stages", "4", "--microbatch-size", "2"]
 
@@ -62,7 +62,7 @@ def test_a_peer_joining_a_stage_whose_holder_died_rebuilds_it_from_the_neighbour
         wait_for(lambda: (e := own_entry(urls[0], "peer-0")) and e["step"] >= inner_steps + 3, 120, "round 2 under way")
         procs[2].send_signal(signal.SIGKILL)
         procs[2].wait(timeout=10)
-        procs.append(spawn_peer(corpus, tmp_path, 4, free_port(), rounds, inner_steps, [*STAGE, "--stage", "2"], "tiny-deep", urls[0]))
+        procs.append(spawn_peer(corpus, tmp_path, 4, rounds, inner_steps, [*STAGE, "--stage", "2"], "tiny-deep", urls[0]))
         for i in (0, 1, 3, 4):
             assert procs[i].wait(timeout=180) == 0, (tmp_path / f"peer-{i}.log").read_text()[-3000:]
         log = (tmp_path / "peer-4.log").read_text()

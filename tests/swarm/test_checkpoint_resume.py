@@ -20,8 +20,8 @@ def test_resume_continues_from_latest_checkpoint(corpus, tmp_path):
         again = Peer(peer_config(corpus, "solo", checkpoint_dir=str(tmp_path), resume=True, max_rounds=4))
         await again.start()
         try:
-            assert again.outer_round == 3 and again.outer.weights_hash() == final_hash
-            momentum = again.outer.momentum  # momentum came back too, not zeros
+            assert again.outer_round == 3 and again.engine.outer.weights_hash() == final_hash
+            momentum = again.engine.outer.momentum  # momentum came back too, not zeros
             assert any(float(t.abs().sum()) > 0 for t in momentum.values())
             await wait_until(again.finished.is_set, 60, "round 4")
             assert [r["round"] for r in again.round_log] == [4]

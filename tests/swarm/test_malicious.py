@@ -31,16 +31,16 @@ def test_nan_contributions_are_dropped(corpus, caplog):
         attacker = Peer(peer_config(corpus, "peer-2", bootstrap=honest[0].address, max_rounds=3, run=run, min_peers=3))
         await attacker.start()
         # no await between start() and the patch: the training task has not run yet
-        shapes = attacker.outer.shapes
-        attacker.outer.contribution = lambda local: {n: nan_payload(int(np.prod(s))) for n, s in shapes.items()}
-        attacker.outer.decode_contribution = lambda payload: {n: torch.zeros(s) for n, s in shapes.items()}
+        shapes = attacker.engine.outer.shapes
+        attacker.engine.outer.contribution = lambda local: {n: nan_payload(int(np.prod(s))) for n, s in shapes.items()}
+        attacker.engine.outer.decode_contribution = lambda payload: {n: torch.zeros(s) for n, s in shapes.items()}
         everyone = [*honest, attacker]
         try:
             await wait_until(lambda: all(p.finished.is_set() for p in everyone), 90, "3 rounds")
             for a, b in zip(honest[0].round_log, honest[1].round_log, strict=True):
                 assert a["applied"] == b["applied"] == ["peer-0", "peer-1"]
                 assert a["weights_hash"] == b["weights_hash"]
-            assert all(torch.isfinite(t).all() for t in honest[0].outer.params.values())
+            assert all(torch.isfinite(t).all() for t in honest[0].engine.outer.params.values())
             refused = [r.getMessage() for r in caplog.records if "dropped peer-2's" in r.getMessage()]
             assert len(refused) >= 2 and all("non-finite" in m for m in refused), refused  # fetched, then refused
             # the attacker's own set includes itself, but the intersection with the honest
@@ -64,13 +64,13 @@ def test_huge_sparse_contribution_is_clipped_to_the_median(corpus):
         honest = await start_swarm(corpus, 2, max_rounds=3, run=run, min_peers=3)
         attacker = Peer(peer_config(corpus, "peer-2", bootstrap=honest[0].address, max_rounds=3, run=run, min_peers=3))
         await attacker.start()
-        outer = attacker.outer
+        outer = attacker.engine.outer
         gen = torch.Generator().manual_seed(0)
         outer.contribution = lambda local: {
             n: outer.codec.encode(1e3 * torch.randn(s, generator=gen)) for n, s in outer.shapes.items()
         }
         steps = []  # per round on peer-0: contribution norms, ‖Δθ‖
-        watched = honest[0].outer
+        watched = honest[0].engine.outer
         real_apply = watched.apply
 
         def apply(contributions):

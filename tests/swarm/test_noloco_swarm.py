@@ -25,7 +25,7 @@ def test_noloco_peers_step_with_one_partner_each(corpus):
                 distances = [r["partner_distance"] for r in peer.round_log]
                 # all start at θ₀; two peers that picked each other stay equal until they part
                 assert distances[0] == 0 and all(0 <= d < 0.05 for d in distances), distances
-                assert peer.round_log[-1]["eval_loss"] < peer.initial_eval_loss
+                assert peer.round_log[-1]["eval_loss"] < peer.engine.initial_eval_loss
             # three peers cannot all pair mutually in step 1, so by step 2 some pair differs
             assert max(r["partner_distance"] for p in peers for r in p.round_log[1:]) > 0
             hashes = {p.round_log[-1]["weights_hash"] for p in peers}

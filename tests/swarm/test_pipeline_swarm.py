@@ -43,9 +43,9 @@ def test_pipeline_replica_trains_with_full_replicas(corpus):
                 assert peer.outer_round == 3
                 assert sorted(peer.round_log[-1]["applied"]) == sorted(by_id), peer.peer_id
             # every stage's slice of the outer weights equals the full replicas' same tensors
-            full = by_id["full-0"].outer.params
+            full = by_id["full-0"].engine.outer.params
             for k in range(4):
-                stage_params = by_id[f"stage-{k}"].outer.params
+                stage_params = by_id[f"stage-{k}"].engine.outer.params
                 assert stage_params and set(stage_params) < set(full)
                 for name, tensor in stage_params.items():
                     assert torch.equal(tensor, full[name]), name
@@ -86,7 +86,7 @@ def test_skippipe_paths_keep_the_first_block_stage(corpus):
             await wait_until(lambda: all(p.finished.is_set() for p in peers), 120, "2 rounds")
             for peer in peers:
                 assert peer.error is None, (peer.peer_id, peer.error)
-            paths = by_id["stage-0"].paths.describe()
+            paths = by_id["stage-0"].role.paths.describe()
             assert (paths["paths"], paths["stages_per_path"], paths["kept_stages"], paths["fallbacks"]) == ("skippipe", 3, [1], 0)
             assert abs(paths["residual_scale"] - 3**0.5) < 1e-9  # --skip-rescale sqrt: stages 2-4 are on 1 path in 3
             backward = {k: by_id[f"stage-{k}"].traffic.received["backward"] for k in range(1, 5)}  # same-size payloads

@@ -14,11 +14,11 @@ def test_three_peers_agree_every_round(corpus):
                 assert all(e["applied"] == ["peer-0", "peer-1", "peer-2"] for e in entries)
                 assert not any(e["resynced"] for e in entries)
             assert all(p.outer_round == 3 for p in peers)
-            assert peers[0].round_log[-1]["eval_loss"] < peers[0].initial_eval_loss
+            assert peers[0].round_log[-1]["eval_loss"] < peers[0].engine.initial_eval_loss
             # contributions really crossed the sockets, at the codec's exact int8 size
-            codec = peers[0].outer.codec
-            payload_bytes = sum(codec.payload_nbytes(t.numel()) for t in peers[0].outer.params.values())
-            fp32_bytes = 4 * sum(t.numel() for t in peers[0].outer.params.values())
+            codec = peers[0].engine.outer.codec
+            payload_bytes = sum(codec.payload_nbytes(t.numel()) for t in peers[0].engine.outer.params.values())
+            fp32_bytes = 4 * sum(t.numel() for t in peers[0].engine.outer.params.values())
             sent = peers[0].traffic.sent["contribution"]  # served to 2 peers in each of 3 rounds
             assert 2 * 3 * payload_bytes < sent < 2 * 3 * (payload_bytes * 1.01 + 2048)
             assert payload_bytes < 0.5 * fp32_bytes

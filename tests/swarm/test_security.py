@@ -16,7 +16,7 @@ from shoal.train import PRESETS
 
 
 def state_of(peer: Peer):
-    return (sorted(peer.membership.peers), peer.outer.weights_hash(), peer.outer_round, dict(peer.store.contributions))
+    return (sorted(peer.membership.peers), peer.engine.outer.weights_hash(), peer.outer_round, dict(peer.store.contributions))
 
 
 def test_bad_requests_get_4xx_and_change_nothing(corpus):

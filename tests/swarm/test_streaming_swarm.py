@@ -22,10 +22,10 @@ def test_streaming_peers_sync_one_fragment_per_round(corpus):
                 assert len({e["weights_hash"] for e in entries}) == 1  # θ_outer identical on every peer
                 assert all(e["applied"] == ["peer-0", "peer-1", "peer-2"] for e in entries), entries
             # P rounds of H/P steps each take H steps; the overlapped steps are not extra
-            assert all(p.trainer.step_count == max_rounds * steps_per_round for p in peers)
+            assert all(p.engine.trainer.step_count == max_rounds * steps_per_round for p in peers)
             log = peers[0].round_log
             uploads = [b["contribution_bytes_sent"] - a["contribution_bytes_sent"] for a, b in zip(log, log[1:], strict=False)]
-            return log, uploads, peers[0].initial_eval_loss
+            return log, uploads, peers[0].engine.initial_eval_loss
         finally:
             await stop_all(peers)
 
