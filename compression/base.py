@@ -17,7 +17,9 @@ Wire layout shared by all codecs (little-endian, `HEADER`, 15 bytes):
     magic u8 (0x5C) | codec id u8 | version u8 | element count u64 | crc32 u32 | body ...
 
 The CRC covers the first 11 header bytes and the body. What the body holds is up to each
-codec (`dense.py`, `quantize.py`).
+codec (`dense.py`, `quantize.py`). `seal` and `open_header`/`check_crc` write and check this
+framing for any header that starts with magic, codec id and version and ends with the CRC:
+the activation codecs' (`activation_base.py`) is the other one.
 """
 
 from __future__ import annotations
@@ -73,6 +75,47 @@ def payload_bytes(payload: object) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
+def seal(header: struct.Struct, fields: Sequence[int], body: bytes) -> bytes:
+    """A payload: `header` packed from `fields` and a CRC32, its last field (u32), over the
+    header's other bytes and `body`; then `body`."""
+    prefix = header.pack(*fields, 0)[: header.size - 4]
+    crc = zlib.crc32(body, zlib.crc32(prefix))
+    return b"".join((prefix, struct.pack("<I", crc), body))
+
+
+def open_header(
+    payload: object, header: struct.Struct, codec_id: int, version: int, name: str
+) -> tuple[memoryview, tuple[int, ...]]:
+    """(the payload as bytes, its header fields after magic, codec id and version, the CRC
+    last) once the checks every codec makes first pass: bytes at least a header long, with
+    shoal's magic byte, `codec_id` and `version`. CodecError (naming `name`) otherwise."""
+    data = payload_bytes(payload)
+    if len(data) < header.size:
+        raise CodecError(
+            f"payload is {len(data)} bytes, shorter than the {header.size}-byte header"
+        )
+    magic, sent_id, sent_version, *fields = header.unpack_from(data)
+    if magic != MAGIC:
+        raise CodecError(
+            f"bad magic byte 0x{magic:02x} (want 0x{MAGIC:02x}): not a shoal codec payload"
+        )
+    if sent_id != codec_id:
+        raise CodecError(
+            f"payload was encoded by {codec_name(sent_id)!r}, not {codec_name(codec_id)!r}"
+        )
+    if sent_version != version:
+        raise CodecError(f"{name} payload version {sent_version} is not supported (want {version})")
+    return data, tuple(fields)
+
+
+def check_crc(data: memoryview, header: struct.Struct, crc: int, name: str) -> memoryview:
+    """The body after `header` if `crc` (the header's) matches it; CodecError otherwise."""
+    body = data[header.size :]
+    if zlib.crc32(body, zlib.crc32(data[: header.size - 4])) != crc:
+        raise CodecError(f"{name} payload fails its CRC32 check (corrupted in transit?)")
+    return body
+
+
 def normalize_shape(shape: Sequence[int]) -> tuple[int, ...]:
     """`shape` (a tuple, list or torch.Size of non-negative ints) as a tuple of ints."""
     dims = tuple(shape)
@@ -119,9 +162,7 @@ class Codec(ABC):
         """Encode a floating-point tensor (any shape, any device) into a payload."""
         values = as_float32_values(tensor)
         body = self._encode_values(values)
-        prefix = HEADER.pack(MAGIC, self.codec_id, self.version, values.size, 0)[:_CRC_OFFSET]
-        crc = zlib.crc32(body, zlib.crc32(prefix))
-        return b"".join((prefix, struct.pack("<I", crc), body))
+        return seal(HEADER, (MAGIC, self.codec_id, self.version, values.size), body)
 
     def decode(self, payload: bytes, shape: Sequence[int]) -> torch.Tensor:
         """Decode a payload into a float32 CPU tensor of exactly `shape`, or raise CodecError."""
@@ -147,30 +188,12 @@ class Codec(ABC):
 
     def _read_header(self, payload: bytes, count: int) -> memoryview:
         """Check the shared header and CRC; return the body."""
-        data = payload_bytes(payload)
-        if len(data) < HEADER.size:
-            raise CodecError(
-                f"payload is {len(data)} bytes, shorter than the {HEADER.size}-byte header"
-            )
-        magic, codec_id, version, declared, crc = HEADER.unpack_from(data)
-        if magic != MAGIC:
-            raise CodecError(
-                f"bad magic byte 0x{magic:02x} (want 0x{MAGIC:02x}): not a shoal codec payload"
-            )
-        if codec_id != self.codec_id:
-            raise CodecError(f"payload was encoded by {codec_name(codec_id)!r}, not {self.name!r}")
-        if version != self.version:
-            raise CodecError(
-                f"{self.name} payload version {version} is not supported (want {self.version})"
-            )
+        data, (declared, crc) = open_header(payload, HEADER, self.codec_id, self.version, self.name)
         if declared != count:
             raise CodecError(
                 f"payload holds {declared} elements, but the expected shape has {count}"
             )
-        body = data[HEADER.size :]
-        if zlib.crc32(body, zlib.crc32(data[:_CRC_OFFSET])) != crc:
-            raise CodecError(f"{self.name} payload fails its CRC32 check (corrupted in transit?)")
-        return body
+        return check_crc(data, HEADER, crc, self.name)
 
     @abstractmethod
     def _encode_values(self, values: np.ndarray) -> bytes:
