@@ -9,6 +9,11 @@ Pure functions, no I/O (not even the clock: ages are relative to `snapshot["now"
   `<noscript>` fallback).
 - `render_metrics`: Prometheus text exposition format 0.0.4.
 
+Besides each peer's table entry, the snapshot may carry this peer's own health: the worst
+event-loop lag over the last 60 s (`loop_lag_s_max`; every peer also gossips its own as
+`loop_lag_ms_max`, see `peer/looplag.py`) and the background tasks that failed
+(`task_failures`: {"task", "error", "time"}, see `peer/tasks.py`).
+
 Every string in a snapshot came from the network (peer ids, addresses, roles, run
 config), so each one is escaped where it is written; numbers go through `_fmt`, which
 prints only finite reals, so a string or NaN where a number belongs shows as "–".
@@ -37,6 +42,8 @@ PALETTE = [
     "#7f7f7f",
 ]
 STATES = ("alive", "suspect", "dead")
+LOOP_LAG_WARN_MS = 100.0  # display only: a loop that held this long delays heartbeats visibly
+SHOWN_FAILURES = 20  # the newest task failures listed on the page
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222;background:#f7f7f8}
 h1{font-size:20px;margin:0 0 2px}h2{font-size:16px;margin:22px 0 6px}.sub{color:#666}
@@ -51,6 +58,7 @@ th{background:#f0f0f3;font-weight:600}.l{text-align:left}
 tr.dead td{color:#aaa}td.st{font-weight:600;color:#2e7d32}tr.suspect td.st{color:#ef6c00}
 tr.dead td.st{color:#c62828}tr.dead td.st::before{content:"✕ "}tr.me{background:#f3f8ff}
 td.drift{background:#ffe0e0}td.drift code{color:#b71c1c;font-weight:700}
+td.wrap{white-space:normal;max-width:60em;text-align:left}
 .sw{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:6px}
 svg{background:#fff;border:1px solid #e2e2e6;border-radius:6px;max-width:100%;height:auto}
 """
@@ -354,6 +362,7 @@ def _peer_row(
         f"<td>{_fmt(p.get('train_loss'))}</td><td>{_fmt(p.get('eval_loss'))}</td>",
         f"<td>{_fmt(p.get('tokens_per_s'), ',.0f')}</td>",
         f"<td>{human_bytes(p.get('bytes_sent'))}</td><td>{human_bytes(p.get('bytes_received'))}</td>",
+        _loop_lag_cell(p.get("loop_lag_ms_max")),
         f'<td>{_ago(now, p.get("last_seen"))}</td><td class="st l">{state}</td>',
         f"<td{drift}><code>{_text(weights_hash[:8])}</code></td>",
     ]
@@ -363,6 +372,35 @@ def _peer_row(
             f"{_fmt(p.get('partner_distance'), '.2e')}</td>"
         )
     return f'<tr class="{state}{" me" if me else ""}">{"".join(cells)}</tr>'
+
+
+def _loop_lag_cell(lag_ms: Any) -> str:
+    """A peer's worst event-loop lag (ms) as gossiped; orange past `LOOP_LAG_WARN_MS`."""
+    if not _real(lag_ms):
+        return f"<td>{DASH}</td>"
+    late = ' class="warn" title="its event loop was held"' if lag_ms > LOOP_LAG_WARN_MS else ""
+    return f"<td{late}>{_fmt(lag_ms, ',.0f')} ms</td>"
+
+
+def task_failures(snapshot: dict[str, Any]) -> str:
+    """This peer's failed background tasks, newest first; nothing when there are none."""
+    failures = snapshot.get("task_failures")
+    rows = [f for f in failures if isinstance(f, dict)] if isinstance(failures, list) else []
+    if not rows:
+        return ""
+    shown = [
+        f'<tr><td class="l"><code>{_text(f.get("task"))}</code></td>'
+        f'<td class="wrap">{_text(f.get("error"))}</td>'
+        f"<td>{_ago(snapshot.get('now'), f.get('time'))}</td></tr>"
+        for f in reversed(rows[-SHOWN_FAILURES:])
+    ]
+    head = '<tr><th class="l">task</th><th class="l">error</th><th>when</th></tr>'
+    older = len(rows) - len(shown)
+    more = f'<p class="muted">and {older} older</p>' if older else ""
+    return (
+        f'<h2 class="bad">failed background tasks of this peer ({len(rows)})</h2>'
+        f'<div class="scroll"><table>{head}{"".join(shown)}</table></div>{more}'
+    )
 
 
 def render_html(snapshot: dict[str, Any]) -> str:
@@ -400,6 +438,9 @@ def render_html(snapshot: dict[str, Any]) -> str:
         ("codec", _text(run.get("codec"))),
         ("inner steps H", _fmt(run.get("inner_steps"), ".0f")),
     ]
+    own_lag_s = snapshot.get("loop_lag_s_max")
+    if _real(own_lag_s):
+        cards.append(("loop lag (60 s max)", f"{_fmt(1000 * own_lag_s, ',.0f')} ms"))
     extra = [
         f"{_text(k)} {_run_value(v)}"
         for k, v in run.items()
@@ -416,6 +457,7 @@ def render_html(snapshot: dict[str, Any]) -> str:
         "tokens/s",
         "sent",
         "received",
+        "loop lag",
         "last seen",
         "state",
         "weights",
@@ -440,6 +482,7 @@ def render_html(snapshot: dict[str, Any]) -> str:
         "</div>"
         f'<div class="muted">{" · ".join(extra)}</div>'
         f'<h2>peers</h2><div class="scroll"><table><tr>{head}</tr>{rows}</table></div>'
+        f"{task_failures(snapshot)}"
         f"{stage_map(peers, snapshot.get('pipeline'))}"
         f"<h2>loss over rounds</h2>{render_chart(history, palette)}"
         "</body></html>"
@@ -531,6 +574,31 @@ def render_metrics(snapshot: dict[str, Any]) -> str:
         [
             f'shoal_peer_alive{{peer="{_label(p.get("peer_id", ""))}"}} {int(_state(p) != "dead")}'
             for p in peers
+        ],
+    )
+    own_lag_s = snapshot.get("loop_lag_s_max")
+    lines += family(
+        "shoal_loop_lag_seconds_max",
+        "gauge",
+        "Longest this peer's event loop ran late over the last 60 s.",
+        [f"shoal_loop_lag_seconds_max {_sample(float(own_lag_s))}"] if _real(own_lag_s) else [],
+    )
+    failures = snapshot.get("task_failures")
+    lines += family(
+        "shoal_task_failures_total",
+        "gauge",  # the peer keeps only its latest failures: the count can stop growing
+        "Failed background tasks of this peer on record.",
+        [f"shoal_task_failures_total {len(failures) if isinstance(failures, list) else 0}"],
+    )
+    lines += family(
+        "shoal_peer_loop_lag_seconds_max",
+        "gauge",
+        "Longest each peer's event loop ran late over the last 60 s, as it gossips.",
+        [
+            f'shoal_peer_loop_lag_seconds_max{{peer="{_label(p.get("peer_id", ""))}"}} '
+            f"{_sample(float(p['loop_lag_ms_max']) / 1000)}"
+            for p in peers
+            if _real(p.get("loop_lag_ms_max"))
         ],
     )
     for name, key, kind, help_text in PEER_METRICS:

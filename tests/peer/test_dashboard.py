@@ -420,3 +420,71 @@ def test_stage_map_names_standby_peers_and_the_route_policy() -> None:
         and "estimated_iteration_s" not in page
     )
     assert EVIL_ID not in page and EVIL_ADDRESS not in page
+
+
+def test_loop_lag_and_task_failures_in_metrics() -> None:
+    snapshot = example_snapshot(
+        loop_lag_s_max=0.25,
+        task_failures=[{"task": "resync", "error": "TimeoutError: x", "time": 990.0}] * 3,
+    )
+    snapshot["peers"][0]["loop_lag_ms_max"] = 12.5
+    snapshot["peers"][1]["loop_lag_ms_max"] = None
+    text = render_metrics(snapshot)
+    lines = text.splitlines()
+    assert "shoal_loop_lag_seconds_max 0.25" in lines
+    assert "# TYPE shoal_loop_lag_seconds_max gauge" in lines
+    assert any(line.startswith("# HELP shoal_loop_lag_seconds_max ") for line in lines)
+    assert "shoal_task_failures_total 3" in lines
+    assert 'shoal_peer_loop_lag_seconds_max{peer="peer-a"} 0.0125' in lines
+    assert 'shoal_peer_loop_lag_seconds_max{peer="peer-b"}' not in text  # None is left out
+    for line in lines:  # still valid exposition text
+        assert line.startswith("# ") or SAMPLE.match(line), line
+    assert 'shoal_peers{state="alive"} 3' in lines  # the existing metrics stay
+    bare = render_metrics(example_snapshot())  # an older peer's snapshot: no lag, no failures
+    assert "shoal_loop_lag_seconds_max" not in bare and "shoal_task_failures_total 0" in bare
+    garbage = render_metrics(example_snapshot(loop_lag_s_max=float("nan"), task_failures="x"))
+    assert "shoal_loop_lag_seconds_max" not in garbage and "shoal_task_failures_total 0" in garbage
+
+
+def test_page_shows_loop_lag_column_and_task_failures() -> None:
+    failures = [
+        {"task": "checkpoint", "error": "OSError: disk full", "time": 940.0},
+        {"task": "resync", "error": "TimeoutError: peer-b", "time": 995.0},
+    ]
+    snapshot = example_snapshot(loop_lag_s_max=0.0421, task_failures=failures)
+    snapshot["peers"][0]["loop_lag_ms_max"] = 42.1
+    snapshot["peers"][2]["loop_lag_ms_max"] = 350.0
+    page = render_html(snapshot)
+    table = page[page.index("<h2>peers</h2>") : page.index("</table>")]
+    heads = re.findall(r"<th[^>]*>(.*?)</th>", table)
+    column = heads.index("loop lag")
+    assert heads[column - 1] == "received"
+    lag_cells = {}
+    for row in table.split("<tr")[2:]:
+        cells = re.findall(r"<td[^>]*>.*?</td>", row)
+        assert len(cells) == len(heads), row
+        lag_cells[re.search(r"<code>(.*?)</code>", cells[0]).group(1)] = cells[column]
+    assert lag_cells["peer-a"] == "<td>42 ms</td>" and lag_cells["peer-b"] == "<td>–</td>"
+    assert re.fullmatch(r'<td class="warn"[^>]*>350 ms</td>', lag_cells["peer-c"])
+    assert "loop lag (60 s max)<b>42 ms</b>" in page
+    section = page[page.index("failed background tasks") : page.index("<h2>loss over rounds")]
+    rows = section.split("<tr>")[2:]
+    assert len(rows) == 2 and "resync" in rows[0] and "checkpoint" in rows[1]  # newest first
+    assert "TimeoutError: peer-b" in rows[0] and "5 s ago" in rows[0] and "60 s ago" in rows[1]
+    assert "failed background tasks" not in render_html(example_snapshot())
+    assert "failed background tasks" not in render_html(example_snapshot(task_failures=[None]))
+
+
+def test_task_failure_strings_cannot_inject_markup() -> None:
+    failures = [{"task": EVIL_ID, "error": EVIL_ADDRESS, "time": "soon"}, "not a failure"]
+    snapshot = example_snapshot(task_failures=failures)
+    snapshot["peers"][0]["loop_lag_ms_max"] = EVIL_ID  # a string where a number belongs
+    page = render_html(snapshot)
+    assert "failed background tasks of this peer (1)" in page
+    assert EVIL_ID not in page and EVIL_ADDRESS not in page and "<img" not in page
+    assert escape(EVIL_ADDRESS) in page
+    tree = parse(page)
+    assert set(tree.tags) <= ALLOWED_TAGS and tree.tags.count("script") == 1
+    assert not any(name.startswith("on") for name, _ in tree.attrs)
+    metrics = render_metrics(snapshot)
+    assert 'shoal_peer_loop_lag_seconds_max{peer="peer-a"}' not in metrics
