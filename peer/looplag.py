@@ -17,8 +17,23 @@ from collections.abc import Callable
 
 
 class LoopLagMonitor:
-    def __init__(self, interval_s: float = 0.05, window_s: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    """Measures the loop it runs on: the owner starts `run()` as a task and cancels it.
+
+    `interval_s`: how often it wakes (each wake is one sample); `window_s`: how long a
+    sample counts towards `max_lag_s()`; `clock`: seconds, monotonic, for the window only
+    (the lag itself is measured with the loop's own clock).
+    """
+
+    def __init__(
+        self,
+        interval_s: float = 0.05,
+        window_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not interval_s > 0:
+            raise ValueError(f"loop lag interval_s must be > 0, got {interval_s}")
+        if not window_s > 0:
+            raise ValueError(f"loop lag window_s must be > 0, got {window_s}")
         self.interval_s, self.window_s, self.clock = interval_s, window_s, clock
         self._samples: deque[tuple[float, float]] = deque()  # (when, lag_s)
         self.last_lag_s = 0.0
