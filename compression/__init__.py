@@ -34,7 +34,8 @@ from .packing import (
 from .quantize import Int8Codec, Q2Codec, Q4Codec, QuantizeCodec, dequantize_chunks, quantize_chunks
 from .registry import CODECS, get_codec
 from .subspace_basis import SubspaceBasis, subspace_dim_for_ratio, token_id_nbytes
-from .topk import ChunkLayout, TopKCodec, chunk_layout
+from .topk import TopKCodec
+from .topk_layout import ChunkLayout, chunk_layout
 
 __all__ = [
     "ACTIVATION_CODECS",

@@ -36,214 +36,39 @@ are exactly those of `encode` tensor by tensor, and a bad payload in a batch rai
 error it raises alone (`BatchCodecError` says which).
 
 Which entries a chunk keeps (the exact k-th largest |x| per chunk and the tie rule) is
-`topk_select.py`; this file is the layout and the wire format around it.
+`topk_select.py`, the chunking `topk_layout.py`, and where received values go
+`topk_plan.py`; this file is the codec and the wire format.
 """
 
 from __future__ import annotations
 
 import math
 import struct
-import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
 
-from .base import _CRC_OFFSET, HEADER, MAGIC, Codec, CodecError, as_float32_values, normalize_shape
+from .base import HEADER, MAGIC, Codec, CodecError, as_float32_values, normalize_shape, seal
 from .framing import FrameTooLarge, zstd_frame, zstd_unframe
 from .packing import (
     indices_12bit_nbytes,
     pack_bits_many,
     pack_indices_12bit_many,
     packed_nbytes,
-    segment_slots,
     unpack_bits,
     unpack_indices_12bit,
 )
 from .quantize import quantize_segments
+from .topk_layout import MAX_CHUNK_ELEMENTS, ChunkLayout, chunk_layout
+from .topk_plan import ReceivePlan, receive_plan
 from .topk_select import select_many
 
-MAX_CHUNK_ELEMENTS = 4096  # positions are sent in 12 bits
+__all__ = ["MAX_CHUNK_ELEMENTS", "BatchCodecError", "ChunkLayout", "TopKCodec", "chunk_layout"]
+
+
 _GEOMETRY = struct.Struct("<HHBB")  # k, chunk, tile, bits
 _PREFIX_NBYTES = _GEOMETRY.size + 1  # geometry + frame flag
-
-
-@dataclass(frozen=True)
-class ChunkLayout:
-    """How a tensor is cut into chunks: a (rows, cols) matrix view of it, tiled in
-    `tile_rows` x `tile_cols` blocks (a flattened tensor is one row and tiles of 1 x chunk).
-    Chunk g is block (g // grid_cols, g % grid_cols); edge blocks are ragged."""
-
-    rows: int
-    cols: int
-    tile_rows: int
-    tile_cols: int
-
-    @property
-    def grid_rows(self) -> int:
-        return -(-self.rows // self.tile_rows)
-
-    @property
-    def grid_cols(self) -> int:
-        return -(-self.cols // self.tile_cols)
-
-    @property
-    def num_chunks(self) -> int:
-        return self.grid_rows * self.grid_cols
-
-    def _edges(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        """(size, how many) of the block heights and widths, from arithmetic alone."""
-
-        def sizes(total: int, tile: int) -> list[tuple[int, int]]:
-            full, tail = divmod(total, tile)
-            return [(tile, full)] + ([(tail, 1)] if tail else [])
-
-        return sizes(self.rows, self.tile_rows), sizes(self.cols, self.tile_cols)
-
-    def kept_total(self, k: int) -> int:
-        """Σ over chunks of min(k, chunk size), without building per-chunk arrays (a lying
-        element count must not make the receiver allocate). Memoized per (layout, k)."""
-        return _kept_total(self, k)
-
-    @cached_property
-    def _heights_widths(self) -> tuple[np.ndarray, np.ndarray]:
-        heights = np.full(self.grid_rows, self.tile_rows, dtype=np.int64)
-        widths = np.full(self.grid_cols, self.tile_cols, dtype=np.int64)
-        if heights.size:
-            heights[-1] = self.rows - (self.grid_rows - 1) * self.tile_rows
-        if widths.size:
-            widths[-1] = self.cols - (self.grid_cols - 1) * self.tile_cols
-        heights.flags.writeable = widths.flags.writeable = False  # shared by every caller
-        return heights, widths
-
-    def heights_widths(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per grid row, the block height; per grid column, the block width (int64, read-only)."""
-        return self._heights_widths
-
-    def chunk_sizes(self) -> np.ndarray:
-        """Elements per chunk, in chunk order (int64 [num_chunks])."""
-        heights, widths = self.heights_widths()
-        return np.multiply.outer(heights, widths).reshape(-1)
-
-    @cached_property
-    def chunk_origin(self) -> np.ndarray:
-        """Per chunk, the flat index of its first element (int64, read-only)."""
-        grid_row, grid_col = np.divmod(np.arange(self.num_chunks, dtype=np.int64), self.grid_cols)
-        origin = grid_row * self.tile_rows * self.cols + grid_col * self.tile_cols
-        origin.flags.writeable = False
-        return origin
-
-
-@lru_cache(maxsize=4096)
-def _kept_total(layout: ChunkLayout, k: int) -> int:
-    heights, widths = layout._edges()
-    return sum(nh * nw * min(k, h * w) for h, nh in heights for w, nw in widths)
-
-
-def chunk_layout(shape: Sequence[int], chunk: int = 4096, tile: int = 64) -> ChunkLayout:
-    """The chunking of a tensor of `shape`: tile x tile blocks for 2-D, else `chunk`-element
-    runs of the flattened tensor (see module doc). Memoized: a model has few shapes, and
-    a layout caches its block sizes."""
-    return _layout(normalize_shape(shape), chunk, tile)
-
-
-@lru_cache(maxsize=4096)
-def _layout(dims: tuple[int, ...], chunk: int, tile: int) -> ChunkLayout:
-    if len(dims) == 2:
-        return ChunkLayout(dims[0], dims[1], tile, tile)
-    return ChunkLayout(1, math.prod(dims), 1, chunk)
-
-
-@dataclass(frozen=True)
-class _ReceivePlan:
-    """Per kept slot (in wire order) of the payloads of several tensors laid end to end:
-    its chunk's size and width, the flat index of the chunk's first element, and where
-    the tensors' codes and positions sit once their packed fields are joined back to back
-    (each field padded to whole bytes; an odd positions field completed with one zero
-    byte). A pure function of (layouts, k, bits), so computed once per model (read-only)."""
-
-    bounds: np.ndarray  # tensor t's slots are bounds[t]:bounds[t + 1]
-    size: np.ndarray  # int32
-    width: np.ndarray  # int32
-    base: np.ndarray
-    dense_base: np.ndarray  # base + the offset of the slot's tensor among all tensors' elements
-    cols: np.ndarray  # the tensor's column count
-    same_chunk: np.ndarray  # slot i+1 is in the same chunk (of the same tensor) as slot i
-    table_key: np.ndarray  # tensor · 2**bits: where its table starts in the joined tables
-    code_count: int  # codes in the joined code fields, padding included
-    code_slots: np.ndarray | None  # where the sent codes are among them (None: no padding)
-    code_padding: np.ndarray  # where the padding codes are (must be 0)
-    index_count: int
-    index_slots: np.ndarray | None
-    index_padding: np.ndarray
-
-
-def _padding_slots(lengths: np.ndarray, padded: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-    if (padded == lengths).all():
-        return None, np.empty(0, dtype=np.intp)
-    slots = segment_slots(lengths, padded)
-    is_padding = np.ones(int(padded.sum()), dtype=np.bool_)
-    is_padding[slots] = False
-    return slots, np.flatnonzero(is_padding)
-
-
-@lru_cache(maxsize=64)
-def _receive_plan(layouts: tuple[ChunkLayout, ...], k: int, bits: int) -> _ReceivePlan:
-    # built only after every payload passed its length checks, so sized by what was
-    # received (kept_total(k) >= number of chunks: each keeps >= 1)
-    owners = [
-        np.repeat(np.arange(layout.num_chunks, dtype=np.int64), np.minimum(layout.chunk_sizes(), k))
-        for layout in layouts
-    ]
-    n_kept = np.array([owner.size for owner in owners], dtype=np.intp)
-
-    def per_slot(arrays: list[np.ndarray]) -> np.ndarray:
-        return np.concatenate([*arrays, np.empty(0, dtype=np.int64)])
-
-    def per_tensor(values: list[int]) -> np.ndarray:
-        return np.repeat(np.array(values, dtype=np.int64), n_kept)
-
-    chunk = per_slot(owners) + per_tensor(
-        np.cumsum([0] + [layout.num_chunks for layout in layouts])[:-1].tolist()
-    )
-    base = per_slot(
-        [layout.chunk_origin[owner] for layout, owner in zip(layouts, owners, strict=True)]
-    )
-    code_nbytes = (n_kept * bits + 7) // 8
-    code_slots, code_padding = _padding_slots(n_kept, code_nbytes * (8 // bits))
-    index_slots, index_padding = _padding_slots(n_kept, n_kept + n_kept % 2)
-    plan = _ReceivePlan(
-        bounds=np.concatenate(([0], np.cumsum(n_kept))),
-        size=per_slot(
-            [layout.chunk_sizes()[owner] for layout, owner in zip(layouts, owners, strict=True)]
-        ).astype(np.int32),
-        width=per_slot(
-            [
-                layout.heights_widths()[1][owner % layout.grid_cols]
-                for layout, owner in zip(layouts, owners, strict=True)
-            ]
-        ).astype(np.int32),
-        base=base,
-        dense_base=base
-        + per_tensor(
-            np.cumsum([0] + [layout.rows * layout.cols for layout in layouts])[:-1].tolist()
-        ),
-        cols=per_tensor([layout.cols for layout in layouts]),
-        same_chunk=chunk[1:] == chunk[:-1],
-        table_key=(per_tensor(list(range(len(layouts)))) << bits).astype(np.int32),
-        code_count=int(code_nbytes.sum()) * (8 // bits),
-        code_slots=code_slots,
-        code_padding=code_padding,
-        index_count=int((n_kept + n_kept % 2).sum()),
-        index_slots=index_slots,
-        index_padding=index_padding,
-    )
-    for array in vars(plan).values():
-        if isinstance(array, np.ndarray):
-            array.flags.writeable = False
-    return plan
 
 
 def _float32_values(tensor: torch.Tensor) -> np.ndarray:
@@ -333,12 +158,10 @@ class TopKCodec(Codec):
             for tensor in tensors:
                 as_float32_values(tensor)
             raise
-        payloads = []
-        for value, body in zip(values, bodies, strict=True):
-            prefix = HEADER.pack(MAGIC, self.codec_id, self.version, value.size, 0)[:_CRC_OFFSET]
-            crc = zlib.crc32(body, zlib.crc32(prefix))
-            payloads.append(b"".join((prefix, struct.pack("<I", crc), body)))
-        return payloads
+        return [
+            seal(HEADER, (MAGIC, self.codec_id, self.version, value.size), body)
+            for value, body in zip(values, bodies, strict=True)
+        ]
 
     def _bodies(
         self, values: Sequence[np.ndarray], shapes: Sequence[tuple[int, ...]]
@@ -465,7 +288,7 @@ class TopKCodec(Codec):
             index_fields.append(view[codes_end:])
             if n_kept % 2:  # the rest of its last 3-byte group, as unpack_indices_12bit does
                 index_fields.append(b"\0")
-        plan = _receive_plan(layouts, self.k, self.bits)
+        plan = receive_plan(layouts, self.k, self.bits)
         table = np.frombuffer(b"".join(tables), dtype="<f4").astype(np.float32)
         if not np.isfinite(table).all():
             raise CodecError("topk value table holds non-finite entries")
@@ -498,7 +321,7 @@ class TopKCodec(Codec):
         )  # keys < table.size
 
     def _outside_message(
-        self, layouts: tuple[ChunkLayout, ...], plan: _ReceivePlan, positions: np.ndarray, at: int
+        self, layouts: tuple[ChunkLayout, ...], plan: ReceivePlan, positions: np.ndarray, at: int
     ) -> str:
         tensor = int(np.searchsorted(plan.bounds, at, side="right")) - 1
         slot = at - int(plan.bounds[tensor])

@@ -29,16 +29,12 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .base import CodecError
-
-if TYPE_CHECKING:  # topk.py imports this module; layouts are only passed through here
-    from .topk import ChunkLayout
-
+from .topk_layout import ChunkLayout
 
 _scratch = threading.local()
 
