@@ -13,9 +13,11 @@ file-system order, so they come out the same on every machine with the same corp
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
+import logging
 import os
 import sysconfig
 from collections.abc import Iterator
@@ -26,19 +28,25 @@ import numpy as np
 import torch
 
 DOC_SEPARATOR = b"\x00"  # between documents: an end-of-document byte that source text never holds
-TEXT_SUFFIXES = (".txt", ".md", ".py", ".jsonl")  # what a folder contributes
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".jsonl")  # read from a folder without a look
+SNIFF_BYTES = 8192  # read of a folder's other files to tell UTF-8 text from binary
+# C0 control bytes that plain text does not hold (tab, LF, VT, FF and CR it does); NUL among
+# them, so a sniffed file cannot carry DOC_SEPARATOR at its start
+_BINARY_BYTES = bytes(sorted(set(range(32)) - set(b"\t\n\v\f\r")))
 DEFAULT_CORPUS_BYTES = 8 * 1024 * 1024  # the stdlib corpus stops at this size (loads in ~0.1 s)
 MAX_PIECE_BYTES = 64 * 1024  # long documents are split so that one big file cannot fill eval
 SHARD_HASH_PREFIX = b"shoal-shard:"
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where the bytes come from and how they are served; every peer of a run shares it."""
 
-    path: str | None = None  # None: this Python's standard library sources
+    path: str | None = None  # a file, folder or glob (`load_corpus`); None: the stdlib sources
     num_shards: int = 16
     batch_size: int = 16
     seq_len: int = 128
@@ -86,6 +94,38 @@ def _default_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[bytes]:
     return documents
 
 
+def looks_like_text(path: Path, sniff_bytes: int = SNIFF_BYTES) -> bool:
+    """Whether the file's first `sniff_bytes` bytes are UTF-8 text: they decode (a character
+    cut by the limit allowed) and hold no NUL or other control byte but tab, newline, VT,
+    FF and CR. An empty file counts as text (it adds no document)."""
+    with path.open("rb") as stream:
+        head = stream.read(sniff_bytes)
+    if head.translate(None, _BINARY_BYTES) != head:
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < sniff_bytes)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(files to read, files skipped as binary) under `folder`, recursively, sorted: every
+    file with a TEXT_SUFFIXES suffix, and any other that `looks_like_text` outside hidden
+    files and folders (a checkout's .git holds text that is not corpus)."""
+    files, skipped = [], []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if path.suffix in TEXT_SUFFIXES:
+            files.append(path)
+        elif any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        elif looks_like_text(path):
+            files.append(path)
+        else:
+            skipped.append(path)
+    return files, skipped
+
+
 def _read_file(path: Path) -> list[bytes]:
     if path.suffix != ".jsonl":
         return [path.read_bytes()]
@@ -108,17 +148,28 @@ def _read_file(path: Path) -> list[bytes]:
 def load_corpus(path: str | None) -> list[bytes]:
     """Documents as raw bytes. `None`: the standard library's own sources (first ~8 MB by
     sorted path): always present, no download, the same on every peer with the same
-    Python. Otherwise a file, a folder (recursively, files ending in .txt/.md/.py/.jsonl)
-    or a glob; a `.jsonl` file gives one document per line, its "text" field."""
+    Python. Otherwise a file, a folder or a glob; a `.jsonl` file gives one document per
+    line, its "text" field. A folder is read recursively: files ending in .txt/.md/.py/.jsonl,
+    and files with any other suffix or none that hold UTF-8 text (`looks_like_text` on
+    their first SNIFF_BYTES); binary files are skipped, and logged."""
     if path is None:
         return _default_corpus()
     target = Path(path)
     if target.is_file():
         files = [target]
     elif target.is_dir():
-        files = sorted(p for p in target.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        files, skipped = _folder_files(target)
+        binaries = ", ".join(p.relative_to(target).as_posix() for p in skipped[:5])
+        binaries += ", ..." if len(skipped) > 5 else ""
         if not files:
-            raise ValueError(f"data folder {path!r} holds no {'/'.join(TEXT_SUFFIXES)} files")
+            raise ValueError(
+                f"data folder {path!r} holds no text files ({'/'.join(TEXT_SUFFIXES)} or other "
+                f"UTF-8 text)" + (f"; skipped {len(skipped)} binary: {binaries}" if skipped else "")
+            )
+        if skipped:
+            logger.warning(
+                "data folder %r: skipped %d binary file(s): %s", path, len(skipped), binaries
+            )
     elif glob.has_magic(path):
         files = sorted(Path(p) for p in glob.glob(path, recursive=True) if Path(p).is_file())
         if not files:

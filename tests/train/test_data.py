@@ -1,10 +1,12 @@
 import json
+import logging
 import random
 
 import pytest
 import torch
 
 from shoal.train import DOC_SEPARATOR, ByteData, DataConfig, load_corpus, shard_for
+from shoal.train.data import SNIFF_BYTES, looks_like_text
 
 
 def make_docs(count: int = 200, seed: int = 0) -> list[bytes]:
@@ -56,6 +58,37 @@ def test_load_folder_recursive_sorted(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"text": "see"}\n')
     (tmp_path / "skip.bin").write_bytes(b"\x01\x02")
     assert load_corpus(str(tmp_path)) == [b"bee", b"see", b"ay"]
+
+
+def test_folder_reads_text_without_a_suffix_and_skips_binaries(tmp_path, caplog):
+    readme = "plain text without a suffix, ünïcode included\n".encode()
+    (tmp_path / "README").write_bytes(readme)
+    (tmp_path / "notes.rst").write_text("other suffix")
+    (tmp_path / "blob").write_bytes(bytes(range(256)))  # NUL and control bytes
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (tmp_path / "latin1").write_bytes("café".encode("latin-1"))  # not UTF-8
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "config").write_text("[core]\n")  # text, but not corpus
+    with caplog.at_level(logging.WARNING, logger="shoal.train.data"):
+        assert load_corpus(str(tmp_path)) == [readme, b"other suffix"]
+    assert "skipped 3 binary" in caplog.text
+    assert all(name in caplog.text for name in ("blob", "image.png", "latin1"))
+
+
+def test_folder_of_binaries_only_is_refused_naming_them(tmp_path):
+    (tmp_path / "weights").write_bytes(b"\x00\x01\x02")
+    with pytest.raises(ValueError, match="holds no text files.*skipped 1 binary: weights"):
+        load_corpus(str(tmp_path))
+
+
+def test_text_sniff_allows_a_character_cut_by_the_limit(tmp_path):
+    path = tmp_path / "long"
+    path.write_bytes(b"a" * (SNIFF_BYTES - 1) + "é".encode())  # é's second byte past the limit
+    assert looks_like_text(path)
+    path.write_bytes(b"a" * (SNIFF_BYTES - 1) + b"\xff\xfe")
+    assert not looks_like_text(path)
+    path.write_bytes(b"")
+    assert looks_like_text(path)
 
 
 def test_load_glob(tmp_path):
