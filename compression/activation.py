@@ -20,8 +20,8 @@ Codecs (bytes per token of the body; forward and backward payloads are the same 
     subspace-int4  ceil(k/2) + 1  k 4-bit coordinates, centred and scaled per payload, and a
                         per-token scale (SubspaceInt4ActivationCodec)
 
-plus `header_nbytes` per payload: 24, 33 for subspace, 32 for subspace-int8 and 32 + 2·k for subspace-int4. At d_model = 128: 512, 132 and
-(k = 31, ratio 8) 62 bytes per token.
+plus `header_nbytes` per payload: 24, 33 for subspace, 32 for subspace-int8 and 32 + 2·k
+for subspace-int4. At d_model = 128: 512, 132 and (k = 31, ratio 8) 62 bytes per token.
 
 The interface and wire header are `activation_base.py`; each codec is its own file
 (`activation_raw.py`, `activation_int8.py`, `activation_subspace.py`,

@@ -9,8 +9,9 @@ same magic byte, codec ids from the same namespace, a version and a CRC32:
     | batch u32 | seq u32 | d_model u32 | token ids crc32 u32 | crc32 u32 | body ...
 
 The CRC covers the first 20 header bytes and the body; the body starts with a fixed,
-codec-specific prefix (subspace: basis id and scale exponent, 9 bytes; subspace-int8: basis id). The token ids CRC
-(over the ids as little-endian int64) ties a payload to its microbatch: decoding it against
+codec-specific prefix (subspace: basis id and scale exponent, 9 bytes; subspace-int8: basis
+id). The token ids CRC (over the ids as little-endian int64) ties a payload to its
+microbatch: decoding it against
 other ids (a mixed-up microbatch, which for `subspace` would silently add the wrong E0 rows)
 is refused. The direction byte stops a gradient from being decoded as an activation.
 
@@ -76,7 +77,8 @@ class ActivationCodec(ABC):
         return self._encode(h, token_ids, FORWARD)
 
     def decode(self, payload: bytes, token_ids: torch.Tensor, d_model: int) -> torch.Tensor:
-        """float32 CPU tensor (*token_ids.shape, d_model) from an `encode` payload, or CodecError."""
+        """float32 CPU tensor (*token_ids.shape, d_model) from an `encode` payload, or
+        CodecError."""
         return self._decode(payload, token_ids, d_model, FORWARD)
 
     def encode_grad(self, g: torch.Tensor, token_ids: torch.Tensor) -> bytes:
@@ -148,7 +150,8 @@ class ActivationCodec(ABC):
             )
         if (batch, seq, sent_d) != (*ids.shape, d_model):
             raise CodecError(
-                f"{self.name} payload describes shape {(batch, seq, sent_d)}, expected {(*ids.shape, d_model)}"
+                f"{self.name} payload describes shape {(batch, seq, sent_d)}, "
+                f"expected {(*ids.shape, d_model)}"
             )
         if ids_crc != _token_ids_crc(ids):
             raise CodecError(
@@ -158,7 +161,8 @@ class ActivationCodec(ABC):
         expected = self.payload_nbytes(n_tokens, d_model)
         if len(data) != expected:
             raise CodecError(
-                f"{self.name} payload is {len(data)} bytes; {n_tokens} tokens × d_model {d_model} need {expected}"
+                f"{self.name} payload is {len(data)} bytes; "
+                f"{n_tokens} tokens × d_model {d_model} need {expected}"
             )
         body = check_crc(data, ACTIVATION_HEADER, crc, self.name)
         rows = self._decode_rows(body, ids.reshape(-1), d_model, direction)

@@ -61,7 +61,8 @@ class SubspaceActivationCodec(ActivationCodec):
     def _check_d_model(self, d_model: int, error: type[Exception]) -> None:
         if d_model != self.basis.d_model:
             raise error(
-                f"subspace basis {self.basis.basis_id} is for d_model {self.basis.d_model}, not {d_model}"
+                f"subspace basis {self.basis.basis_id} is for d_model {self.basis.d_model}, "
+                f"not {d_model}"
             )
 
     def _check_ids(self, ids: torch.Tensor) -> None:

@@ -102,7 +102,8 @@ class SubspaceInt4ActivationCodec(SubspaceActivationCodec):
             raise CodecError(
                 "subspace-int4 payload holds nibble 0, which the encoder never produces"
             )
-        # int8 quarter-octave bytes cannot overflow float32 (7 · 2^31.75 · 2^31.75 + 32 · 2^31.75 < 3.4e38)
+        # int8 quarter-octave bytes cannot overflow float32:
+        # 7 · 2^31.75 · 2^31.75 + 32 · 2^31.75 < 3.4e38
         return (
             (codes[:, :k] - 8).astype(np.float32) * token_scale[:, None] * spread + mean
         ).astype(np.float32)

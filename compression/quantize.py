@@ -172,7 +172,8 @@ def quantize_chunks(
 
 
 def dequantize_chunks(table: np.ndarray, codes: np.ndarray, chunk_size: int) -> np.ndarray:
-    """Inverse of `quantize_chunks`: float32 array with element i = table[i // chunk_size, codes[i]].
+    """Inverse of `quantize_chunks`: float32 array with element
+    i = table[i // chunk_size, codes[i]].
 
     The caller guarantees table has ceil(len(codes) / chunk_size) rows and codes < its width."""
     n_bins = table.shape[1]
@@ -246,7 +247,8 @@ class QuantizeCodec(Codec):
         finite = np.isfinite(table)
         if not finite.all():
             raise CodecError(
-                f"{self.name} lookup table holds {int(finite.size - finite.sum())} non-finite entries"
+                f"{self.name} lookup table holds {int(finite.size - finite.sum())} "
+                "non-finite entries"
             )
         codes = unpack_bits(body[_CHUNK_HEADER.size + table_nbytes :], self.bits, count)
         return dequantize_chunks(table.reshape(n_chunks, n_bins), codes, chunk_size)
@@ -256,11 +258,15 @@ class QuantizeCodec(Codec):
         return _CHUNK_HEADER.size + n_chunks * (4 << self.bits) + packed_nbytes(count, self.bits)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(chunk_size={self.chunk_size}, range_sigmas={self.range_sigmas:g})"
+        return (
+            f"{type(self).__name__}(chunk_size={self.chunk_size}, "
+            f"range_sigmas={self.range_sigmas:g})"
+        )
 
 
 class Int8Codec(QuantizeCodec):
-    """8-bit codes, 256 bins: INTELLECT-1's int8 DiLoCo codec, the swarm's default (~3.9x < fp32)."""
+    """8-bit codes, 256 bins: INTELLECT-1's int8 DiLoCo codec, the swarm's default
+    (~3.9x < fp32)."""
 
     name = "int8"
     codec_id = 3

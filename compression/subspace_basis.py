@@ -171,4 +171,7 @@ class SubspaceBasis:
             return self._by_device[device]
 
     def __repr__(self) -> str:
-        return f"SubspaceBasis(d_model={self.d_model}, k={self.k}, vocab={self.vocab_size}, id={self.basis_id})"
+        return (
+            f"SubspaceBasis(d_model={self.d_model}, k={self.k}, vocab={self.vocab_size}, "
+            f"id={self.basis_id})"
+        )

@@ -330,7 +330,10 @@ class TopKCodec(Codec):
                 np.cumsum(np.minimum(layouts[tensor].chunk_sizes(), self.k)), slot, side="right"
             )
         )
-        return f"topk position {int(positions[at])} lies outside chunk {chunk} of {int(plan.size[at])} elements"
+        return (
+            f"topk position {int(positions[at])} lies outside chunk {chunk} "
+            f"of {int(plan.size[at])} elements"
+        )
 
     def _inner(
         self, payload: bytes, dims: tuple[int, ...], layout: ChunkLayout

@@ -106,7 +106,8 @@ class OuterOptimizer(ABC):
             raise ValueError(f"weights {sorted(missing)[:3]} belong to no slice of the model")
         if len(self.slices) > 1 and not self.supports_slices:
             raise ValueError(
-                f"--outer {config.name} does not support pipeline stages (slices of the model); use diloco or sparseloco"
+                f"--outer {config.name} does not support pipeline stages (slices of the model); "
+                "use diloco or sparseloco"
             )
 
     @abstractmethod
@@ -183,7 +184,8 @@ class OuterOptimizer(ABC):
             missing = set(self.slices[index]) - names
             if missing:
                 raise ContributionError(
-                    f"contribution: missing {sorted(missing)[:3]} (slice {index} must be sent whole)"
+                    f"contribution: missing {sorted(missing)[:3]} "
+                    f"(slice {index} must be sent whole)"
                 )
         decoded = {}
         for name, shape in self.shapes.items():

@@ -7,7 +7,8 @@ rounds take exactly H steps), so each fragment still syncs once every H steps, a
 p·H/P, and the bytes on the wire per sync event fall by P. For that fragment:
 
     Δ = θ_outer[f] − θ_local[f]         encoded with the run's codec (q4 by default)
-    g = mean Δ over the round's peers;  m[f] ← μ·m[f] + g;  θ_outer[f] ← θ_outer[f] − lr·(g + μ·m[f])
+    g = mean Δ over the round's peers;  m[f] ← μ·m[f] + g
+    θ_outer[f] ← θ_outer[f] − lr·(g + μ·m[f])
     θ_local[f] ← α·θ_local[f] + (1 − α)·θ_outer[f]      α = `mix` (0.5)
 
 the outer step being DiLoCo's Nesterov step on the fragment alone. The node publishes Δ

@@ -163,7 +163,8 @@ def recovered_trainer(
 def _check_block_stage(plan: StagePlan, stage: int) -> None:
     if not 1 <= stage < plan.num_stages:
         raise ValueError(
-            f"stage {stage} is not a block stage (1..{plan.num_stages - 1}); CheckFree rebuilds block stages only"
+            f"stage {stage} is not a block stage (1..{plan.num_stages - 1}); "
+            "CheckFree rebuilds block stages only"
         )
 
 
@@ -196,7 +197,8 @@ def _split_blocks(
             or int(parts[1]) not in blocks
         ):
             raise ValueError(
-                f"weights of stage {stage} contain {name!r}, not a parameter of its blocks {list(indices)}"
+                f"weights of stage {stage} contain {name!r}, "
+                f"not a parameter of its blocks {list(indices)}"
             )
         if not torch.isfinite(tensor).all():
             raise ValueError(f"weights of stage {stage}: {name!r} has non-finite values")
@@ -206,14 +208,17 @@ def _split_blocks(
     for index, block in zip(indices, ordered, strict=True):
         if not block or set(block) != set(first):
             raise ValueError(
-                f"weights of stage {stage}: block {index} has parameters {sorted(block)}, expected {sorted(first)}"
+                f"weights of stage {stage}: block {index} has parameters {sorted(block)}, "
+                f"expected {sorted(first)}"
             )
         # all blocks share one shape per parameter: any block may stand in for any other
         for suffix, tensor in block.items():
             if tensor.shape != first[suffix].shape or tensor.dtype != first[suffix].dtype:
                 raise ValueError(
-                    f"weights of stage {stage}: blocks.{index}.{suffix} is {tuple(tensor.shape)} {tensor.dtype}, "
-                    f"blocks.{indices[0]}.{suffix} is {tuple(first[suffix].shape)} {first[suffix].dtype}"
+                    f"weights of stage {stage}: "
+                    f"blocks.{index}.{suffix} is {tuple(tensor.shape)} {tensor.dtype}, "
+                    f"blocks.{indices[0]}.{suffix} is "
+                    f"{tuple(first[suffix].shape)} {first[suffix].dtype}"
                 )
     return ordered
 
@@ -234,7 +239,8 @@ def _averaging_weights(
     if all(n is not None and math.isfinite(n) and n > 0 for n in norms):
         return float(next_grad_norm), float(prev_grad_norm)  # type: ignore[arg-type]
     logger.warning(
-        "rebuilding stage %d: gradient norms next=%s prev=%s unusable, averaging with equal weights",
+        "rebuilding stage %d: gradient norms next=%s prev=%s unusable, "
+        "averaging with equal weights",
         stage,
         next_grad_norm,
         prev_grad_norm,

@@ -70,5 +70,6 @@ def parse_activation(spec: str, config: ModelConfig, seed: int) -> ActivationSet
         basis = basis_for_model(config, k, seed)
         return ActivationSetting(get_activation_codec(name, basis=basis), basis, spec)
     raise ValueError(
-        f"--activation must be none, int8, subspace:RATIO, subspace-int8:RATIO or subspace-int4:RATIO, got {spec!r}"
+        "--activation must be none, int8, subspace:RATIO, subspace-int8:RATIO or "
+        f"subspace-int4:RATIO, got {spec!r}"
     )

@@ -14,8 +14,9 @@ Up to `max_in_flight` microbatches run concurrently, so while stage 2 computes m
 j, stage 1 already works on j+1 (each stage serves its requests one at a time, in
 order). When every microbatch of the step is back, stage 0 takes its own inner step and
 tells every stage peer to take theirs (`/stage/step`); each averages the gradients of
-the microbatches it saw (a replica that saw none only counts the step). With one peer per stage that is
-exactly the whole batch's gradient (tests/pipeline checks it against the unsplit model).
+the microbatches it saw (a replica that saw none only counts the step). With one peer per
+stage that is exactly the whole batch's gradient (tests/pipeline checks it against the
+unsplit model).
 
 Failures: a forward hop that fails (peer unreachable, timeout, error) bans that peer in the
 router and goes to another replica of the stage; a backward hop that fails sends the whole
@@ -162,7 +163,8 @@ class PipelineDriver:
         losses = [r for r in results if not isinstance(r, BaseException)]
         if not losses:
             raise PipelineBroken(
-                f"no microbatch got through the pipeline in {self.config.max_attempts} attempts; is every stage served?"
+                f"no microbatch got through the pipeline in {self.config.max_attempts} "
+                "attempts; is every stage served?"
             )
         if len(losses) < len(results):
             log.warning(
@@ -358,7 +360,8 @@ class PipelineDriver:
             or len(set(stages)) < len(stages)
         ):
             raise ValueError(
-                f"evaluation stages must be distinct block stages in 1..{self.plan.num_stages - 1}, got {stages}"
+                "evaluation stages must be distinct block stages in "
+                f"1..{self.plan.num_stages - 1}, got {stages}"
             )
 
         async def one(x: torch.Tensor, y: torch.Tensor) -> float:

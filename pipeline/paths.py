@@ -13,9 +13,9 @@ last. Three planners:
   edge stage can be rebuilt by copying that neighbour (pipeline/checkfree.py).
 * `SkipPaths`: SkipPipe (pipeline/skippipe.py): each microbatch visits only some stages
   (default 4 of 6, stage 0 counted, the first block stage always among them: SkipPipe's
-  stage 0 holds the first layers, ours none), possibly with adjacent stages swapped, on the peers the
-  time-aware scheduler picks from the live stage peers and the speeds the router measured
-  (seconds per token of a forward hop, transfer included). The plan is recomputed every
+  stage 0 holds the first layers, ours none), possibly with adjacent stages swapped, on the
+  peers the time-aware scheduler picks from the live stage peers and the speeds the router
+  measured (seconds per token of a forward hop, transfer included). The plan is recomputed every
   step, so peers that join, leave or slow down are planned around at the next step; a
   planned peer that is banned or gone at hop time is replaced by the router's choice.
 

@@ -38,7 +38,8 @@ class RouterConfig:
             raise ValueError(f"routing option ema_alpha must be in (0, 1], got {self.ema_alpha!r}")
         if self.remember_microbatches < 1:
             raise ValueError(
-                f"routing option remember_microbatches must be >= 1, got {self.remember_microbatches!r}"
+                "routing option remember_microbatches must be >= 1, "
+                f"got {self.remember_microbatches!r}"
             )
 
 

@@ -9,8 +9,9 @@ on both sides; `peer/` only carries them (msgpack envelopes, HMAC, size limits).
 `key` names a microbatch attempt (unique per driver), `tokens` are its token ids (uint8
 bytes for vocabularies up to 256, int32 little-endian above) with `shape` = (batch,
 seq): every stage needs them to rebuild a subspace-compressed activation. `act`/`grad` are
-activation-codec payloads (compression/activation.py) named by `codec`. A stage answers a forward only once it
-has applied outer round `round`, so a microbatch never mixes two rounds' weights.
+activation-codec payloads (compression/activation.py) named by `codec`. A stage answers a
+forward only once it has applied outer round `round`, so a microbatch never mixes two
+rounds' weights.
 
 Who waits for what, and timeouts: the driver bounds every hop by `hop_timeout_s`; an
 unreachable or failing peer is banned by the router and the hop goes to another replica
@@ -71,14 +72,16 @@ class Microbatch:
         batch, seq = shape
         if seq > max_seq_len or batch * seq > MAX_TOKENS:
             raise StageRequestError(
-                f"microbatch {batch}x{seq} exceeds the limits (seq <= {max_seq_len}, tokens <= {MAX_TOKENS})"
+                f"microbatch {batch}x{seq} exceeds the limits "
+                f"(seq <= {max_seq_len}, tokens <= {MAX_TOKENS})"
             )
         if not isinstance(data, bytes):
             raise StageRequestError("tokens must be bytes")
         width = len(data) // (batch * seq) if batch * seq else 0
         if width not in (1, 4) or len(data) != width * batch * seq:
             raise StageRequestError(
-                f"tokens hold {len(data)} bytes, expected {batch * seq} (uint8) or {4 * batch * seq} (int32)"
+                f"tokens hold {len(data)} bytes, "
+                f"expected {batch * seq} (uint8) or {4 * batch * seq} (int32)"
             )
         ids = (
             np.frombuffer(data, dtype=np.uint8 if width == 1 else "<i4")

@@ -148,7 +148,8 @@ class StageService:
         self._check_stage(payload)
         if payload.get("codec") != self.setting.name:
             raise StageRequestError(
-                f"this stage peer serves activation codec {self.setting.spec!r}, got {payload.get('codec')!r}"
+                f"this stage peer serves activation codec {self.setting.spec!r}, "
+                f"got {payload.get('codec')!r}"
             )
         return Microbatch.from_wire(payload, self.model.vocab_size, self.model.max_seq_len)
 

@@ -54,8 +54,8 @@ LinkDelays = (
 
 class ScheduleInfeasible(ValueError):
     """No plan satisfies the constraints; `constraints` names the ones that ruled paths out
-    ("coverage", "visit_cap", "visit_floor", "max_jump", "always_visit", "max_expansions"), `microbatch` the one that failed
-    (None when detected before the search)."""
+    ("coverage", "visit_cap", "visit_floor", "max_jump", "always_visit", "max_expansions"),
+    `microbatch` the one that failed (None when detected before the search)."""
 
     def __init__(self, message: str, constraints: tuple[str, ...], microbatch: int | None = None):
         super().__init__(message)
@@ -113,12 +113,13 @@ class SkipPipeConfig:
         kept = self.always_visit
         if len(set(kept)) < len(kept) or not all(1 <= s < self.num_stages for s in kept):
             raise ValueError(
-                f"always_visit must list distinct block stages in 1..{self.num_stages - 1}, got {list(kept)}"
+                "always_visit must list distinct block stages in "
+                f"1..{self.num_stages - 1}, got {list(kept)}"
             )
         if len(kept) > self.visits_per_path - 1:
             raise ValueError(
-                f"always_visit keeps {len(kept)} stages but paths visit only {self.visits_per_path - 1} "
-                f"besides stage 0 (skip_ratio={self.skip_ratio})"
+                f"always_visit keeps {len(kept)} stages but paths visit only "
+                f"{self.visits_per_path - 1} besides stage 0 (skip_ratio={self.skip_ratio})"
             )
         for name in ("backward_factor", "transfer_s", "visit_slack"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):

@@ -42,7 +42,8 @@ class StagePlan:
     def __post_init__(self) -> None:
         if not 2 <= self.num_stages <= self.n_layers + 1:
             raise ValueError(
-                f"--stages must be in 2..{self.n_layers + 1} (stage 0 plus at most one stage per block), got {self.num_stages}"
+                f"--stages must be in 2..{self.n_layers + 1} "
+                f"(stage 0 plus at most one stage per block), got {self.num_stages}"
             )
 
     def blocks(self, stage: int) -> range:

@@ -261,7 +261,8 @@ class ByteData:
         shard = self.peer_shard(peer_id)
         if len(shard) < seq_len + 1:
             raise ValueError(
-                f"shard of {peer_id!r} holds {len(shard)} bytes, fewer than seq_len + 1 = {seq_len + 1}; "
+                f"shard of {peer_id!r} holds {len(shard)} bytes, "
+                f"fewer than seq_len + 1 = {seq_len + 1}; "
                 "use more data, fewer shards or a shorter seq_len"
             )
         peer_key = int.from_bytes(hashlib.sha256(peer_id.encode("utf-8")).digest()[:8], "big")
@@ -284,7 +285,8 @@ class ByteData:
         count = batch_size * num_batches
         if len(self.eval_bytes) < seq_len + 1:
             raise ValueError(
-                f"eval split holds {len(self.eval_bytes)} bytes, fewer than seq_len + 1 = {seq_len + 1}"
+                f"eval split holds {len(self.eval_bytes)} bytes, "
+                f"fewer than seq_len + 1 = {seq_len + 1}"
             )
         starts = np.linspace(0, len(self.eval_bytes) - seq_len - 1, count).astype(np.int64)
         windows = torch.from_numpy(

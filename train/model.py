@@ -89,7 +89,8 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny-deep": ModelConfig(d_model=32, n_layers=4, n_heads=2, d_ff=96, max_seq_len=64),
     # the CPU demo (`shoal demo`): tuned with scripts/tune_small.py, see train/recipe.py
     "small": ModelConfig(d_model=128, n_layers=4, n_heads=4, d_ff=384, max_seq_len=256),
-    # pipeline benchmarks on a CPU: small's width, enough blocks for 6 stages (scripts/bench_skippipe.py)
+    # pipeline benchmarks on a CPU: small's width, enough blocks for 6 stages
+    # (scripts/bench_skippipe.py)
     "small-deep": ModelConfig(d_model=128, n_layers=10, n_heads=4, d_ff=384, max_seq_len=256),
     # ~25M: a laptop-class GPU or a patient CPU
     "base": ModelConfig(d_model=512, n_layers=8, n_heads=8, d_ff=1408, max_seq_len=512),
@@ -150,7 +151,8 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (batch, heads, seq, head_dim) by the per-position angles in cos/sin (seq, head_dim/2)."""
+    """Rotate x (batch, heads, seq, head_dim) by the per-position angles in cos/sin
+    (seq, head_dim/2)."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
@@ -180,7 +182,8 @@ class CausalSelfAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """MLP with a SiLU-gated hidden layer (Shazeer 2020), as in LLaMA: down(silu(gate(x)) * up(x))."""
+    """MLP with a SiLU-gated hidden layer (Shazeer 2020), as in LLaMA:
+    down(silu(gate(x)) * up(x))."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

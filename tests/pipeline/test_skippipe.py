@@ -220,7 +220,8 @@ def test_skippipe_beats_full_pipeline_on_uneven_swarm():
     check_schedule(full, peers, delays, config, 6, None)
     ratio = skip.iteration_time_s / full.iteration_time_s
     print(
-        f"skip 1/3 vs full: {skip.iteration_time_s:.1f}s / {full.iteration_time_s:.1f}s = {ratio:.3f}"
+        f"skip 1/3 vs full: {skip.iteration_time_s:.1f}s / {full.iteration_time_s:.1f}s "
+        f"= {ratio:.3f}"
     )
     assert ratio <= 0.8
 
