@@ -257,7 +257,8 @@ def main() -> None:
         begin = time.perf_counter()
         delta = real_delta(args.inner_steps, args.seed)
         print(
-            f"small-delta: {sum(t.numel() for t in delta.values()):,} params, H={args.inner_steps}, "
+            f"small-delta: {sum(t.numel() for t in delta.values()):,} params, "
+            f"H={args.inner_steps}, "
             f"{time.perf_counter() - begin:.0f} s"
         )
 
@@ -325,8 +326,9 @@ def main() -> None:
             print(f"{row['input']:<12} {row['codec']:<13} unavailable: {row['unavailable']}")
             continue
         print(
-            f"{row['input']:<12} {row['codec']:<13} {row['bits_per_param']:10.4f} {row['rel_err']:8.4f} "
-            f"{row['rel_err_ef']:10.4f} {row['encode_eps'] / 1e6:9.1f} {row['decode_eps'] / 1e6:9.1f} "
+            f"{row['input']:<12} {row['codec']:<13} "
+            f"{row['bits_per_param']:10.4f} {row['rel_err']:8.4f} {row['rel_err_ef']:10.4f} "
+            f"{row['encode_eps'] / 1e6:9.1f} {row['decode_eps'] / 1e6:9.1f} "
             f"{ratio(row['bytes_vs_hm_uniform8'])} {ratio(row['time_vs_hm_uniform8'])}"
         )
 
@@ -341,7 +343,9 @@ def main() -> None:
         "torch": torch.__version__,
         "numpy": np.__version__,
         "machine": platform.processor() or platform.machine(),
-        "real_delta_rounds": "x_t = a_t*Δ + 0.1*rms(Δ)*ξ_t per tensor, a_t ~ U(0.5, 1.5), ξ_t ~ N(0, 1)",
+        "real_delta_rounds": (
+            "x_t = a_t*Δ + 0.1*rms(Δ)*ξ_t per tensor, a_t ~ U(0.5, 1.5), ξ_t ~ N(0, 1)"
+        ),
         "random_rounds": "fresh x_t ~ N(0, 1) each round",
         "random_shape": "(N / 1024, 1024)",
         "hivemind": hm_missing

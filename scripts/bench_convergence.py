@@ -1,8 +1,9 @@
-"""Every outer algorithm on the same model, data, seeds and token budget, 4 peer processes,
+r"""Every outer algorithm on the same model, data, seeds and token budget, 4 peer processes,
 over emulated slow links: eval loss against tokens, bytes sent and wall-clock time, plus
 compute utilization and the longest stall.
 
-    sudo python scripts/bench_convergence.py --rates 100mbit 10mbit --out results/bench_convergence.json
+    sudo python scripts/bench_convergence.py --rates 100mbit 10mbit \
+        --out results/bench_convergence.json
 
 Methods (each peer takes --steps inner steps in all; H = --inner-steps):
 
@@ -173,7 +174,8 @@ def main() -> int:
     parser.add_argument(
         "--final-eval-only",
         action="store_true",
-        help="evaluate only after the last round (utilization without the benchmark's own evaluations)",
+        help="evaluate only after the last round "
+        "(utilization without the benchmark's own evaluations)",
     )
     parser.add_argument("--model", default="small")
     parser.add_argument("--out", default="results/bench_convergence.json")
@@ -224,8 +226,11 @@ def main() -> int:
             )
             results[rate][name] = row
             print(
-                f"   final eval {row['final_eval_loss']:.3f}, {row['bytes_sent_per_peer'] / 1e6:.1f} MB/peer, "
-                f"utilization {row['utilization']:.1%} ({row['utilization_excl_eval']:.1%} excl. eval), longest stall {row['longest_stall_s']:.1f} s, "
+                f"   final eval {row['final_eval_loss']:.3f}, "
+                f"{row['bytes_sent_per_peer'] / 1e6:.1f} MB/peer, "
+                f"utilization {row['utilization']:.1%} "
+                f"({row['utilization_excl_eval']:.1%} excl. eval), "
+                f"longest stall {row['longest_stall_s']:.1f} s, "
                 f"wall {row['wall_seconds']:.0f} s",
                 flush=True,
             )
@@ -246,13 +251,16 @@ def main() -> int:
         document["plots"] = "matplotlib not installed (pip install -e '.[plot]')"
     out.write_text(json.dumps(document, indent=1))
     print(
-        f"{'rate':<9} {'method':<12} {'final eval':>10} {'MB/peer':>9} {'peak MB/round':>13} {'util':>6} {'w/o eval':>8} {'stall s':>8} {'wall s':>7}"
+        f"{'rate':<9} {'method':<12} {'final eval':>10} {'MB/peer':>9} {'peak MB/round':>13} "
+        f"{'util':>6} {'w/o eval':>8} {'stall s':>8} {'wall s':>7}"
     )
     for rate, rows in results.items():
         for name, row in rows.items():
             print(
-                f"{rate:<9} {name:<12} {row['final_eval_loss']:10.3f} {row['bytes_sent_per_peer'] / 1e6:9.2f} "
-                f"{row['peak_round_bytes_per_peer'] / 1e6:13.3f} {row['utilization']:6.1%} {row['utilization_excl_eval']:8.1%} {row['longest_stall_s']:8.1f} "
+                f"{rate:<9} {name:<12} {row['final_eval_loss']:10.3f} "
+                f"{row['bytes_sent_per_peer'] / 1e6:9.2f} "
+                f"{row['peak_round_bytes_per_peer'] / 1e6:13.3f} {row['utilization']:6.1%} "
+                f"{row['utilization_excl_eval']:8.1%} {row['longest_stall_s']:8.1f} "
                 f"{row['wall_seconds']:7.0f}"
             )
     print(f"written to {out}")

@@ -132,13 +132,16 @@ def main() -> int:
     plot(runs, args.peers, out.with_suffix(".png"))
 
     print(
-        f"\n{'method':18s} {'eval loss':>9s} {'vs base':>8s} {'MB/peer':>8s} {'contrib vs base':>15s} {'bits/param':>10s} {'DDP/sent':>9s} {'wall s':>7s}"
+        f"\n{'method':18s} {'eval loss':>9s} {'vs base':>8s} {'MB/peer':>8s} "
+        f"{'contrib vs base':>15s} {'bits/param':>10s} {'DDP/sent':>9s} {'wall s':>7s}"
     )
     for r in rows:
         bits = r["bits_per_param_per_round"]
         print(
-            f"{r['method']:18s} {r['eval_loss_last']:9.3f} {r['eval_loss_vs_base']:+8.2%} {r['bytes_sent_per_peer'] / 1e6:8.2f} "
-            f"{r['contribution_bytes_vs_base']:15.4f} {bits if bits is None else f'{bits:.3f}':>10} {r['ddp_over_sent']:9.1f} {r['wall_seconds']:7.1f}"
+            f"{r['method']:18s} {r['eval_loss_last']:9.3f} {r['eval_loss_vs_base']:+8.2%} "
+            f"{r['bytes_sent_per_peer'] / 1e6:8.2f} {r['contribution_bytes_vs_base']:15.4f} "
+            f"{bits if bits is None else f'{bits:.3f}':>10} "
+            f"{r['ddp_over_sent']:9.1f} {r['wall_seconds']:7.1f}"
         )
     print(f"written to {out} and {out.with_suffix('.png')}")
     return 0

@@ -10,8 +10,9 @@ DiLoCo int8 outer rounds, the same seeds, data shards and token budget per repli
 
 * `codec/<setting>`: one pipeline replica (4 stage peers) alone, for each activation
   setting (`--codecs`; default none, int8, subspace:8, subspace:32, subspace-int8:32,
-  subspace-int4:32, subspace:100, subspace-int4:100), each once per `--seeds`. Eval loss per round (stage 0
-  evaluates through the chain, held-out split), tokens/s, and the hop bytes measured on
+  subspace-int4:32, subspace:100, subspace-int4:100), each once per `--seeds`. Eval loss
+  per round (stage 0 evaluates through the chain, held-out split), tokens/s, and the hop
+  bytes measured on
   the wire, per token and per activation payload (a microbatch crosses the network
   4·(S−1) times in this star layout: stage 0 sends every stage its input and gets its
   output back, forward and backward; the token ids ride along in every request).
@@ -206,8 +207,8 @@ def main() -> int:
         nargs="+",
         type=int,
         default=[0],
-        help="codec part: run every setting once per run seed (init and data order) and report each seed's "
-        "ratio to none and their mean; the other parts use the first",
+        help="codec part: run every setting once per run seed (init and data order) and "
+        "report each seed's ratio to none and their mean; the other parts use the first",
     )
     parser.add_argument("--out", default="results/bench_pipeline.json")
     parser.add_argument("--keep-logs", help="keep the peers' logs and reports under this folder")
@@ -263,7 +264,8 @@ def main() -> int:
         seed: int = args.seeds[0],
     ) -> dict:
         print(
-            f"== {part} {name} (seed {seed}): {len(peer_flags)} peers, {rounds} rounds of {args.inner_steps} steps",
+            f"== {part} {name} (seed {seed}): {len(peer_flags)} peers, "
+            f"{rounds} rounds of {args.inner_steps} steps",
             flush=True,
         )
         begin = time.monotonic()
@@ -352,13 +354,16 @@ def main() -> int:
     out.write_text(json.dumps(document, indent=1))
 
     print(
-        f"{'codec':<13} {'B/token/payload':>15} {'wire B/token/payload':>20} {'ratio':>7} {'tokens/s':>9} {'final eval':>10} {'vs none':>8}"
+        f"{'codec':<13} {'B/token/payload':>15} {'wire B/token/payload':>20} {'ratio':>7} "
+        f"{'tokens/s':>9} {'final eval':>10} {'vs none':>8}"
     )
     for spec, row in results.get("codec", {}).items():
         print(
-            f"{spec:<17} {results['codec_bytes'][spec]['bytes_per_token']:15.1f} {row['hop_bytes_per_token_per_payload']:20.1f} "
-            f"{row.get('hop_bytes_ratio_vs_none', float('nan')):7.1f} {row['pipeline_tokens_per_s']:9.0f} "
-            f"{row['pipeline_final_eval_loss']:10.3f} {row.get('eval_loss_vs_none', float('nan')):+8.1%}"
+            f"{spec:<17} {results['codec_bytes'][spec]['bytes_per_token']:15.1f} "
+            f"{row['hop_bytes_per_token_per_payload']:20.1f} "
+            f"{row.get('hop_bytes_ratio_vs_none', float('nan')):7.1f} "
+            f"{row['pipeline_tokens_per_s']:9.0f} {row['pipeline_final_eval_loss']:10.3f} "
+            f"{row.get('eval_loss_vs_none', float('nan')):+8.1%}"
             + (
                 f"   seeds {args.seeds}: "
                 + " ".join(f"{v:+.1%}" for v in row["eval_loss_vs_none_by_seed"])
@@ -369,7 +374,8 @@ def main() -> int:
         )
     for name, row in results.get("mixed", {}).items():
         print(
-            f"mixed {name:<14} full {row.get('full_final_eval_loss', float('nan')):.3f}  pipeline {row.get('pipeline_final_eval_loss', float('nan')):.3f}"
+            f"mixed {name:<14} full {row.get('full_final_eval_loss', float('nan')):.3f}  "
+            f"pipeline {row.get('pipeline_final_eval_loss', float('nan')):.3f}"
         )
     for rate, rows in results.get("wan", {}).items():
         for spec, row in rows.items():

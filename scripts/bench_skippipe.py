@@ -2,8 +2,9 @@
 equal tokens, and held-out loss through only part of the model. Every peer is a
 `shoal peer` process.
 
-    python scripts/bench_skippipe.py --out results/bench_skippipe.json                  # loopback
-    sudo python scripts/bench_skippipe.py --wan --out results/bench_skippipe_wan.json   # uneven links
+    # on loopback; then with uneven links (--wan, as root)
+    python scripts/bench_skippipe.py --out results/bench_skippipe.json
+    sudo python scripts/bench_skippipe.py --wan --out results/bench_skippipe_wan.json
 
 The README's rows: iteration time with the emulated devices 2.5x slower (so that they,
 not this machine's two shared cores, set the pace) and 16 microbatches per step,
@@ -32,9 +33,10 @@ two replicas of each stage, SWARM routing among them):
   updates scaled by p^-1/2 in training forwards (`--skip-rescale sqrt`), on paths and
   peers the SkipPipe scheduler (pipeline/skippipe.py) plans each step from the live peers
   and their measured hop times;
-* ablations (`--runs`): `skippipe-unscaled` (`--skip-rescale none`), `skippipe-swaps` (`--skip-swaps 2`: up to two pairs of adjacent
-  stages swapped, the paper's limit), `skippipe-keep-none` (`--skip-keep none`: any block
-  stage may be skipped, stage 1 included) and `skippipe-keep-none-swaps` (both).
+* ablations (`--runs`): `skippipe-unscaled` (`--skip-rescale none`), `skippipe-swaps`
+  (`--skip-swaps 2`: up to two pairs of adjacent stages swapped, the paper's limit),
+  `skippipe-keep-none` (`--skip-keep none`: any block stage may be skipped, stage 1
+  included) and `skippipe-keep-none-swaps` (both).
 
 Reported per run: iteration time (one inner step of the pipeline replica; the median over
 rounds 2.. so the routers have measured the peers), held-out loss per round through the
@@ -219,7 +221,8 @@ def main() -> int:
         "--speed-scale",
         type=float,
         default=1.0,
-        help="multiply every emulated forward time (larger: the emulated devices dominate this machine's own CPU time)",
+        help="multiply every emulated forward time "
+        "(larger: the emulated devices dominate this machine's own CPU time)",
     )
     parser.add_argument(
         "--activation",
@@ -238,7 +241,8 @@ def main() -> int:
         "--repeats",
         type=int,
         default=1,
-        help="run the list this many times (rows name#2, name#3, ...): the runs' routing is timing-dependent, so one pair of runs differs by a few percent by chance",
+        help="run the list this many times (rows name#2, name#3, ...): the runs' routing is "
+        "timing-dependent, so one pair of runs differs by a few percent by chance",
     )
     parser.add_argument("--out", default="results/bench_skippipe.json")
     parser.add_argument("--keep-logs", help="keep the peers' logs and reports under this folder")
@@ -306,7 +310,8 @@ def main() -> int:
     summary = vs_full(results, args.runs, args.repeats) if "full" in args.runs else {}
     for name, row in summary.get("vs_full", {}).items():
         print(
-            f"{name} / full: iteration time {row['iteration_time_ratio_mean']:.3f}, final eval loss {row['eval_loss_ratio_mean']:.4f} "
+            f"{name} / full: iteration time {row['iteration_time_ratio_mean']:.3f}, "
+            f"final eval loss {row['eval_loss_ratio_mean']:.4f} "
             f"(per repeat {', '.join(f'{v:.4f}' for v in row['eval_loss_ratio'])})"
         )
     if summary:

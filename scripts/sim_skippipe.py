@@ -143,7 +143,8 @@ def train(
                 x[first : first + MICROBATCH], y[first : first + MICROBATCH], visited
             ).backward()
         for trainer in trainers.values():
-            trainer.step()  # the runtime's stage step: the mean over the microbatches it saw, if any
+            # the runtime's stage step: the mean over the microbatches it saw, if any
+            trainer.step()
         if (step + 1) % max(1, steps // 4) == 0 or step + 1 == steps:
             curve.append(
                 {
@@ -153,7 +154,8 @@ def train(
                 }
             )
             print(
-                f"   {variant}: step {step + 1}, eval {curve[-1]['eval_loss']:.4f} ({time.monotonic() - begin:.0f} s)",
+                f"   {variant}: step {step + 1}, eval {curve[-1]['eval_loss']:.4f} "
+                f"({time.monotonic() - begin:.0f} s)",
                 flush=True,
             )
     return {
@@ -192,7 +194,8 @@ def main() -> int:
             row["vs_full"] = row["final_eval_loss"] / base["final_eval_loss"] - 1
         versus = f"{100 * row['vs_full']:+7.1f}%" if base else f"{'-':>8}"
         print(
-            f"{variant:<22} {row['final_eval_loss']:10.4f} {versus} {row['eval_loss_stages_1_3_5']:12.4f}"
+            f"{variant:<22} {row['final_eval_loss']:10.4f} {versus} "
+            f"{row['eval_loss_stages_1_3_5']:12.4f}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -201,7 +201,8 @@ def train(
     }  # as peer/node.py
     for stage, trainer in trainers.items():
         trainer.load_weights(outers[stage].params)
-    # boundary b carries stage b's output (b = 0: the embedding; b = S-1: the last stage's, to the head)
+    # boundary b carries stage b's output (b = 0: the embedding; b = S-1: the last stage's,
+    # to the head)
     boundaries = [Boundary(setting.codec, mode == "learned") for _ in range(STAGES)]
     data = ByteData(load_corpus(None))
     batches = data.train_batches("peer-0", recipe.batch_size, recipe.seq_len, seed)
@@ -268,7 +269,8 @@ def main() -> int:
                 variant, seed, args.rounds, args.inner_steps, args.basis_lr, args.eval_batches
             )
             print(
-                f"   {variant} seed {seed}: eval {runs[seed]['final_eval_loss']:.4f} ({runs[seed]['seconds']:.0f} s)",
+                f"   {variant} seed {seed}: eval {runs[seed]['final_eval_loss']:.4f} "
+                f"({runs[seed]['seconds']:.0f} s)",
                 flush=True,
             )
         results[variant] = {
@@ -284,8 +286,8 @@ def main() -> int:
         ]
         row.update(mean_eval_loss=statistics.fmean(finals), mean_vs_none=statistics.fmean(ratios))
         print(
-            f"{variant:<30} {row['k'] or '-':>3} {row['mean_eval_loss']:10.4f} {100 * row['mean_vs_none']:+7.1f}%  "
-            + " ".join(f"{100 * v:+.1f}%" for v in ratios)
+            f"{variant:<30} {row['k'] or '-':>3} {row['mean_eval_loss']:10.4f} "
+            f"{100 * row['mean_vs_none']:+7.1f}%  " + " ".join(f"{100 * v:+.1f}%" for v in ratios)
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -116,7 +116,8 @@ def main() -> None:
     shards = [data.shard_for(f"peer-{i}", args.num_shards) for i in range(args.peers)]
     print(f"model {config.to_dict()} params {config.num_params:,}")
     print(
-        f"inner {inner.to_dict()} H={inner_steps}  outer {outer_settings.to_dict()}  shards {shards}"
+        f"inner {inner.to_dict()} H={inner_steps}  "
+        f"outer {outer_settings.to_dict()}  shards {shards}"
     )
     initial = evaluate(trainers[0].model, eval_set, device)
     print(f"setup {time.perf_counter() - start:.1f} s, initial eval {initial:.3f}")
@@ -148,13 +149,15 @@ def main() -> None:
         )
         big = f"  eval({args.big_eval_batches}) {big_loss:.3f}" if big_loss is not None else ""
         print(
-            f"round {round_id}: eval({args.eval_batches}) {eval_loss:.3f}{big}  train {train_loss:.3f}  "
+            f"round {round_id}: eval({args.eval_batches}) {eval_loss:.3f}{big}  "
+            f"train {train_loss:.3f}  "
             f"s/step {stats[0].seconds / inner_steps:.3f}  wall {wall:.0f} s",
             flush=True,
         )
     wall = time.perf_counter() - start
     print(
-        f"total wall {wall:.0f} s (training {train_seconds:.0f} s); final eval {rows[-1]['eval_loss']:.3f}"
+        f"total wall {wall:.0f} s (training {train_seconds:.0f} s); "
+        f"final eval {rows[-1]['eval_loss']:.3f}"
     )
     if args.json:
         result = {

@@ -170,8 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for report in reports:
         last = report["rounds"][-1] if report["rounds"] else {}
         print(
-            f"{report['peer_id']}: {len(report['rounds'])} rounds, eval {last.get('eval_loss', float('nan')):.3f}, "
-            f"sent {report['bytes_sent'] / 1e6:.1f} MB, longest stall {report['longest_stall_s']:.1f} s"
+            f"{report['peer_id']}: {len(report['rounds'])} rounds, "
+            f"eval {last.get('eval_loss', float('nan')):.3f}, "
+            f"sent {report['bytes_sent'] / 1e6:.1f} MB, "
+            f"longest stall {report['longest_stall_s']:.1f} s"
         )
     return 0
 
