@@ -8,12 +8,14 @@ same magic byte, codec ids from the same namespace, a version and a CRC32:
     magic u8 (0x5C) | codec id u8 | version u8 | direction u8 (0 activation, 1 gradient)
     | batch u32 | seq u32 | d_model u32 | token ids crc32 u32 | crc32 u32 | body ...
 
-The CRC covers the first 20 header bytes and the body; the body starts with a fixed,
+The CRC covers the first 20 header bytes and the body (written and checked by base.py's
+`seal`, `open_header` and `check_crc`, as for tensor codecs); the body starts with a fixed,
 codec-specific prefix (subspace: basis id and scale exponent, 9 bytes; subspace-int8: basis
-id). The token ids CRC (over the ids as little-endian int64) ties a payload to its
-microbatch: decoding it against
-other ids (a mixed-up microbatch, which for `subspace` would silently add the wrong E0 rows)
-is refused. The direction byte stops a gradient from being decoded as an activation.
+id; subspace-int4: basis id and 2·k bytes of per-coordinate scales and means). The token
+ids CRC (over the ids as little-endian int64) ties a payload to its microbatch: decoding it
+against other ids (a mixed-up microbatch, which for `subspace` would silently add the wrong
+E0 rows) is refused. The direction byte stops a gradient from being decoded as an
+activation.
 
 Decode takes the shape from the receiver (token_ids.shape + d_model) and accepts a payload
 only if it describes exactly that shape and body length; encode refuses NaN/Inf, and decode
