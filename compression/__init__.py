@@ -22,7 +22,7 @@ from .activation import (
 )
 from .base import Codec, CodecError
 from .dense import Fp16Codec, Fp32Codec
-from .framing import FrameTooLarge, zstd_frame, zstd_unframe
+from .framing import FrameTooLarge, zstd_frame, zstd_frame_parts, zstd_unframe
 from .packing import (
     indices_12bit_nbytes,
     pack_bits,
@@ -70,5 +70,6 @@ __all__ = [
     "unpack_bits",
     "unpack_indices_12bit",
     "zstd_frame",
+    "zstd_frame_parts",
     "zstd_unframe",
 ]

@@ -34,7 +34,7 @@ import msgpack
 import numpy as np
 import torch
 
-from shoal.compression import CodecError, FrameTooLarge, zstd_frame, zstd_unframe
+from shoal.compression import CodecError, FrameTooLarge, zstd_frame_parts, zstd_unframe
 from shoal.peer.errors import AuthError, PayloadTooLarge, ProtocolError
 
 PROTOCOL_VERSION = 2  # 2: the MAC covers the body's SHA-256
@@ -100,13 +100,19 @@ class WireCodec:
 
     def prepare(self, payload: Mapping[str, Any]) -> PreparedBody:
         """Pack `payload`, compress it if large, hash it (work proportional to its size:
-        call it off the event loop when `is_large(payload)`)."""
-        raw = msgpack.packb(dict(payload), use_bin_type=True)
-        body, encoding = raw, "identity"
-        if len(raw) >= self.compress_above_bytes:
-            framed = zstd_frame(raw, min_size=self.compress_above_bytes)
-            if framed[0] == 1:  # the framing compressed it
-                body, encoding = framed, "zstd"
+        call it off the event loop when `is_large(payload)`). A large payload is packed
+        as a list of parts, its big binary values left where they are, and compressed a
+        megabyte at a time: an executor thread never holds the interpreter for long, which
+        would stall the event loop as surely as running on it."""
+        if not self.is_large(payload):
+            raw = msgpack.packb(dict(payload), use_bin_type=True)
+            return PreparedBody(raw, "identity", hashlib.sha256(raw).digest())
+        parts = pack_parts(dict(payload), self.compress_above_bytes)
+        framed = zstd_frame_parts(parts, min_size=self.compress_above_bytes)
+        if framed[0] == 1:  # the framing compressed it
+            body, encoding = framed, "zstd"
+        else:
+            body, encoding = framed[1:], "identity"
         return PreparedBody(body, encoding, hashlib.sha256(body).digest())
 
     def headers(
@@ -181,6 +187,44 @@ class WireCodec:
         else:
             raise ProtocolError(f"unknown encoding {encoding!r}")
         return Envelope(sender=sender, swarm_id=swarm_id, timestamp=timestamp, payload=unpack_map(raw))
+
+
+def pack_parts(obj: Any, big_bytes: int) -> list[Any]:
+    """msgpack of `obj` as a list of parts whose concatenation is `msgpack.packb(obj,
+    use_bin_type=True)`: binary values of `big_bytes` or more are parts of their own (not
+    copied), everything else is packed in small pieces."""
+    packer, parts, stack = msgpack.Packer(use_bin_type=True), [], [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            parts.append(packer.pack_map_header(len(item)))
+            for key, value in reversed(list(item.items())):
+                stack.extend((value, _Packed(packer.pack(key))))
+        elif isinstance(item, (list, tuple)):
+            parts.append(packer.pack_array_header(len(item)))
+            stack.extend(reversed(item))
+        elif isinstance(item, _Packed):
+            parts.append(item.data)
+        elif isinstance(item, (bytes, bytearray, memoryview)) and len(item) >= big_bytes:
+            parts.append(_bin_header(len(item)))
+            parts.append(item)
+        else:
+            parts.append(packer.pack(item))
+    return parts
+
+
+def _bin_header(size: int) -> bytes:
+    """msgpack's bin 8/16/32 header for `size` bytes."""
+    if size < 1 << 8:
+        return b"\xc4" + size.to_bytes(1, "big")
+    if size < 1 << 16:
+        return b"\xc5" + size.to_bytes(2, "big")
+    return b"\xc6" + size.to_bytes(4, "big")
+
+
+@dataclass(frozen=True)
+class _Packed:
+    data: bytes
 
 
 def payload_nbytes(obj: Any, stop_at: int) -> int:

@@ -104,3 +104,16 @@ def test_corrupted_compressed_frames_raise_codec_error() -> None:
         except CodecError:
             continue
         assert out == data  # the frame's content checksum: a flip may be harmless, never silent
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [[b"a" * 100_000, b"\x00\x01" * 3000, b"b" * 300_000], [bytes(range(256)) * 8], [b"x" * 10], []],
+)
+def test_framing_parts_equals_framing_their_concatenation(parts):
+    from shoal.compression import zstd_frame_parts
+
+    joined = b"".join(parts)
+    framed = zstd_frame_parts([memoryview(p) for p in parts], min_size=1024, step_bytes=4096)
+    assert framed == zstd_frame(joined, min_size=1024)
+    assert zstd_unframe(framed, max_size=len(joined) + 1) == joined

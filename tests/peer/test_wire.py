@@ -107,3 +107,24 @@ def test_is_large_estimates_packed_size():
     assert not wire.is_large({"peers": [{"peer_id": "p" * 20, "round": 3}] * 50})
     assert wire.is_large({"round": 1, "tensors": {"w": b"\x00" * (64 * 1024)}})
     assert wire.is_large({"act": {"data": bytearray(70_000)}})
+
+
+@pytest.mark.parametrize("size", [0, 255, 256, 65535, 65536, 70_000])
+def test_parts_pack_to_exactly_what_msgpack_packs(size):
+    from shoal.peer.wire import pack_parts
+
+    payload = {"round": 3, "tensors": {"w": b"\x01" * size, "v": bytearray(b"\x02" * 300)},
+               "list": [1, (2.5, None), {"k": "v"}], "flag": True}
+    parts = pack_parts(payload, big_bytes=256)
+    assert b"".join(bytes(p) for p in parts) == msgpack.packb(payload, use_bin_type=True)
+    if size >= 256:  # the big value is a part of its own, not a copy
+        assert any(p is payload["tensors"]["w"] for p in parts)
+
+
+def test_a_large_prepared_body_decodes_to_the_payload():
+    wire = codec(compress_above_bytes=1024)
+    payload = {"round": 1, "tensors": {f"t{i}": bytes([i]) * 5000 for i in range(4)}}
+    body = wire.prepare(payload)
+    assert body.encoding == "zstd"
+    env = wire.decode("POST", "/x", wire.headers("POST", "/x", body), body.data)
+    assert env.payload == payload
