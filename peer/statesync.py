@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
 
 from shoal.peer.client import PeerClient
 from shoal.peer.errors import Gone, ProtocolError, ShoalError
@@ -34,30 +33,78 @@ from shoal.peer.membership import PeerInfo
 log = logging.getLogger(__name__)
 
 
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.uint8: "U8",
+}
+
+
 @dataclass(frozen=True)
 class StateBlob:
+    """One snapshot in the safetensors format, kept as parts: the header, then each
+    tensor's own memory (the snapshot is frozen), never joined into one copy. Chunks are
+    cut across the parts on request."""
+
     round_id: int
-    data: bytes
+    parts: tuple[memoryview, ...]
     sha256: str
     chunk_bytes: int
 
     @property
+    def size(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    @property
     def num_chunks(self) -> int:
-        return max(1, -(-len(self.data) // self.chunk_bytes))
+        return max(1, -(-self.size // self.chunk_bytes))
+
+    @property
+    def data(self) -> bytes:
+        """The whole blob in one piece (tests; the server sends chunks)."""
+        return b"".join(self.parts)
 
     def manifest(self) -> dict:
-        return {"round": self.round_id, "size": len(self.data), "sha256": self.sha256, "chunk_bytes": self.chunk_bytes, "num_chunks": self.num_chunks}
+        return {"round": self.round_id, "size": self.size, "sha256": self.sha256,
+                "chunk_bytes": self.chunk_bytes, "num_chunks": self.num_chunks}
 
     def chunk(self, index: int) -> bytes:
         if not 0 <= index < self.num_chunks:
             raise ProtocolError(f"chunk index {index} out of range 0..{self.num_chunks - 1}")
-        return self.data[index * self.chunk_bytes : (index + 1) * self.chunk_bytes]
+        begin, end = index * self.chunk_bytes, (index + 1) * self.chunk_bytes
+        pieces, offset = [], 0
+        for part in self.parts:
+            if offset >= end:
+                break
+            if offset + len(part) > begin:
+                pieces.append(part[max(0, begin - offset) : end - offset])
+            offset += len(part)
+        return b"".join(pieces)
 
 
-def serialize_state(round_id: int, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, object], chunk_bytes: int) -> StateBlob:
-    meta = {"round": str(round_id), "meta": json.dumps(dict(metadata), sort_keys=True)}
-    data = safetensors_save({n: t.contiguous() for n, t in tensors.items()}, metadata=meta)
-    return StateBlob(round_id, data, hashlib.sha256(data).hexdigest(), chunk_bytes)
+def serialize_state(round_id: int, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, object],
+                    chunk_bytes: int) -> StateBlob:
+    """The safetensors form of `tensors` (what `safetensors.torch.save` writes, readable by
+    `safetensors.torch.load`), built from the tensors' own memory: no copy of the whole
+    state, and no single long call holding the interpreter (hashing releases it)."""
+    header: dict[str, object] = {"__metadata__": {"round": str(round_id),
+                                                  "meta": json.dumps(dict(metadata), sort_keys=True)}}
+    buffers, offset = [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"state tensor {name} has dtype {tensor.dtype}, which is not served")
+        raw = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        buffers.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # safetensors aligns the data to 8 bytes
+    parts = (memoryview(len(head).to_bytes(8, "little") + head), *buffers)
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return StateBlob(round_id, parts, digest.hexdigest(), chunk_bytes)
 
 
 def parse_state(data: bytes, expected_shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, dict[str, torch.Tensor], dict]:

@@ -59,3 +59,15 @@ def test_a_second_snapshot_of_a_round_replaces_the_first():
         assert torch.equal(tensors["stage0/outer/e"], torch.ones(2)) and server.blob(3) is new
 
     asyncio.run(main())
+
+
+def test_the_blob_is_safetensors_and_its_chunks_cut_across_tensors():
+    from safetensors.torch import load
+
+    tensors = {"outer/w": torch.randn(3, 5), "momentum/w": torch.randn(5, 3), "scalar": torch.tensor(2.0),
+               "half": torch.randn(4).half(), "empty": torch.zeros(0)}
+    blob = serialize_state(3, tensors, {"peer": "p"}, chunk_bytes=7)
+    loaded = load(blob.data)
+    assert all(torch.equal(loaded[name], t) for name, t in tensors.items())
+    assert b"".join(blob.chunk(i) for i in range(blob.num_chunks)) == blob.data
+    assert blob.manifest()["size"] == len(blob.data) and blob.num_chunks == -(-len(blob.data) // 7)
