@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[["Peer", Envelope], Awaitable[dict[str, Any] | PreparedBody]]
 NODE: web.AppKey[Peer] = web.AppKey("node")
 # Second line of defence behind the dashboard's escaping: nothing from elsewhere, ever.
+WRITE_STEP_BYTES = 1 << 20  # larger answers are written a megabyte at a time
 CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:"
 
 
@@ -71,9 +72,25 @@ def rpc(handler: Handler, *, any_swarm: bool = False) -> Callable[[web.Request],
             answer = await off_loop(wire.is_large(answer), wire.prepare, answer)
         headers = wire.headers("RESPONSE", response_path(request.path), answer)
         node.traffic.sent[kind] += len(answer.data)
-        return web.Response(body=answer.data, headers=headers, content_type="application/msgpack")
+        if len(answer.data) <= WRITE_STEP_BYTES:
+            return web.Response(body=answer.data, headers=headers, content_type="application/msgpack")
+        return await _stream(request, answer.data, headers)
 
     return wrapped
+
+
+async def _stream(request: web.Request, body: bytes, headers: dict[str, str]) -> web.StreamResponse:
+    """Send a large body a step at a time, waiting for the socket between steps: handed to
+    the transport whole, it would be copied into the transport's buffer in one go."""
+    response = web.StreamResponse(headers=headers)
+    response.content_type = "application/msgpack"
+    response.content_length = len(body)
+    await response.prepare(request)
+    view = memoryview(body)
+    for start in range(0, len(view), WRITE_STEP_BYTES):
+        await response.write(view[start : start + WRITE_STEP_BYTES])
+    await response.write_eof()
+    return response
 
 
 async def handle_join(node: Peer, envelope: Envelope) -> dict[str, Any]:

@@ -2,7 +2,16 @@
 
 from dataclasses import replace
 
-from conftest import FAST_PROTOCOL, peer_config, run_async, start_swarm, stop_all, wait_until
+import torch
+from conftest import (
+    FAST_PROTOCOL,
+    peer_config,
+    run_async,
+    start_swarm,
+    stop_all,
+    tiny_run,
+    wait_until,
+)
 
 from shoal.peer.node import Peer
 
@@ -34,3 +43,29 @@ def test_fourth_peer_joins_mid_run_and_converges(corpus):
             await stop_all(peers + ([joiner] if joiner else []))
 
     run_async(scenario(), 150)
+
+
+def test_a_state_larger_than_a_write_step_streams_and_verifies(corpus):
+    """`small`'s state (weights and momentum, 7 MB) in 4 MiB chunks: each answer is
+    written a megabyte at a time (server.WRITE_STEP_BYTES) and read back intact."""
+    from shoal.peer.server import WRITE_STEP_BYTES
+    from shoal.peer.statesync import download_state
+    from shoal.train import PRESETS
+
+    async def scenario():
+        run = tiny_run(model_preset="small", model=PRESETS["small"].to_dict())
+        host = Peer(peer_config(corpus, "host", run=run))
+        await host.start(train=False)
+        reader = Peer(peer_config(corpus, "reader", run=run, bootstrap=host.address))
+        await reader.start(train=False)
+        try:
+            assert host.config.protocol.state_chunk_bytes > WRITE_STEP_BYTES
+            round_id, tensors, _ = await download_state(reader.client, [host.membership.me],
+                                                        reader.engine.state_shapes)
+            ours = host.publisher.latest.tensors
+            assert round_id == 0 and all(torch.equal(tensors[n], ours[n]) for n in tensors)
+            assert reader.traffic.received["chunk"] > 2 * WRITE_STEP_BYTES
+        finally:
+            await stop_all([host, reader])
+
+    run_async(scenario(), 120)
