@@ -36,6 +36,7 @@ import torch
 
 from shoal.compression import CodecError, FrameTooLarge, zstd_frame_parts, zstd_unframe
 from shoal.peer.errors import AuthError, PayloadTooLarge, ProtocolError
+from shoal.peer.msgpack_large import unpack_large
 
 PROTOCOL_VERSION = 2  # 2: the MAC covers the body's SHA-256
 H_VERSION, H_SWARM, H_PEER, H_TIME = "X-Shoal-Version", "X-Shoal-Swarm", "X-Shoal-Peer", "X-Shoal-Time"
@@ -186,7 +187,8 @@ class WireCodec:
             raw = body
         else:
             raise ProtocolError(f"unknown encoding {encoding!r}")
-        return Envelope(sender=sender, swarm_id=swarm_id, timestamp=timestamp, payload=unpack_map(raw))
+        return Envelope(sender=sender, swarm_id=swarm_id, timestamp=timestamp,
+                        payload=unpack_map(raw, self.compress_above_bytes))
 
 
 def pack_parts(obj: Any, big_bytes: int) -> list[Any]:
@@ -246,10 +248,14 @@ def payload_nbytes(obj: Any, stop_at: int) -> int:
     return total
 
 
-def unpack_map(raw: bytes) -> dict[str, Any]:
-    """msgpack-decode a body that must be a map with string keys."""
+def unpack_map(raw: bytes, large_bytes: int = 64 * 1024) -> dict[str, Any]:
+    """msgpack-decode a body that must be a map with string keys (one of `large_bytes` or
+    more a value at a time: `peer.msgpack_large`)."""
     try:
-        payload = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        if len(raw) >= large_bytes:
+            payload = unpack_large(raw)
+        else:
+            payload = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise ProtocolError(f"body is not valid msgpack: {type(exc).__name__}") from None
     if not isinstance(payload, dict):
