@@ -32,6 +32,7 @@ from shoal.peer.config import (
 )
 from shoal.peer.errors import ShoalError
 from shoal.peer.options import add_section, build_section, setting, settle
+from shoal.peer.trainthread import worker_pool
 
 log = logging.getLogger("shoal")
 
@@ -112,6 +113,9 @@ async def run_peer(config: PeerConfig, report: str | None = None) -> int:
         log.warning(warning)
     node = Peer(config)
     loop = asyncio.get_running_loop()
+    # this process runs one peer: its byte work (packing, hashing, decoding) yields the CPU
+    # to the event loop too, as its training thread does
+    loop.set_default_executor(worker_pool(None, "work", config.schedule.compute_nice))
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)

@@ -209,6 +209,8 @@ class ScheduleConfig:
                              "(at most --min-peers-timeout)")
     checkpoint_dir: str | None = setting(None, "write the outer state here after every round", kind=str)
     resume: bool = setting(False, "continue from the latest checkpoint in --checkpoint-dir")
+    compute_nice: int = setting(5, "CPU niceness of the training and byte-work threads above the event "
+                                "loop's, so that on a busy machine the loop answers first (0: the same)")
 
     def __post_init__(self) -> None:
         if self.resume and not self.checkpoint_dir:
@@ -217,6 +219,8 @@ class ScheduleConfig:
             raise ValueError(f"--rounds must be >= 1, got {self.max_rounds}")
         if self.min_peers < 1:
             raise ValueError(f"--min-peers must be >= 1, got {self.min_peers}")
+        if not 0 <= self.compute_nice <= 19:
+            raise ValueError(f"--compute-nice must be in 0..19, got {self.compute_nice}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.torch_threads}")
 

@@ -73,7 +73,7 @@ class Peer:
         self.store = RoundStore(protocol.rounds_kept)
         self.state_server = StateServer(protocol.state_chunk_bytes, protocol.state_serve_timeout_s)
         self.tasks = TaskOwner(self.peer_id, on_fatal=self._fail)
-        self.thread = TrainingThread(self.peer_id)
+        self.thread = TrainingThread(self.peer_id, config.schedule.compute_nice)
         self.loop_lag = LoopLagMonitor()
         self.progress = Progress()
         self.publisher = StatePublisher(self.peer_id, self.state_server, self.tasks,
@@ -114,8 +114,9 @@ class Peer:
         as soon as the server is bound and answers (before the model is built; a standby
         gets there long before it serves a stage)."""
         config, protocol = self.config, self.config.protocol
-        self.tasks.spawn(self.loop_lag.run(), name="loop-lag monitor")
         data = await self.thread.run(self._load_data)
+        # measured from here: from now on the loop serves (or is about to)
+        self.tasks.spawn(self.loop_lag.run(), name="loop-lag monitor")
         self._runner = web.AppRunner(make_app(self, self.max_request_bytes), access_log=None)
         await self._runner.setup()
         network = config.network
@@ -171,10 +172,13 @@ class Peer:
 
     def _load_data(self) -> tuple[Any, Any, Any]:
         """(device, training batches, held-out batches): training thread."""
+        import torch
+        import torch._dynamo  # noqa: F401 - see below
+
+        # torch imports its compiler stack (most of a second of module code that holds the
+        # interpreter) with the first optimizer: pay for it here, before the peer serves
         config, run = self.config, self.config.run
         if config.schedule.torch_threads:
-            import torch
-
             torch.set_num_threads(config.schedule.torch_threads)
         device = resolve_device(config.schedule.device)
         data = ByteData(load_corpus(config.data.path), num_shards=config.data.num_shards)

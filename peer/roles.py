@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +32,7 @@ from shoal.peer.publisher import StatePublisher
 from shoal.peer.recovery import STAGE0_COPY, StageRecovery
 from shoal.peer.stage_trainers import DriverTrainer, ServingTrainer
 from shoal.peer.tasks import TaskOwner
-from shoal.peer.trainthread import TrainingThread
+from shoal.peer.trainthread import TrainingThread, worker_pool
 from shoal.pipeline.compression import parse_activation
 from shoal.pipeline.driver import DriverConfig, PipelineBroken, PipelineDriver
 from shoal.pipeline.paths import build_paths
@@ -130,7 +129,7 @@ class _StageRole(Role):
         self.stage = stage
         self.plan = StagePlan(run.stages, ModelConfig.from_dict(run.model).n_layers)
         # torch and codec work of the stage's hops, in arrival order
-        self.compute = ThreadPoolExecutor(1, thread_name_prefix=f"stage-{ctx.peer_id}")
+        self.compute = worker_pool(1, f"stage-{ctx.peer_id}", ctx.config.schedule.compute_nice)
 
     def close(self) -> None:
         self.compute.shutdown(wait=False, cancel_futures=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import os
 import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -21,11 +22,27 @@ from shoal.peer.errors import Stopped
 T = TypeVar("T")
 
 
+def lower_priority(nice: int) -> None:
+    """Run the calling thread `nice` steps below the process's CPU priority (best effort:
+    Linux sets niceness per thread; elsewhere this may do nothing)."""
+    if nice > 0 and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
+        except OSError:
+            pass
+
+
+def worker_pool(workers: int | None, name: str, nice: int) -> ThreadPoolExecutor:
+    """An executor whose threads run `nice` below the event loop's thread: on a busy
+    machine the loop, which only waits and answers, gets the CPU first."""
+    return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=lower_priority, initargs=(nice,))
+
+
 class TrainingThread:
-    def __init__(self, peer_id: str) -> None:
+    def __init__(self, peer_id: str, nice: int = 0) -> None:
         self.peer_id = peer_id
         self.stopping = threading.Event()  # set once: every job checks it between steps
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"train-{peer_id}")
+        self._executor = worker_pool(1, f"train-{peer_id}", nice)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
