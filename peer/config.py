@@ -253,11 +253,12 @@ class PeerConfig:
     def of(cls, run: RunConfig, protocol: ProtocolConfig | None = None, **settings: Any) -> PeerConfig:
         """A PeerConfig from flat keywords, each placed in the section that has it (for
         tests and scripts): `PeerConfig.of(run, peer_id="a", role="stage", max_rounds=3)`.
-        `listen_host`/`listen_port` set `listen`; `data_path` is `data.path`."""
+        `listen_host`/`listen_port` set `listen` (default 127.0.0.1:0); `data_path` is
+        `data.path`."""
         by_section: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-        host, port = settings.pop("listen_host", None), settings.pop("listen_port", None)
-        if host is not None or port is not None:
-            by_section["network"]["listen"] = f"{host or '127.0.0.1'}:{7000 if port is None else port}"
+        # in code (tests, scripts) a peer listens on a free port unless told otherwise
+        host, port = settings.pop("listen_host", "127.0.0.1"), settings.pop("listen_port", 0)
+        by_section["network"]["listen"] = f"{host}:{port}"
         if "data_path" in settings:
             by_section["data"]["path"] = settings.pop("data_path")
         for key, value in settings.items():

@@ -71,25 +71,30 @@ def shoal_worker(rank: int, n: int, size: int, method: str, corpus: str, barrier
         while rank and bootstrap is None:
             await asyncio.sleep(0.1)
             bootstrap = addresses.get(0)
-        peer = Peer(PeerConfig(run=run, peer_id=f"peer-{rank}", bootstrap=bootstrap, data_path=corpus, eval_batches=1,
-                               torch_threads=1, protocol=protocol))
+        peer = Peer(PeerConfig.of(run, peer_id=f"peer-{rank}", bootstrap=bootstrap, data_path=corpus,
+                                  eval_batches=1, torch_threads=1, protocol=protocol))
         await peer.start(train=False)
         addresses[rank] = peer.address
-        peer.outer = build_outer({"w": torch.zeros(size)}, outer)
-        exchange = RoundExchange(peer.client, peer.membership, peer.store, protocol, peer._decode)
+        averaged = build_outer({"w": torch.zeros(size)}, outer)
+
+        async def decode(tensors):
+            return await asyncio.to_thread(averaged.decode_contribution, tensors)
+
+        exchange = RoundExchange(peer.client, peer.membership, peer.store, protocol, decode)
         while len(peer.membership.live_others()) < n - 1:
             await asyncio.sleep(0.1)
         local = {"w": -peer_tensor(rank, size)}  # Δ = 0 − local = the peer's tensor
         await asyncio.to_thread(barrier.wait)
         begin = time.perf_counter()
-        payload = await asyncio.to_thread(peer.outer.contribution, local)
-        own = await asyncio.to_thread(peer.outer.decode_contribution, payload)
-        await exchange.publish(0, payload, own)
+        payload = await asyncio.to_thread(averaged.contribution, local)
+        own = await asyncio.to_thread(averaged.decode_contribution, payload)
+        answer = {"round": 0, "peer": peer.peer_id, "tensors": payload}
+        await exchange.publish(0, await asyncio.to_thread(peer.wire.prepare, answer), own)
         await exchange.gather(0, 600.0)
         final = await exchange.agree(0, 600.0)
-        await asyncio.to_thread(peer.outer.apply, exchange.contributions(0, final))
+        await asyncio.to_thread(averaged.apply, exchange.contributions(0, final))
         seconds = time.perf_counter() - begin
-        result = -peer.outer.params["w"]  # θ = 0 − lr·mean(Δ)
+        result = -averaged.params["w"]  # θ = 0 − lr·mean(Δ)
         await asyncio.to_thread(barrier.wait)  # everyone done before anyone stops serving
         results.put({"rank": rank, "seconds": seconds, "peers": len(final), "own_bytes_sent": peer.traffic.bytes_sent,
                      "result": result.numpy().tobytes() if rank == 0 else None})
