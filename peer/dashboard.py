@@ -21,27 +21,22 @@ prints only finite reals, so a string or NaN where a number belongs shows as "�
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections import Counter
-from html import escape
 from typing import Any
 
+from shoal.peer.dashboard_chart import colours, render_chart
+from shoal.peer.dashboard_format import (
+    DASH,
+    _ago,
+    _fmt,
+    _real,
+    _run_value,
+    _state,
+    _text,
+    human_bytes,
+)
+
 REFRESH_S = 3
-DASH = "–"
-PALETTE = [
-    "#1f77b4",
-    "#d62728",
-    "#2ca02c",
-    "#ff7f0e",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#17becf",
-    "#bcbd22",
-    "#7f7f7f",
-]
-STATES = ("alive", "suspect", "dead")
 LOOP_LAG_WARN_MS = 100.0  # display only: a loop that held this long delays heartbeats visibly
 SHOWN_FAILURES = 20  # the newest task failures listed on the page
 CSS = """
@@ -71,56 +66,6 @@ if(e)e.textContent="peer unreachable, retrying"}})}},{REFRESH_S * 1000});
 </script>"""
 
 
-def _real(value: Any) -> bool:
-    """A finite int/float (numpy included), not a bool, not a string from the wire."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _fmt(value: Any, spec: str = ".3f") -> str:
-    """Format a number from the network, or "–" when it is missing or not a finite number."""
-    return format(float(value), spec) if _real(value) else DASH
-
-
-def _text(value: Any, default: str = DASH) -> str:
-    """Escape a network string for HTML text or a quoted attribute."""
-    return default if value is None or value == "" else escape(str(value))
-
-
-def human_bytes(n: Any) -> str:
-    """Decimal units (1 kB = 1000 B), like most network tools report."""
-    if not _real(n) or n < 0:
-        return DASH
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return DASH
-
-
-def _run_value(value: Any) -> str:
-    if not _real(value):
-        return _text(value)
-    return _fmt(value, ",.0f") if float(value).is_integer() else _fmt(value, ".4g")
-
-
-def _ago(now: Any, then: Any) -> str:
-    if not (_real(now) and _real(then)):
-        return DASH
-    seconds = max(0.0, now - then)  # another clock may be slightly ahead
-    for limit, div, unit in ((120, 1, "s"), (7200, 60, "min"), (172800, 3600, "h")):
-        if seconds < limit:
-            return f"{seconds / div:.0f} {unit} ago"
-    return f"{seconds / 86400:.0f} d ago"
-
-
-def _state(peer: dict[str, Any]) -> str:
-    """alive/suspect/dead from a known word only: the value also becomes a CSS class."""
-    status = peer.get("status")
-    if status in STATES:
-        return status
-    return "alive" if peer.get("alive", True) else "dead"
-
-
 def odd_hashes(peers: list[dict[str, Any]]) -> set[str]:
     """Weights hashes of live peers that differ from the majority; all of them on a tie.
 
@@ -142,129 +87,6 @@ def odd_hashes(peers: list[dict[str, Any]]) -> set[str]:
             continue
         odd |= set(counts) if ranked[0][1] == ranked[1][1] else set(counts) - {ranked[0][0]}
     return odd
-
-
-def colours(peer_ids: list[str]) -> dict[str, str]:
-    """Stable colour per peer (sorted ids), shared by the table swatch and the chart."""
-    out = {}
-    for i, pid in enumerate(sorted(set(peer_ids))):
-        out[pid] = PALETTE[i] if i < len(PALETTE) else f"hsl({(i * 137.5) % 360:.0f},60%,42%)"
-    return out
-
-
-def _ticks(
-    lo: float, hi: float, target: int = 5, integer: bool = False
-) -> tuple[float, list[float]]:
-    """1-2-2.5-5 x 10^k tick step covering [lo, hi]; returns (step, ticks)."""
-    raw = max((hi - lo) / target, 1e-12)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw * (1 - 1e-9))
-    if integer:
-        step = max(1.0, float(math.ceil(step)))
-    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
-    return step, [k * step for k in range(first, last + 1)]
-
-
-def _series(history: Any) -> list[tuple[str, str, list[tuple[float, float]]]]:
-    """(peer_id, "eval"/"train", points sorted by round); non-finite values skipped."""
-    out = []
-    items = sorted(history.items(), key=lambda kv: str(kv[0])) if isinstance(history, dict) else []
-    for peer_id, points in items:
-        rows = [p for p in points if isinstance(p, dict)] if isinstance(points, list) else []
-        for kind in ("eval", "train"):
-            xy = sorted(
-                (float(p["round"]), float(p[f"{kind}_loss"]))
-                for p in rows
-                if _real(p.get("round")) and _real(p.get(f"{kind}_loss"))
-            )
-            if xy:
-                out.append((str(peer_id), kind, xy))
-    return out
-
-
-def render_chart(history: Any, palette: dict[str, str] | None = None, width: int = 900) -> str:
-    """Eval loss (solid) and train loss (dashed) per peer against outer round, as inline SVG."""
-    series = _series(history)
-    if not series:
-        return (
-            f'<svg width="{width}" height="60" role="img"><text x="14" y="36" fill="#888">'
-            "no losses reported yet</text></svg>"
-        )
-    peer_ids = sorted({pid for pid, _, _ in series})
-    palette = {**colours(peer_ids), **(palette or {})}
-    left, right, top, bottom = 56, 190, 14, 40
-    height = max(300, top + bottom + 18 * len(peer_ids) + 40)  # room for the legend
-    plot_w, plot_h = width - left - right, height - top - bottom
-    xs = [x for *_, xy in series for x, _ in xy]
-    ys = [y for *_, xy in series for _, y in xy]
-    x_step, x_ticks = _ticks(min(xs), max(max(xs), min(xs) + 1), 8, integer=True)
-    lo, hi = min(ys), max(ys)
-    pad = max(abs(hi) * 0.05, 0.05) if hi - lo < 1e-9 else 0.0
-    y_step, y_ticks = _ticks(lo - pad, hi + pad, 5)
-    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
-    decimals = len(f"{y_step:.9f}".rstrip("0").split(".")[1])  # as many as the step needs
-
-    def sx(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * plot_w
-
-    def sy(y: float) -> float:
-        return top + (y1 - y) / (y1 - y0) * plot_h
-
-    base = top + plot_h
-    parts = [
-        f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-        'aria-label="loss over rounds" font-size="11">',
-        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" '
-        'fill="none" stroke="#ccc"/>',
-    ]
-    for y in y_ticks:
-        parts.append(
-            f'<line x1="{left}" x2="{left + plot_w}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" '
-            'stroke="#eee"/>'
-            f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">'
-            f"{y:.{decimals}f}</text>"
-        )
-    for x in x_ticks:
-        parts.append(
-            f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{base}" y2="{base + 4}" stroke="#999"/>'
-            f'<text x="{sx(x):.1f}" y="{base + 16}" text-anchor="middle">{x:.0f}</text>'
-        )
-    parts.append(
-        f'<text x="{left + plot_w / 2:.0f}" y="{height - 6}" text-anchor="middle" '
-        'font-size="12">outer round</text>'
-        f'<text transform="translate(15 {top + plot_h / 2:.0f}) rotate(-90)" text-anchor="middle" '
-        f'font-size="12">loss (nats)</text>'
-    )
-    for peer_id, kind, xy in series:
-        colour, label = palette[peer_id], escape(peer_id)
-        style = ' stroke-dasharray="5 4" stroke-opacity="0.65"' if kind == "train" else ""
-        points = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in xy)
-        parts.append(
-            f'<polyline fill="none" stroke="{colour}" stroke-width="2"{style} data-peer="{label}" '
-            f'points="{points}"><title>{label} {kind} loss</title></polyline>'
-        )
-        if kind == "eval" and len(xy) <= 40:  # markers make sparse data (1-2 rounds) visible
-            parts += [
-                f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{colour}"/>'
-                for x, y in xy
-            ]
-    lx = left + plot_w + 14
-    for i, peer_id in enumerate(peer_ids):
-        ly = top + 8 + 18 * i
-        shown = escape(peer_id if len(peer_id) <= 20 else peer_id[:19] + "…")
-        parts.append(
-            f'<line x1="{lx}" x2="{lx + 20}" y1="{ly}" y2="{ly}" stroke="{palette[peer_id]}" '
-            'stroke-width="2"/>'
-            f'<text x="{lx + 26}" y="{ly + 4}">{shown}<title>{escape(peer_id)}</title></text>'
-        )
-    ly = top + 8 + 18 * len(peer_ids) + 6
-    parts.append(
-        f'<line x1="{lx}" x2="{lx + 20}" y1="{ly}" y2="{ly}" stroke="#555" stroke-width="2"/>'
-        f'<text x="{lx + 26}" y="{ly + 4}" fill="#666">eval</text>'
-        f'<line x1="{lx + 60}" x2="{lx + 80}" y1="{ly}" y2="{ly}" stroke="#555" stroke-width="2" '
-        f'stroke-dasharray="5 4"/><text x="{lx + 86}" y="{ly + 4}" fill="#666">train</text></svg>'
-    )
-    return "".join(parts)
 
 
 def weights_spread(peers: list[dict[str, Any]]) -> str:
@@ -489,127 +311,3 @@ def render_html(snapshot: dict[str, Any]) -> str:
     )
 
 
-def _label(value: Any) -> str:
-    """Prometheus label value escaping: backslash, double quote, newline."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _sample(value: Any) -> str:
-    return str(int(value)) if isinstance(value, numbers.Integral) else repr(float(value))
-
-
-PEER_METRICS = [
-    ("shoal_peer_round", "round", "gauge", "Outer rounds applied by the peer."),
-    ("shoal_peer_step", "step", "gauge", "Inner steps taken by the peer."),
-    (
-        "shoal_peer_train_loss",
-        "train_loss",
-        "gauge",
-        "Mean training loss of the peer's last inner phase (nats).",
-    ),
-    (
-        "shoal_peer_eval_loss",
-        "eval_loss",
-        "gauge",
-        "Held-out loss after the peer's last outer step (nats).",
-    ),
-    ("shoal_peer_tokens_per_second", "tokens_per_s", "gauge", "Training throughput of the peer."),
-    ("shoal_peer_bytes_sent_total", "bytes_sent", "counter", "Body bytes the peer sent."),
-    (
-        "shoal_peer_bytes_received_total",
-        "bytes_received",
-        "counter",
-        "Body bytes the peer received.",
-    ),
-    (
-        "shoal_peer_partner_distance",
-        "partner_distance",
-        "gauge",
-        "NoLoCo: RMS distance of the peer's slow weights to its last partner's.",
-    ),
-]
-
-
-def render_metrics(snapshot: dict[str, Any]) -> str:
-    """Prometheus text format 0.0.4; samples whose value is missing, NaN or not a number are
-    left out."""
-    peers = [p for p in snapshot.get("peers") or [] if isinstance(p, dict)]
-    run = snapshot.get("run") if isinstance(snapshot.get("run"), dict) else {}
-    dead = sum(1 for p in peers if _state(p) == "dead")
-
-    def family(name: str, kind: str, help_text: str, samples: list[str]) -> list[str]:
-        return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples] if samples else []
-
-    info = {
-        "swarm_id": snapshot.get("swarm_id", ""),
-        "peer": snapshot.get("self_id", ""),
-        **{k: run.get(k, "") for k in ("model", "outer", "codec")},
-    }
-    info_labels = ",".join(f'{k}="{_label(v)}"' for k, v in info.items())
-    lines = family(
-        "shoal_peers",
-        "gauge",
-        "Peers in this peer's table, by state.",
-        [
-            f'shoal_peers{{state="alive"}} {len(peers) - dead}',
-            f'shoal_peers{{state="dead"}} {dead}',
-        ],
-    )
-    lines += family(
-        "shoal_round",
-        "gauge",
-        "Outer rounds applied by this peer.",
-        [f"shoal_round {_sample(snapshot['round'])}"] if _real(snapshot.get("round")) else [],
-    )
-    lines += family(
-        "shoal_run_info",
-        "gauge",
-        "Run this peer belongs to (always 1).",
-        [f"shoal_run_info{{{info_labels}}} 1"],
-    )
-    lines += family(
-        "shoal_peer_alive",
-        "gauge",
-        "1 if the peer is alive (or suspect) in this peer's view.",
-        [
-            f'shoal_peer_alive{{peer="{_label(p.get("peer_id", ""))}"}} {int(_state(p) != "dead")}'
-            for p in peers
-        ],
-    )
-    own_lag_s = snapshot.get("loop_lag_s_max")
-    lines += family(
-        "shoal_loop_lag_seconds_max",
-        "gauge",
-        "Longest this peer's event loop ran late over the last 60 s.",
-        [f"shoal_loop_lag_seconds_max {_sample(float(own_lag_s))}"] if _real(own_lag_s) else [],
-    )
-    failures = snapshot.get("task_failures")
-    lines += family(
-        "shoal_task_failures_total",
-        "gauge",  # the peer keeps only its latest failures: the count can stop growing
-        "Failed background tasks of this peer on record.",
-        [f"shoal_task_failures_total {len(failures) if isinstance(failures, list) else 0}"],
-    )
-    lines += family(
-        "shoal_peer_loop_lag_seconds_max",
-        "gauge",
-        "Longest each peer's event loop ran late over the last 60 s, as it gossips.",
-        [
-            f'shoal_peer_loop_lag_seconds_max{{peer="{_label(p.get("peer_id", ""))}"}} '
-            f"{_sample(float(p['loop_lag_ms_max']) / 1000)}"
-            for p in peers
-            if _real(p.get("loop_lag_ms_max"))
-        ],
-    )
-    for name, key, kind, help_text in PEER_METRICS:
-        lines += family(
-            name,
-            kind,
-            help_text,
-            [
-                f'{name}{{peer="{_label(p.get("peer_id", ""))}"}} {_sample(p[key])}'
-                for p in peers
-                if _real(p.get(key))
-            ],
-        )
-    return "\n".join(lines) + "\n"

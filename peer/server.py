@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from shoal.peer.client import Traffic, off_loop, response_path
-from shoal.peer.dashboard import render_html, render_metrics
+from shoal.peer.dashboard import render_html
 from shoal.peer.errors import NotFound, ProtocolError, ShoalError
+from shoal.peer.metrics import render_metrics
 from shoal.peer.rounds import check_round_request
 from shoal.peer.wire import Envelope, PreparedBody
 from shoal.pipeline.worker import UnknownMicrobatch

@@ -8,7 +8,10 @@ from html import escape
 from html.parser import HTMLParser
 from typing import Any
 
-from shoal.peer.dashboard import human_bytes, odd_hashes, render_chart, render_html, render_metrics
+from shoal.peer.dashboard import odd_hashes, render_html
+from shoal.peer.dashboard_chart import render_chart
+from shoal.peer.dashboard_format import human_bytes
+from shoal.peer.metrics import render_metrics
 
 EVIL_ID = "<script>alert(1)</script>"
 EVIL_ADDRESS = '"><img src=x onerror=alert(1)>'
