@@ -4,8 +4,8 @@ import pytest
 
 from shoal.optim.inner import InnerConfig
 from shoal.optim.outer import OuterConfig
-from shoal.peer.config import PeerConfig, ProtocolConfig, RunConfig
 from shoal.peer.cli import build_parser, peer_config_from, settings_of
+from shoal.peer.config import PeerConfig, ProtocolConfig, RunConfig
 from shoal.peer.errors import ConfigMismatch
 
 

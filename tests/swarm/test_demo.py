@@ -68,3 +68,29 @@ def test_ctrl_c_stops_every_peer(corpus):
             demo.kill()
         for pid in children_of(workdir) if workdir else []:
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(240)
+def test_demo_runs_from_a_toml_file_with_a_pipeline_replica(corpus, tmp_path):
+    """The issue's file (model, peers, rounds, inner_steps), plus --stages: besides the full
+    replicas the demo starts one pipeline replica, and every peer ends in step."""
+    config = tmp_path / "run.toml"
+    config.write_text(f'model = "tiny-deep"\npeers = 2\nrounds = 3\ninner_steps = 5\nstages = 3\n'
+                      f'[data]\ndata = "{corpus}"\n[inner]\nbatch_size = 4\nseq_len = 32\n')
+    summary_path = tmp_path / "s.json"
+    done = subprocess.run([sys.executable, "-m", "shoal.peer.cli", "demo", "--config", str(config),
+                           "--summary", str(summary_path)], capture_output=True, text=True, timeout=230)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 peers and a 3-stage pipeline replica, 3 rounds of tiny-deep" in done.stdout
+    summary = json.loads(summary_path.read_text())
+    assert summary["peers"] == 5 and summary["stages"] == 3 and summary["rounds"] == 3
+    assert summary["inner_steps"] == 5 and summary["final_weights_agree"]
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_that_fails_at_start_up_is_reported_by_its_own_error(tmp_path):
+    done = subprocess.run([*DEMO, "--peers", "2", "--rounds", "1", "--data", str(tmp_path / "no-such-corpus")],
+                          capture_output=True, text=True, timeout=110)
+    assert done.returncode == 1
+    assert "peer-0 exited during start-up:" in done.stderr and "no-such-corpus" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
