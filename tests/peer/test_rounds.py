@@ -1,0 +1,188 @@
+"""The round exchange (publish / gather / agree / verify / fetch) over an in-memory network:
+no sockets, the server's round endpoints played by `FakeNetwork` with the same long-poll
+semantics, faults injected per (fetcher, owner)."""
+
+import asyncio
+import time
+
+import pytest
+
+from shoal.peer.client import PeerUnreachable
+from shoal.peer.config import ProtocolConfig
+from shoal.peer.errors import NotFound
+from shoal.peer.membership import Membership, PeerInfo
+from shoal.peer.rounds import RoundExchange, RoundStore, check_round_request
+from shoal.peer.wire import Envelope
+
+PROTOCOL = ProtocolConfig(agree_timeout_s=1.0, request_timeout_s=1.0, max_poll_s=0.2)
+
+
+class FakeNetwork:
+    """Peers by address; each has a RoundStore that the round endpoints serve."""
+
+    def __init__(self) -> None:
+        self.stores: dict[str, RoundStore] = {}
+        self.dead: set[str] = set()
+        self.blocked: set[tuple[str, str]] = set()  # (fetcher, owner): that fetch always fails
+        self.wrong_round: set[str] = set()  # owners whose answers name another round
+
+    def client(self, me: str) -> "FakeClient":
+        return FakeClient(self, me)
+
+
+class FakeClient:
+    def __init__(self, network: FakeNetwork, me: str) -> None:
+        self.network, self.me = network, me
+
+    async def call(self, address, method, path, payload=None, *, timeout_s=None, **kw) -> Envelope:
+        owner = address.removeprefix("http://")
+        if owner in self.network.dead:
+            raise PeerUnreachable(f"{address}: connection refused")
+        store = self.network.stores[owner]
+        round_id, wait_s = check_round_request(payload)
+        if path == "/round/contribution":
+            if (self.me, payload["peer"]) in self.network.blocked:
+                raise PeerUnreachable(f"{address}: reset")
+            held = await store.wait_for(lambda: store.contributions.get(round_id, {}).get(payload["peer"]), wait_s)
+            answer = held and {"round": round_id + (owner in self.network.wrong_round), **held}
+        elif path == "/round/set":
+            held = await store.wait_for(lambda: store.sets.get(round_id), wait_s)
+            answer = held and {"round": round_id, "peers": held}
+        else:
+            held = await store.wait_for(lambda: store.hashes.get(round_id), wait_s)
+            answer = held and {"round": round_id, "hash": held}
+        if answer is None:
+            raise NotFound(f"no round-{round_id} {path} at {owner}")
+        return Envelope(sender=owner, swarm_id="s", timestamp=time.time(), payload=answer)
+
+
+async def decode(tensors):
+    if tensors == "bad":
+        raise ValueError("not a contribution")
+    return tensors
+
+
+def swarm(network: FakeNetwork, ids: list[str]) -> dict[str, RoundExchange]:
+    exchanges = {}
+    for me in ids:
+        network.stores[me] = RoundStore(rounds_kept=3)
+        membership = Membership(PeerInfo(me, f"http://{me}"))
+        membership.merge([PeerInfo(p, f"http://{p}").to_wire() for p in ids if p != me])
+        exchanges[me] = RoundExchange(network.client(me), membership, network.stores[me], PROTOCOL, decode)
+    return exchanges
+
+
+async def play_round(exchanges, round_id=0, contributions=None, gather_s=1.0):
+    contributions = contributions or {me: [float(i)] for i, me in enumerate(exchanges)}
+    for me, exchange in exchanges.items():
+        answer = {"peer": me, "tensors": contributions[me]}  # what the prepared body would hold
+        await exchange.publish(round_id, answer, contributions[me])
+    got = await asyncio.gather(*(e.gather(round_id, gather_s) for e in exchanges.values()))
+    final = await asyncio.gather(*(e.agree(round_id, gather_s + 1) for e in exchanges.values()))
+    return dict(zip(exchanges, got, strict=True)), dict(zip(exchanges, final, strict=True))
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+def test_every_peer_gathers_agrees_and_applies_the_same_list():
+    async def main():
+        exchanges = swarm(FakeNetwork(), ["a", "b", "c"])
+        got, final = await play_round(exchanges)
+        applied = {me: e.contributions(0, final[me]) for me, e in exchanges.items()}
+        return got, final, applied
+
+    got, final, applied = run(main())
+    assert all(ids == ["a", "b", "c"] for ids in got.values())
+    assert all(ids == ["a", "b", "c"] for ids in final.values())
+    assert all(lst == [[0.0], [1.0], [2.0]] for lst in applied.values())  # peer-id order everywhere
+
+
+def test_a_contribution_one_peer_missed_is_left_out_by_everyone():
+    async def main():
+        network = FakeNetwork()
+        network.blocked.add(("b", "c"))  # b never gets c's contribution
+        return await play_round(swarm(network, ["a", "b", "c"]))
+
+    got, final = run(main())
+    assert got["a"] == ["a", "b", "c"] and got["b"] == ["a", "b"]
+    assert all(ids == ["a", "b"] for ids in final.values())  # the intersection, on every peer
+
+
+def test_a_dead_peer_costs_at_most_the_deadline():
+    async def main():
+        network = FakeNetwork()
+        exchanges = swarm(network, ["a", "b", "c"])
+        network.dead.add("c")
+        del exchanges["c"]  # c never publishes
+        begin = time.monotonic()
+        got, final = await play_round(exchanges, gather_s=0.8)
+        return got, final, time.monotonic() - begin
+
+    got, final, seconds = run(main())
+    assert got == {"a": ["a", "b"], "b": ["a", "b"]} and final == got
+    assert seconds < 0.8 + 1.0 + 1.5  # gather deadline + agree's wait + margin
+
+
+def test_an_undecodable_contribution_is_dropped_by_everyone():
+    async def main():
+        return await play_round(swarm(FakeNetwork(), ["a", "b", "c"]), contributions={"a": [0.0], "b": "bad", "c": [2.0]})
+
+    got, final = run(main())
+    assert got["a"] == ["a", "c"] and got["c"] == ["a", "c"]
+    assert final["a"] == final["c"] == ["a", "c"]
+
+
+def test_an_answer_for_the_wrong_round_is_ignored():
+    async def main():
+        network = FakeNetwork()
+        network.wrong_round.add("c")
+        return await play_round(swarm(network, ["a", "b", "c"]), gather_s=0.5)
+
+    got, final = run(main())
+    assert got["a"] == ["a", "b"] and final["a"] == ["a", "b"]
+
+
+@pytest.mark.parametrize(("hashes", "resyncs"), [
+    ({"a": "h1", "b": "h1", "c": "h2"}, {"a": [], "b": [], "c": ["a", "b"]}),
+    ({"a": "h1", "b": "h2"}, {"a": [], "b": []}),  # a tie is no majority
+])
+def test_verify_sends_only_a_minority_peer_to_the_majority(hashes, resyncs):
+    async def main():
+        exchanges = swarm(FakeNetwork(), list(hashes))
+        results = await asyncio.gather(*(e.verify(0, hashes[me], list(hashes)) for me, e in exchanges.items()))
+        return {me: sorted(p.peer_id for p in peers) for me, peers in zip(exchanges, results, strict=True)}
+
+    assert run(main()) == resyncs
+
+
+def test_fetch_gets_a_partner_or_gives_up_at_the_timeout():
+    async def main():
+        exchanges = swarm(FakeNetwork(), ["a", "b"])
+        partner = exchanges["a"].membership.peers["b"]
+        begin = time.monotonic()
+        missing = await exchanges["a"].fetch(0, partner, 0.5)
+        waited = time.monotonic() - begin
+        await exchanges["b"].publish(0, {"peer": "b", "tensors": [1.0]}, [1.0])
+        found = await exchanges["a"].fetch(0, partner, 0.5)
+        return missing, waited, found
+
+    missing, waited, found = run(main())
+    assert not missing and 0.4 < waited < 2.0 and found
+
+
+def test_the_store_keeps_recent_rounds_and_wakes_waiters():
+    async def main():
+        store = RoundStore(rounds_kept=2)
+        waiter = asyncio.create_task(store.wait_for(lambda: store.sets.get(5), 5.0))
+        await asyncio.sleep(0.05)
+        store.put_set(5, ["a"])
+        woke = await asyncio.wait_for(waiter, 1.0)
+        for r in range(4):
+            store.put_hash(r, f"h{r}")
+        empty = await store.wait_for(lambda: store.hashes.get(9), 0.1)
+        return woke, sorted(store.hashes), empty
+
+    woke, kept, empty = run(main())
+    assert woke == ["a"] and kept == [2, 3] and empty is None
