@@ -49,7 +49,13 @@ class MembershipAgent:
             dead_after_s=protocol.dead_after_s,
             forget_after_s=protocol.forget_after_s,
         )
-        self.run, self.protocol, self.client, self.wire, self.tasks = run, protocol, client, wire, tasks
+        self.run, self.protocol, self.client, self.wire, self.tasks = (
+            run,
+            protocol,
+            client,
+            wire,
+            tasks,
+        )
         self.current_round = current_round
         self.before_beat = before_beat  # refreshes our entry's counters before each heartbeat
         self._rng = random.Random(secrets.randbits(64))
@@ -144,7 +150,10 @@ class MembershipAgent:
         `gossip_wait_s()`)."""
         try:
             answer = await self.client.call(
-                peer.address, "POST", "/gossip", {"peers": self.membership.table()},
+                peer.address,
+                "POST",
+                "/gossip",
+                {"peers": self.membership.table()},
                 timeout_s=timeout_s or self.protocol.gossip_wait_s(),
             )
             self.membership.merge(answer.payload.get("peers"))

@@ -45,15 +45,32 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(directory: str | Path, round_id: int, tensors: dict[str, torch.Tensor], info: dict, keep: int = 3) -> Path:
+def save_checkpoint(
+    directory: str | Path,
+    round_id: int,
+    tensors: dict[str, torch.Tensor],
+    info: dict,
+    keep: int = 3,
+) -> Path:
     """Write round `round_id` atomically and keep only the newest `keep` checkpoints."""
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"round-{round_id:06d}"
     tensors_path = folder / f"{stem}.safetensors"
-    _atomic_write(tensors_path, lambda tmp: save_file({n: t.contiguous() for n, t in tensors.items()}, tmp))
-    manifest = {"round": round_id, "tensors": tensors_path.name, "sha256": _sha256(tensors_path), "saved_at": time.time(), **info}
-    _atomic_write(folder / f"{stem}.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1, sort_keys=True)))
+    _atomic_write(
+        tensors_path, lambda tmp: save_file({n: t.contiguous() for n, t in tensors.items()}, tmp)
+    )
+    manifest = {
+        "round": round_id,
+        "tensors": tensors_path.name,
+        "sha256": _sha256(tensors_path),
+        "saved_at": time.time(),
+        **info,
+    }
+    _atomic_write(
+        folder / f"{stem}.json",
+        lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1, sort_keys=True)),
+    )
     for old in list_checkpoints(folder)[:-keep]:
         (folder / f"round-{old:06d}.json").unlink(missing_ok=True)
         (folder / f"round-{old:06d}.safetensors").unlink(missing_ok=True)

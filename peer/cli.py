@@ -38,8 +38,12 @@ log = logging.getLogger("shoal")
 
 RUN_GROUPS: dict[str, type] = {"run": RunSettings, "inner": InnerSettings, "outer": OuterSettings}
 PEER_GROUPS: dict[str, type] = {
-    **RUN_GROUPS, "network": NetworkConfig, "pipeline": PipelineConfig, "data": DataConfig,
-    "schedule": ScheduleConfig, "protocol": ProtocolConfig,
+    **RUN_GROUPS,
+    "network": NetworkConfig,
+    "pipeline": PipelineConfig,
+    "data": DataConfig,
+    "schedule": ScheduleConfig,
+    "protocol": ProtocolConfig,
 }
 
 
@@ -47,7 +51,9 @@ PEER_GROUPS: dict[str, type] = {
 class OutputSettings:
     """What the peer process writes besides its log."""
 
-    report: str | None = setting(None, "write this peer's round log and traffic as JSON here on exit", kind=str)
+    report: str | None = setting(
+        None, "write this peer's round log and traffic as JSON here on exit", kind=str
+    )
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
 
 
@@ -55,29 +61,46 @@ class OutputSettings:
 class DemoSettings:
     """The local swarm `shoal demo` starts."""
 
-    peers: int = setting(3, "full replicas to start (with --stages S, also one pipeline replica of S stage peers)")
+    peers: int = setting(
+        3, "full replicas to start (with --stages S, also one pipeline replica of S stage peers)"
+    )
     rounds: int = setting(6, "outer rounds every peer trains")
     summary: str | None = setting(None, "write the run's summary as JSON here", kind=str)
     port: int = setting(0, "the first peer's port (0: a free one)")
-    swarm_key: str | None = setting(None, "shared secret of the demo's peers (default: $SHOAL_SWARM_KEY)", kind=str)
+    swarm_key: str | None = setting(
+        None, "shared secret of the demo's peers (default: $SHOAL_SWARM_KEY)", kind=str
+    )
 
 
-DEMO_GROUPS: dict[str, type] = {**RUN_GROUPS, "demo": DemoSettings, "data": DataConfig, "protocol": ProtocolConfig}
+DEMO_GROUPS: dict[str, type] = {
+    **RUN_GROUPS,
+    "demo": DemoSettings,
+    "data": DataConfig,
+    "protocol": ProtocolConfig,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shoal", description="Train one model across many machines over slow links.")
+    parser = argparse.ArgumentParser(
+        prog="shoal", description="Train one model across many machines over slow links."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    config_help = ("TOML file of settings: keys are the long flag names with _ for -, at top level or in a "
-                   "table named after their group ([run], [protocol], ...); flags given here override it")
+    config_help = (
+        "TOML file of settings: keys are the long flag names with _ for -, at top level or in a "
+        "table named after their group ([run], [protocol], ...); flags given here override it"
+    )
 
-    peer = sub.add_parser("peer", help="run one peer (the first peer of a run needs no --bootstrap)")
+    peer = sub.add_parser(
+        "peer", help="run one peer (the first peer of a run needs no --bootstrap)"
+    )
     peer.add_argument("--config", metavar="FILE", help=config_help)
     for name, section in PEER_GROUPS.items():
         add_section(peer, name, section)
     add_section(peer, "output", OutputSettings)
 
-    demo = sub.add_parser("demo", help="a local swarm of peer processes on 127.0.0.1 with a dashboard")
+    demo = sub.add_parser(
+        "demo", help="a local swarm of peer processes on 127.0.0.1 with a dashboard"
+    )
     demo.add_argument("--config", metavar="FILE", help=config_help)
     for name, section in DEMO_GROUPS.items():
         add_section(demo, name, section)
@@ -91,8 +114,10 @@ def run_config_from(values: dict[str, Any]) -> RunConfig:
 
 def peer_config_from(values: dict[str, Any]) -> PeerConfig:
     values = {"swarm_key": os.environ.get("SHOAL_SWARM_KEY"), **values}
-    sections = {name: build_section(PEER_GROUPS[name], values)
-                for name in ("network", "pipeline", "data", "schedule", "protocol")}
+    sections = {
+        name: build_section(PEER_GROUPS[name], values)
+        for name in ("network", "pipeline", "data", "schedule", "protocol")
+    }
     return PeerConfig(run=run_config_from(values), **sections)
 
 
@@ -120,8 +145,11 @@ async def run_peer(config: PeerConfig, report: str | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await node.start(on_serving=lambda url: print(f"shoal peer {node.peer_id} serving {url} "
-                                                       f"(dashboard: {url}/)", flush=True))
+        await node.start(
+            on_serving=lambda url: print(
+                f"shoal peer {node.peer_id} serving {url} (dashboard: {url}/)", flush=True
+            )
+        )
         done = asyncio.create_task(node.run_until_done())
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({done, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -150,8 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         values = settings_of(args)
         if args.command == "peer":
-            logging.basicConfig(level=str(values["log_level"]).upper(), stream=sys.stderr,
-                                format="%(asctime)s %(levelname)s %(name)s %(message)s")
+            logging.basicConfig(
+                level=str(values["log_level"]).upper(),
+                stream=sys.stderr,
+                format="%(asctime)s %(levelname)s %(name)s %(message)s",
+            )
             return asyncio.run(run_peer(peer_config_from(values), values.get("report")))
         from shoal.peer.demo import run_demo
 

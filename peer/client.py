@@ -62,7 +62,14 @@ def response_path(path: str) -> str:
 
 
 class PeerClient:
-    def __init__(self, wire: WireCodec, traffic: Traffic, *, request_timeout_s: float, max_response_bytes: int) -> None:
+    def __init__(
+        self,
+        wire: WireCodec,
+        traffic: Traffic,
+        *,
+        request_timeout_s: float,
+        max_response_bytes: int,
+    ) -> None:
         self.wire = wire
         self.traffic = traffic
         self.request_timeout_s = request_timeout_s
@@ -70,7 +77,9 @@ class PeerClient:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64), auto_decompress=False)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=64), auto_decompress=False
+        )
 
     async def close(self) -> None:
         if self._session is not None:
@@ -93,18 +102,24 @@ class PeerClient:
         `joining`: we do not know the swarm id yet; send NO_SWARM and accept the answer's."""
         assert self._session is not None, "client not started"
         payload = payload or {}
-        prepared: PreparedBody = await off_loop(self.wire.is_large(payload), self.wire.prepare, payload)
+        prepared: PreparedBody = await off_loop(
+            self.wire.is_large(payload), self.wire.prepare, payload
+        )
         headers = self.wire.headers(method, path, prepared, swarm_id=NO_SWARM if joining else None)
         body = prepared.data
         limit = max_response_bytes or self.max_response_bytes
         timeout = aiohttp.ClientTimeout(total=timeout_s or self.request_timeout_s)
         kind = Traffic.kind(path)
         try:
-            async with self._session.request(method, address.rstrip("/") + path, data=body, headers=headers, timeout=timeout) as resp:
+            async with self._session.request(
+                method, address.rstrip("/") + path, data=body, headers=headers, timeout=timeout
+            ) as resp:
                 self.traffic.sent[kind] += len(body)
                 declared = resp.content_length
                 if declared is not None and declared > limit:
-                    raise PayloadTooLarge(f"{address}{path}: response of {declared} bytes exceeds {limit}")
+                    raise PayloadTooLarge(
+                        f"{address}{path}: response of {declared} bytes exceeds {limit}"
+                    )
                 chunks, size = [], 0
                 async for chunk in resp.content.iter_chunked(1 << 20):
                     size += len(chunk)

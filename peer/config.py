@@ -58,16 +58,31 @@ def is_loopback(host: str) -> bool:
 class NetworkConfig:
     """Where this peer listens, how others reach it, and which run it joins."""
 
-    listen: str = setting("127.0.0.1:7000", "HOST:PORT to listen on; port 0 picks a free one (the bound "
-                          "address is printed)", metavar="HOST:PORT")
-    advertise: str | None = setting(None, "URL other peers reach this one at (default: http://HOST:PORT of "
-                                    "--listen)", kind=str)
-    bootstrap: str | None = setting(None, "any peer of the run, e.g. http://10.0.0.5:7000 (none: start a "
-                                    "new run)", kind=str, metavar="URL")
-    swarm_key: str | None = setting(None, "shared secret; every message is HMAC-signed with it (default: "
-                                    "$SHOAL_SWARM_KEY)", kind=str)
-    peer_id: str = setting(None, "this peer's id (default: random); also picks its data shard",
-                           kind=str, factory=lambda: "peer-" + secrets.token_hex(4))
+    listen: str = setting(
+        "127.0.0.1:7000",
+        "HOST:PORT to listen on; port 0 picks a free one (the bound address is printed)",
+        metavar="HOST:PORT",
+    )
+    advertise: str | None = setting(
+        None, "URL other peers reach this one at (default: http://HOST:PORT of --listen)", kind=str
+    )
+    bootstrap: str | None = setting(
+        None,
+        "any peer of the run, e.g. http://10.0.0.5:7000 (none: start a new run)",
+        kind=str,
+        metavar="URL",
+    )
+    swarm_key: str | None = setting(
+        None,
+        "shared secret; every message is HMAC-signed with it (default: $SHOAL_SWARM_KEY)",
+        kind=str,
+    )
+    peer_id: str = setting(
+        None,
+        "this peer's id (default: random); also picks its data shard",
+        kind=str,
+        factory=lambda: "peer-" + secrets.token_hex(4),
+    )
     swarm_id: str | None = None  # the first peer's choice; joiners adopt the swarm's (no flag)
 
     def __post_init__(self) -> None:
@@ -75,9 +90,13 @@ class NetworkConfig:
         if not 0 <= port < 65536:
             raise ValueError(f"--listen port must be in 0..65535, got {port}")
         if self.bootstrap is not None and not self.bootstrap.startswith(("http://", "https://")):
-            raise ValueError(f"--bootstrap must be a URL like http://host:port, got {self.bootstrap!r}")
+            raise ValueError(
+                f"--bootstrap must be a URL like http://host:port, got {self.bootstrap!r}"
+            )
         if self.advertise is not None and not self.advertise.startswith(("http://", "https://")):
-            raise ValueError(f"--advertise must be a URL like http://host:port, got {self.advertise!r}")
+            raise ValueError(
+                f"--advertise must be a URL like http://host:port, got {self.advertise!r}"
+            )
         if not 0 < len(self.peer_id) <= 128:
             raise ValueError("--peer-id must be 1..128 characters")
 
@@ -95,10 +114,14 @@ class NetworkConfig:
         if self.bootstrap is None:
             return None
         advertised = urlsplit(self.advertise).hostname if self.advertise else self.listen_host
-        if is_loopback(advertised or "") and not is_loopback(urlsplit(self.bootstrap).hostname or ""):
-            return (f"this peer advertises the loopback address {advertised} to a swarm at "
-                    f"{self.bootstrap}: other machines cannot reach it; pass --advertise "
-                    "http://PUBLIC_HOST:PORT (and --listen 0.0.0.0:PORT)")
+        if is_loopback(advertised or "") and not is_loopback(
+            urlsplit(self.bootstrap).hostname or ""
+        ):
+            return (
+                f"this peer advertises the loopback address {advertised} to a swarm at "
+                f"{self.bootstrap}: other machines cannot reach it; pass --advertise "
+                "http://PUBLIC_HOST:PORT (and --listen 0.0.0.0:PORT)"
+            )
         return None
 
 
@@ -106,53 +129,98 @@ class NetworkConfig:
 class PipelineConfig:
     """This peer's place in a pipeline replica, and stage 0's routing of microbatches."""
 
-    role: str = setting("replica", "replica: a full model replica; stage: one stage of a pipeline replica "
-                        "(needs --stages)", choices=("replica", "stage"))
-    stage: int | None = setting(None, "--role stage: the stage to serve (default: the least served one in the "
-                                "swarm); stage 0 holds the data and drives the pipeline", kind=int)
-    standby: bool = setting(False, "--role stage: join and wait, serving nothing, until some stage loses "
-                            "every peer; then take it over, rebuilt from its neighbours (CheckFree), or for "
-                            "stage 0 copied from stage 1 (CheckFree+)")
-    activation: str = setting("none", "activation codec of this pipeline replica: none, int8, subspace:RATIO, "
-                              "subspace-int8:RATIO or subspace-int4:RATIO (e.g. subspace-int4:32); on a full "
-                              "replica, a subspace setting trains it confined as such a replica would be")
+    role: str = setting(
+        "replica",
+        "replica: a full model replica; stage: one stage of a pipeline replica (needs --stages)",
+        choices=("replica", "stage"),
+    )
+    stage: int | None = setting(
+        None,
+        "--role stage: the stage to serve (default: the least served one in the "
+        "swarm); stage 0 holds the data and drives the pipeline",
+        kind=int,
+    )
+    standby: bool = setting(
+        False,
+        "--role stage: join and wait, serving nothing, until some stage loses "
+        "every peer; then take it over, rebuilt from its neighbours (CheckFree), or for "
+        "stage 0 copied from stage 1 (CheckFree+)",
+    )
+    activation: str = setting(
+        "none",
+        "activation codec of this pipeline replica: none, int8, subspace:RATIO, "
+        "subspace-int8:RATIO or subspace-int4:RATIO (e.g. subspace-int4:32); on a full "
+        "replica, a subspace setting trains it confined as such a replica would be",
+    )
     microbatch_size: int = setting(4, "stage 0: sequences per microbatch")
     in_flight: int = setting(4, "stage 0: microbatches in the pipeline at once")
-    router: str = setting("swarm", "stage 0: per-hop choice among a stage's peers (swarm: least projected "
-                          "busy time; random)", choices=("random", "swarm"))
-    skip_ratio: float = setting(0.0, "stage 0: SkipPipe: each microbatch skips this share of the stages on "
-                                "paths planned around slow peers (e.g. 0.33; 0: every stage)")
-    skip_swaps: int = setting(0, "stage 0: SkipPipe: most pairs of adjacent stages a path may run swapped "
-                              "(0: in order, which cost less loss in scripts/bench_skippipe.py; the paper "
-                              "allows 2)")
-    skip_keep: tuple[int, ...] = setting((1,), "stage 0: SkipPipe: block stages every path visits, e.g. 1 "
-                                         "or 1,5 (1: the first block stage; none: any may be skipped)",
-                                         parse=stage_list("--skip-keep", none_ok=True))
-    skip_rescale: str = setting("sqrt", "stage 0: SkipPipe: a stage on a share p of the paths scales its "
-                                "residual update by p^-1/2 (sqrt) or 1/p (inverse) in training forwards; "
-                                "none: unscaled", choices=RESCALE_MODES)
-    out_of_order: float = setting(0.0, "stage 0: CheckFree+: this share of microbatches runs the first and "
-                                  "last two block stages swapped, so a lost edge stage can be copied from "
-                                  "its neighbour (e.g. 0.5)")
-    eval_stages: tuple[int, ...] | None = setting(None, "stage 0: also evaluate through only these block "
-                                                  "stages, e.g. 1,3,5", parse=stage_list("--eval-stages"))
-    emulate_forward_ms: float = setting(0.0, "benchmarks: each training forward of this stage takes at "
-                                        "least this many ms, each backward twice that",
-                                        flag="--emulate-forward-ms")
+    router: str = setting(
+        "swarm",
+        "stage 0: per-hop choice among a stage's peers (swarm: least projected busy time; random)",
+        choices=("random", "swarm"),
+    )
+    skip_ratio: float = setting(
+        0.0,
+        "stage 0: SkipPipe: each microbatch skips this share of the stages on "
+        "paths planned around slow peers (e.g. 0.33; 0: every stage)",
+    )
+    skip_swaps: int = setting(
+        0,
+        "stage 0: SkipPipe: most pairs of adjacent stages a path may run swapped "
+        "(0: in order, which cost less loss in scripts/bench_skippipe.py; the paper "
+        "allows 2)",
+    )
+    skip_keep: tuple[int, ...] = setting(
+        (1,),
+        "stage 0: SkipPipe: block stages every path visits, e.g. 1 "
+        "or 1,5 (1: the first block stage; none: any may be skipped)",
+        parse=stage_list("--skip-keep", none_ok=True),
+    )
+    skip_rescale: str = setting(
+        "sqrt",
+        "stage 0: SkipPipe: a stage on a share p of the paths scales its "
+        "residual update by p^-1/2 (sqrt) or 1/p (inverse) in training forwards; "
+        "none: unscaled",
+        choices=RESCALE_MODES,
+    )
+    out_of_order: float = setting(
+        0.0,
+        "stage 0: CheckFree+: this share of microbatches runs the first and "
+        "last two block stages swapped, so a lost edge stage can be copied from "
+        "its neighbour (e.g. 0.5)",
+    )
+    eval_stages: tuple[int, ...] | None = setting(
+        None,
+        "stage 0: also evaluate through only these block stages, e.g. 1,3,5",
+        parse=stage_list("--eval-stages"),
+    )
+    emulate_forward_ms: float = setting(
+        0.0,
+        "benchmarks: each training forward of this stage takes at "
+        "least this many ms, each backward twice that",
+        flag="--emulate-forward-ms",
+    )
 
     def __post_init__(self) -> None:
         if self.role not in ("replica", "stage"):
             raise ValueError(f"--role must be replica or stage, got {self.role!r}")
         if self.standby and (self.role != "stage" or self.stage is not None):
-            raise ValueError("--standby is for --role stage without --stage: the stage is the one that gets lost")
+            raise ValueError(
+                "--standby is for --role stage without --stage: the stage is the one that gets lost"
+            )
         if self.microbatch_size < 1 or self.in_flight < 1:
             raise ValueError("--microbatch-size and --in-flight must be >= 1")
         if not 0.0 <= self.emulate_forward_ms <= 60_000:
-            raise ValueError(f"--emulate-forward-ms must be in [0, 60000], got {self.emulate_forward_ms}")
+            raise ValueError(
+                f"--emulate-forward-ms must be in [0, 60000], got {self.emulate_forward_ms}"
+            )
         if self.skip_swaps < 0:
             raise ValueError(f"--skip-swaps must be >= 0, got {self.skip_swaps}")
         if self.skip_rescale not in RESCALE_MODES:
-            raise ValueError(f"--skip-rescale must be one of {', '.join(RESCALE_MODES)}, got {self.skip_rescale!r}")
+            raise ValueError(
+                f"--skip-rescale must be one of {', '.join(RESCALE_MODES)}, got "
+                f"{self.skip_rescale!r}"
+            )
         if not 0.0 <= self.skip_ratio < 1.0:
             raise ValueError(f"--skip-ratio must be in [0, 1), got {self.skip_ratio}")
         if not 0.0 <= self.out_of_order <= 1.0:
@@ -162,34 +230,55 @@ class PipelineConfig:
         """What depends on the run's number of stages."""
         stages = run.stages
         if self.role == "stage" and not stages:
-            raise ValueError("--role stage needs a pipelined run: --stages S (S >= 2) on every peer")
+            raise ValueError(
+                "--role stage needs a pipelined run: --stages S (S >= 2) on every peer"
+            )
         if self.stage is not None and not 0 <= self.stage < max(stages, 1):
             raise ValueError(f"--stage must be in 0..{stages - 1}, got {self.stage}")
-        if self.skip_ratio and (len(set(self.skip_keep)) < len(self.skip_keep)
-                                or not all(1 <= s < stages for s in self.skip_keep)):
-            raise ValueError(f"--skip-keep must list distinct block stages in 1..{stages - 1}, "
-                             f"got {list(self.skip_keep)}")
+        if self.skip_ratio and (
+            len(set(self.skip_keep)) < len(self.skip_keep)
+            or not all(1 <= s < stages for s in self.skip_keep)
+        ):
+            raise ValueError(
+                f"--skip-keep must list distinct block stages in 1..{stages - 1}, "
+                f"got {list(self.skip_keep)}"
+            )
         if self.skip_ratio and stages:
             visits = SkipPipeConfig(num_stages=stages, skip_ratio=self.skip_ratio).visits_per_path
             if len(self.skip_keep) > visits - 1:
-                raise ValueError(f"--skip-keep keeps {len(self.skip_keep)} stages, but with --skip-ratio "
-                                 f"{self.skip_ratio} a path visits only {visits - 1} block stages")
-        if self.eval_stages is not None and (not self.eval_stages or len(set(self.eval_stages)) < len(self.eval_stages)
-                                             or not all(1 <= s < stages for s in self.eval_stages)):
-            raise ValueError(f"--eval-stages must list distinct block stages in 1..{stages - 1}, "
-                             f"got {list(self.eval_stages) if self.eval_stages is not None else None}")
+                raise ValueError(
+                    f"--skip-keep keeps {len(self.skip_keep)} stages, but with --skip-ratio "
+                    f"{self.skip_ratio} a path visits only {visits - 1} block stages"
+                )
+        if self.eval_stages is not None and (
+            not self.eval_stages
+            or len(set(self.eval_stages)) < len(self.eval_stages)
+            or not all(1 <= s < stages for s in self.eval_stages)
+        ):
+            raise ValueError(
+                f"--eval-stages must list distinct block stages in 1..{stages - 1}, "
+                f"got {list(self.eval_stages) if self.eval_stages is not None else None}"
+            )
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """What this peer trains and evaluates on."""
 
-    path: str | None = setting(None, "text file, folder or glob of UTF-8 text (.jsonl: its text field); "
-                               "default: this Python's standard library sources", kind=str, flag="--data")
-    num_shards: int = setting(16, "the corpus is cut into this many shards; a peer trains on the one its "
-                              "id picks")
+    path: str | None = setting(
+        None,
+        "text file, folder or glob of UTF-8 text (.jsonl: its text field); "
+        "default: this Python's standard library sources",
+        kind=str,
+        flag="--data",
+    )
+    num_shards: int = setting(
+        16, "the corpus is cut into this many shards; a peer trains on the one its id picks"
+    )
     eval_batches: int = setting(8, "held-out batches per evaluation")
-    eval_every: int = setting(1, "evaluate on the held-out split after every N-th round and the last")
+    eval_every: int = setting(
+        1, "evaluate on the held-out split after every N-th round and the last"
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -203,14 +292,26 @@ class ScheduleConfig:
 
     device: str = setting("auto", "auto|cpu|cuda|cuda:N (auto: cuda when present)")
     torch_threads: int | None = setting(None, "torch CPU threads", kind=int, flag="--threads")
-    max_rounds: int | None = setting(None, "stop after this many outer rounds (default: train until stopped)",
-                                     kind=int, flag="--rounds")
-    min_peers: int = setting(1, "wait until this many peers (this one included) are alive before training "
-                             "(at most --min-peers-timeout)")
-    checkpoint_dir: str | None = setting(None, "write the outer state here after every round", kind=str)
+    max_rounds: int | None = setting(
+        None,
+        "stop after this many outer rounds (default: train until stopped)",
+        kind=int,
+        flag="--rounds",
+    )
+    min_peers: int = setting(
+        1,
+        "wait until this many peers (this one included) are alive before training "
+        "(at most --min-peers-timeout)",
+    )
+    checkpoint_dir: str | None = setting(
+        None, "write the outer state here after every round", kind=str
+    )
     resume: bool = setting(False, "continue from the latest checkpoint in --checkpoint-dir")
-    compute_nice: int = setting(5, "CPU niceness of the training and byte-work threads above the event "
-                                "loop's, so that on a busy machine the loop answers first (0: the same)")
+    compute_nice: int = setting(
+        5,
+        "CPU niceness of the training and byte-work threads above the event "
+        "loop's, so that on a busy machine the loop answers first (0: the same)",
+    )
 
     def __post_init__(self) -> None:
         if self.resume and not self.checkpoint_dir:
@@ -226,8 +327,11 @@ class ScheduleConfig:
 
 
 SECTIONS: dict[str, type] = {
-    "network": NetworkConfig, "pipeline": PipelineConfig, "data": DataConfig,
-    "schedule": ScheduleConfig, "protocol": ProtocolConfig,
+    "network": NetworkConfig,
+    "pipeline": PipelineConfig,
+    "data": DataConfig,
+    "schedule": ScheduleConfig,
+    "protocol": ProtocolConfig,
 }
 
 
@@ -250,7 +354,9 @@ class PeerConfig:
         return self.network.peer_id
 
     @classmethod
-    def of(cls, run: RunConfig, protocol: ProtocolConfig | None = None, **settings: Any) -> PeerConfig:
+    def of(
+        cls, run: RunConfig, protocol: ProtocolConfig | None = None, **settings: Any
+    ) -> PeerConfig:
         """A PeerConfig from flat keywords, each placed in the section that has it (for
         tests and scripts): `PeerConfig.of(run, peer_id="a", role="stage", max_rounds=3)`.
         `listen_host`/`listen_port` set `listen` (default 127.0.0.1:0); `data_path` is
@@ -262,11 +368,21 @@ class PeerConfig:
         if "data_path" in settings:
             by_section["data"]["path"] = settings.pop("data_path")
         for key, value in settings.items():
-            owners = [name for name, section in SECTIONS.items() if key in {f.name for f in fields(section)}]
+            owners = [
+                name
+                for name, section in SECTIONS.items()
+                if key in {f.name for f in fields(section)}
+            ]
             if not owners:
                 raise TypeError(f"no config section has a setting {key!r}")
             by_section[owners[0]][key] = value
-        sections = {name: SECTIONS[name](**values) for name, values in by_section.items() if name != "protocol"}
+        sections = {
+            name: SECTIONS[name](**values)
+            for name, values in by_section.items()
+            if name != "protocol"
+        }
         if by_section["protocol"]:
-            protocol = ProtocolConfig(**{**asdict(protocol or ProtocolConfig()), **by_section["protocol"]})
+            protocol = ProtocolConfig(
+                **{**asdict(protocol or ProtocolConfig()), **by_section["protocol"]}
+            )
         return cls(run=run, protocol=protocol or ProtocolConfig(), **sections)

@@ -309,5 +309,3 @@ def render_html(snapshot: dict[str, Any]) -> str:
         f"<h2>loss over rounds</h2>{render_chart(history, palette)}"
         "</body></html>"
     )
-
-

@@ -78,14 +78,18 @@ def serving_url(log_path: Path, proc: subprocess.Popen, timeout_s: float) -> str
         if proc.poll() is not None:
             raise RuntimeError(f"{log_path.stem} exited during start-up: {peer_error(log_path)}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{log_path.stem} did not serve within {timeout_s:.0f} s; see {log_path}")
+            raise RuntimeError(
+                f"{log_path.stem} did not serve within {timeout_s:.0f} s; see {log_path}"
+            )
         time.sleep(0.2)
 
 
 def peer_error(log_path: Path) -> str:
     """A dead peer's own error line (`shoal: error: ...`), else its log's last line."""
     lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
-    errors = [line.removeprefix("shoal: error: ") for line in lines if line.startswith("shoal: error:")]
+    errors = [
+        line.removeprefix("shoal: error: ") for line in lines if line.startswith("shoal: error:")
+    ]
     return errors[-1] if errors else (lines[-1] if lines else "(no output)")
 
 
@@ -116,20 +120,35 @@ def summarize(values: dict[str, Any], reports: list[dict], wall_s: float) -> dic
     final_hashes: dict[tuple, set[str]] = {}
     for r in reports:
         if r["rounds"]:
-            final_hashes.setdefault((r["role"], r["stage"]), set()).add(r["rounds"][-1]["weights_hash"])
+            final_hashes.setdefault((r["role"], r["stage"]), set()).add(
+                r["rounds"][-1]["weights_hash"]
+            )
     return {
-        "peers": n, "rounds": len(evals), "model": run.model_preset, "params": params, "codec": run.outer.codec,
-        "outer": run.outer.name, "stages": run.stages,
-        "inner_steps": run.inner_steps, "tokens_total": steps * run.inner.batch_size * run.inner.seq_len,
+        "peers": n,
+        "rounds": len(evals),
+        "model": run.model_preset,
+        "params": params,
+        "codec": run.outer.codec,
+        "outer": run.outer.name,
+        "stages": run.stages,
+        "inner_steps": run.inner_steps,
+        "tokens_total": steps * run.inner.batch_size * run.inner.seq_len,
         "eval_loss_initial": first["initial_eval_loss"],
-        "eval_loss_first": evals[0] if evals else None, "eval_loss_last": evals[-1] if evals else None,
+        "eval_loss_first": evals[0] if evals else None,
+        "eval_loss_last": evals[-1] if evals else None,
         "eval_loss_per_round": evals,
         # cumulative over the swarm, at the end of each round (peers' own counters)
-        "bytes_sent_per_round": [sum(r["rounds"][i]["bytes_sent"] for r in reports if i < len(r["rounds"])) for i in range(len(evals))],
-        "bytes_sent_total": sent, "bytes_sent_contributions": contribution_bytes,
+        "bytes_sent_per_round": [
+            sum(r["rounds"][i]["bytes_sent"] for r in reports if i < len(r["rounds"]))
+            for i in range(len(evals))
+        ],
+        "bytes_sent_total": sent,
+        "bytes_sent_contributions": contribution_bytes,
         "bytes_sent_by_peer": {r["peer_id"]: r["bytes_sent"] for r in reports},
-        "bytes_ddp_equivalent": ddp_bytes, "ddp_over_sent": ddp_bytes / sent if sent else None,
-        "final_weights_agree": all(len(h) == 1 for h in final_hashes.values()), "wall_seconds": round(wall_s, 1),
+        "bytes_ddp_equivalent": ddp_bytes,
+        "ddp_over_sent": ddp_bytes / sent if sent else None,
+        "final_weights_agree": all(len(h) == 1 for h in final_hashes.values()),
+        "wall_seconds": round(wall_s, 1),
     }
 
 
@@ -141,35 +160,64 @@ def run_demo(values: dict[str, Any]) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="shoal-demo-"))
     settings = workdir / "run.toml"
     settings.write_text(peer_settings_toml(values))
-    roles = [[] for _ in range(demo.peers)] + [["--role", "stage", "--stage", str(s)] for s in range(run.stages)]
+    roles = [[] for _ in range(demo.peers)] + [
+        ["--role", "stage", "--stage", str(s)] for s in range(run.stages)
+    ]
     threads = max(1, (os.cpu_count() or 1) // len(roles))
-    env = dict(os.environ, SHOAL_SWARM_KEY=demo.swarm_key or os.environ.get("SHOAL_SWARM_KEY") or "")
+    env = dict(
+        os.environ, SHOAL_SWARM_KEY=demo.swarm_key or os.environ.get("SHOAL_SWARM_KEY") or ""
+    )
     procs: list[subprocess.Popen] = []
     urls: list[str] = []
     start = time.monotonic()
     try:
         for i, role in enumerate(roles):
             port = demo.port if i == 0 else 0
-            cmd = [sys.executable, "-m", "shoal.peer.cli", "peer", "--config", str(settings),
-                   "--listen", f"127.0.0.1:{port}", "--peer-id", f"peer-{i}", "--rounds", str(demo.rounds),
-                   "--min-peers", str(len(roles)), "--threads", str(threads),
-                   "--report", str(workdir / f"peer-{i}.json"), *role]
+            cmd = [
+                sys.executable,
+                "-m",
+                "shoal.peer.cli",
+                "peer",
+                "--config",
+                str(settings),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--peer-id",
+                f"peer-{i}",
+                "--rounds",
+                str(demo.rounds),
+                "--min-peers",
+                str(len(roles)),
+                "--threads",
+                str(threads),
+                "--report",
+                str(workdir / f"peer-{i}.json"),
+                *role,
+            ]
             if i > 0:
                 cmd += ["--bootstrap", urls[0]]
             with open(workdir / f"peer-{i}.log", "w") as log_file:
-                procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env))
+                procs.append(
+                    subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+                )
             urls.append(serving_url(workdir / f"peer-{i}.log", procs[-1], STARTUP_TIMEOUT_S))
             if i == 0:
                 pipeline = f" and a {run.stages}-stage pipeline replica" if run.stages else ""
-                print(f"shoal demo: {demo.peers} peers{pipeline}, {demo.rounds} rounds of {run.model_preset}; "
-                      f"logs in {workdir}")
+                print(
+                    f"shoal demo: {demo.peers} peers{pipeline}, {demo.rounds} rounds of "
+                    f"{run.model_preset}; "
+                    f"logs in {workdir}"
+                )
                 print(f"dashboard: {urls[0]}/", flush=True)
         watch(urls, procs, demo.rounds)
         wall_s = time.monotonic() - start
         failed = [i for i, p in enumerate(procs) if p.returncode != 0]
         if failed:
             for i in failed:
-                print(f"shoal demo: peer-{i}: {peer_error(workdir / f'peer-{i}.log')}", file=sys.stderr)
+                print(
+                    f"shoal demo: peer-{i}: {peer_error(workdir / f'peer-{i}.log')}",
+                    file=sys.stderr,
+                )
             print(f"shoal demo: peers {failed} exited with errors; see {workdir}", file=sys.stderr)
             return 1
         reports = [json.loads((workdir / f"peer-{i}.json").read_text()) for i in range(len(roles))]
@@ -193,7 +241,14 @@ def watch(urls: list[str], procs: list[subprocess.Popen], rounds: int) -> None:
     """Print a line per finished round until every peer process has exited."""
     shown = 0
     while any(p.poll() is None for p in procs):
-        snapshot = next((s for u, p in zip(urls, procs, strict=True) if p.poll() is None and (s := fetch_json(u + "/api/swarm"))), None)
+        snapshot = next(
+            (
+                s
+                for u, p in zip(urls, procs, strict=True)
+                if p.poll() is None and (s := fetch_json(u + "/api/swarm"))
+            ),
+            None,
+        )
         if snapshot is not None:
             peers = snapshot["peers"]
             done = min((p["round"] for p in peers if p["alive"]), default=0)
@@ -202,13 +257,31 @@ def watch(urls: list[str], procs: list[subprocess.Popen], rounds: int) -> None:
                 me = next(p for p in peers if p["peer_id"] == snapshot["self_id"])
                 alive = sum(p["alive"] for p in peers)
                 sent = sum(p["bytes_sent"] for p in peers)
-                print(f"round {done}/{rounds}  eval loss {me['eval_loss']:.3f}  peers alive {alive}  sent {sent / 1e6:.1f} MB", flush=True)
+                print(
+                    f"round {done}/{rounds}  eval loss {me['eval_loss']:.3f}  peers alive "
+                    f"{alive}  sent {sent / 1e6:.1f} MB",
+                    flush=True,
+                )
         time.sleep(1.0)
 
 
 def print_summary(summary: dict[str, Any]) -> None:
     print("\nsummary")
-    for key in ("peers", "rounds", "model", "params", "codec", "eval_loss_initial", "eval_loss_first", "eval_loss_last",
-                "bytes_sent_total", "bytes_sent_contributions", "bytes_ddp_equivalent", "ddp_over_sent", "final_weights_agree", "wall_seconds"):
+    for key in (
+        "peers",
+        "rounds",
+        "model",
+        "params",
+        "codec",
+        "eval_loss_initial",
+        "eval_loss_first",
+        "eval_loss_last",
+        "bytes_sent_total",
+        "bytes_sent_contributions",
+        "bytes_ddp_equivalent",
+        "ddp_over_sent",
+        "final_weights_agree",
+        "wall_seconds",
+    ):
         value = summary[key]
         print(f"  {key:26s} {value:.3f}" if isinstance(value, float) else f"  {key:26s} {value}")

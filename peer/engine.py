@@ -47,7 +47,9 @@ class RoundEngine:
         self.ctx, self.role, self.wire = ctx, role, wire
         self.config = ctx.config
         protocol = ctx.config.protocol
-        self.exchange = RoundExchange(ctx.client, ctx.agent.membership, store, protocol, self._decode)
+        self.exchange = RoundExchange(
+            ctx.client, ctx.agent.membership, store, protocol, self._decode
+        )
         self.trainer: Any = None  # built by `build` (training thread)
         self.outer: Any = None
         self.state_shapes: dict[str, tuple[int, ...]] = {}
@@ -77,7 +79,9 @@ class RoundEngine:
         run = self.config.run
         model = build_model(run.model_preset, seed=run.seed, device="meta")
         if model.config.to_dict() != run.model:
-            raise ConfigMismatch(f"preset {run.model_preset!r} builds a different model than the run's")
+            raise ConfigMismatch(
+                f"preset {run.model_preset!r} builds a different model than the run's"
+            )
         self.model_config = model.config
         slices = None
         if run.stages:
@@ -103,8 +107,9 @@ class RoundEngine:
         self._load_state(round_id, tensors)
         return take_snapshot(self.outer, round_id)
 
-    def restart_from(self, round_id: int, weights: Mapping[str, torch.Tensor], inner: InnerConfig,
-                     step: int) -> Snapshot:
+    def restart_from(
+        self, round_id: int, weights: Mapping[str, torch.Tensor], inner: InnerConfig, step: int
+    ) -> Snapshot:
         """Continue at `round_id` and inner step `step` from `weights` (all of our tensors,
         e.g. a stage rebuilt by CheckFree) with fresh optimizer state: the outer optimizer's
         as built (this runs right after `build`) and a new inner one under `inner`."""
@@ -184,8 +189,9 @@ class RoundEngine:
         """Load the outer state of the first of `sources` that delivers it."""
         from shoal.peer.statesync import download_state
 
-        round_id, tensors, _ = await download_state(self.ctx.client, sources, self.state_shapes,
-                                                    attempts=attempts)
+        round_id, tensors, _ = await download_state(
+            self.ctx.client, sources, self.state_shapes, attempts=attempts
+        )
         self.publish_snapshot(await self.ctx.thread.run(self.load_state, round_id, tensors))
         log.info("[%s] loaded the swarm's outer state of round %d", self.peer_id, round_id)
 
@@ -203,15 +209,17 @@ class RoundEngine:
         except ShoalError as exc:
             if not lost_stage:
                 raise
-            log.warning("[%s] no peer of stage %d delivered its state (%s)", self.peer_id,
-                        me.stage, exc)
+            log.warning(
+                "[%s] no peer of stage %d delivered its state (%s)", self.peer_id, me.stage, exc
+            )
             for source in sources:
                 self.ctx.agent.membership.declare_dead(source.peer_id)
         assert me.stage is not None
         await self.ctx.recovery.rebuild(me.stage, self._restart, self.initial_weights())
 
-    async def _restart(self, round_id: int, weights: Mapping[str, torch.Tensor],
-                       inner: InnerConfig, step: int) -> None:
+    async def _restart(
+        self, round_id: int, weights: Mapping[str, torch.Tensor], inner: InnerConfig, step: int
+    ) -> None:
         snapshot = await self.ctx.thread.run(self.restart_from, round_id, weights, inner, step)
         self.publish_snapshot(snapshot)
 
@@ -226,8 +234,9 @@ class RoundEngine:
         run, schedule = self.config.run, self.config.schedule
         if schedule.min_peers > 1 and self.round == 0 and not self.config.pipeline.standby:
             # a run's start, not a late join
-            await self.ctx.agent.wait_for_peers(schedule.min_peers,
-                                                self.config.protocol.min_peers_timeout_s)
+            await self.ctx.agent.wait_for_peers(
+                schedule.min_peers, self.config.protocol.min_peers_timeout_s
+            )
         round_id, pending, early = self.round, None, None
         try:
             while True:
@@ -236,11 +245,15 @@ class RoundEngine:
                     # run (τ = 0 but for Streaming DiLoCo); its outer step and merge follow
                     more = schedule.max_rounds is None or round_id + 1 < schedule.max_rounds
                     steps = self.outer.overlap_steps if more else 0
-                    early, _ = await asyncio.gather(self.ctx.thread.run(self._inner, steps), pending)
+                    early, _ = await asyncio.gather(
+                        self.ctx.thread.run(self._inner, steps), pending
+                    )
                     pending, round_id = None, self.round
                 if schedule.max_rounds is not None and round_id >= schedule.max_rounds:
                     break
-                steps = self.outer.round_steps(round_id, run.inner_steps) - (early.steps if early else 0)
+                steps = self.outer.round_steps(round_id, run.inner_steps) - (
+                    early.steps if early else 0
+                )
                 stats = await self.ctx.thread.run(self._inner, max(0, steps))
                 stats, early = (early + stats if early else stats), None
                 self.ctx.agent.me.tokens_per_s = stats.tokens / max(stats.seconds, 1e-9)
@@ -250,8 +263,9 @@ class RoundEngine:
             if pending is not None and not pending.done():
                 pending.cancel()
 
-    async def _sync_round(self, round_id: int, stats: InnerStats, payload: dict[str, bytes],
-                          own: Any) -> None:
+    async def _sync_round(
+        self, round_id: int, stats: InnerStats, payload: dict[str, bytes], own: Any
+    ) -> None:
         """Publish our contribution, settle the round with the swarm (or with one partner),
         step the outer weights, verify and log."""
         protocol, exchange = self.config.protocol, self.exchange
@@ -288,37 +302,60 @@ class RoundEngine:
         downloads the majority's outer state (loaded between two inner phases: the training
         thread runs one job at a time). True if it resynced."""
         membership = self.ctx.agent.membership
-        same_slice = [p for p in final
-                      if p in membership.peers and same_slice_as(membership.peers[p], membership.me)]
+        same_slice = [
+            p
+            for p in final
+            if p in membership.peers and same_slice_as(membership.peers[p], membership.me)
+        ]
         majority = await self.exchange.verify(round_id, new_hash, same_slice)
         if majority:
             await self.download(majority, attempts=self.config.protocol.state_download_attempts)
-            log.warning("[%s] round %d: resynced the outer state from the majority (now round %d)",
-                        self.peer_id, round_id, self.round)
+            log.warning(
+                "[%s] round %d: resynced the outer state from the majority (now round %d)",
+                self.peer_id,
+                round_id,
+                self.round,
+            )
         return bool(majority)
 
     async def _exchange_with_partner(self, round_id: int) -> list[str]:
         """NoLoCo: fetch one random live replica's contribution for this step, waiting at most
         `partner_timeout_s`; returns the group (us, plus the partner if it answered). A
         failed partner costs this step its averaging, never more than the timeout."""
-        candidates = [p for p in self.ctx.agent.membership.live_others()
-                      if p.role == "replica" and p.first_round <= round_id]
+        candidates = [
+            p
+            for p in self.ctx.agent.membership.live_others()
+            if p.role == "replica" and p.first_round <= round_id
+        ]
         self._partner_wait_s = 0.0
         if not candidates:
             return [self.peer_id]
         partner = self._rng.choice(candidates)
         begin = time.monotonic()
-        answered = await self.exchange.fetch(round_id, partner, self.config.protocol.partner_timeout_s)
+        answered = await self.exchange.fetch(
+            round_id, partner, self.config.protocol.partner_timeout_s
+        )
         self._partner_wait_s = time.monotonic() - begin
         if not answered:
-            log.info("[%s] step %d: partner %s did not answer; stepping alone", self.peer_id,
-                     round_id, partner.peer_id)
+            log.info(
+                "[%s] step %d: partner %s did not answer; stepping alone",
+                self.peer_id,
+                round_id,
+                partner.peer_id,
+            )
             return [self.peer_id]
         self.ctx.agent.me.partner = partner.peer_id
         return sorted([self.peer_id, partner.peer_id])
 
-    def _log_round(self, round_id: int, stats: InnerStats, eval_loss: float | None,
-                   got: list[str], final: list[str], resynced: bool) -> None:
+    def _log_round(
+        self,
+        round_id: int,
+        stats: InnerStats,
+        eval_loss: float | None,
+        got: list[str],
+        final: list[str],
+        resynced: bool,
+    ) -> None:
         me, traffic = self.ctx.agent.me, self.ctx.client.traffic
         # a peer table entry holds finite numbers only (others refuse the whole table otherwise)
         me.round = self.round
@@ -328,16 +365,31 @@ class RoundEngine:
         me.partner_distance = getattr(self.outer, "partner_distance", None)
         self.ctx.agent.beat()
         entry = {
-            "round": self.round, "eval_loss": eval_loss, "train_loss": stats.train_loss,
-            "weights_hash": me.weights_hash, "gathered": got, "applied": final,
-            "resynced": resynced, "inner_seconds": stats.seconds, "time": time.time(),
-            "bytes_sent": traffic.bytes_sent, "contribution_bytes_sent": traffic.sent["contribution"],
-            "partner_distance": me.partner_distance, "partner_wait_s": self._partner_wait_s,
+            "round": self.round,
+            "eval_loss": eval_loss,
+            "train_loss": stats.train_loss,
+            "weights_hash": me.weights_hash,
+            "gathered": got,
+            "applied": final,
+            "resynced": resynced,
+            "inner_seconds": stats.seconds,
+            "time": time.time(),
+            "bytes_sent": traffic.bytes_sent,
+            "contribution_bytes_sent": traffic.sent["contribution"],
+            "partner_distance": me.partner_distance,
+            "partner_wait_s": self._partner_wait_s,
         }
         if eval_loss is not None and getattr(self.trainer, "eval_stages", None):
             entry["eval_loss_partial"] = self.trainer.partial_eval_loss  # stage 0, --eval-stages
         self.round_log.append(entry)
-        log.info("[%s] round %d done: eval %s, train %.3f, %d/%d contributions, hash %s%s",
-                 self.peer_id, round_id, "-" if eval_loss is None else f"{eval_loss:.3f}",
-                 stats.train_loss, len(final), len(got), (me.weights_hash or "")[:8],
-                 " (resynced)" if resynced else "")
+        log.info(
+            "[%s] round %d done: eval %s, train %.3f, %d/%d contributions, hash %s%s",
+            self.peer_id,
+            round_id,
+            "-" if eval_loss is None else f"{eval_loss:.3f}",
+            stats.train_loss,
+            len(final),
+            len(got),
+            (me.weights_hash or "")[:8],
+            " (resynced)" if resynced else "",
+        )

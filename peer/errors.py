@@ -50,7 +50,10 @@ class PayloadTooLarge(ShoalError):
     status = 413
 
 
-_BY_STATUS = {cls.status: cls for cls in (ProtocolError, AuthError, NotFound, ConfigMismatch, Gone, PayloadTooLarge)}
+_BY_STATUS = {
+    cls.status: cls
+    for cls in (ProtocolError, AuthError, NotFound, ConfigMismatch, Gone, PayloadTooLarge)
+}
 
 
 def error_for_status(status: int, message: str) -> ShoalError:
@@ -60,4 +63,3 @@ def error_for_status(status: int, message: str) -> ShoalError:
 
 class Stopped(Exception):
     """Raised inside the training thread when the peer is stopping (not a protocol error)."""
-

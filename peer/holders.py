@@ -42,7 +42,8 @@ def choose_stage(membership: Membership, num_stages: int) -> int:
 def stage_peers(membership: Membership, stage: int, activation: str) -> list[str]:
     """Live peers serving `stage` with our replica's activation codec."""
     return sorted(
-        p.peer_id for p in membership.live_others()
+        p.peer_id
+        for p in membership.live_others()
         if p.role == "stage" and p.stage == stage and p.activation == activation
     )
 
@@ -55,6 +56,8 @@ def stage_holdings(run: RunConfig) -> dict[str, Any] | None:
     holds = ["embedding, head, loss"]
     for blocks in map(plan.blocks, range(1, run.stages)):
         holds.append(
-            f"blocks {blocks.start}–{blocks.stop - 1}" if len(blocks) > 1 else f"block {blocks.start}"
+            f"blocks {blocks.start}–{blocks.stop - 1}"
+            if len(blocks) > 1
+            else f"block {blocks.start}"
         )
     return {"stages": run.stages, "holds": holds}

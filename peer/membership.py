@@ -53,7 +53,9 @@ class PeerInfo:
     partner_distance: float | None = None  # NoLoCo: RMS(φ_self − φ_partner) at that exchange
     stage: int | None = None  # role "stage": the pipeline stage this peer serves
     activation: str | None = None  # role "stage": the activation codec of its pipeline replica
-    grad_norm: float | None = None  # the last inner step's gradient norm before clipping (CheckFree)
+    grad_norm: float | None = (
+        None  # the last inner step's gradient norm before clipping (CheckFree)
+    )
     loop_lag_ms_max: float | None = None  # its event loop's worst lateness over the last 60 s
 
     def version(self) -> tuple[float, int]:
@@ -80,13 +82,27 @@ class PeerInfo:
 
 
 _FIELD_NAMES = {f.name for f in fields(PeerInfo)}
-_STRINGS = {"peer_id": 128, "address": 256, "role": 32, "weights_hash": 128, "partner": 128, "activation": 64}
+_STRINGS = {
+    "peer_id": 128,
+    "address": 256,
+    "role": 32,
+    "weights_hash": 128,
+    "partner": 128,
+    "activation": 64,
+}
 _INTS = {"heartbeat", "first_round", "round", "step", "bytes_sent", "bytes_received", "stage"}
 _FLOATS = {
-    "incarnation", "train_loss", "eval_loss", "tokens_per_s", "partner_distance", "grad_norm",
+    "incarnation",
+    "train_loss",
+    "eval_loss",
+    "tokens_per_s",
+    "partner_distance",
+    "grad_norm",
     "loop_lag_ms_max",
 }
-_NULLABLE = {f.name for f in fields(PeerInfo) if f.default is None}  # optional fields: None when unknown
+_NULLABLE = {
+    f.name for f in fields(PeerInfo) if f.default is None
+}  # optional fields: None when unknown
 
 
 def _check_field(name: str, value: Any) -> Any:
@@ -94,7 +110,10 @@ def _check_field(name: str, value: Any) -> Any:
         return None
     if name in _STRINGS:
         if not isinstance(value, str) or not 0 < len(value) <= _STRINGS[name]:
-            raise ProtocolError(f"peer entry field {name} must be a non-empty string of at most {_STRINGS[name]} chars")
+            raise ProtocolError(
+                f"peer entry field {name} must be a non-empty string of at most "
+                f"{_STRINGS[name]} chars"
+            )
         if name == "address" and not value.startswith(("http://", "https://")):
             raise ProtocolError(f"peer address {value!r} must be an http(s) URL")
         return value
@@ -103,7 +122,11 @@ def _check_field(name: str, value: Any) -> Any:
             raise ProtocolError(f"peer entry field {name} must be a non-negative integer")
         return value
     if name in _FLOATS:
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+        ):
             raise ProtocolError(f"peer entry field {name} must be a finite number")
         return float(value)
     raise ProtocolError(f"unknown peer entry field {name}")
@@ -172,14 +195,20 @@ class Membership:
         """Mark `peer_id` dead now (it failed a direct probe); a newer heartbeat from it
         revives it as usual."""
         if peer_id in self.peers and peer_id != self.me.peer_id:
-            self.last_change[peer_id] = min(self.last_change[peer_id], self.clock() - self.dead_after_s)
+            self.last_change[peer_id] = min(
+                self.last_change[peer_id], self.clock() - self.dead_after_s
+            )
 
     def is_alive(self, peer_id: str) -> bool:
         """Alive or merely suspect: still worth waiting for."""
         return peer_id in self.peers and self.status(peer_id) != "dead"
 
     def live_others(self) -> list[PeerInfo]:
-        return [p for pid, p in sorted(self.peers.items()) if pid != self.me.peer_id and self.is_alive(pid)]
+        return [
+            p
+            for pid, p in sorted(self.peers.items())
+            if pid != self.me.peer_id and self.is_alive(pid)
+        ]
 
     def gossip_targets(self, fanout: int, rng: random.Random) -> list[PeerInfo]:
         others = self.live_others()
@@ -187,7 +216,11 @@ class Membership:
 
     def probe_target(self, rng: random.Random) -> PeerInfo | None:
         """One random dead, not yet forgotten peer to probe (None if there is none)."""
-        dead = [p for pid, p in sorted(self.peers.items()) if pid != self.me.peer_id and not self.is_alive(pid)]
+        dead = [
+            p
+            for pid, p in sorted(self.peers.items())
+            if pid != self.me.peer_id and not self.is_alive(pid)
+        ]
         return rng.choice(dead) if dead else None
 
     def table(self) -> list[dict[str, Any]]:
@@ -197,13 +230,20 @@ class Membership:
     def _record_history(self, info: PeerInfo) -> None:
         rounds = self.history.setdefault(info.peer_id, {})
         if info.eval_loss is not None or info.train_loss is not None:
-            rounds[info.round] = {"eval_loss": info.eval_loss, "train_loss": info.train_loss,
-                                  "partner_distance": info.partner_distance}
+            rounds[info.round] = {
+                "eval_loss": info.eval_loss,
+                "train_loss": info.train_loss,
+                "partner_distance": info.partner_distance,
+            }
             while len(rounds) > MAX_HISTORY_ROUNDS:
                 rounds.pop(min(rounds))
 
     def _forget_old(self, now: float) -> None:
-        for pid in [p for p, t in self.last_change.items() if now - t > self.forget_after_s and p != self.me.peer_id]:
+        for pid in [
+            p
+            for p, t in self.last_change.items()
+            if now - t > self.forget_after_s and p != self.me.peer_id
+        ]:
             self.peers.pop(pid, None)
             self.last_change.pop(pid, None)
             self.history.pop(pid, None)

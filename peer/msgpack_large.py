@@ -24,12 +24,32 @@ class MalformedBody(ValueError):
 
 
 # first byte → (length of the head, how to read the size or None, kind)
-_FIXED_SCALARS = {0xC0: 1, 0xC2: 1, 0xC3: 1, 0xCA: 5, 0xCB: 9, 0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9,
-                  0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9}
+_FIXED_SCALARS = {
+    0xC0: 1,
+    0xC2: 1,
+    0xC3: 1,
+    0xCA: 5,
+    0xCB: 9,
+    0xCC: 2,
+    0xCD: 3,
+    0xCE: 5,
+    0xCF: 9,
+    0xD0: 2,
+    0xD1: 3,
+    0xD2: 5,
+    0xD3: 9,
+}
 _SIZED = {  # byte → (kind, bytes of the size field)
-    0xC4: ("bin", 1), 0xC5: ("bin", 2), 0xC6: ("bin", 4),
-    0xD9: ("str", 1), 0xDA: ("str", 2), 0xDB: ("str", 4),
-    0xDC: ("array", 2), 0xDD: ("array", 4), 0xDE: ("map", 2), 0xDF: ("map", 4),
+    0xC4: ("bin", 1),
+    0xC5: ("bin", 2),
+    0xC6: ("bin", 4),
+    0xD9: ("str", 1),
+    0xDA: ("str", 2),
+    0xDB: ("str", 4),
+    0xDC: ("array", 2),
+    0xDD: ("array", 4),
+    0xDE: ("map", 2),
+    0xDF: ("map", 4),
 }
 
 

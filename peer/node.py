@@ -68,17 +68,25 @@ class Peer:
             compress_above_bytes=protocol.compress_above_bytes,
             max_clock_skew_s=protocol.max_clock_skew_s,
         )
-        self.client = PeerClient(self.wire, self.traffic, request_timeout_s=protocol.request_timeout_s,
-                                 max_response_bytes=protocol.max_response_bytes)
+        self.client = PeerClient(
+            self.wire,
+            self.traffic,
+            request_timeout_s=protocol.request_timeout_s,
+            max_response_bytes=protocol.max_response_bytes,
+        )
         self.store = RoundStore(protocol.rounds_kept)
         self.state_server = StateServer(protocol.state_chunk_bytes, protocol.state_serve_timeout_s)
         self.tasks = TaskOwner(self.peer_id, on_fatal=self._fail)
         self.thread = TrainingThread(self.peer_id, config.schedule.compute_nice)
         self.loop_lag = LoopLagMonitor()
         self.progress = Progress()
-        self.publisher = StatePublisher(self.peer_id, self.state_server, self.tasks,
-                                        config.schedule.checkpoint_dir, {"run": config.run.to_dict(),
-                                                                         "peer": self.peer_id})
+        self.publisher = StatePublisher(
+            self.peer_id,
+            self.state_server,
+            self.tasks,
+            config.schedule.checkpoint_dir,
+            {"run": config.run.to_dict(), "peer": self.peer_id},
+        )
         self.address = ""
         self.finished = asyncio.Event()
         self.error: BaseException | None = None  # what ended the training, if not a stop
@@ -108,7 +116,9 @@ class Peer:
 
     # ---- lifecycle -------------------------------------------------------------------
 
-    async def start(self, train: bool = True, on_serving: Callable[[str], None] | None = None) -> None:
+    async def start(
+        self, train: bool = True, on_serving: Callable[[str], None] | None = None
+    ) -> None:
         """Serve, join or found the run, build the model and start training (unless `train`
         is False: then the peer only serves and gossips). `on_serving(address)` is called
         as soon as the server is bound and answers (before the model is built; a standby
@@ -124,21 +134,41 @@ class Peer:
         await site.start()
         port = self._runner.addresses[0][1]
         self.address = network.advertise or f"http://{network.listen_host}:{port}"
-        me = PeerInfo(self.peer_id, self.address, config.pipeline.role, incarnation=time.time(),
-                      stage=config.pipeline.stage)
-        self.agent = MembershipAgent(me, config.run, protocol, self.client, self.wire, self.tasks,
-                                     lambda: self.progress.round, self._refresh_entry)
+        me = PeerInfo(
+            self.peer_id,
+            self.address,
+            config.pipeline.role,
+            incarnation=time.time(),
+            stage=config.pipeline.stage,
+        )
+        self.agent = MembershipAgent(
+            me,
+            config.run,
+            protocol,
+            self.client,
+            self.wire,
+            self.tasks,
+            lambda: self.progress.round,
+            self._refresh_entry,
+        )
         if on_serving is not None:
             on_serving(self.address)
-        recovery = StageRecovery(self.agent, self.client, config.run, config.pipeline.activation,
-                                 protocol, self.thread.stopping)
+        recovery = StageRecovery(
+            self.agent,
+            self.client,
+            config.run,
+            config.pipeline.activation,
+            protocol,
+            self.thread.stopping,
+        )
         await self.client.start()
         joined_round = await self.agent.join(network.bootstrap) if network.bootstrap else 0
         if config.pipeline.standby:  # stay known, and wait for a stage to be lost
             me.first_round = NEVER
             self.tasks.spawn(self.agent.gossip_forever(), name="gossip", fatal=True)
-            log.info("[%s] standing by to take over a pipeline stage that loses every peer",
-                     self.peer_id)
+            log.info(
+                "[%s] standing by to take over a pipeline stage that loses every peer", self.peer_id
+            )
             # the first model build imports about a second of torch internals: pay it now
             await self.thread.run(build_model, config.run.model_preset, config.run.seed, "meta")
             me.stage = await recovery.wait_for_lost_stage()
@@ -147,8 +177,17 @@ class Peer:
         elif config.pipeline.role == "stage" and me.stage is None:
             me.stage = choose_stage(self.agent.membership, config.run.stages)
             log.info("[%s] serving pipeline stage %d (the least served)", self.peer_id, me.stage)
-        ctx = PeerContext(config, self.client, self.agent, self.thread, self.tasks, self.publisher,
-                          recovery, self.progress, *data)
+        ctx = PeerContext(
+            config,
+            self.client,
+            self.agent,
+            self.thread,
+            self.tasks,
+            self.publisher,
+            recovery,
+            self.progress,
+            *data,
+        )
         self.role = make_role(ctx, me.stage)
         self.engine = RoundEngine(ctx, self.role, self.store, self.wire)
         await self.thread.run(self.engine.build)
@@ -161,8 +200,13 @@ class Peer:
         me.round = me.first_round = self.outer_round
         me.eval_loss = self.engine.initial_eval_loss = await self.thread.run(self.engine.evaluate)
         self.agent.beat()
-        log.info("[%s] serving %s (swarm %s, round %d)", self.peer_id, self.address,
-                 self.wire.swarm_id, self.outer_round)
+        log.info(
+            "[%s] serving %s (swarm %s, round %d)",
+            self.peer_id,
+            self.address,
+            self.wire.swarm_id,
+            self.outer_round,
+        )
         if config.pipeline.standby:  # tell everyone at once rather than at the next heartbeats
             await self.agent.announce()
         else:
@@ -182,8 +226,12 @@ class Peer:
             torch.set_num_threads(config.schedule.torch_threads)
         device = resolve_device(config.schedule.device)
         data = ByteData(load_corpus(config.data.path), num_shards=config.data.num_shards)
-        batches = data.train_batches(self.peer_id, run.inner.batch_size, run.inner.seq_len, seed=run.seed)
-        eval_set = data.eval_batches(run.inner.batch_size, run.inner.seq_len, config.data.eval_batches)
+        batches = data.train_batches(
+            self.peer_id, run.inner.batch_size, run.inner.seq_len, seed=run.seed
+        )
+        eval_set = data.eval_batches(
+            run.inner.batch_size, run.inner.seq_len, config.data.eval_batches
+        )
         return device, batches, eval_set
 
     def _refresh_entry(self, me: PeerInfo) -> None:
@@ -214,14 +262,18 @@ class Peer:
         await self.thread.close()
         if self.role is not None:
             self.role.close()
-        await asyncio.get_running_loop().run_in_executor(None, self.publisher.close)  # last checkpoint
+        await asyncio.get_running_loop().run_in_executor(
+            None, self.publisher.close
+        )  # last checkpoint
 
     async def run_until_done(self) -> None:
         """Train until `--rounds` (or forever), then keep serving until every live peer has
         reached our round (they may still need our set and hash), at most `linger_s`."""
         await self.finished.wait()
         if self.error is not None:
-            raise RuntimeError(f"peer {self.peer_id} stopped on an error: {self.error}") from self.error
+            raise RuntimeError(
+                f"peer {self.peer_id} stopped on an error: {self.error}"
+            ) from self.error
         protocol = self.config.protocol
         deadline = time.monotonic() + protocol.linger_s
         while time.monotonic() < deadline:
@@ -244,15 +296,21 @@ class Peer:
             peers.append(entry)
         run = self.config.run
         outer = self.engine.outer if self.engine is not None else None  # none on a standby
-        history = {pid: [{"round": r, **v} for r, v in sorted(rounds.items())]
-                   for pid, rounds in membership.history.items()}
+        history = {
+            pid: [{"round": r, **v} for r, v in sorted(rounds.items())]
+            for pid, rounds in membership.history.items()
+        }
         return {
             "swarm_id": self.wire.swarm_id,
             "self_id": self.peer_id,
             "now": time.time(),
-            "run": {"model": run.model_preset, "outer": run.outer.name, "codec": run.outer.codec,
-                    "inner_steps": run.inner_steps,
-                    "params": sum(t.numel() for t in outer.params.values()) if outer else None},
+            "run": {
+                "model": run.model_preset,
+                "outer": run.outer.name,
+                "codec": run.outer.codec,
+                "inner_steps": run.inner_steps,
+                "params": sum(t.numel() for t in outer.params.values()) if outer else None,
+            },
             "round": self.outer_round,
             "pipeline": self.role.pipeline_view() if self.role is not None else None,
             "peers": peers,
@@ -266,14 +324,18 @@ class Peer:
         """The peer's run as JSON-able data (`--report`, the demo's summary)."""
         engine = self.engine
         data = {
-            "peer_id": self.peer_id, "address": self.address, "round": self.outer_round,
+            "peer_id": self.peer_id,
+            "address": self.address,
+            "round": self.outer_round,
             "rounds": self.round_log,
             "initial_eval_loss": engine.initial_eval_loss if engine else None,
-            "bytes_sent": self.traffic.bytes_sent, "bytes_received": self.traffic.bytes_received,
+            "bytes_sent": self.traffic.bytes_sent,
+            "bytes_received": self.traffic.bytes_received,
             "bytes_sent_by_kind": dict(self.traffic.sent),
             "bytes_received_by_kind": dict(self.traffic.received),
             "params": sum(t.numel() for t in engine.outer.params.values())
-            if engine and engine.outer else None,
+            if engine and engine.outer
+            else None,
             "inner_steps_total": engine.trainer.step_count if engine and engine.trainer else 0,
             "train_started_at": engine.train_started_at if engine else None,
             "finished_at": time.time(),

@@ -19,14 +19,28 @@ from pathlib import Path
 from typing import Any
 
 
-def setting(default: Any = None, help: str = "", *, flag: str | None = None, kind: type | None = None,
-            choices: tuple[str, ...] | None = None, parse: Any = None, metavar: str | None = None,
-            factory: Any = None) -> Any:
+def setting(
+    default: Any = None,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    kind: type | None = None,
+    choices: tuple[str, ...] | None = None,
+    parse: Any = None,
+    metavar: str | None = None,
+    factory: Any = None,
+) -> Any:
     """A config field with what its flag needs: `help` (its documentation), the flag name
     (default: the field's name less a `_s` suffix, `-` for `_`), the value's `kind` (for
     None defaults), `choices`, and `parse` for values given as text."""
-    metadata = {"help": help, "flag": flag, "kind": kind, "choices": choices, "parse": parse,
-                "metavar": metavar}
+    metadata = {
+        "help": help,
+        "flag": flag,
+        "kind": kind,
+        "choices": choices,
+        "parse": parse,
+        "metavar": metavar,
+    }
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -42,8 +56,9 @@ def stage_list(flag: str, none_ok: bool = False):
             return tuple(int(part) for part in value.split(","))
         except ValueError:
             example = "1,3,5 or none" if none_ok else "1,3,5"
-            raise ValueError(f"{flag} wants stage numbers separated by commas, e.g. {example}; "
-                             f"got {value!r}") from None
+            raise ValueError(
+                f"{flag} wants stage numbers separated by commas, e.g. {example}; got {value!r}"
+            ) from None
 
     return parse
 
@@ -84,17 +99,28 @@ def _parse_text(f: Field, text: str) -> Any:
     return _kind(f)(text)
 
 
-def add_section(parser: argparse.ArgumentParser, group_name: str, section: type,
-                skip: Iterable[str] = (), defaults: Mapping[str, Any] | None = None) -> None:
+def add_section(
+    parser: argparse.ArgumentParser,
+    group_name: str,
+    section: type,
+    skip: Iterable[str] = (),
+    defaults: Mapping[str, Any] | None = None,
+) -> None:
     """One argparse group of `section`'s flags (dest = the field's key), defaults suppressed."""
     group = parser.add_argument_group(group_name, (section.__doc__ or "").strip().splitlines()[0])
     for f in flag_fields(section):
         if f.name in skip:
             continue
         default = (defaults or {}).get(f.name, _default(f))
-        shown = "" if default in (None, False) or callable(default) else f" (default: {_show(default)})"
+        shown = (
+            "" if default in (None, False) or callable(default) else f" (default: {_show(default)})"
+        )
         help_text = f.metadata["help"].replace("%", "%%") + shown
-        kwargs: dict[str, Any] = {"dest": key_name(f), "help": help_text, "default": argparse.SUPPRESS}
+        kwargs: dict[str, Any] = {
+            "dest": key_name(f),
+            "help": help_text,
+            "default": argparse.SUPPRESS,
+        }
         if _kind(f) is bool:
             kwargs["action"] = "store_true"
         else:
@@ -112,7 +138,9 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def load_toml(path: str | Path, groups: Mapping[str, type], extra: Mapping[str, Iterable[str]] = ()) -> dict[str, Any]:
+def load_toml(
+    path: str | Path, groups: Mapping[str, type], extra: Mapping[str, Iterable[str]] = ()
+) -> dict[str, Any]:
     """The settings of a `--config` file as {key: value}, checked against `groups` (group
     name → section) and `extra` (group name → keys of settings that are not in a section)."""
     try:
@@ -122,7 +150,9 @@ def load_toml(path: str | Path, groups: Mapping[str, type], extra: Mapping[str, 
         raise ValueError(f"--config {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"--config {path}: not valid TOML: {exc}") from None
-    known = {name: {key_name(f): f for f in flag_fields(section)} for name, section in groups.items()}
+    known = {
+        name: {key_name(f): f for f in flag_fields(section)} for name, section in groups.items()
+    }
     for name, keys in dict(extra).items():
         known.setdefault(name, {}).update({key: None for key in keys})
     owner = {key: name for name, keys in known.items() for key in keys}
@@ -130,7 +160,9 @@ def load_toml(path: str | Path, groups: Mapping[str, type], extra: Mapping[str, 
     for key, value in document.items():
         if isinstance(value, dict):
             if key not in known:
-                raise ValueError(f"--config {path}: unknown table [{key}]; the groups are {sorted(known)}")
+                raise ValueError(
+                    f"--config {path}: unknown table [{key}]; the groups are {sorted(known)}"
+                )
             for inner, inner_value in value.items():
                 if inner not in known[key]:
                     where = f" (it belongs in [{owner[inner]}])" if inner in owner else ""
@@ -162,7 +194,9 @@ def _checked(path: str | Path, f: Field | None, key: str, value: Any) -> Any:
         raise ValueError(f"--config {path}: {key} must be {kind.__name__}, got {value!r}")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
-        raise ValueError(f"--config {path}: {key} must be one of {', '.join(choices)}, got {value!r}")
+        raise ValueError(
+            f"--config {path}: {key} must be one of {', '.join(choices)}, got {value!r}"
+        )
     return value
 
 
@@ -172,8 +206,9 @@ def build_section(section: type, values: Mapping[str, Any], **fixed: Any) -> Any
     return section(**{**kwargs, **fixed})
 
 
-def settle(args: argparse.Namespace, groups: Mapping[str, type],
-           extra: Mapping[str, Iterable[str]] = ()) -> dict[str, Any]:
+def settle(
+    args: argparse.Namespace, groups: Mapping[str, type], extra: Mapping[str, Iterable[str]] = ()
+) -> dict[str, Any]:
     """The settings of this command: the `--config` file's, overridden by the flags given."""
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     from_file = load_toml(args.config, groups, extra) if getattr(args, "config", None) else {}

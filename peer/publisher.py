@@ -66,8 +66,12 @@ class StatePublisher:
         if self.checkpoint_dir and snapshot.round_id > 0:
             info = dict(self.checkpoint_info)
             future = asyncio.get_running_loop().run_in_executor(
-                self._writer, save_checkpoint, self.checkpoint_dir, snapshot.round_id,
-                dict(snapshot.tensors), info,
+                self._writer,
+                save_checkpoint,
+                self.checkpoint_dir,
+                snapshot.round_id,
+                dict(snapshot.tensors),
+                info,
             )
             self.tasks.watch(future, name=f"checkpoint of round {snapshot.round_id}")
 

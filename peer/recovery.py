@@ -76,8 +76,11 @@ class StageRecovery:
         while not self.stopping.is_set():
             for stage in range(self.run.stages):
                 holders = [
-                    p for pid, p in membership.peers.items()
-                    if pid != self.peer_id and p.role == "stage" and p.stage == stage
+                    p
+                    for pid, p in membership.peers.items()
+                    if pid != self.peer_id
+                    and p.role == "stage"
+                    and p.stage == stage
                     and p.activation == self.activation
                 ]
                 if not holders:
@@ -107,13 +110,18 @@ class StageRecovery:
             return await self._copy_stage0(restart, initial)
         assert self.plan is not None
         serving = [
-            p for p in self.agent.membership.live_others()
+            p
+            for p in self.agent.membership.live_others()
             if p.role == "stage" and p.stage not in (None, stage) and p.activation is not None
         ]
         mode, neighbours = recovery_source(self.plan, stage, [p.stage for p in serving])
         if mode == "none":
-            log.warning("[%s] stage %d lost every peer and so did a neighbour: starting it from "
-                        "the run's initial weights", self.peer_id, stage)
+            log.warning(
+                "[%s] stage %d lost every peer and so did a neighbour: starting it from "
+                "the run's initial weights",
+                self.peer_id,
+                stage,
+            )
             await self._start_fresh(restart, initial, serving, round_offset=0)
             return False
         weights: dict[int, dict[str, torch.Tensor]] = {}
@@ -130,16 +138,22 @@ class StageRecovery:
             norms[neighbour] = sum(reported) / len(reported) if reported else None
             round_id = max(round_id, got_round)
         prev, nxt = stage - 1, stage + 1
-        rebuilt = rebuild_stage(self.plan, stage, weights.get(prev), weights.get(nxt),
-                                norms.get(prev), norms.get(nxt))
+        rebuilt = rebuild_stage(
+            self.plan, stage, weights.get(prev), weights.get(nxt), norms.get(prev), norms.get(nxt)
+        )
         # the run's inner step: no second warmup
         step = max(p.step for p in serving if p.stage in neighbours)
         await restart(round_id, rebuilt, recovered_inner_config(self.run.inner), step)
         log.warning(
             "[%s] stage %d had no live peer: rebuilt it from stage%s %s (CheckFree%s, gradient "
-            "norms %s), round %d", self.peer_id, stage, "s" if len(neighbours) > 1 else "",
-            " and ".join(map(str, neighbours)), "" if mode == "average" else "+",
-            [norms[n] for n in neighbours], round_id,
+            "norms %s), round %d",
+            self.peer_id,
+            stage,
+            "s" if len(neighbours) > 1 else "",
+            " and ".join(map(str, neighbours)),
+            "" if mode == "average" else "+",
+            [norms[n] for n in neighbours],
+            round_id,
         )
         return True
 
@@ -157,7 +171,9 @@ class StageRecovery:
             sources = [membership.peers[i] for i in ids]
             try:
                 shapes = outer_shapes(self.model, self.plan, 0)
-                got_round, tensors, _ = await download_state(self.client, sources, shapes, attempts=1)
+                got_round, tensors, _ = await download_state(
+                    self.client, sources, shapes, attempts=1
+                )
             except ShoalError as exc:
                 log.debug("[%s] stage 0 copy for round %d: %s", self.peer_id, round_id, exc)
                 got_round, tensors = -1, None
@@ -172,31 +188,49 @@ class StageRecovery:
         the stage peers' current one (they close the interrupted round with the steps they
         had), with fresh optimizer state."""
         assert self.plan is not None
-        replica = [p for p in self.agent.membership.live_others()
-                   if p.role == "stage" and p.activation == self.activation]
+        replica = [
+            p
+            for p in self.agent.membership.live_others()
+            if p.role == "stage" and p.activation == self.activation
+        ]
         holders = [p for p in replica if p.stage == 1]
-        shapes = {STAGE0_COPY + name: shape
-                  for name, shape in outer_shapes(self.model, self.plan, 0).items()}
+        shapes = {
+            STAGE0_COPY + name: shape
+            for name, shape in outer_shapes(self.model, self.plan, 0).items()
+        }
         try:
             if not holders:
                 raise ShoalError("no live stage-1 peer")
             _, tensors, metadata = await download_state(self.client, holders, shapes, attempts=2)
         except ShoalError as exc:
-            log.warning("[%s] stage 0 lost every peer and no stage-1 peer delivered its copy "
-                        "(%s): starting it from the run's initial weights", self.peer_id, exc)
+            log.warning(
+                "[%s] stage 0 lost every peer and no stage-1 peer delivered its copy "
+                "(%s): starting it from the run's initial weights",
+                self.peer_id,
+                exc,
+            )
             await self._start_fresh(restart, initial, replica, round_offset=1)
             return False
         round_id = max((p.round for p in replica), default=0) + 1
         step = max((p.step for p in replica), default=0)
         weights = {name.removeprefix(STAGE0_COPY + "outer/"): t for name, t in tensors.items()}
         await restart(round_id, weights, recovered_inner_config(self.run.inner), step)
-        log.warning("[%s] stage 0 had no live peer: copied it from stage 1's replica of it "
-                    "(CheckFree+, its weights of round %s); driving from round %d",
-                    self.peer_id, metadata.get(STAGE0_COPY + "round"), round_id)
+        log.warning(
+            "[%s] stage 0 had no live peer: copied it from stage 1's replica of it "
+            "(CheckFree+, its weights of round %s); driving from round %d",
+            self.peer_id,
+            metadata.get(STAGE0_COPY + "round"),
+            round_id,
+        )
         return True
 
-    async def _start_fresh(self, restart: Restart, initial: Mapping[str, torch.Tensor],
-                           others: list[PeerInfo], round_offset: int) -> None:
+    async def _start_fresh(
+        self,
+        restart: Restart,
+        initial: Mapping[str, torch.Tensor],
+        others: list[PeerInfo],
+        round_offset: int,
+    ) -> None:
         """The run's initial weights, but at the run's round and inner step."""
         round_id = max((p.round for p in others), default=0) + round_offset
         step = max((p.step for p in others), default=0)

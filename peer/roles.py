@@ -141,10 +141,16 @@ class BlockStageRole(_StageRole):
         setting = parse_activation(pipeline.activation, model, run.seed)
         module = build_stage(model, self.plan, self.stage, run.seed, ctx.device)
         protocol = ctx.config.protocol
-        worker = BlockWorker(module, run.inner, ctx.device, setting.basis,
-                             saved_ttl_s=protocol.saved_input_ttl_s)
+        worker = BlockWorker(
+            module, run.inner, ctx.device, setting.basis, saved_ttl_s=protocol.saved_input_ttl_s
+        )
         self.stage_service = StageService(
-            worker, self.stage, setting, model, self.compute, ctx.current_round,
+            worker,
+            self.stage,
+            setting,
+            model,
+            self.compute,
+            ctx.current_round,
             round_wait_s=protocol.stage_round_wait_s,
             emulate_forward_s=pipeline.emulate_forward_ms / 1000,
         )
@@ -161,13 +167,19 @@ class BlockStageRole(_StageRole):
             return
         fetched = await self.ctx.recovery.fetch_stage0_copy(round_id)
         if fetched is None:
-            log.debug("[%s] no stage-0 peer delivered its weights of round %d; keeping the "
-                      "copy of an earlier round", self.ctx.peer_id, round_id)
+            log.debug(
+                "[%s] no stage-0 peer delivered its weights of round %d; keeping the "
+                "copy of an earlier round",
+                self.ctx.peer_id,
+                round_id,
+            )
             return
         copy_round, tensors = fetched
         if self.ctx.publisher.extra_round is None:
-            log.info("[%s] keeping a copy of stage 0's weights (CheckFree+), refreshed every "
-                     "round", self.ctx.peer_id)
+            log.info(
+                "[%s] keeping a copy of stage 0's weights (CheckFree+), refreshed every round",
+                self.ctx.peer_id,
+            )
         self.ctx.publisher.set_extra(tensors, {STAGE0_COPY + "round": copy_round}, copy_round)
 
 
@@ -182,38 +194,72 @@ class DriverRole(_StageRole):
     def missing_stages(self) -> list[int]:
         return [s for s in range(1, self.plan.num_stages) if not self.serving(s)]
 
-    async def call(self, peer_id: str, path: str, payload: dict[str, Any],
-                   timeout_s: float) -> dict[str, Any]:
+    async def call(
+        self, peer_id: str, path: str, payload: dict[str, Any], timeout_s: float
+    ) -> dict[str, Any]:
         target = self.ctx.agent.membership.peers.get(peer_id)
         if target is None:
             raise PipelineBroken(f"peer {peer_id} left the table")
-        answer = await self.ctx.client.call(target.address, "POST", path, payload,
-                                            timeout_s=timeout_s)
+        answer = await self.ctx.client.call(
+            target.address, "POST", path, payload, timeout_s=timeout_s
+        )
         return answer.payload
 
     def build_trainer(self, model: ModelConfig) -> DriverTrainer:
-        ctx, run, pipeline, protocol = self.ctx, self.ctx.config.run, self.ctx.config.pipeline, \
-            self.ctx.config.protocol
+        ctx, run, pipeline, protocol = (
+            self.ctx,
+            self.ctx.config.run,
+            self.ctx.config.pipeline,
+            self.ctx.config.protocol,
+        )
         setting = parse_activation(pipeline.activation, model, run.seed)
         module = build_stage(model, self.plan, 0, run.seed, ctx.device)
         edge = EdgeWorker(module, run.inner, ctx.device, setting.basis)
-        self.router = build_router(pipeline.router, seed=run.seed, ban_s=protocol.router_ban_s,
-                                   max_ban_s=protocol.router_max_ban_s)
+        self.router = build_router(
+            pipeline.router,
+            seed=run.seed,
+            ban_s=protocol.router_ban_s,
+            max_ban_s=protocol.router_max_ban_s,
+        )
         self.paths = build_paths(
-            run.stages, pipeline.skip_ratio, pipeline.out_of_order, ctx.peer_id, self.router,
-            pipeline.skip_swaps, pipeline.skip_keep, pipeline.skip_rescale,
+            run.stages,
+            pipeline.skip_ratio,
+            pipeline.out_of_order,
+            ctx.peer_id,
+            self.router,
+            pipeline.skip_swaps,
+            pipeline.skip_keep,
+            pipeline.skip_rescale,
         )
         driver_config = DriverConfig(
-            microbatch_size=pipeline.microbatch_size, max_in_flight=pipeline.in_flight,
-            hop_timeout_s=protocol.request_timeout_s, max_attempts=protocol.hop_max_attempts,
+            microbatch_size=pipeline.microbatch_size,
+            max_in_flight=pipeline.in_flight,
+            hop_timeout_s=protocol.request_timeout_s,
+            max_attempts=protocol.hop_max_attempts,
             retry_pause_s=protocol.hop_retry_pause_s,
         )
-        self.driver = PipelineDriver(edge, self.plan, setting.codec, self.router, self.call,
-                                     self.serving, self.compute, driver_config, name=ctx.peer_id,
-                                     paths=self.paths)
-        return DriverTrainer(edge, self.driver, ctx.batches, ctx.thread, ctx.current_round,
-                             self.missing_stages, protocol.pipeline_stall_timeout_s,
-                             pipeline.eval_stages)
+        self.driver = PipelineDriver(
+            edge,
+            self.plan,
+            setting.codec,
+            self.router,
+            self.call,
+            self.serving,
+            self.compute,
+            driver_config,
+            name=ctx.peer_id,
+            paths=self.paths,
+        )
+        return DriverTrainer(
+            edge,
+            self.driver,
+            ctx.batches,
+            ctx.thread,
+            ctx.current_round,
+            self.missing_stages,
+            protocol.pipeline_stall_timeout_s,
+            pipeline.eval_stages,
+        )
 
     def pipeline_view(self) -> dict[str, Any] | None:
         view = super().pipeline_view()
@@ -225,11 +271,14 @@ class DriverRole(_StageRole):
     def report(self) -> dict[str, Any]:
         if self.driver is None:
             return {}
-        return {"pipeline": {
-            "microbatch_retries": self.driver.retries_total,
-            "hop_failovers": self.driver.failovers_total,
-            "router": self.router.snapshot(), "routes": self.paths.describe(),
-        }}
+        return {
+            "pipeline": {
+                "microbatch_retries": self.driver.retries_total,
+                "hop_failovers": self.driver.failovers_total,
+                "router": self.router.snapshot(),
+                "routes": self.paths.describe(),
+            }
+        }
 
 
 def make_role(ctx: PeerContext, stage: int | None) -> Role:
@@ -238,4 +287,3 @@ def make_role(ctx: PeerContext, stage: int | None) -> Role:
         return ReplicaRole(ctx)
     assert stage is not None, "a stage peer's stage is chosen before its role is built"
     return DriverRole(ctx) if stage == 0 else BlockStageRole(ctx, stage)
-

@@ -89,7 +89,14 @@ class RoundStore:
 class RoundExchange:
     """The client side of steps 2-4 for one peer."""
 
-    def __init__(self, client: PeerClient, membership: Membership, store: RoundStore, protocol: ProtocolConfig, decode: Decoder) -> None:
+    def __init__(
+        self,
+        client: PeerClient,
+        membership: Membership,
+        store: RoundStore,
+        protocol: ProtocolConfig,
+        decode: Decoder,
+    ) -> None:
         self.client = client
         self.membership = membership
         self.store = store
@@ -107,14 +114,19 @@ class RoundExchange:
         self.decoded = {round_id: {self.me: decoded}}
         self.store.put_contribution(round_id, self.me, answer)
 
-    async def _poll(self, peer: PeerInfo, path: str, request: dict[str, Any], deadline: float, wait: bool) -> dict[str, Any] | None:
+    async def _poll(
+        self, peer: PeerInfo, path: str, request: dict[str, Any], deadline: float, wait: bool
+    ) -> dict[str, Any] | None:
         """Long-poll `path` at `peer` until it answers, the deadline passes or the peer dies."""
         loop = asyncio.get_running_loop()
         while (remaining := deadline - loop.time()) > 0 and self.membership.is_alive(peer.peer_id):
             wait_s = min(remaining, self.protocol.max_poll_s) if wait else 0.0
             try:
                 envelope = await self.client.call(
-                    peer.address, "POST", path, {**request, "wait_s": wait_s},
+                    peer.address,
+                    "POST",
+                    path,
+                    {**request, "wait_s": wait_s},
                     timeout_s=wait_s + self.protocol.request_timeout_s,
                 )
                 return envelope.payload
@@ -130,8 +142,12 @@ class RoundExchange:
                 return None
         return None
 
-    async def _fetch_contribution(self, round_id: int, owner: str, source: PeerInfo, deadline: float, wait: bool) -> bool:
-        payload = await self._poll(source, "/round/contribution", {"round": round_id, "peer": owner}, deadline, wait)
+    async def _fetch_contribution(
+        self, round_id: int, owner: str, source: PeerInfo, deadline: float, wait: bool
+    ) -> bool:
+        payload = await self._poll(
+            source, "/round/contribution", {"round": round_id, "peer": owner}, deadline, wait
+        )
         if payload is None:
             return False
         if payload.get("round") != round_id or payload.get("peer") != owner:
@@ -143,7 +159,9 @@ class RoundExchange:
         try:
             decoded = await self.decode(tensors)
         except ValueError as exc:
-            log.warning("[%s] dropped %s's round-%d contribution: %s", self.me, owner, round_id, exc)
+            log.warning(
+                "[%s] dropped %s's round-%d contribution: %s", self.me, owner, round_id, exc
+            )
             return False
         self.decoded.setdefault(round_id, {})[owner] = decoded
         return True
@@ -152,7 +170,9 @@ class RoundExchange:
         """Step 2: fetch round r from every live peer; returns the ids held."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         fetches = [
-            self._fetch_contribution(round_id, p.peer_id, p, deadline, wait=p.first_round <= round_id)
+            self._fetch_contribution(
+                round_id, p.peer_id, p, deadline, wait=p.first_round <= round_id
+            )
             for p in self.membership.live_others()
         ]
         await asyncio.gather(*fetches)
@@ -172,15 +192,23 @@ class RoundExchange:
         held = sorted(self.decoded.get(round_id, {}))
         self.store.put_set(round_id, held)
         deadline = asyncio.get_running_loop().time() + timeout_s
-        others = [self.membership.peers[p] for p in held if p != self.me and p in self.membership.peers]
-        answers = await asyncio.gather(*(self._poll(p, "/round/set", {"round": round_id}, deadline, wait=True) for p in others))
+        others = [
+            self.membership.peers[p] for p in held if p != self.me and p in self.membership.peers
+        ]
+        answers = await asyncio.gather(
+            *(self._poll(p, "/round/set", {"round": round_id}, deadline, wait=True) for p in others)
+        )
         final = set(held)
         for answer in answers:
             ids = answer.get("peers") if answer else None
             if isinstance(ids, list) and all(isinstance(i, str) for i in ids):
                 final &= set(ids)
         if self.me not in final:
-            log.info("[%s] round %d: our contribution missed by some peer; applying without it", self.me, round_id)
+            log.info(
+                "[%s] round %d: our contribution missed by some peer; applying without it",
+                self.me,
+                round_id,
+            )
         return sorted(final)
 
     def contributions(self, round_id: int, peer_ids: list[str]) -> list[Any]:
@@ -192,14 +220,34 @@ class RoundExchange:
         """Step 4: compare weight hashes; returns majority peers to resync from if we drifted."""
         self.store.put_hash(round_id, my_hash)
         deadline = asyncio.get_running_loop().time() + self.protocol.agree_timeout_s
-        others = [self.membership.peers[p] for p in participants if p != self.me and p in self.membership.peers]
-        answers = await asyncio.gather(*(self._poll(p, "/round/hash", {"round": round_id}, deadline, wait=True) for p in others))
-        hashes = {p.peer_id: a.get("hash") for p, a in zip(others, answers, strict=True) if a and isinstance(a.get("hash"), str)}
+        others = [
+            self.membership.peers[p]
+            for p in participants
+            if p != self.me and p in self.membership.peers
+        ]
+        answers = await asyncio.gather(
+            *(
+                self._poll(p, "/round/hash", {"round": round_id}, deadline, wait=True)
+                for p in others
+            )
+        )
+        hashes = {
+            p.peer_id: a.get("hash")
+            for p, a in zip(others, answers, strict=True)
+            if a and isinstance(a.get("hash"), str)
+        }
         counts = Counter([my_hash, *hashes.values()])
         top_hash, top_count = counts.most_common(1)[0]
         if top_hash == my_hash or top_count <= counts[my_hash]:
             return []
-        log.warning("[%s] round %d: weights hash %s is in the minority (%d vs %d); resyncing", self.me, round_id, my_hash[:8], counts[my_hash], top_count)
+        log.warning(
+            "[%s] round %d: weights hash %s is in the minority (%d vs %d); resyncing",
+            self.me,
+            round_id,
+            my_hash[:8],
+            counts[my_hash],
+            top_count,
+        )
         return [p for p in others if hashes.get(p.peer_id) == top_hash]
 
 

@@ -33,14 +33,23 @@ class RunConfig:
         if self.stages == 1 or self.stages < 0:
             raise ValueError(f"--stages must be 0 (no pipeline) or >= 2, got {self.stages}")
         if self.stages and self.outer.name not in ("diloco", "sparseloco"):
-            raise ValueError(f"--stages needs --outer diloco or sparseloco (the outer rounds average stage slices), got {self.outer.name}")
+            raise ValueError(
+                "--stages needs --outer diloco or sparseloco (the outer rounds average stage "
+                f"slices), got {self.outer.name}"
+            )
         if self.inner_steps < 1:
             raise ValueError(f"--inner-steps must be >= 1, got {self.inner_steps}")
         between_syncs = self.inner_steps // self.outer.fragments
         if between_syncs < 1:
-            raise ValueError(f"--fragments {self.outer.fragments} exceeds --inner-steps {self.inner_steps}: some rounds would have no steps")
+            raise ValueError(
+                f"--fragments {self.outer.fragments} exceeds --inner-steps {self.inner_steps}: "
+                "some rounds would have no steps"
+            )
         if self.outer.overlap >= between_syncs:
-            raise ValueError(f"--overlap {self.outer.overlap} must be less than the {between_syncs} inner steps between syncs (H/P)")
+            raise ValueError(
+                f"--overlap {self.outer.overlap} must be less than the {between_syncs} inner "
+                "steps between syncs (H/P)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,9 +72,15 @@ class RunConfig:
     def check_same(self, other: RunConfig) -> None:
         """Raise ConfigMismatch naming every differing setting."""
         mine, theirs = _flatten(self.to_dict()), _flatten(other.to_dict())
-        diffs = [f"{k}: this peer {mine.get(k)!r}, swarm {theirs.get(k)!r}" for k in sorted(mine.keys() | theirs.keys()) if mine.get(k) != theirs.get(k)]
+        diffs = [
+            f"{k}: this peer {mine.get(k)!r}, swarm {theirs.get(k)!r}"
+            for k in sorted(mine.keys() | theirs.keys())
+            if mine.get(k) != theirs.get(k)
+        ]
         if diffs:
-            raise ConfigMismatch("run config differs from the swarm's; refusing to join. " + "; ".join(diffs))
+            raise ConfigMismatch(
+                "run config differs from the swarm's; refusing to join. " + "; ".join(diffs)
+            )
 
 
 def _flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -76,8 +91,6 @@ def _flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
     return flat
-
-
 
 
 # ---- the run, as given (resolved into RunConfig) ------------------------------------------
@@ -106,18 +119,28 @@ class RunSettings:
     """The run's model and shape (must match across the swarm)."""
 
     model: str = setting("small", "model size preset", choices=_presets())
-    inner_steps: int | None = setting(None, "H, inner steps per outer round (default: the preset's recipe)", kind=int)
+    inner_steps: int | None = setting(
+        None, "H, inner steps per outer round (default: the preset's recipe)", kind=int
+    )
     seed: int = setting(0, "initial-weights seed of the run")
-    stages: int = setting(0, "pipeline stages S of the run's pipeline replicas (default 0: full replicas only)")
+    stages: int = setting(
+        0, "pipeline stages S of the run's pipeline replicas (default 0: full replicas only)"
+    )
 
 
 @dataclass(frozen=True)
 class InnerSettings:
     """The inner AdamW loop (must match across the swarm)."""
 
-    inner_lr: float | None = setting(None, "AdamW learning rate (default: the preset's recipe)", kind=float)
-    batch_size: int | None = setting(None, "sequences per inner step (default: the preset's recipe)", kind=int)
-    seq_len: int | None = setting(None, "bytes per sequence (default: the preset's recipe)", kind=int)
+    inner_lr: float | None = setting(
+        None, "AdamW learning rate (default: the preset's recipe)", kind=float
+    )
+    batch_size: int | None = setting(
+        None, "sequences per inner step (default: the preset's recipe)", kind=int
+    )
+    seq_len: int | None = setting(
+        None, "bytes per sequence (default: the preset's recipe)", kind=int
+    )
 
 
 @dataclass(frozen=True)
@@ -125,18 +148,38 @@ class OuterSettings:
     """The outer optimizer (must match across the swarm)."""
 
     outer: str = setting("diloco", "outer optimizer", choices=_outers())
-    codec: str | None = setting(None, "pseudo-gradient codec (default: int8 for diloco and noloco, topk for "
-                                "sparseloco, q4 for streaming)", kind=str, choices=_codecs())
-    outer_lr: float | None = setting(None, "outer learning rate (default: 0.7 for diloco and noloco's η, 1.0 for "
-                                     "sparseloco)", kind=float)
-    outer_momentum: float | None = setting(None, "outer momentum (default: 0.9 Nesterov for diloco, 0.5 for "
-                                           "noloco, 0 for sparseloco)", kind=float)
-    error_decay: float | None = setting(None, "sparseloco's error-feedback decay (default 0.95)", kind=float)
-    topk: int | None = setting(None, "sparseloco's values kept per 4096-element chunk (default 64)", kind=int)
-    fragments: int | None = setting(None, "streaming: P, parameter fragments synced in turn (default 4)", kind=int)
-    overlap: int | None = setting(None, "streaming: τ, inner steps each exchange overlaps (default 5)", kind=int)
-    mix: float | None = setting(None, "streaming: α in θ_local ← α·θ_local + (1−α)·θ_outer (default 0.5)",
-                                kind=float)
+    codec: str | None = setting(
+        None,
+        "pseudo-gradient codec (default: int8 for diloco and noloco, topk for "
+        "sparseloco, q4 for streaming)",
+        kind=str,
+        choices=_codecs(),
+    )
+    outer_lr: float | None = setting(
+        None,
+        "outer learning rate (default: 0.7 for diloco and noloco's η, 1.0 for sparseloco)",
+        kind=float,
+    )
+    outer_momentum: float | None = setting(
+        None,
+        "outer momentum (default: 0.9 Nesterov for diloco, 0.5 for noloco, 0 for sparseloco)",
+        kind=float,
+    )
+    error_decay: float | None = setting(
+        None, "sparseloco's error-feedback decay (default 0.95)", kind=float
+    )
+    topk: int | None = setting(
+        None, "sparseloco's values kept per 4096-element chunk (default 64)", kind=int
+    )
+    fragments: int | None = setting(
+        None, "streaming: P, parameter fragments synced in turn (default 4)", kind=int
+    )
+    overlap: int | None = setting(
+        None, "streaming: τ, inner steps each exchange overlaps (default 5)", kind=int
+    )
+    mix: float | None = setting(
+        None, "streaming: α in θ_local ← α·θ_local + (1−α)·θ_outer (default 0.5)", kind=float
+    )
 
 
 def resolve_run(run: RunSettings, inner: InnerSettings, outer: OuterSettings) -> RunConfig:
@@ -153,10 +196,22 @@ def resolve_run(run: RunSettings, inner: InnerSettings, outer: OuterSettings) ->
         seq_len=inner.seq_len or recipe.seq_len,
     )
     outer_config_ = outer_config(
-        outer.outer, codec=outer.codec, lr=outer.outer_lr, momentum=outer.outer_momentum,
-        error_decay=outer.error_decay, topk=outer.topk, fragments=outer.fragments,
-        overlap=outer.overlap, mix=outer.mix,
+        outer.outer,
+        codec=outer.codec,
+        lr=outer.outer_lr,
+        momentum=outer.outer_momentum,
+        error_decay=outer.error_decay,
+        topk=outer.topk,
+        fragments=outer.fragments,
+        overlap=outer.overlap,
+        mix=outer.mix,
     )
-    return RunConfig(model_preset=run.model, model=PRESETS[run.model].to_dict(), inner=inner_config,
-                     outer=outer_config_, inner_steps=run.inner_steps or recipe.inner_steps,
-                     seed=run.seed, stages=run.stages)
+    return RunConfig(
+        model_preset=run.model,
+        model=PRESETS[run.model].to_dict(),
+        inner=inner_config,
+        outer=outer_config_,
+        inner_steps=run.inner_steps or recipe.inner_steps,
+        seed=run.seed,
+        stages=run.stages,
+    )

@@ -13,7 +13,8 @@ and packing a large answer run in the executor (`client.off_loop`), and a prepar
     POST /round/contribution  {round, peer, wait_s}  → {round, peer, tensors} | 404
     POST /round/set           {round, wait_s}        → {round, peers} | 404
     POST /round/hash          {round, wait_s}        → {round, hash} | 404
-    POST /state/manifest      {}                     → {round, size, sha256, chunk_bytes, num_chunks}
+    POST /state/manifest      {}                     → {round, size, sha256, chunk_bytes,
+                                                        num_chunks}
     POST /state/chunk         {round, index}         → {round, index, data} | 410
     POST /stage/forward, /stage/infer, /stage/backward, /stage/step   (pipeline/protocol.py)
 """
@@ -43,7 +44,10 @@ Handler = Callable[["Peer", Envelope], Awaitable[dict[str, Any] | PreparedBody]]
 NODE: web.AppKey[Peer] = web.AppKey("node")
 # Second line of defence behind the dashboard's escaping: nothing from elsewhere, ever.
 WRITE_STEP_BYTES = 1 << 20  # larger answers are written a megabyte at a time
-CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:"
+CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src 'self' data:"
+)
 
 
 @web.middleware
@@ -56,7 +60,9 @@ async def error_middleware(request: web.Request, handler):
         return web.Response(status=exc.status, text=str(exc))
 
 
-def rpc(handler: Handler, *, any_swarm: bool = False) -> Callable[[web.Request], Awaitable[web.Response]]:
+def rpc(
+    handler: Handler, *, any_swarm: bool = False
+) -> Callable[[web.Request], Awaitable[web.Response]]:
     """Wrap a domain handler with envelope decoding, response signing and byte counting."""
 
     async def wrapped(request: web.Request) -> web.Response:
@@ -66,15 +72,24 @@ def rpc(handler: Handler, *, any_swarm: bool = False) -> Callable[[web.Request],
         kind = Traffic.kind(request.path)
         node.traffic.received[kind] += len(body)
         large = len(body) >= wire.compress_above_bytes
-        envelope = await off_loop(large, wire.decode, request.method, request.path,
-                                  request.headers, body, any_swarm=any_swarm)
+        envelope = await off_loop(
+            large,
+            wire.decode,
+            request.method,
+            request.path,
+            request.headers,
+            body,
+            any_swarm=any_swarm,
+        )
         answer = await handler(node, envelope)
         if not isinstance(answer, PreparedBody):
             answer = await off_loop(wire.is_large(answer), wire.prepare, answer)
         headers = wire.headers("RESPONSE", response_path(request.path), answer)
         node.traffic.sent[kind] += len(answer.data)
         if len(answer.data) <= WRITE_STEP_BYTES:
-            return web.Response(body=answer.data, headers=headers, content_type="application/msgpack")
+            return web.Response(
+                body=answer.data, headers=headers, content_type="application/msgpack"
+            )
         return await _stream(request, answer.data, headers)
 
     return wrapped
@@ -120,7 +135,9 @@ async def handle_contribution(node: Peer, envelope: Envelope) -> PreparedBody:
     return answer
 
 
-async def _round_record(node: Peer, envelope: Envelope, table: dict[int, Any], what: str) -> tuple[int, Any]:
+async def _round_record(
+    node: Peer, envelope: Envelope, table: dict[int, Any], what: str
+) -> tuple[int, Any]:
     """Long-poll one of the RoundStore's per-round tables (sets, hashes)."""
     round_id, wait_s = check_round_request(envelope.payload)
     value = await node.store.wait_for(lambda: table.get(round_id), wait_s)
@@ -147,7 +164,11 @@ async def handle_chunk(node: Peer, envelope: Envelope) -> dict[str, Any]:
     round_id, index = envelope.payload.get("round"), envelope.payload.get("index")
     if not isinstance(round_id, int) or not isinstance(index, int):
         raise ProtocolError("round and index must be integers")
-    return {"round": round_id, "index": index, "data": node.state_server.blob(round_id).chunk(index)}
+    return {
+        "round": round_id,
+        "index": index,
+        "data": node.state_server.blob(round_id).chunk(index),
+    }
 
 
 def stage_rpc(method: str) -> Handler:
@@ -168,16 +189,27 @@ def stage_rpc(method: str) -> Handler:
 
 
 async def dashboard(request: web.Request) -> web.Response:
-    return web.Response(text=render_html(request.app[NODE].swarm_snapshot()), content_type="text/html", headers={"Content-Security-Policy": CSP})
+    return web.Response(
+        text=render_html(request.app[NODE].swarm_snapshot()),
+        content_type="text/html",
+        headers={"Content-Security-Policy": CSP},
+    )
 
 
 async def api_swarm(request: web.Request) -> web.Response:
-    return web.Response(text=json.dumps(request.app[NODE].swarm_snapshot()), content_type="application/json")
+    return web.Response(
+        text=json.dumps(request.app[NODE].swarm_snapshot()), content_type="application/json"
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
     text = render_metrics(request.app[NODE].swarm_snapshot())
-    return web.Response(text=text, content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
+    return web.Response(
+        text=text,
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Content-Type-Options": "nosniff"},
+    )
 
 
 def make_app(node: Peer, max_request_bytes: int) -> web.Application:

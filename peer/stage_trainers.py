@@ -116,8 +116,12 @@ class DriverTrainer(SliceView):
                     result = self.thread.on_loop(self.driver.train_step(x, y, step))
                     break
                 except PipelineBroken as exc:
-                    log.warning("[%s] step %d: %s; waiting for every stage to be served",
-                                self.driver.name, self.edge.step_count, exc)
+                    log.warning(
+                        "[%s] step %d: %s; waiting for every stage to be served",
+                        self.driver.name,
+                        self.edge.step_count,
+                        exc,
+                    )
                     self._check_stall(str(exc))
                     time.sleep(0.2)
             self._last_progress = time.monotonic()
@@ -150,7 +154,12 @@ class ServingTrainer(SliceView):
         thread: TrainingThread,
     ) -> None:
         super().__init__(worker)
-        self.worker, self.service, self.current_round, self.thread = worker, service, current_round, thread
+        self.worker, self.service, self.current_round, self.thread = (
+            worker,
+            service,
+            current_round,
+            thread,
+        )
 
     def run(self, steps: int, on_step: StepCallback | None = None) -> InnerStats:
         begin, tokens_before = time.perf_counter(), self.service.tokens
@@ -166,7 +175,9 @@ class ServingTrainer(SliceView):
                 on_step(self.worker.step_count, self._driver_loss())
         tokens = self.service.tokens - tokens_before
         seconds = time.perf_counter() - begin
-        return InnerStats(steps=seen, tokens=tokens, seconds=seconds, train_loss=self._driver_loss())
+        return InnerStats(
+            steps=seen, tokens=tokens, seconds=seconds, train_loss=self._driver_loss()
+        )
 
     def _driver_loss(self) -> float:
         """The training loss stage 0 reported with its last step message."""

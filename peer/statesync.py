@@ -34,8 +34,12 @@ log = logging.getLogger(__name__)
 
 
 _SAFETENSORS_DTYPES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-    torch.int32: "I32", torch.uint8: "U8",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
 }
 
 
@@ -64,8 +68,13 @@ class StateBlob:
         return b"".join(self.parts)
 
     def manifest(self) -> dict:
-        return {"round": self.round_id, "size": self.size, "sha256": self.sha256,
-                "chunk_bytes": self.chunk_bytes, "num_chunks": self.num_chunks}
+        return {
+            "round": self.round_id,
+            "size": self.size,
+            "sha256": self.sha256,
+            "chunk_bytes": self.chunk_bytes,
+            "num_chunks": self.num_chunks,
+        }
 
     def chunk(self, index: int) -> bytes:
         if not 0 <= index < self.num_chunks:
@@ -81,21 +90,33 @@ class StateBlob:
         return b"".join(pieces)
 
 
-def serialize_state(round_id: int, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, object],
-                    chunk_bytes: int) -> StateBlob:
+def serialize_state(
+    round_id: int,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, object],
+    chunk_bytes: int,
+) -> StateBlob:
     """The safetensors form of `tensors` (what `safetensors.torch.save` writes, readable by
     `safetensors.torch.load`), built from the tensors' own memory: no copy of the whole
     state, and no single long call holding the interpreter (hashing releases it)."""
-    header: dict[str, object] = {"__metadata__": {"round": str(round_id),
-                                                  "meta": json.dumps(dict(metadata), sort_keys=True)}}
+    header: dict[str, object] = {
+        "__metadata__": {"round": str(round_id), "meta": json.dumps(dict(metadata), sort_keys=True)}
+    }
     buffers, offset = [], 0
     for name in sorted(tensors):
         tensor = tensors[name].detach().to("cpu").contiguous()
         if tensor.dtype not in _SAFETENSORS_DTYPES:
             raise ValueError(f"state tensor {name} has dtype {tensor.dtype}, which is not served")
-        raw = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
+        raw = (
+            memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            if tensor.numel()
+            else memoryview(b"")
+        )
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
         buffers.append(raw)
         offset += len(raw)
     head = json.dumps(header, separators=(",", ":")).encode()
@@ -107,7 +128,9 @@ def serialize_state(round_id: int, tensors: Mapping[str, torch.Tensor], metadata
     return StateBlob(round_id, parts, digest.hexdigest(), chunk_bytes)
 
 
-def parse_state(data: bytes, expected_shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, dict[str, torch.Tensor], dict]:
+def parse_state(
+    data: bytes, expected_shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[int, dict[str, torch.Tensor], dict]:
     """Parse a state blob and check it against the expected tensor names and shapes."""
     try:
         tensors = safetensors_load(data)
@@ -120,11 +143,16 @@ def parse_state(data: bytes, expected_shapes: Mapping[str, tuple[int, ...]]) -> 
         raise ProtocolError(f"unreadable state blob: {type(exc).__name__}: {exc}") from None
     missing = set(expected_shapes) - set(tensors)
     if missing:  # more is fine: a stage peer takes its slice of a full replica's state
-        raise ProtocolError(f"state lacks {len(missing)} expected tensors, e.g. {sorted(missing)[:3]}")
+        raise ProtocolError(
+            f"state lacks {len(missing)} expected tensors, e.g. {sorted(missing)[:3]}"
+        )
     tensors = {name: tensors[name] for name in expected_shapes}
     for name, shape in expected_shapes.items():
         if tuple(tensors[name].shape) != tuple(shape) or tensors[name].dtype != torch.float32:
-            raise ProtocolError(f"state tensor {name}: {tuple(tensors[name].shape)} {tensors[name].dtype}, expected {shape} float32")
+            raise ProtocolError(
+                f"state tensor {name}: {tuple(tensors[name].shape)} {tensors[name].dtype}, "
+                f"expected {shape} float32"
+            )
         if not torch.isfinite(tensors[name]).all():
             raise ProtocolError(f"state tensor {name} holds non-finite values")
     return round_id, tensors, extra
@@ -192,24 +220,44 @@ async def download_state(
                 return await _download_from(client, source, expected_shapes, on_progress)
             except ShoalError as exc:
                 errors.append(f"{source.peer_id}: {exc}")
-                log.warning("state download from %s failed (attempt %d): %s", source.peer_id, attempt + 1, exc)
+                log.warning(
+                    "state download from %s failed (attempt %d): %s",
+                    source.peer_id,
+                    attempt + 1,
+                    exc,
+                )
         if attempt + 1 < attempts:
             await asyncio.sleep(0.5 * (attempt + 1))
     raise ShoalError("could not download the outer state: " + "; ".join(errors[-4:]))
 
 
-async def _download_from(client, source: PeerInfo, expected_shapes, on_progress) -> tuple[int, dict[str, torch.Tensor], dict]:
+async def _download_from(
+    client, source: PeerInfo, expected_shapes, on_progress
+) -> tuple[int, dict[str, torch.Tensor], dict]:
     manifest = (await client.call(source.address, "POST", "/state/manifest", {})).payload
     try:
-        round_id, size, sha256, num_chunks = (manifest[k] for k in ("round", "size", "sha256", "num_chunks"))
-        assert isinstance(size, int) and isinstance(num_chunks, int) and isinstance(sha256, str) and 0 < num_chunks <= 1 << 20
+        round_id, size, sha256, num_chunks = (
+            manifest[k] for k in ("round", "size", "sha256", "num_chunks")
+        )
+        assert (
+            isinstance(size, int)
+            and isinstance(num_chunks, int)
+            and isinstance(sha256, str)
+            and 0 < num_chunks <= 1 << 20
+        )
     except (KeyError, AssertionError):
         raise ProtocolError(f"bad state manifest from {source.peer_id}") from None
     if size > client.max_response_bytes:
-        raise ProtocolError(f"state of {size} bytes exceeds the {client.max_response_bytes}-byte limit")
+        raise ProtocolError(
+            f"state of {size} bytes exceeds the {client.max_response_bytes}-byte limit"
+        )
     parts = []
     for index in range(num_chunks):
-        answer = (await client.call(source.address, "POST", "/state/chunk", {"round": round_id, "index": index})).payload
+        answer = (
+            await client.call(
+                source.address, "POST", "/state/chunk", {"round": round_id, "index": index}
+            )
+        ).payload
         data = answer.get("data")
         if not isinstance(data, bytes):
             raise ProtocolError("state chunk without data")

@@ -34,7 +34,9 @@ class TaskOwner:
         self._running: set[asyncio.Future] = set()  # strong references until done
         self._closed = False
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str, fatal: bool = False) -> asyncio.Task:
+    def spawn(
+        self, coro: Coroutine[Any, Any, Any], *, name: str, fatal: bool = False
+    ) -> asyncio.Task:
         """Start `coro` as a task named `name` and watch it."""
         if self._closed:
             coro.close()
@@ -55,10 +57,16 @@ class TaskOwner:
         exc = future.exception()
         if exc is None:
             return
-        log.error("[%s] background task %s failed: %s", self.peer_id, name, exc,
-                  exc_info=(type(exc), exc, exc.__traceback__))
-        self._failures.append({"task": name, "error": f"{type(exc).__name__}: {exc}",
-                               "time": time.time()})
+        log.error(
+            "[%s] background task %s failed: %s",
+            self.peer_id,
+            name,
+            exc,
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
+        self._failures.append(
+            {"task": name, "error": f"{type(exc).__name__}: {exc}", "time": time.time()}
+        )
         if fatal and self.on_fatal is not None:
             self.on_fatal(name, exc)
 

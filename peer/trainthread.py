@@ -27,7 +27,11 @@ def lower_priority(nice: int) -> None:
     Linux sets niceness per thread; elsewhere this may do nothing)."""
     if nice > 0 and hasattr(os, "setpriority"):
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
+            os.setpriority(
+                os.PRIO_PROCESS,
+                threading.get_native_id(),
+                os.getpriority(os.PRIO_PROCESS, 0) + nice,
+            )
         except OSError:
             pass
 
@@ -35,7 +39,9 @@ def lower_priority(nice: int) -> None:
 def worker_pool(workers: int | None, name: str, nice: int) -> ThreadPoolExecutor:
     """An executor whose threads run `nice` below the event loop's thread: on a busy
     machine the loop, which only waits and answers, gets the CPU first."""
-    return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=lower_priority, initargs=(nice,))
+    return ThreadPoolExecutor(
+        workers, thread_name_prefix=name, initializer=lower_priority, initargs=(nice,)
+    )
 
 
 class TrainingThread:

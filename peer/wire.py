@@ -16,9 +16,11 @@ Binding the method and path into the MAC means a body signed for one endpoint ca
 replayed against another. The MAC covers the body through its SHA-256 digest so that a
 body is packed, compressed and hashed once (`prepare`, off the event loop for anything
 large) and then served to any number of fetchers with only a header MAC computed per
-answer (`headers`): a round's contribution is encoded once, not once per fetcher. Tensors are maps {"dtype", "shape", "data"} with little-endian
-raw bytes; `unpack_tensor` checks the dtype against an allow-list and the byte count
-against the shape (and the shape against the expected one) before touching the data.
+answer (`headers`): a round's contribution is encoded once, not once per fetcher.
+
+Tensors are maps {"dtype", "shape", "data"} with little-endian raw bytes; `unpack_tensor`
+checks the dtype against an allow-list and the byte count against the shape (and the shape
+against the expected one) before touching the data.
 """
 
 from __future__ import annotations
@@ -39,7 +41,12 @@ from shoal.peer.errors import AuthError, PayloadTooLarge, ProtocolError
 from shoal.peer.msgpack_large import unpack_large
 
 PROTOCOL_VERSION = 2  # 2: the MAC covers the body's SHA-256
-H_VERSION, H_SWARM, H_PEER, H_TIME = "X-Shoal-Version", "X-Shoal-Swarm", "X-Shoal-Peer", "X-Shoal-Time"
+H_VERSION, H_SWARM, H_PEER, H_TIME = (
+    "X-Shoal-Version",
+    "X-Shoal-Swarm",
+    "X-Shoal-Peer",
+    "X-Shoal-Time",
+)
 H_ENCODING, H_MAC = "X-Shoal-Encoding", "X-Shoal-MAC"
 NO_SWARM = "-"
 
@@ -122,8 +129,11 @@ class WireCodec:
         """The envelope headers for sending `body` as `method path` now (cheap: the MAC
         covers the body's digest)."""
         fields = [
-            str(PROTOCOL_VERSION), swarm_id or self.swarm_id, self.peer_id,
-            f"{time.time():.3f}", body.encoding,
+            str(PROTOCOL_VERSION),
+            swarm_id or self.swarm_id,
+            self.peer_id,
+            f"{time.time():.3f}",
+            body.encoding,
         ]
         headers = dict(zip((H_VERSION, H_SWARM, H_PEER, H_TIME, H_ENCODING), fields, strict=True))
         if self.key is not None:
@@ -148,7 +158,16 @@ class WireCodec:
         fields = [headers[h] for h in (H_VERSION, H_SWARM, H_PEER, H_TIME, H_ENCODING)]
         return _mac(self.key, method, path, fields, hashlib.sha256(body).digest())
 
-    def decode(self, method: str, path: str, headers: Mapping[str, str], body: bytes, *, any_swarm: bool = False, max_bytes: int | None = None) -> Envelope:
+    def decode(
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        *,
+        any_swarm: bool = False,
+        max_bytes: int | None = None,
+    ) -> Envelope:
         """Authenticate and parse a message; raise AuthError/ProtocolError/PayloadTooLarge.
 
         `any_swarm` skips the swarm-id check: for a join, where one side does not know the
@@ -167,7 +186,9 @@ class WireCodec:
             if not hmac.compare_digest(given, expected):
                 raise AuthError("bad or missing HMAC: wrong swarm key?")
         if version != str(PROTOCOL_VERSION):
-            raise ProtocolError(f"protocol version {version!r}, this peer speaks {PROTOCOL_VERSION}")
+            raise ProtocolError(
+                f"protocol version {version!r}, this peer speaks {PROTOCOL_VERSION}"
+            )
         if swarm_id != self.swarm_id and not any_swarm:
             raise AuthError(f"message for swarm {swarm_id!r}, this is swarm {self.swarm_id!r}")
         try:
@@ -175,7 +196,9 @@ class WireCodec:
         except ValueError:
             raise ProtocolError(f"bad timestamp {stamp!r}") from None
         if abs(time.time() - timestamp) > self.max_clock_skew_s:
-            raise AuthError(f"timestamp off by more than {self.max_clock_skew_s:.0f} s (clock skew or replay)")
+            raise AuthError(
+                f"timestamp off by more than {self.max_clock_skew_s:.0f} s (clock skew or replay)"
+            )
         if encoding == "zstd":
             try:
                 raw = zstd_unframe(body, max_size=limit)
@@ -187,8 +210,12 @@ class WireCodec:
             raw = body
         else:
             raise ProtocolError(f"unknown encoding {encoding!r}")
-        return Envelope(sender=sender, swarm_id=swarm_id, timestamp=timestamp,
-                        payload=unpack_map(raw, self.compress_above_bytes))
+        return Envelope(
+            sender=sender,
+            swarm_id=swarm_id,
+            timestamp=timestamp,
+            payload=unpack_map(raw, self.compress_above_bytes),
+        )
 
 
 def pack_parts(obj: Any, big_bytes: int) -> list[Any]:
@@ -285,7 +312,9 @@ def unpack_tensor(obj: Any, expected_shape: tuple[int, ...] | None = None) -> to
     if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d < 2**40 for d in shape):
         raise ProtocolError(f"bad shape {shape!r}")
     if expected_shape is not None and tuple(shape) != tuple(expected_shape):
-        raise ProtocolError(f"shape {tuple(shape)} does not match the expected {tuple(expected_shape)}")
+        raise ProtocolError(
+            f"shape {tuple(shape)} does not match the expected {tuple(expected_shape)}"
+        )
     if not isinstance(data, bytes):
         raise ProtocolError("tensor data must be bytes")
     dtype = _DTYPES[dtype_name]

@@ -1,7 +1,8 @@
-"""One averaging of a pseudo-gradient across N peers on loopback: shoal's gather (with each
+r"""One averaging of a pseudo-gradient across N peers on loopback: shoal's gather (with each
 codec) against hivemind's DecentralizedAverager (fp16 and uint8), same tensors, same run.
 
-    python scripts/bench_averaging.py --peers 2 4 8 --sizes 10M 50M --out results/bench_averaging.json
+    python scripts/bench_averaging.py --peers 2 4 8 --sizes 10M 50M \
+        --out results/bench_averaging.json
 
 Every peer is its own process, holding a tensor of the given size (peer i: N(0, 1) with
 seed i). All peers start together (a barrier) and the wall time runs until the last one
@@ -32,8 +33,15 @@ from pathlib import Path
 
 import torch
 
-SHOAL_METHODS = {"shoal-fp16": ("diloco", "fp16"), "shoal-int8": ("diloco", "int8"), "shoal-topk": ("sparseloco", "topk")}
-HIVEMIND_METHODS = {"hivemind-fp16": "Float16Compression", "hivemind-uint8": "Uniform8BitQuantization"}
+SHOAL_METHODS = {
+    "shoal-fp16": ("diloco", "fp16"),
+    "shoal-int8": ("diloco", "int8"),
+    "shoal-topk": ("sparseloco", "topk"),
+}
+HIVEMIND_METHODS = {
+    "hivemind-fp16": "Float16Compression",
+    "hivemind-uint8": "Uniform8BitQuantization",
+}
 
 
 def peer_tensor(rank: int, size: int) -> torch.Tensor:
@@ -48,7 +56,9 @@ def loopback_bytes() -> int:
     raise RuntimeError("no loopback interface in /proc/net/dev")
 
 
-def shoal_worker(rank: int, n: int, size: int, method: str, corpus: str, barrier, addresses, results) -> None:
+def shoal_worker(
+    rank: int, n: int, size: int, method: str, corpus: str, barrier, addresses, results
+) -> None:
     torch.set_num_threads(1)
     from shoal.optim.outer import OuterConfig
     from shoal.optim.registry import build_outer, outer_config
@@ -64,15 +74,31 @@ def shoal_worker(rank: int, n: int, size: int, method: str, corpus: str, barrier
     async def main() -> None:
         from shoal.optim.inner import InnerConfig
 
-        run = RunConfig(model_preset="tiny", model=PRESETS["tiny"].to_dict(), inner=InnerConfig(batch_size=2, seq_len=16),
-                        outer=outer, inner_steps=1)
-        protocol = ProtocolConfig(min_gather_timeout_s=600.0, agree_timeout_s=600.0, request_timeout_s=600.0)
+        run = RunConfig(
+            model_preset="tiny",
+            model=PRESETS["tiny"].to_dict(),
+            inner=InnerConfig(batch_size=2, seq_len=16),
+            outer=outer,
+            inner_steps=1,
+        )
+        protocol = ProtocolConfig(
+            min_gather_timeout_s=600.0, agree_timeout_s=600.0, request_timeout_s=600.0
+        )
         bootstrap = None if rank == 0 else addresses.get(0)
         while rank and bootstrap is None:
             await asyncio.sleep(0.1)
             bootstrap = addresses.get(0)
-        peer = Peer(PeerConfig.of(run, peer_id=f"peer-{rank}", bootstrap=bootstrap, data_path=corpus,
-                                  eval_batches=1, torch_threads=1, protocol=protocol))
+        peer = Peer(
+            PeerConfig.of(
+                run,
+                peer_id=f"peer-{rank}",
+                bootstrap=bootstrap,
+                data_path=corpus,
+                eval_batches=1,
+                torch_threads=1,
+                protocol=protocol,
+            )
+        )
         await peer.start(train=False)
         addresses[rank] = peer.address
         averaged = build_outer({"w": torch.zeros(size)}, outer)
@@ -96,16 +122,27 @@ def shoal_worker(rank: int, n: int, size: int, method: str, corpus: str, barrier
         seconds = time.perf_counter() - begin
         result = -averaged.params["w"]  # θ = 0 − lr·mean(Δ)
         await asyncio.to_thread(barrier.wait)  # everyone done before anyone stops serving
-        results.put({"rank": rank, "seconds": seconds, "peers": len(final), "own_bytes_sent": peer.traffic.bytes_sent,
-                     "result": result.numpy().tobytes() if rank == 0 else None})
+        results.put(
+            {
+                "rank": rank,
+                "seconds": seconds,
+                "peers": len(final),
+                "own_bytes_sent": peer.traffic.bytes_sent,
+                "result": result.numpy().tobytes() if rank == 0 else None,
+            }
+        )
         await peer.stop()
 
     asyncio.run(main())
 
 
-def hivemind_worker(rank: int, n: int, size: int, method: str, matchmaking: float, barrier, addresses, results) -> None:
+def hivemind_worker(
+    rank: int, n: int, size: int, method: str, matchmaking: float, barrier, addresses, results
+) -> None:
     torch.set_num_threads(1)
-    mp.set_start_method("fork", force=True)  # hivemind's DHT and averager are fork-started processes
+    mp.set_start_method(
+        "fork", force=True
+    )  # hivemind's DHT and averager are fork-started processes
     import hivemind
     from hivemind import compression as hm_compression
 
@@ -123,8 +160,14 @@ def hivemind_worker(rank: int, n: int, size: int, method: str, matchmaking: floa
         addresses[0] = [str(a) for a in dht.get_visible_maddrs()]
     tensor = peer_tensor(rank, size)
     averager = hivemind.averaging.DecentralizedAverager(
-        [tensor], dht, start=True, prefix=f"bench{n}x{size}", target_group_size=n, min_group_size=n,
-        min_matchmaking_time=matchmaking, request_timeout=10.0,
+        [tensor],
+        dht,
+        start=True,
+        prefix=f"bench{n}x{size}",
+        target_group_size=n,
+        min_group_size=n,
+        min_matchmaking_time=matchmaking,
+        request_timeout=10.0,
         compression=getattr(hm_compression, HIVEMIND_METHODS[method])(),
     )
     barrier.wait()
@@ -134,8 +177,15 @@ def hivemind_worker(rank: int, n: int, size: int, method: str, matchmaking: floa
     with averager.get_tensors() as (averaged,):
         result = averaged.clone()
     barrier.wait()
-    results.put({"rank": rank, "seconds": seconds, "peers": len(group) if group else 0, "own_bytes_sent": None,
-                 "result": result.numpy().tobytes() if rank == 0 else None})
+    results.put(
+        {
+            "rank": rank,
+            "seconds": seconds,
+            "peers": len(group) if group else 0,
+            "own_bytes_sent": None,
+            "result": result.numpy().tobytes() if rank == 0 else None,
+        }
+    )
     averager.shutdown()
     dht.shutdown()
 
@@ -148,7 +198,12 @@ def run_one(method: str, n: int, size: int, args: argparse.Namespace, corpus: st
         target, extra = shoal_worker, (corpus,)
     else:
         target, extra = hivemind_worker, (args.matchmaking,)
-    procs = [ctx.Process(target=target, args=(rank, n, size, method, *extra, barrier, addresses, results)) for rank in range(n)]
+    procs = [
+        ctx.Process(
+            target=target, args=(rank, n, size, method, *extra, barrier, addresses, results)
+        )
+        for rank in range(n)
+    ]
     for proc in procs:
         proc.start()
     try:
@@ -166,11 +221,16 @@ def run_one(method: str, n: int, size: int, args: argparse.Namespace, corpus: st
                 proc.kill()
         manager.shutdown()
     mean = sum(peer_tensor(rank, size) for rank in range(n)) / n
-    result = torch.frombuffer(bytearray(next(r["result"] for r in rows if r["rank"] == 0)), dtype=torch.float32)
+    result = torch.frombuffer(
+        bytearray(next(r["result"] for r in rows if r["rank"] == 0)), dtype=torch.float32
+    )
     own = [r["own_bytes_sent"] for r in rows if r["own_bytes_sent"] is not None]
     return {
-        "method": method, "peers": n, "size": size,
-        "seconds": max(r["seconds"] for r in rows), "seconds_barrier_to_barrier": wall,
+        "method": method,
+        "peers": n,
+        "size": size,
+        "seconds": max(r["seconds"] for r in rows),
+        "seconds_barrier_to_barrier": wall,
         "group": min(r["peers"] for r in rows),
         "wire_bytes_per_peer": wire / n,
         "own_bytes_sent_per_peer": statistics.fmean(own) if own else None,
@@ -189,13 +249,17 @@ def main() -> int:
     parser.add_argument("--peers", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--sizes", nargs="+", default=["10M", "50M"], help="elements (M = 10^6)")
     parser.add_argument("--methods", nargs="+", default=[*SHOAL_METHODS, *HIVEMIND_METHODS])
-    parser.add_argument("--matchmaking", type=float, default=1.0, help="hivemind's min_matchmaking_time")
+    parser.add_argument(
+        "--matchmaking", type=float, default=1.0, help="hivemind's min_matchmaking_time"
+    )
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--out", default="results/bench_averaging.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         corpus = os.path.join(tmp, "corpus.txt")
-        Path(corpus).write_text(Path(json.__file__).read_text() * 4)  # peers need some text to build
+        Path(corpus).write_text(
+            Path(json.__file__).read_text() * 4
+        )  # peers need some text to build
         rows = []
         for size in map(parse_size, args.sizes):
             for n in args.peers:
@@ -205,23 +269,47 @@ def main() -> int:
                     row = run_one(method, n, size, args, corpus)
                     by_method[method] = row
                     rows.append(row)
-                    print(f"   {row['seconds']:.2f} s, {row['wire_bytes_per_peer'] / 1e6:.1f} MB/peer on the wire, "
-                          f"rel_err {row['rel_err']:.4f}", flush=True)
+                    print(
+                        f"   {row['seconds']:.2f} s, {row['wire_bytes_per_peer'] / 1e6:.1f} "
+                        "MB/peer on the wire, "
+                        f"rel_err {row['rel_err']:.4f}",
+                        flush=True,
+                    )
                 base = by_method.get("hivemind-fp16")
                 for row in by_method.values():
-                    row["time_vs_hivemind_fp16"] = row["seconds"] / base["seconds"] if base else None
-                    row["bytes_vs_hivemind_fp16"] = row["wire_bytes_per_peer"] / base["wire_bytes_per_peer"] if base else None
-    print(f"{'size':>6} {'N':>2} {'method':<15} {'seconds':>8} {'MB/peer':>9} {'rel_err':>8} {'time/hm16':>9} {'bytes/hm16':>10}")
+                    row["time_vs_hivemind_fp16"] = (
+                        row["seconds"] / base["seconds"] if base else None
+                    )
+                    row["bytes_vs_hivemind_fp16"] = (
+                        row["wire_bytes_per_peer"] / base["wire_bytes_per_peer"] if base else None
+                    )
+    print(
+        f"{'size':>6} {'N':>2} {'method':<15} {'seconds':>8} {'MB/peer':>9} {'rel_err':>8} "
+        f"{'time/hm16':>9} {'bytes/hm16':>10}"
+    )
+
     def ratio(value: float | None) -> str:
         return f"{value:9.3f}" if value is not None else f"{'-':>9}"
 
     for r in rows:
-        print(f"{r['size'] / 1e6:5.0f}M {r['peers']:2d} {r['method']:<15} {r['seconds']:8.2f} {r['wire_bytes_per_peer'] / 1e6:9.2f} "
-              f"{r['rel_err']:8.4f} {ratio(r['time_vs_hivemind_fp16'])} {ratio(r['bytes_vs_hivemind_fp16'])}")
+        print(
+            f"{r['size'] / 1e6:5.0f}M {r['peers']:2d} {r['method']:<15} {r['seconds']:8.2f} "
+            f"{r['wire_bytes_per_peer'] / 1e6:9.2f} "
+            f"{r['rel_err']:8.4f} {ratio(r['time_vs_hivemind_fp16'])} "
+            f"{ratio(r['bytes_vs_hivemind_fp16'])}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": "python scripts/bench_averaging.py " + " ".join(sys.argv[1:]),
-                               "torch_threads": 1, "rows": rows}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "command": "python scripts/bench_averaging.py " + " ".join(sys.argv[1:]),
+                "torch_threads": 1,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     print(f"written to {out}")
     return 0
 

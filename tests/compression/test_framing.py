@@ -108,7 +108,12 @@ def test_corrupted_compressed_frames_raise_codec_error() -> None:
 
 @pytest.mark.parametrize(
     "parts",
-    [[b"a" * 100_000, b"\x00\x01" * 3000, b"b" * 300_000], [bytes(range(256)) * 8], [b"x" * 10], []],
+    [
+        [b"a" * 100_000, b"\x00\x01" * 3000, b"b" * 300_000],
+        [bytes(range(256)) * 8],
+        [b"x" * 10],
+        [],
+    ],
 )
 def test_framing_parts_equals_framing_their_concatenation(parts):
     from shoal.compression import zstd_frame_parts

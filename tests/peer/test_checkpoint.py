@@ -32,4 +32,7 @@ def test_tensors_without_manifest_are_ignored(tmp_path):
     (tmp_path / "round-000002.safetensors").write_bytes(b"crash before the manifest")
     assert load_latest(tmp_path)[1]["round"] == 1
     assert load_latest(tmp_path / "missing") is None
-    assert json.loads((tmp_path / "round-000001.json").read_text())["tensors"] == "round-000001.safetensors"
+    assert (
+        json.loads((tmp_path / "round-000001.json").read_text())["tensors"]
+        == "round-000001.safetensors"
+    )

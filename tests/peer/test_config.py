@@ -14,7 +14,13 @@ def peer_config(flags: list[str]) -> PeerConfig:
 
 
 def run(**kw):
-    base = dict(model_preset="tiny", model={"d_model": 32}, inner=InnerConfig(), outer=OuterConfig(), inner_steps=10)
+    base = dict(
+        model_preset="tiny",
+        model={"d_model": 32},
+        inner=InnerConfig(),
+        outer=OuterConfig(),
+        inner_steps=10,
+    )
     return RunConfig(**{**base, **kw})
 
 
@@ -26,7 +32,11 @@ def test_same_config_passes_and_round_trips():
 def test_mismatch_names_every_differing_setting():
     with pytest.raises(ConfigMismatch) as err:
         run(outer=OuterConfig(codec="fp32"), model={"d_model": 64}).check_same(run())
-    assert "outer.codec" in str(err.value) and "model.d_model" in str(err.value) and "inner.lr" not in str(err.value)
+    assert (
+        "outer.codec" in str(err.value)
+        and "model.d_model" in str(err.value)
+        and "inner.lr" not in str(err.value)
+    )
 
 
 def test_unreadable_config_is_a_mismatch():
@@ -69,7 +79,9 @@ def test_pipeline_settings_are_checked():
 
 def test_skip_keep_flag_parses_and_is_checked():
     def parse(*flags: str):
-        return peer_config(["--model", "tiny-deep", "--stages", "5", "--role", "stage", *flags]).pipeline
+        return peer_config(
+            ["--model", "tiny-deep", "--stages", "5", "--role", "stage", *flags]
+        ).pipeline
 
     assert parse().skip_keep == (1,) and parse().skip_swaps == 0  # the defaults
     assert parse("--skip-keep", "1,4").skip_keep == (1, 4)
@@ -80,7 +92,11 @@ def test_skip_keep_flag_parses_and_is_checked():
         parse("--skip-ratio", "0.33", "--skip-keep", "0")
     with pytest.raises(ValueError, match="--skip-keep"):
         parse("--skip-ratio", "0.33", "--skip-keep", "2,2")
-    with pytest.raises(ValueError, match="--skip-keep keeps 3 stages, but with --skip-ratio 0.33 a path visits only 2 block stages"):
+    with pytest.raises(
+        ValueError,
+        match="--skip-keep keeps 3 stages, but with --skip-ratio 0.33 a path visits only 2 "
+        "block stages",
+    ):
         parse("--skip-ratio", "0.33", "--skip-keep", "1,2,3")
     assert parse().skip_rescale == "sqrt" and parse("--skip-rescale", "none").skip_rescale == "none"
     with pytest.raises(SystemExit):

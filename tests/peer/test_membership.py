@@ -13,11 +13,19 @@ class Clock:
 
 
 def entry(pid, hb=1, inc=1.0, **kw):
-    return PeerInfo(pid, f"http://127.0.0.1:{1000 + len(pid)}", incarnation=inc, heartbeat=hb, **kw).to_wire()
+    return PeerInfo(
+        pid, f"http://127.0.0.1:{1000 + len(pid)}", incarnation=inc, heartbeat=hb, **kw
+    ).to_wire()
 
 
 def make(clock=None):
-    return Membership(PeerInfo("me", "http://127.0.0.1:1"), suspect_after_s=3, dead_after_s=6, forget_after_s=60, clock=clock or Clock())
+    return Membership(
+        PeerInfo("me", "http://127.0.0.1:1"),
+        suspect_after_s=3,
+        dead_after_s=6,
+        forget_after_s=60,
+        clock=clock or Clock(),
+    )
 
 
 def test_merge_takes_newer_entries_only():
@@ -35,15 +43,18 @@ def test_nobody_speaks_for_us():
     assert m.me.round == 0
 
 
-@pytest.mark.parametrize("bad", [
-    "not a list",
-    [{"peer_id": "x"}],
-    [entry("x", round=-1)],
-    [{**entry("x"), "address": "ftp://x"}],
-    [{**entry("x"), "eval_loss": float("nan")}],
-    [{**entry("x"), "unknown": 1}],
-    [entry("ok"), {**entry("bad"), "heartbeat": "1"}],
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "not a list",
+        [{"peer_id": "x"}],
+        [entry("x", round=-1)],
+        [{**entry("x"), "address": "ftp://x"}],
+        [{**entry("x"), "eval_loss": float("nan")}],
+        [{**entry("x"), "unknown": 1}],
+        [entry("ok"), {**entry("bad"), "heartbeat": "1"}],
+    ],
+)
 def test_malformed_tables_change_nothing(bad):
     m = make()
     with pytest.raises(ProtocolError):
@@ -61,7 +72,11 @@ def test_failure_detection_timeline():
     m.merge([entry("a", hb=2)])  # a heartbeat brings it back
     assert m.status("a") == "alive"
     clock.t = 3.5 + 6.0
-    assert m.status("a") == "dead" and m.live_others() == [] and all(e["peer_id"] != "a" for e in m.table())
+    assert (
+        m.status("a") == "dead"
+        and m.live_others() == []
+        and all(e["peer_id"] != "a" for e in m.table())
+    )
     clock.t = 100.0
     m.merge([])
     assert "a" not in m.peers

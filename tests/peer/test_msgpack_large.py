@@ -8,10 +8,40 @@ import pytest
 from shoal.peer.msgpack_large import MAX_DEPTH, MalformedBody, unpack_large
 
 PAYLOADS = [
-    {"round": 3, "peer": "p", "tensors": {"w": b"\x01" * 70_000, "b": b"", "v": bytes(range(256)) * 300}},
-    {"ints": [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32, 2**63 - 1, -1, -32, -33, -129, -(2**31), -(2**63)]},
+    {
+        "round": 3,
+        "peer": "p",
+        "tensors": {"w": b"\x01" * 70_000, "b": b"", "v": bytes(range(256)) * 300},
+    },
+    {
+        "ints": [
+            0,
+            1,
+            127,
+            128,
+            255,
+            256,
+            65535,
+            65536,
+            2**32,
+            2**63 - 1,
+            -1,
+            -32,
+            -33,
+            -129,
+            -(2**31),
+            -(2**63),
+        ]
+    },
     {"floats": [0.5, -1e300, float("inf")], "none": None, "flags": [True, False], "f32": 1.0},
-    {"s": "", "t": "x" * 31, "u": "y" * 32, "v": "z" * 300, "w": "é" * 70_000, "n": {"deep": [[{"a": []}]]}},
+    {
+        "s": "",
+        "t": "x" * 31,
+        "u": "y" * 32,
+        "v": "z" * 300,
+        "w": "é" * 70_000,
+        "n": {"deep": [[{"a": []}]]},
+    },
     {"list16": list(range(20)), "map16": {str(i): i for i in range(20)}, "bin16": b"b" * 300},
 ]
 
@@ -50,8 +80,17 @@ def test_corrupted_bodies_are_refused_or_read_alike():
 
 @pytest.mark.parametrize(
     "raw",
-    [b"", b"\x81", b"\xc6\x00\x00\x10\x00abc", b"\xdf\xff\xff\xff\xff", b"\x81\x01\x02",
-     b"\xc1", b"\xd4\x01\x02", msgpack.packb({"a": 1}) + b"\x00", b"\x91" * (MAX_DEPTH + 2) + b"\x00"],
+    [
+        b"",
+        b"\x81",
+        b"\xc6\x00\x00\x10\x00abc",
+        b"\xdf\xff\xff\xff\xff",
+        b"\x81\x01\x02",
+        b"\xc1",
+        b"\xd4\x01\x02",
+        msgpack.packb({"a": 1}) + b"\x00",
+        b"\x91" * (MAX_DEPTH + 2) + b"\x00",
+    ],
 )
 def test_malformed_bodies_are_refused(raw):
     with pytest.raises(MalformedBody):

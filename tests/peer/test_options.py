@@ -32,8 +32,11 @@ def test_defaults_are_the_fields_defaults():
 
 
 def test_a_toml_file_at_top_level_and_in_sections(tmp_path):
-    path = write(tmp_path, 'model = "tiny"\ninner_steps = 5\n[protocol]\nheartbeat_interval = 0.5\n'
-                           'dead_after = 4\n[pipeline]\nskip_keep = [1, 3]\n')
+    path = write(
+        tmp_path,
+        'model = "tiny"\ninner_steps = 5\n[protocol]\nheartbeat_interval = 0.5\n'
+        "dead_after = 4\n[pipeline]\nskip_keep = [1, 3]\n",
+    )
     cfg = config(["--config", path])
     assert cfg.run.model_preset == "tiny" and cfg.run.inner_steps == 5
     assert cfg.protocol.heartbeat_interval_s == 0.5 and cfg.protocol.dead_after_s == 4.0
@@ -44,18 +47,25 @@ def test_flags_given_override_the_file_and_defaults_do_not(tmp_path):
     path = write(tmp_path, 'model = "tiny"\nrounds = 7\n[protocol]\nrequest_timeout = 9\n')
     cfg = config(["--config", path, "--rounds", "2"])
     assert cfg.schedule.max_rounds == 2  # the flag wins
-    assert cfg.run.model_preset == "tiny" and cfg.protocol.request_timeout_s == 9.0  # untouched by defaults
+    assert (
+        cfg.run.model_preset == "tiny" and cfg.protocol.request_timeout_s == 9.0
+    )  # untouched by defaults
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [('modle = "tiny"\n', "unknown setting 'modle'"),
-     ('[protocol]\nmodel = "tiny"\n', r"\[protocol\] has no setting 'model' \(it belongs in \[run\]\)"),
-     ("[nonsense]\nx = 1\n", r"unknown table \[nonsense\]"),
-     ('rounds = "three"\n', "rounds"),
-     ("heartbeat_interval = true\n", "heartbeat_interval must be float"),
-     ('model = "huge"\n', "model must be one of"),
-     ("model = \n", "not valid TOML")],
+    [
+        ('modle = "tiny"\n', "unknown setting 'modle'"),
+        (
+            '[protocol]\nmodel = "tiny"\n',
+            r"\[protocol\] has no setting 'model' \(it belongs in \[run\]\)",
+        ),
+        ("[nonsense]\nx = 1\n", r"unknown table \[nonsense\]"),
+        ('rounds = "three"\n', "rounds"),
+        ("heartbeat_interval = true\n", "heartbeat_interval must be float"),
+        ('model = "huge"\n', "model must be one of"),
+        ("model = \n", "not valid TOML"),
+    ],
 )
 def test_bad_files_are_refused_naming_the_key(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
@@ -70,9 +80,13 @@ def test_a_missing_file_is_a_clear_error(tmp_path):
 def test_every_protocol_field_is_reachable_from_a_flag_and_from_toml(tmp_path):
     for f in dataclasses.fields(ProtocolConfig):
         integer = f.type in ("int", "int | None")
-        value = 2 * f.default if f.default is not None else (123 if integer else 2.5)  # keeps their order
+        value = (
+            2 * f.default if f.default is not None else (123 if integer else 2.5)
+        )  # keeps their order
         from_flag = config([flag_name(f), str(value)]).protocol
-        from_file = config(["--config", write(tmp_path, f"[protocol]\n{key_name(f)} = {value}\n")]).protocol
+        from_file = config(
+            ["--config", write(tmp_path, f"[protocol]\n{key_name(f)} = {value}\n")]
+        ).protocol
         assert getattr(from_flag, f.name) == value == getattr(from_file, f.name), f.name
 
 
@@ -82,9 +96,19 @@ def test_every_section_field_has_a_flag_and_help():
         for f in flag_fields(section):
             assert f.metadata["help"], f.name
             flags.add(flag_name(f))
-    text = build_parser().format_help() + build_parser()._subparsers._group_actions[0].choices["peer"].format_help()
+    text = (
+        build_parser().format_help()
+        + build_parser()._subparsers._group_actions[0].choices["peer"].format_help()
+    )
     assert all(flag in text for flag in flags)
-    assert {"--data", "--rounds", "--threads", "--listen", "--gather-timeout", "--partner-timeout"} <= flags
+    assert {
+        "--data",
+        "--rounds",
+        "--threads",
+        "--listen",
+        "--gather-timeout",
+        "--partner-timeout",
+    } <= flags
 
 
 def test_validation_names_the_flag():
@@ -98,10 +122,23 @@ def test_validation_names_the_flag():
 
 def test_peer_config_of_places_flat_keywords_in_sections():
     run = run_config_from({"model": "tiny"})
-    cfg = PeerConfig.of(run, peer_id="a", role="replica", max_rounds=3, data_path="/x", linger_s=2.0,
-                        heartbeat_interval_s=0.5)
-    assert cfg.network.listen == "127.0.0.1:0" and cfg.peer_id == "a" and cfg.schedule.max_rounds == 3
-    assert cfg.data.path == "/x" and cfg.protocol.linger_s == 2.0 and cfg.protocol.heartbeat_interval_s == 0.5
+    cfg = PeerConfig.of(
+        run,
+        peer_id="a",
+        role="replica",
+        max_rounds=3,
+        data_path="/x",
+        linger_s=2.0,
+        heartbeat_interval_s=0.5,
+    )
+    assert (
+        cfg.network.listen == "127.0.0.1:0" and cfg.peer_id == "a" and cfg.schedule.max_rounds == 3
+    )
+    assert (
+        cfg.data.path == "/x"
+        and cfg.protocol.linger_s == 2.0
+        and cfg.protocol.heartbeat_interval_s == 0.5
+    )
     with pytest.raises(TypeError, match="no config section has a setting 'colour'"):
         PeerConfig.of(run, colour="blue")
 
@@ -109,7 +146,12 @@ def test_peer_config_of_places_flat_keywords_in_sections():
 def test_advertising_loopback_to_a_remote_swarm_warns():
     remote = NetworkConfig(bootstrap="http://203.0.113.5:7000")
     assert "--advertise" in remote.loopback_warning()
-    assert NetworkConfig(bootstrap="http://203.0.113.5:7000", advertise="http://198.51.100.7:7000").loopback_warning() is None
+    assert (
+        NetworkConfig(
+            bootstrap="http://203.0.113.5:7000", advertise="http://198.51.100.7:7000"
+        ).loopback_warning()
+        is None
+    )
     assert NetworkConfig(bootstrap="http://127.0.0.1:7000").loopback_warning() is None
     assert NetworkConfig().loopback_warning() is None
 
@@ -135,8 +177,21 @@ def test_the_peer_logs_that_warning_at_start(caplog, monkeypatch):
 def test_demo_settings_reach_its_peers_through_one_file():
     from shoal.peer.demo import peer_settings_toml
 
-    values = settings(["--model", "tiny", "--stages", "2", "--inner-steps", "5", "--heartbeat-interval", "0.5",
-                       "--peers", "2"], command="demo")
+    values = settings(
+        [
+            "--model",
+            "tiny",
+            "--stages",
+            "2",
+            "--inner-steps",
+            "5",
+            "--heartbeat-interval",
+            "0.5",
+            "--peers",
+            "2",
+        ],
+        command="demo",
+    )
     text = peer_settings_toml(values)
     assert 'model = "tiny"' in text and "stages = 2" in text and "inner_steps = 5" in text
     assert "heartbeat_interval = 0.5" in text and "peers" not in text

@@ -14,7 +14,9 @@ from shoal.peer.tasks import TaskOwner
 
 
 def outer():
-    return build_outer({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, OuterConfig(codec="fp32"))
+    return build_outer(
+        {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, OuterConfig(codec="fp32")
+    )
 
 
 def test_a_snapshot_is_frozen_and_carries_the_weights_hash():
@@ -22,7 +24,9 @@ def test_a_snapshot_is_frozen_and_carries_the_weights_hash():
     snapshot = take_snapshot(opt, 4)
     assert snapshot.round_id == 4 and snapshot.weights_hash == opt.weights_hash()
     opt.params["w"].add_(1.0)  # the live state moves on; the snapshot does not
-    assert torch.equal(snapshot.tensors["outer/w"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
+    assert torch.equal(
+        snapshot.tensors["outer/w"], torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    )
 
 
 def test_publish_serves_the_snapshot_with_extras_and_checkpoints_it(tmp_path):

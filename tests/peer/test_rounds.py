@@ -43,7 +43,9 @@ class FakeClient:
         if path == "/round/contribution":
             if (self.me, payload["peer"]) in self.network.blocked:
                 raise PeerUnreachable(f"{address}: reset")
-            held = await store.wait_for(lambda: store.contributions.get(round_id, {}).get(payload["peer"]), wait_s)
+            held = await store.wait_for(
+                lambda: store.contributions.get(round_id, {}).get(payload["peer"]), wait_s
+            )
             answer = held and {"round": round_id + (owner in self.network.wrong_round), **held}
         elif path == "/round/set":
             held = await store.wait_for(lambda: store.sets.get(round_id), wait_s)
@@ -68,7 +70,9 @@ def swarm(network: FakeNetwork, ids: list[str]) -> dict[str, RoundExchange]:
         network.stores[me] = RoundStore(rounds_kept=3)
         membership = Membership(PeerInfo(me, f"http://{me}"))
         membership.merge([PeerInfo(p, f"http://{p}").to_wire() for p in ids if p != me])
-        exchanges[me] = RoundExchange(network.client(me), membership, network.stores[me], PROTOCOL, decode)
+        exchanges[me] = RoundExchange(
+            network.client(me), membership, network.stores[me], PROTOCOL, decode
+        )
     return exchanges
 
 
@@ -127,7 +131,10 @@ def test_a_dead_peer_costs_at_most_the_deadline():
 
 def test_an_undecodable_contribution_is_dropped_by_everyone():
     async def main():
-        return await play_round(swarm(FakeNetwork(), ["a", "b", "c"]), contributions={"a": [0.0], "b": "bad", "c": [2.0]})
+        return await play_round(
+            swarm(FakeNetwork(), ["a", "b", "c"]),
+            contributions={"a": [0.0], "b": "bad", "c": [2.0]},
+        )
 
     got, final = run(main())
     assert got["a"] == ["a", "c"] and got["c"] == ["a", "c"]
@@ -144,15 +151,23 @@ def test_an_answer_for_the_wrong_round_is_ignored():
     assert got["a"] == ["a", "b"] and final["a"] == ["a", "b"]
 
 
-@pytest.mark.parametrize(("hashes", "resyncs"), [
-    ({"a": "h1", "b": "h1", "c": "h2"}, {"a": [], "b": [], "c": ["a", "b"]}),
-    ({"a": "h1", "b": "h2"}, {"a": [], "b": []}),  # a tie is no majority
-])
+@pytest.mark.parametrize(
+    ("hashes", "resyncs"),
+    [
+        ({"a": "h1", "b": "h1", "c": "h2"}, {"a": [], "b": [], "c": ["a", "b"]}),
+        ({"a": "h1", "b": "h2"}, {"a": [], "b": []}),  # a tie is no majority
+    ],
+)
 def test_verify_sends_only_a_minority_peer_to_the_majority(hashes, resyncs):
     async def main():
         exchanges = swarm(FakeNetwork(), list(hashes))
-        results = await asyncio.gather(*(e.verify(0, hashes[me], list(hashes)) for me, e in exchanges.items()))
-        return {me: sorted(p.peer_id for p in peers) for me, peers in zip(exchanges, results, strict=True)}
+        results = await asyncio.gather(
+            *(e.verify(0, hashes[me], list(hashes)) for me, e in exchanges.items())
+        )
+        return {
+            me: sorted(p.peer_id for p in peers)
+            for me, peers in zip(exchanges, results, strict=True)
+        }
 
     assert run(main()) == resyncs
 

@@ -27,7 +27,9 @@ def test_rejects_garbage_wrong_shapes_and_nan():
     with pytest.raises(ProtocolError, match="unreadable"):
         parse_state(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}", SHAPES)
     with pytest.raises(ProtocolError):
-        parse_state(serialize_state(1, state(), {}, 1 << 20).data, {"outer/w": (3, 4), "momentum/w": (4, 3)})
+        parse_state(
+            serialize_state(1, state(), {}, 1 << 20).data, {"outer/w": (3, 4), "momentum/w": (4, 3)}
+        )
     with pytest.raises(ProtocolError):
         parse_state(serialize_state(1, {"outer/w": torch.randn(4, 3)}, {}, 1 << 20).data, SHAPES)
     bad = state()
@@ -55,7 +57,10 @@ def test_a_second_snapshot_of_a_round_replaces_the_first():
         with pytest.raises(Gone):
             server.blob(3)
         new = await server.latest()
-        _, tensors, _ = parse_state(b"".join(new.chunk(i) for i in range(new.num_chunks)), {**SHAPES, "stage0/outer/e": (2,)})
+        _, tensors, _ = parse_state(
+            b"".join(new.chunk(i) for i in range(new.num_chunks)),
+            {**SHAPES, "stage0/outer/e": (2,)},
+        )
         assert torch.equal(tensors["stage0/outer/e"], torch.ones(2)) and server.blob(3) is new
 
     asyncio.run(main())
@@ -64,8 +69,13 @@ def test_a_second_snapshot_of_a_round_replaces_the_first():
 def test_the_blob_is_safetensors_and_its_chunks_cut_across_tensors():
     from safetensors.torch import load
 
-    tensors = {"outer/w": torch.randn(3, 5), "momentum/w": torch.randn(5, 3), "scalar": torch.tensor(2.0),
-               "half": torch.randn(4).half(), "empty": torch.zeros(0)}
+    tensors = {
+        "outer/w": torch.randn(3, 5),
+        "momentum/w": torch.randn(5, 3),
+        "scalar": torch.tensor(2.0),
+        "half": torch.randn(4).half(),
+        "empty": torch.zeros(0),
+    }
     blob = serialize_state(3, tensors, {"peer": "p"}, chunk_bytes=7)
     loaded = load(blob.data)
     assert all(torch.equal(loaded[name], t) for name, t in tensors.items())

@@ -26,8 +26,12 @@ def test_a_failure_is_logged_with_the_peer_id_and_recorded(caplog):
 
     with caplog.at_level(logging.ERROR):
         owner = run(main())
-    assert "[peer-7] background task checkpoint failed" in caplog.text and "Traceback" in caplog.text
-    assert [(f["task"], f["error"]) for f in owner.failures] == [("checkpoint", "OSError: disk full")]
+    assert (
+        "[peer-7] background task checkpoint failed" in caplog.text and "Traceback" in caplog.text
+    )
+    assert [(f["task"], f["error"]) for f in owner.failures] == [
+        ("checkpoint", "OSError: disk full")
+    ]
 
 
 def test_fatal_failures_reach_the_owner_and_others_do_not():
@@ -35,7 +39,10 @@ def test_fatal_failures_reach_the_owner_and_others_do_not():
 
     async def main():
         owner = TaskOwner("p", on_fatal=lambda name, exc: fatal.append((name, str(exc))))
-        tasks = [owner.spawn(boom("a"), name="resync", fatal=True), owner.spawn(boom("b"), name="probe")]
+        tasks = [
+            owner.spawn(boom("a"), name="resync", fatal=True),
+            owner.spawn(boom("b"), name="probe"),
+        ]
         await asyncio.wait(tasks)
         await asyncio.sleep(0)
         return owner
@@ -80,7 +87,9 @@ def test_watch_sees_an_executor_job_fail():
 
     async def main():
         owner = TaskOwner("p")
-        future = owner.watch(asyncio.get_running_loop().run_in_executor(None, write), name="checkpoint")
+        future = owner.watch(
+            asyncio.get_running_loop().run_in_executor(None, write), name="checkpoint"
+        )
         await asyncio.wait([future])
         await asyncio.sleep(0)
         return owner.failures

@@ -16,7 +16,11 @@ def test_round_trip_with_mac():
     a, b = codec(peer="a"), codec(peer="b")
     body, headers = a.encode("POST", "/gossip", {"x": 1, "blob": b"\x00\x01"})
     env = b.decode("POST", "/gossip", headers, body)
-    assert env.sender == "a" and env.swarm_id == "swarm-a" and env.payload == {"x": 1, "blob": b"\x00\x01"}
+    assert (
+        env.sender == "a"
+        and env.swarm_id == "swarm-a"
+        and env.payload == {"x": 1, "blob": b"\x00\x01"}
+    )
 
 
 def test_wrong_key_missing_mac_and_tampering_are_auth_errors():
@@ -24,7 +28,9 @@ def test_wrong_key_missing_mac_and_tampering_are_auth_errors():
     with pytest.raises(AuthError, match="HMAC"):
         codec(key="k2").decode("POST", "/gossip", headers, body)
     with pytest.raises(AuthError):
-        codec(key="k1").decode("POST", "/gossip", {k: v for k, v in headers.items() if k != H_MAC}, body)
+        codec(key="k1").decode(
+            "POST", "/gossip", {k: v for k, v in headers.items() if k != H_MAC}, body
+        )
     tampered = body[:-1] + bytes([body[-1] ^ 1])
     with pytest.raises(AuthError):
         codec(key="k1").decode("POST", "/gossip", headers, tampered)
@@ -40,15 +46,21 @@ def test_wrong_swarm_stale_time_and_version():
     body, headers = codec(key=None, swarm="other").encode("POST", "/gossip", {})
     with pytest.raises(AuthError, match="swarm"):
         codec(key=None).decode("POST", "/gossip", headers, body)
-    assert codec(key=None).decode("POST", "/gossip", headers, body, any_swarm=True).swarm_id == "other"
+    assert (
+        codec(key=None).decode("POST", "/gossip", headers, body, any_swarm=True).swarm_id == "other"
+    )
     body, headers = codec(key=None).encode("POST", "/gossip", {})
     with pytest.raises(AuthError, match="timestamp"):
-        codec(key=None).decode("POST", "/gossip", {**headers, H_TIME: str(time.time() - 3600)}, body)
+        codec(key=None).decode(
+            "POST", "/gossip", {**headers, H_TIME: str(time.time() - 3600)}, body
+        )
     with pytest.raises(ProtocolError, match="version"):
         codec(key=None).decode("POST", "/gossip", {**headers, H_VERSION: "99"}, body)
 
 
-@pytest.mark.parametrize("body", [b"\xc1garbage", msgpack.packb([1, 2, 3]), msgpack.packb({1: 2}), b""])
+@pytest.mark.parametrize(
+    "body", [b"\xc1garbage", msgpack.packb([1, 2, 3]), msgpack.packb({1: 2}), b""]
+)
 def test_malformed_bodies_are_protocol_errors(body):
     _, headers = codec(key=None).encode("POST", "/gossip", {})
     with pytest.raises(ProtocolError):
@@ -62,12 +74,16 @@ def test_large_bodies_are_compressed_and_size_is_bounded():
     assert headers["X-Shoal-Encoding"] == "zstd" and len(body) < 10_000
     assert codec().decode("POST", "/gossip", headers, body).payload == payload
     with pytest.raises(PayloadTooLarge):
-        codec(max_body_bytes=50_000).decode("POST", "/gossip", headers, body)  # decompresses past the limit
+        codec(max_body_bytes=50_000).decode(
+            "POST", "/gossip", headers, body
+        )  # decompresses past the limit
     with pytest.raises(PayloadTooLarge):
         codec().decode("POST", "/gossip", headers, body, max_bytes=len(body) - 1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8]
+)
 def test_tensor_round_trip(dtype):
     t = (torch.randn(3, 5) * 10).to(dtype)
     back = unpack_tensor(msgpack.unpackb(msgpack.packb(pack_tensor(t))), expected_shape=(3, 5))
@@ -113,8 +129,12 @@ def test_is_large_estimates_packed_size():
 def test_parts_pack_to_exactly_what_msgpack_packs(size):
     from shoal.peer.wire import pack_parts
 
-    payload = {"round": 3, "tensors": {"w": b"\x01" * size, "v": bytearray(b"\x02" * 300)},
-               "list": [1, (2.5, None), {"k": "v"}], "flag": True}
+    payload = {
+        "round": 3,
+        "tensors": {"w": b"\x01" * size, "v": bytearray(b"\x02" * 300)},
+        "list": [1, (2.5, None), {"k": "v"}],
+        "flag": True,
+    }
     parts = pack_parts(payload, big_bytes=256)
     assert b"".join(bytes(p) for p in parts) == msgpack.packb(payload, use_bin_type=True)
     if size >= 256:  # the big value is a part of its own, not a copy

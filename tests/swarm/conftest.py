@@ -20,14 +20,22 @@ from shoal.peer.demo import fetch_json, serving_url
 from shoal.peer.node import Peer
 from shoal.train import PRESETS
 
-FAST_PROTOCOL = ProtocolConfig(heartbeat_interval_s=0.5, suspect_after_s=1.5, dead_after_s=3.0, min_gather_timeout_s=8.0, agree_timeout_s=3.0)
+FAST_PROTOCOL = ProtocolConfig(
+    heartbeat_interval_s=0.5,
+    suspect_after_s=1.5,
+    dead_after_s=3.0,
+    min_gather_timeout_s=8.0,
+    agree_timeout_s=3.0,
+)
 
 
 def tiny_run(**kw) -> RunConfig:
     base = dict(
-        model_preset="tiny", model=PRESETS["tiny"].to_dict(),
+        model_preset="tiny",
+        model=PRESETS["tiny"].to_dict(),
         inner=InnerConfig(lr=3e-3, batch_size=4, seq_len=32, warmup_steps=0),
-        outer=OuterConfig(codec="int8"), inner_steps=4,
+        outer=OuterConfig(codec="int8"),
+        inner_steps=4,
     )
     return RunConfig(**{**base, **kw})
 
@@ -36,15 +44,27 @@ def tiny_run(**kw) -> RunConfig:
 def corpus(tmp_path_factory) -> str:
     """A small local text corpus (a few stdlib modules) so peers start fast."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    text = "".join((stdlib / name).read_text() for name in ("argparse.py", "json/decoder.py", "textwrap.py", "string.py"))
+    text = "".join(
+        (stdlib / name).read_text()
+        for name in ("argparse.py", "json/decoder.py", "textwrap.py", "string.py")
+    )
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text(text)
     return str(path)
 
 
 def peer_config(corpus: str, peer_id: str, bootstrap: str | None = None, **kw) -> PeerConfig:
-    base = dict(run=tiny_run(), peer_id=peer_id, bootstrap=bootstrap, data_path=corpus, listen_port=0, eval_batches=2,
-                torch_threads=1, linger_s=5.0, protocol=FAST_PROTOCOL)
+    base = dict(
+        run=tiny_run(),
+        peer_id=peer_id,
+        bootstrap=bootstrap,
+        data_path=corpus,
+        listen_port=0,
+        eval_batches=2,
+        torch_threads=1,
+        linger_s=5.0,
+        protocol=FAST_PROTOCOL,
+    )
     return PeerConfig.of(**{**base, **kw})
 
 
@@ -52,7 +72,9 @@ async def start_swarm(corpus: str, n: int, **kw) -> list[Peer]:
     kw.setdefault("min_peers", n)
     first = Peer(peer_config(corpus, "peer-0", **kw))
     await first.start()
-    rest = [Peer(peer_config(corpus, f"peer-{i}", bootstrap=first.address, **kw)) for i in range(1, n)]
+    rest = [
+        Peer(peer_config(corpus, f"peer-{i}", bootstrap=first.address, **kw)) for i in range(1, n)
+    ]
     await asyncio.gather(*(p.start() for p in rest))
     return [first, *rest]
 
@@ -92,14 +114,47 @@ def wait_for(predicate, timeout_s, what):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def spawn_peer(corpus, tmp_path, i: int, rounds: int, inner_steps: int, extra: list[str], model: str = "tiny",
-               bootstrap: str | None = None) -> subprocess.Popen:
+def spawn_peer(
+    corpus,
+    tmp_path,
+    i: int,
+    rounds: int,
+    inner_steps: int,
+    extra: list[str],
+    model: str = "tiny",
+    bootstrap: str | None = None,
+) -> subprocess.Popen:
     """`shoal peer` process peer-<i> on 127.0.0.1, port 0, tiny settings, logging and
     reporting to tmp_path (see `peer_processes`; `peer_url` reads the URL it serves at)."""
-    cmd = [sys.executable, "-m", "shoal.peer.cli", "peer", "--listen", "127.0.0.1:0", "--peer-id", f"peer-{i}",
-           "--model", model, "--inner-steps", str(inner_steps), "--batch-size", "4", "--seq-len", "32",
-           "--inner-lr", "0.003", "--data", corpus, "--rounds", str(rounds), "--threads", "1",
-           "--report", str(tmp_path / f"peer-{i}.json"), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "shoal.peer.cli",
+        "peer",
+        "--listen",
+        "127.0.0.1:0",
+        "--peer-id",
+        f"peer-{i}",
+        "--model",
+        model,
+        "--inner-steps",
+        str(inner_steps),
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--inner-lr",
+        "0.003",
+        "--data",
+        corpus,
+        "--rounds",
+        str(rounds),
+        "--threads",
+        "1",
+        "--report",
+        str(tmp_path / f"peer-{i}.json"),
+        *extra,
+    ]
     if bootstrap:
         cmd += ["--bootstrap", bootstrap]
     with open(tmp_path / f"peer-{i}.log", "w") as log:
@@ -112,15 +167,27 @@ def peer_url(tmp_path, i: int, proc: subprocess.Popen, timeout_s: float = 60) ->
 
 
 @contextlib.contextmanager
-def peer_processes(corpus, tmp_path, rounds: int, inner_steps: int, flags: list[list[str]], model: str = "tiny"):
+def peer_processes(
+    corpus, tmp_path, rounds: int, inner_steps: int, flags: list[list[str]], model: str = "tiny"
+):
     """One `shoal peer` process per entry of `flags` (its extra flags), each on port 0, tiny
     model, all bootstrapping from peer-0 and waiting for each other; each writes its report
     and log to tmp_path. Yields (processes, urls) and kills whatever still runs on the way out."""
     procs, first = [], None
     try:
         for i, extra in enumerate(flags):
-            procs.append(spawn_peer(corpus, tmp_path, i, rounds, inner_steps, [*extra, "--min-peers", str(len(flags))], model,
-                                    first))
+            procs.append(
+                spawn_peer(
+                    corpus,
+                    tmp_path,
+                    i,
+                    rounds,
+                    inner_steps,
+                    [*extra, "--min-peers", str(len(flags))],
+                    model,
+                    first,
+                )
+            )
             if i == 0:
                 first = peer_url(tmp_path, 0, procs[0])
         yield procs, [first, *(peer_url(tmp_path, i, p) for i, p in enumerate(procs) if i)]

@@ -17,7 +17,9 @@ def test_resume_continues_from_latest_checkpoint(corpus, tmp_path):
         assert list_checkpoints(tmp_path) == [1, 2, 3]
         final_hash = first.round_log[-1]["weights_hash"]
 
-        again = Peer(peer_config(corpus, "solo", checkpoint_dir=str(tmp_path), resume=True, max_rounds=4))
+        again = Peer(
+            peer_config(corpus, "solo", checkpoint_dir=str(tmp_path), resume=True, max_rounds=4)
+        )
         await again.start()
         try:
             assert again.outer_round == 3 and again.engine.outer.weights_hash() == final_hash

@@ -14,12 +14,28 @@ from conftest import peer_processes, swarm_view, wait_for
 def test_sigkilled_peer_is_left_out(corpus, tmp_path):
     rounds = 5
     with peer_processes(corpus, tmp_path, rounds, 300, [[]] * 3) as (procs, urls):
-        wait_for(lambda: (v := swarm_view(urls[0])) and min(p["round"] for p in v["peers"]) >= 1 and len(v["peers"]) == 3 and v, 90, "round 1")
+        wait_for(
+            lambda: (
+                (v := swarm_view(urls[0]))
+                and min(p["round"] for p in v["peers"]) >= 1
+                and len(v["peers"]) == 3
+                and v
+            ),
+            90,
+            "round 1",
+        )
         victim = procs[2]
         victim.send_signal(signal.SIGKILL)  # during round 2's inner steps
         killed_at = time.monotonic()
         victim.wait(timeout=10)
-        wait_for(lambda: (v := swarm_view(urls[0])) and any(p["peer_id"] == "peer-2" and not p["alive"] for p in v["peers"]), 10, "peer-2 marked dead")
+        wait_for(
+            lambda: (
+                (v := swarm_view(urls[0]))
+                and any(p["peer_id"] == "peer-2" and not p["alive"] for p in v["peers"])
+            ),
+            10,
+            "peer-2 marked dead",
+        )
         dead_after_s = time.monotonic() - killed_at
         for proc in procs[:2]:
             assert proc.wait(timeout=150) == 0
@@ -29,10 +45,17 @@ def test_sigkilled_peer_is_left_out(corpus, tmp_path):
             assert report["rounds"][-1]["applied"] == ["peer-0", "peer-1"]
         for a, b in zip(reports[0]["rounds"], reports[1]["rounds"], strict=True):
             assert a["weights_hash"] == b["weights_hash"]
-        # the round the victim missed took at most the gather deadline (>= 10 s by default) more than the others
-        durations = [b["time"] - a["time"] for a, b in zip(reports[0]["rounds"], reports[0]["rounds"][1:], strict=False)]
+        # the round the victim missed took at most the gather deadline (>= 10 s by default)
+        # more than the others
+        durations = [
+            b["time"] - a["time"]
+            for a, b in zip(reports[0]["rounds"], reports[0]["rounds"][1:], strict=False)
+        ]
         assert max(durations) < 45, durations
-        print(f"peer-2 seen dead after {dead_after_s:.1f} s; round times {[round(d, 1) for d in durations]}")
+        print(
+            f"peer-2 seen dead after {dead_after_s:.1f} s; round times "
+            f"{[round(d, 1) for d in durations]}"
+        )
 
 
 @pytest.mark.timeout(240)
@@ -41,8 +64,22 @@ def test_noloco_never_stalls_longer_than_the_partner_timeout(corpus, tmp_path):
     spends beyond its own inner phase (waiting for a partner) stays under the partner
     timeout plus a small margin for encoding and evaluation."""
     steps, partner_timeout = 6, 4.0
-    with peer_processes(corpus, tmp_path, steps, 150, [["--outer", "noloco", "--partner-timeout", str(partner_timeout)]] * 3) as (procs, urls):
-        wait_for(lambda: (v := swarm_view(urls[0])) and len(v["peers"]) == 3 and min(p["round"] for p in v["peers"]) >= 1, 90, "step 1")
+    with peer_processes(
+        corpus,
+        tmp_path,
+        steps,
+        150,
+        [["--outer", "noloco", "--partner-timeout", str(partner_timeout)]] * 3,
+    ) as (procs, urls):
+        wait_for(
+            lambda: (
+                (v := swarm_view(urls[0]))
+                and len(v["peers"]) == 3
+                and min(p["round"] for p in v["peers"]) >= 1
+            ),
+            90,
+            "step 1",
+        )
         procs[2].send_signal(signal.SIGKILL)
         procs[2].wait(timeout=10)
         for proc in procs[:2]:
@@ -51,11 +88,21 @@ def test_noloco_never_stalls_longer_than_the_partner_timeout(corpus, tmp_path):
             rounds = json.loads((tmp_path / f"peer-{i}.json").read_text())["rounds"]
             assert [r["round"] for r in rounds] == list(range(1, steps + 1))
             assert rounds[-1]["applied"] == ["peer-0", "peer-1"]  # the survivors pair up
-            stalls = [b["time"] - a["time"] - b["inner_seconds"] for a, b in zip(rounds, rounds[1:], strict=False)]
+            stalls = [
+                b["time"] - a["time"] - b["inner_seconds"]
+                for a, b in zip(rounds, rounds[1:], strict=False)
+            ]
             waits = [r["partner_wait_s"] for r in rounds]
-            print(f"peer-{i} waits for its partner: {[round(w, 2) for w in waits]} s; beyond its inner phase: {[round(s, 2) for s in stalls]} s")
-            assert max(waits) <= partner_timeout + 0.25, waits  # the wait itself: the timeout, plus scheduling
-            assert max(stalls) < partner_timeout + 2.0, stalls  # with encoding, the outer step and evaluation
+            print(
+                f"peer-{i} waits for its partner: {[round(w, 2) for w in waits]} s; beyond its "
+                f"inner phase: {[round(s, 2) for s in stalls]} s"
+            )
+            assert max(waits) <= partner_timeout + 0.25, (
+                waits
+            )  # the wait itself: the timeout, plus scheduling
+            assert max(stalls) < partner_timeout + 2.0, (
+                stalls
+            )  # with encoding, the outer step and evaluation
 
 
 @pytest.mark.timeout(240)
@@ -65,10 +112,30 @@ def test_sigkilled_stage_peer_with_a_live_replica_does_not_stop_the_pipeline(cor
     other peer finishes all rounds."""
     rounds = 4
     stage = ["--role", "stage", "--stages", "3", "--microbatch-size", "1"]
-    flags = [[*stage, "--stage", "0"], [*stage, "--stage", "1"], [*stage, "--stage", "1"], [*stage, "--stage", "2"]]
+    flags = [
+        [*stage, "--stage", "0"],
+        [*stage, "--stage", "1"],
+        [*stage, "--stage", "1"],
+        [*stage, "--stage", "2"],
+    ]
     with peer_processes(corpus, tmp_path, rounds, 40, flags) as (procs, urls):
-        wait_for(lambda: (v := swarm_view(urls[0])) and len(v["peers"]) == 4 and min(p["round"] for p in v["peers"]) >= 1, 90, "round 1")
-        wait_for(lambda: (v := swarm_view(urls[2])) and any(p["peer_id"] == "peer-2" and p["step"] > 5 for p in v["peers"]) , 30, "peer-2 in round 2")
+        wait_for(
+            lambda: (
+                (v := swarm_view(urls[0]))
+                and len(v["peers"]) == 4
+                and min(p["round"] for p in v["peers"]) >= 1
+            ),
+            90,
+            "round 1",
+        )
+        wait_for(
+            lambda: (
+                (v := swarm_view(urls[2]))
+                and any(p["peer_id"] == "peer-2" and p["step"] > 5 for p in v["peers"])
+            ),
+            30,
+            "peer-2 in round 2",
+        )
         procs[2].send_signal(signal.SIGKILL)
         procs[2].wait(timeout=10)
         for i in (0, 1, 3):
@@ -78,7 +145,9 @@ def test_sigkilled_stage_peer_with_a_live_replica_does_not_stop_the_pipeline(cor
             assert [r["round"] for r in report["rounds"]] == list(range(1, rounds + 1))
             assert report["rounds"][-1]["applied"] == ["peer-0", "peer-1", "peer-3"]
         pipeline = reports[0]["pipeline"]
-        assert pipeline["hop_failovers"] + pipeline["microbatch_retries"] >= 1, pipeline  # the dead replica was hit, and survived
+        assert pipeline["hop_failovers"] + pipeline["microbatch_retries"] >= 1, (
+            pipeline
+        )  # the dead replica was hit, and survived
         assert reports[0]["inner_steps_total"] == rounds * 40
         losses = [r["eval_loss"] for r in reports[0]["rounds"]]
         assert losses[-1] < reports[0]["rounds"][0]["eval_loss"], losses

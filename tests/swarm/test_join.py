@@ -26,14 +26,28 @@ def test_fourth_peer_joins_mid_run_and_converges(corpus):
         try:
             # the table's round, not `outer_round`: a peer publishes a round's state only after
             # verifying it, and `outer_round` moves on when the outer step is applied, before
-            await wait_until(lambda: all(p.membership.me.round >= 2 for p in peers), 60, "round 2 published")
-            joiner = Peer(peer_config(corpus, "peer-3", bootstrap=peers[1].address, max_rounds=rounds, protocol=protocol))
+            await wait_until(
+                lambda: all(p.membership.me.round >= 2 for p in peers), 60, "round 2 published"
+            )
+            joiner = Peer(
+                peer_config(
+                    corpus,
+                    "peer-3",
+                    bootstrap=peers[1].address,
+                    max_rounds=rounds,
+                    protocol=protocol,
+                )
+            )
             await joiner.start()
             join_round = joiner.outer_round
-            assert join_round >= 2, "the joiner must start from the swarm's current round, not from scratch"
+            assert join_round >= 2, (
+                "the joiner must start from the swarm's current round, not from scratch"
+            )
             assert joiner.traffic.received["chunk"] > 16 * 1024  # several chunks arrived
             everyone = [*peers, joiner]
-            await wait_until(lambda: all(p.finished.is_set() for p in everyone), 90, "all peers finish")
+            await wait_until(
+                lambda: all(p.finished.is_set() for p in everyone), 90, "all peers finish"
+            )
             final = {p.peer_id: p.round_log[-1]["weights_hash"] for p in everyone}
             assert len(set(final.values())) == 1, final
             assert all(p.outer_round == rounds for p in everyone)
@@ -60,8 +74,9 @@ def test_a_state_larger_than_a_write_step_streams_and_verifies(corpus):
         await reader.start(train=False)
         try:
             assert host.config.protocol.state_chunk_bytes > WRITE_STEP_BYTES
-            round_id, tensors, _ = await download_state(reader.client, [host.membership.me],
-                                                        reader.engine.state_shapes)
+            round_id, tensors, _ = await download_state(
+                reader.client, [host.membership.me], reader.engine.state_shapes
+            )
             ours = host.publisher.latest.tensors
             assert round_id == 0 and all(torch.equal(tensors[n], ours[n]) for n in tensors)
             assert reader.traffic.received["chunk"] > 2 * WRITE_STEP_BYTES

@@ -28,12 +28,20 @@ def test_nan_contributions_are_dropped(corpus, caplog):
 
     async def scenario():
         honest = await start_swarm(corpus, 2, max_rounds=3, run=run, min_peers=3)
-        attacker = Peer(peer_config(corpus, "peer-2", bootstrap=honest[0].address, max_rounds=3, run=run, min_peers=3))
+        attacker = Peer(
+            peer_config(
+                corpus, "peer-2", bootstrap=honest[0].address, max_rounds=3, run=run, min_peers=3
+            )
+        )
         await attacker.start()
         # no await between start() and the patch: the training task has not run yet
         shapes = attacker.engine.outer.shapes
-        attacker.engine.outer.contribution = lambda local: {n: nan_payload(int(np.prod(s))) for n, s in shapes.items()}
-        attacker.engine.outer.decode_contribution = lambda payload: {n: torch.zeros(s) for n, s in shapes.items()}
+        attacker.engine.outer.contribution = lambda local: {
+            n: nan_payload(int(np.prod(s))) for n, s in shapes.items()
+        }
+        attacker.engine.outer.decode_contribution = lambda payload: {
+            n: torch.zeros(s) for n, s in shapes.items()
+        }
         everyone = [*honest, attacker]
         try:
             await wait_until(lambda: all(p.finished.is_set() for p in everyone), 90, "3 rounds")
@@ -41,8 +49,12 @@ def test_nan_contributions_are_dropped(corpus, caplog):
                 assert a["applied"] == b["applied"] == ["peer-0", "peer-1"]
                 assert a["weights_hash"] == b["weights_hash"]
             assert all(torch.isfinite(t).all() for t in honest[0].engine.outer.params.values())
-            refused = [r.getMessage() for r in caplog.records if "dropped peer-2's" in r.getMessage()]
-            assert len(refused) >= 2 and all("non-finite" in m for m in refused), refused  # fetched, then refused
+            refused = [
+                r.getMessage() for r in caplog.records if "dropped peer-2's" in r.getMessage()
+            ]
+            assert len(refused) >= 2 and all("non-finite" in m for m in refused), (
+                refused
+            )  # fetched, then refused
             # the attacker's own set includes itself, but the intersection with the honest
             # peers' sets does not: it applied what they applied
             assert attacker.round_log[-1]["weights_hash"] == honest[0].round_log[-1]["weights_hash"]
@@ -62,12 +74,17 @@ def test_huge_sparse_contribution_is_clipped_to_the_median(corpus):
 
     async def scenario():
         honest = await start_swarm(corpus, 2, max_rounds=3, run=run, min_peers=3)
-        attacker = Peer(peer_config(corpus, "peer-2", bootstrap=honest[0].address, max_rounds=3, run=run, min_peers=3))
+        attacker = Peer(
+            peer_config(
+                corpus, "peer-2", bootstrap=honest[0].address, max_rounds=3, run=run, min_peers=3
+            )
+        )
         await attacker.start()
         outer = attacker.engine.outer
         gen = torch.Generator().manual_seed(0)
         outer.contribution = lambda local: {
-            n: outer.codec.encode(1e3 * torch.randn(s, generator=gen)) for n, s in outer.shapes.items()
+            n: outer.codec.encode(1e3 * torch.randn(s, generator=gen))
+            for n, s in outer.shapes.items()
         }
         steps = []  # per round on peer-0: contribution norms, ‖Δθ‖
         watched = honest[0].engine.outer
@@ -76,7 +93,10 @@ def test_huge_sparse_contribution_is_clipped_to_the_median(corpus):
         def apply(contributions):
             before = {n: t.clone() for n, t in watched.params.items()}
             real_apply(contributions)
-            moved = sum(float((watched.params[n] - before[n]).double().square().sum()) for n in before) ** 0.5
+            moved = (
+                sum(float((watched.params[n] - before[n]).double().square().sum()) for n in before)
+                ** 0.5
+            )
             steps.append(([c.norm() for c in contributions], moved))
 
         watched.apply = apply
@@ -85,12 +105,17 @@ def test_huge_sparse_contribution_is_clipped_to_the_median(corpus):
             await wait_until(lambda: all(p.finished.is_set() for p in everyone), 90, "3 rounds")
             assert len(steps) == 3
             for a, b in zip(honest[0].round_log, honest[1].round_log, strict=True):
-                assert a["applied"] == b["applied"] == ["peer-0", "peer-1", "peer-2"]  # finite: not dropped
+                assert (
+                    a["applied"] == b["applied"] == ["peer-0", "peer-1", "peer-2"]
+                )  # finite: not dropped
                 assert a["weights_hash"] == b["weights_hash"]
             for norms, moved in steps:
                 median = sorted(norms)[1]
                 assert max(norms) > 1e4 * median  # the attacker's really is huge
-                assert 0 < moved <= watched.config.lr * len(norms) ** 0.5 * median * (1 + 1e-5), (norms, moved)
+                assert 0 < moved <= watched.config.lr * len(norms) ** 0.5 * median * (1 + 1e-5), (
+                    norms,
+                    moved,
+                )
         finally:
             await stop_all(everyone)
 

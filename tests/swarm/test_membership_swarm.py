@@ -18,11 +18,19 @@ def test_peers_that_all_stalled_find_each_other_again(corpus):
             await peer.start(train=False)
             peers.append(peer)
         try:
-            await wait_until(lambda: all(len(p.membership.live_others()) == 2 for p in peers), 10, "3 peers to see each other")
+            await wait_until(
+                lambda: all(len(p.membership.live_others()) == 2 for p in peers),
+                10,
+                "3 peers to see each other",
+            )
             dead_after = peers[0].config.protocol.dead_after_s
             time.sleep(dead_after + 1.0)  # noqa: ASYNC251 - on purpose: every peer's heartbeats stop at once
             assert all(p.membership.live_others() == [] for p in peers)  # each sees the others dead
-            await wait_until(lambda: all(len(p.membership.live_others()) == 2 for p in peers), 15, "peers to find each other again")
+            await wait_until(
+                lambda: all(len(p.membership.live_others()) == 2 for p in peers),
+                15,
+                "peers to find each other again",
+            )
         finally:
             await stop_all(peers)
 

@@ -21,7 +21,9 @@ def test_noloco_peers_step_with_one_partner_each(corpus):
                 assert peer.error is None
                 assert [r["round"] for r in peer.round_log] == [1, 2, 3, 4]
                 groups = [r["applied"] for r in peer.round_log]
-                assert all(peer.peer_id in g and len(g) == 2 for g in groups), groups  # always found its partner
+                assert all(peer.peer_id in g and len(g) == 2 for g in groups), (
+                    groups
+                )  # always found its partner
                 distances = [r["partner_distance"] for r in peer.round_log]
                 # all start at θ₀; two peers that picked each other stay equal until they part
                 assert distances[0] == 0 and all(0 <= d < 0.05 for d in distances), distances
@@ -33,7 +35,9 @@ def test_noloco_peers_step_with_one_partner_each(corpus):
             view = await asyncio.to_thread(fetch_json, peers[0].address + "/api/swarm")
             reported = {p["peer_id"]: p for p in view["peers"]}
             assert reported["peer-0"]["partner"] in ("peer-1", "peer-2")
-            assert reported["peer-0"]["partner_distance"] == peers[0].round_log[-1]["partner_distance"]
+            assert (
+                reported["peer-0"]["partner_distance"] == peers[0].round_log[-1]["partner_distance"]
+            )
         finally:
             await stop_all(peers)
 

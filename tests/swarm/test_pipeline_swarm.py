@@ -24,7 +24,10 @@ async def start(corpus, specs, **kw):
     first_id, role, stage = specs[0]
     first = Peer(config(corpus, first_id, role=role, stage=stage, **kw))
     await first.start()
-    rest = [Peer(config(corpus, pid, first.address, role=role, stage=stage, **kw)) for pid, role, stage in specs[1:]]
+    rest = [
+        Peer(config(corpus, pid, first.address, role=role, stage=stage, **kw))
+        for pid, role, stage in specs[1:]
+    ]
     for peer in rest:  # one at a time: stage peers without --stage pick from what they see
         await peer.start()
     return [first, *rest]
@@ -32,8 +35,14 @@ async def start(corpus, specs, **kw):
 
 def test_pipeline_replica_trains_with_full_replicas(corpus):
     async def scenario():
-        specs = [("full-0", "replica", None), ("full-1", "replica", None), ("stage-0", "stage", 0),
-                 ("stage-1", "stage", 1), ("stage-2", "stage", 2), ("stage-3", "stage", 3)]
+        specs = [
+            ("full-0", "replica", None),
+            ("full-1", "replica", None),
+            ("stage-0", "stage", 0),
+            ("stage-1", "stage", 1),
+            ("stage-2", "stage", 2),
+            ("stage-3", "stage", 3),
+        ]
         peers = await start(corpus, specs, max_rounds=3, min_peers=6)
         by_id = {p.peer_id: p for p in peers}
         try:
@@ -54,7 +63,10 @@ def test_pipeline_replica_trains_with_full_replicas(corpus):
             losses = [e["eval_loss"] for e in driver.round_log]
             assert losses[-1] < losses[0] - 0.1, losses
             # hops crossed the sockets
-            assert by_id["stage-1"].traffic.received["forward"] > 0 and by_id["stage-1"].traffic.received["backward"] > 0
+            assert (
+                by_id["stage-1"].traffic.received["forward"] > 0
+                and by_id["stage-1"].traffic.received["backward"] > 0
+            )
         finally:
             await stop_all(peers)
 
@@ -63,7 +75,12 @@ def test_pipeline_replica_trains_with_full_replicas(corpus):
 
 def test_stage_peer_without_stage_takes_the_least_served(corpus):
     async def scenario():
-        specs = [("stage-0", "stage", 0), ("stage-1", "stage", 1), ("stage-3", "stage", 3), ("auto", "stage", None)]
+        specs = [
+            ("stage-0", "stage", 0),
+            ("stage-1", "stage", 1),
+            ("stage-3", "stage", 3),
+            ("auto", "stage", None),
+        ]
         peers = await start(corpus, specs, max_rounds=1, min_peers=1)
         try:
             await wait_until(lambda: peers[-1].membership.me.stage is not None, 10, "auto stage")
@@ -80,18 +97,31 @@ def test_skippipe_paths_keep_the_first_block_stage(corpus):
 
     async def scenario():
         specs = [("stage-0", "stage", 0), *((f"stage-{k}", "stage", k) for k in range(1, 5))]
-        peers = await start(corpus, specs, stages=5, max_rounds=2, min_peers=5, skip_ratio=0.4, microbatch_size=1)
+        peers = await start(
+            corpus, specs, stages=5, max_rounds=2, min_peers=5, skip_ratio=0.4, microbatch_size=1
+        )
         by_id = {p.peer_id: p for p in peers}
         try:
             await wait_until(lambda: all(p.finished.is_set() for p in peers), 120, "2 rounds")
             for peer in peers:
                 assert peer.error is None, (peer.peer_id, peer.error)
             paths = by_id["stage-0"].role.paths.describe()
-            assert (paths["paths"], paths["stages_per_path"], paths["kept_stages"], paths["fallbacks"]) == ("skippipe", 3, [1], 0)
-            assert abs(paths["residual_scale"] - 3**0.5) < 1e-9  # --skip-rescale sqrt: stages 2-4 are on 1 path in 3
-            backward = {k: by_id[f"stage-{k}"].traffic.received["backward"] for k in range(1, 5)}  # same-size payloads
+            assert (
+                paths["paths"],
+                paths["stages_per_path"],
+                paths["kept_stages"],
+                paths["fallbacks"],
+            ) == ("skippipe", 3, [1], 0)
+            assert (
+                abs(paths["residual_scale"] - 3**0.5) < 1e-9
+            )  # --skip-rescale sqrt: stages 2-4 are on 1 path in 3
+            backward = {
+                k: by_id[f"stage-{k}"].traffic.received["backward"] for k in range(1, 5)
+            }  # same-size payloads
             others = sum(backward[k] for k in (2, 3, 4))
-            assert abs(others - backward[1]) <= 0.03 * backward[1], backward  # one other stage per path
+            assert abs(others - backward[1]) <= 0.03 * backward[1], (
+                backward
+            )  # one other stage per path
             assert max(backward[k] for k in (2, 3, 4)) < backward[1], backward
         finally:
             await stop_all(peers)

@@ -16,7 +16,12 @@ from shoal.train import PRESETS
 
 
 def state_of(peer: Peer):
-    return (sorted(peer.membership.peers), peer.engine.outer.weights_hash(), peer.outer_round, dict(peer.store.contributions))
+    return (
+        sorted(peer.membership.peers),
+        peer.engine.outer.weights_hash(),
+        peer.outer_round,
+        dict(peer.store.contributions),
+    )
 
 
 def test_bad_requests_get_4xx_and_change_nothing(corpus):
@@ -49,10 +54,16 @@ def test_bad_requests_get_4xx_and_change_nothing(corpus):
                 assert (await post(other_swarm))[0] == 401
                 status, text = await post(right_key, raw=b"\xc1\xc1 not msgpack")
                 assert status == 400 and "msgpack" in text
-                assert (await post(right_key, raw=msgpack.packb({"peers": [{"peer_id": 5}]})))[0] == 400
-                status, _ = await post(right_key, payload={"peers": [], "pad": os.urandom(128 * 1024)})
+                assert (await post(right_key, raw=msgpack.packb({"peers": [{"peer_id": 5}]})))[
+                    0
+                ] == 400
+                status, _ = await post(
+                    right_key, payload={"peers": [], "pad": os.urandom(128 * 1024)}
+                )
                 assert status == 413
-                status, text = await post(right_key, payload={"peers": [], "pad": b"\0" * (1 << 20)})  # zstd bomb
+                status, text = await post(
+                    right_key, payload={"peers": [], "pad": b"\0" * (1 << 20)}
+                )  # zstd bomb
                 assert status in (400, 413) and "exceeds" in text
                 async with session.post(url, data=b"\0" * (200 * 1024)) as resp:
                     assert resp.status == 413
@@ -65,17 +76,22 @@ def test_bad_requests_get_4xx_and_change_nothing(corpus):
     run_async(scenario(), 60)
 
 
-@pytest.mark.parametrize("mismatch", [
-    dict(outer=OuterConfig(codec="fp32")),
-    dict(inner_steps=7),
-    dict(model_preset="small", model=PRESETS["small"].to_dict()),
-])
+@pytest.mark.parametrize(
+    "mismatch",
+    [
+        dict(outer=OuterConfig(codec="fp32")),
+        dict(inner_steps=7),
+        dict(model_preset="small", model=PRESETS["small"].to_dict()),
+    ],
+)
 def test_mismatched_joiner_is_refused(corpus, mismatch):
     async def scenario():
         host = Peer(peer_config(corpus, "host"))
         await host.start(train=False)
         try:
-            joiner = Peer(peer_config(corpus, "odd", bootstrap=host.address, run=tiny_run(**mismatch)))
+            joiner = Peer(
+                peer_config(corpus, "odd", bootstrap=host.address, run=tiny_run(**mismatch))
+            )
             with pytest.raises(ConfigMismatch, match="differs"):
                 try:
                     await joiner.start()
