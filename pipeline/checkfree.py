@@ -20,7 +20,7 @@ norms over the network is the caller's job (peer/). The steps:
 Stage 0 (embedding, final norm, tied head) has no block neighbour to stand in for it:
 as in CheckFree+, which keeps the (de)embedding on the neighbouring stage, every stage-1
 peer keeps a copy of stage 0's outer weights, and a peer taking over stage 0 copies that
-(`peer/stagepeer.py`: `refresh_stage0_copy`, `rebuild_lost_stage`).
+(`peer/recovery.py`: `StageRecovery.fetch_stage0_copy`, `StageRecovery.rebuild`).
 """
 
 from __future__ import annotations
