@@ -10,6 +10,8 @@ import time
 import pytest
 from conftest import peer_processes, spawn_peer, swarm_view, wait_for
 
+pytestmark = pytest.mark.slow  # starts peer processes; run by the default command
+
 STAGE = ["--role", "stage", "--stages", "4", "--microbatch-size", "2"]
 
 

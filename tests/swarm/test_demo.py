@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # starts peer processes; run by the default command
+
 DEMO = [sys.executable, "-m", "shoal.peer.cli", "demo", "--model", "tiny", "--inner-steps", "20"]
 
 

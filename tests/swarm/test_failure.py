@@ -9,6 +9,8 @@ import time
 import pytest
 from conftest import peer_processes, swarm_view, wait_for
 
+pytestmark = pytest.mark.slow  # starts peer processes; run by the default command
+
 
 @pytest.mark.timeout(240)
 def test_sigkilled_peer_is_left_out(corpus, tmp_path):
