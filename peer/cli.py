@@ -18,16 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from shoal.peer.config import (
+    SECTIONS,
     DataConfig,
     InnerSettings,
-    NetworkConfig,
     OuterSettings,
     PeerConfig,
-    PipelineConfig,
     ProtocolConfig,
     RunConfig,
     RunSettings,
-    ScheduleConfig,
     resolve_run,
 )
 from shoal.peer.errors import ShoalError
@@ -37,14 +35,7 @@ from shoal.peer.trainthread import worker_pool
 log = logging.getLogger("shoal")
 
 RUN_GROUPS: dict[str, type] = {"run": RunSettings, "inner": InnerSettings, "outer": OuterSettings}
-PEER_GROUPS: dict[str, type] = {
-    **RUN_GROUPS,
-    "network": NetworkConfig,
-    "pipeline": PipelineConfig,
-    "data": DataConfig,
-    "schedule": ScheduleConfig,
-    "protocol": ProtocolConfig,
-}
+PEER_GROUPS: dict[str, type] = {**RUN_GROUPS, **SECTIONS}
 
 
 @dataclass(frozen=True)

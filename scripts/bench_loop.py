@@ -41,8 +41,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from shoal.peer.demo import peer_error, serving_url, stop_all
+
 GOAL_MS = 100.0
-SERVING = re.compile(r"^shoal peer \S+ serving (http://\S+) ")
 METRIC = re.compile(r"^shoal_loop_lag_seconds_max (\S+)$", re.MULTILINE)
 SLOW_CALLBACK = re.compile(r"Executing (.*) took (\d+(?:\.\d+)?) seconds")  # asyncio debug
 TASK_STEP = re.compile(r"coro=<(\S+) (?:running at|done, defined at) ([^>\s]+)")
@@ -130,24 +131,12 @@ def peer_command(
     return cmd
 
 
-def last_error(log_path: Path) -> str:
-    """A dead peer's own error line (`shoal: error: ...`), else its log's last line."""
-    lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("shoal: error:")]
-    return errors[-1] if errors else (lines[-1] if lines else "(no output)")
-
-
 def wait_for_url(log_path: Path, proc: subprocess.Popen, deadline: float) -> str:
     """The URL the peer prints once it serves (`shoal peer ID serving URL ...`)."""
-    while True:
-        for line in log_path.read_text(errors="replace").splitlines():
-            if match := SERVING.match(line):
-                return match.group(1)
-        if proc.poll() is not None:
-            raise BenchError(f"{log_path.stem} exited during start-up: {last_error(log_path)}")
-        if time.monotonic() > deadline:
-            raise BenchError(f"{log_path.stem} did not serve before --timeout; see {log_path}")
-        time.sleep(0.2)
+    try:
+        return serving_url(log_path, proc, max(0.0, deadline - time.monotonic()))
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def exit_message(peer_id: str, proc: subprocess.Popen, folder: Path) -> str:
@@ -157,7 +146,7 @@ def exit_message(peer_id: str, proc: subprocess.Popen, folder: Path) -> str:
         how += " (out of memory? see dmesg)" if code == -signal.SIGKILL else ""
     else:
         how = f"exited with code {code}"
-    return f"{peer_id} {how}; its last line: {last_error(folder / f'{peer_id}.log')}"
+    return f"{peer_id} {how}; its last line: {peer_error(folder / f'{peer_id}.log')}"
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -272,20 +261,6 @@ def slow_callbacks(log_path: Path, keep: int = 5) -> list[dict[str, Any]]:
         for m in SLOW_CALLBACK.finditer(log_path.read_text(errors="replace"))
     ]
     return sorted(found, key=lambda c: -c["seconds"])[:keep]
-
-
-def stop_all(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
-    """SIGTERM every process still running, then SIGKILL whichever outlives `grace_s`."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=grace_s)
 
 
 def run_bench(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
