@@ -35,6 +35,7 @@ from shoal.peer.holders import covers, same_slice_as
 from shoal.peer.publisher import Snapshot, take_snapshot
 from shoal.peer.roles import PeerContext, Role
 from shoal.peer.rounds import RoundExchange, RoundStore
+from shoal.peer.statesync import download_state
 from shoal.peer.wire import WireCodec
 from shoal.pipeline.stages import StagePlan
 from shoal.train import build_model, parameter_names
@@ -187,8 +188,6 @@ class RoundEngine:
 
     async def download(self, sources: list, attempts: int) -> None:
         """Load the outer state of the first of `sources` that delivers it."""
-        from shoal.peer.statesync import download_state
-
         round_id, tensors, _ = await download_state(
             self.ctx.client, sources, self.state_shapes, attempts=attempts
         )
