@@ -43,9 +43,12 @@ class OutputSettings:
     """What the peer process writes besides its log."""
 
     report: str | None = setting(
-        None, "write this peer's round log and traffic as JSON here on exit", kind=str
+        None,
+        "write this peer's round log and traffic as JSON here on exit",
+        kind=str,
+        metavar="FILE",
     )
-    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR", metavar="LEVEL")
 
 
 @dataclass(frozen=True)
@@ -56,10 +59,15 @@ class DemoSettings:
         3, "full replicas to start (with --stages S, also one pipeline replica of S stage peers)"
     )
     rounds: int = setting(6, "outer rounds every peer trains")
-    summary: str | None = setting(None, "write the run's summary as JSON here", kind=str)
+    summary: str | None = setting(
+        None, "write the run's summary as JSON here", kind=str, metavar="FILE"
+    )
     port: int = setting(0, "the first peer's port (0: a free one)")
     swarm_key: str | None = setting(
-        None, "shared secret of the demo's peers (default: $SHOAL_SWARM_KEY)", kind=str
+        None,
+        "shared secret of the demo's peers (default: $SHOAL_SWARM_KEY)",
+        kind=str,
+        metavar="KEY",
     )
 
 
@@ -82,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     peer = sub.add_parser(
-        "peer", help="run one peer (the first peer of a run needs no --bootstrap)"
+        "peer",
+        help="run one peer (the first peer of a run needs no --bootstrap)",
+        usage="shoal peer [--config FILE] [FLAG VALUE ...]  (flags by group below)",
     )
     peer.add_argument("--config", metavar="FILE", help=config_help)
     for name, section in PEER_GROUPS.items():
@@ -90,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_section(peer, "output", OutputSettings)
 
     demo = sub.add_parser(
-        "demo", help="a local swarm of peer processes on 127.0.0.1 with a dashboard"
+        "demo",
+        help="a local swarm of peer processes on 127.0.0.1 with a dashboard",
+        usage="shoal demo [--config FILE] [FLAG VALUE ...]  (flags by group below)",
     )
     demo.add_argument("--config", metavar="FILE", help=config_help)
     for name, section in DEMO_GROUPS.items():

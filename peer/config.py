@@ -64,7 +64,10 @@ class NetworkConfig:
         metavar="HOST:PORT",
     )
     advertise: str | None = setting(
-        None, "URL other peers reach this one at (default: http://HOST:PORT of --listen)", kind=str
+        None,
+        "URL other peers reach this one at (default: http://HOST:PORT of --listen)",
+        kind=str,
+        metavar="URL",
     )
     bootstrap: str | None = setting(
         None,
@@ -76,11 +79,13 @@ class NetworkConfig:
         None,
         "shared secret; every message is HMAC-signed with it (default: $SHOAL_SWARM_KEY)",
         kind=str,
+        metavar="KEY",
     )
     peer_id: str = setting(
         None,
         "this peer's id (default: random); also picks its data shard",
         kind=str,
+        metavar="ID",
         factory=lambda: "peer-" + secrets.token_hex(4),
     )
     swarm_id: str | None = None  # the first peer's choice; joiners adopt the swarm's (no flag)
@@ -151,6 +156,7 @@ class PipelineConfig:
         "activation codec of this pipeline replica: none, int8, subspace:RATIO, "
         "subspace-int8:RATIO or subspace-int4:RATIO (e.g. subspace-int4:32); on a full "
         "replica, a subspace setting trains it confined as such a replica would be",
+        metavar="CODEC",
     )
     microbatch_size: int = setting(4, "stage 0: sequences per microbatch")
     in_flight: int = setting(4, "stage 0: microbatches in the pipeline at once")
@@ -175,6 +181,7 @@ class PipelineConfig:
         "stage 0: SkipPipe: block stages every path visits, e.g. 1 "
         "or 1,5 (1: the first block stage; none: any may be skipped)",
         parse=stage_list("--skip-keep", none_ok=True),
+        metavar="STAGES",
     )
     skip_rescale: str = setting(
         "sqrt",
@@ -193,6 +200,7 @@ class PipelineConfig:
         None,
         "stage 0: also evaluate through only these block stages, e.g. 1,3,5",
         parse=stage_list("--eval-stages"),
+        metavar="STAGES",
     )
     emulate_forward_ms: float = setting(
         0.0,
@@ -271,6 +279,7 @@ class DataConfig:
         "default: this Python's standard library sources",
         kind=str,
         flag="--data",
+        metavar="PATH",
     )
     num_shards: int = setting(
         16, "the corpus is cut into this many shards; a peer trains on the one its id picks"
@@ -304,7 +313,7 @@ class ScheduleConfig:
         "(at most --min-peers-timeout)",
     )
     checkpoint_dir: str | None = setting(
-        None, "write the outer state here after every round", kind=str
+        None, "write the outer state here after every round", kind=str, metavar="DIR"
     )
     resume: bool = setting(False, "continue from the latest checkpoint in --checkpoint-dir")
     compute_nice: int = setting(

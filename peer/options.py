@@ -121,15 +121,30 @@ def add_section(
             "help": help_text,
             "default": argparse.SUPPRESS,
         }
-        if _kind(f) is bool:
-            kwargs["action"] = "store_true"
+        if _kind(f) is bool:  # --resume / --no-resume: a flag can undo the file's `true`
+            kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = lambda text, f=f: _parse_text(f, text)
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
-            if f.metadata.get("metavar"):
-                kwargs["metavar"] = f.metadata["metavar"]
+            else:
+                kwargs["metavar"] = _metavar(f)
         group.add_argument(flag_name(f), **kwargs)
+
+
+def _metavar(f: Field) -> str:
+    """The value's placeholder in --help; the unit where the flag name lost it (`_s`)."""
+    if f.metadata.get("metavar"):
+        return f.metadata["metavar"]
+    for suffix, unit in (("_s", "SECONDS"), ("_bytes", "BYTES"), ("_ms", "MS")):
+        if f.name.endswith(suffix):
+            return unit
+    kind = _kind(f)
+    if kind is int:
+        return "N"
+    if kind is float:
+        return "X"
+    return key_name(f).upper()
 
 
 def _show(value: Any) -> str:

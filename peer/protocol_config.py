@@ -109,6 +109,10 @@ class ProtocolConfig:
                 raise ValueError(f"{flag_name(f)} must be positive, got {value}")
         if self.dead_after_s < self.suspect_after_s:
             raise ValueError("--dead-after must be at least --suspect-after")
+        if self.forget_after_s < self.dead_after_s:
+            raise ValueError("--forget-after must be at least --dead-after")
+        if self.router_max_ban_s < self.router_ban_s:
+            raise ValueError("--router-max-ban must be at least --router-ban")
 
     def gather_deadline_s(self, inner_seconds: float) -> float:
         """How long to wait for others after publishing: as long as our own inner phase took

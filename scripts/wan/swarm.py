@@ -5,16 +5,17 @@
         -- --model small --outer diloco --codec int8
 
 Flags after `--` go to every `shoal peer`. Peer i listens on 10.77.0.<i+1>:7000 in its own
-namespace; the others bootstrap from peer 0. Each writes its report (round log, traffic,
-inner-step time) to OUT/peer-<i>.json; peer logs go to OUT/peer-<i>.log. The namespaces
-are torn down when the swarm ends, fails, times out or is interrupted.
+namespace (with `--rate loopback`: on 127.0.0.1 port 0, its URL read from the `serving`
+line it prints); the others bootstrap from peer 0 once it serves. Each writes its report
+(round log, traffic, inner-step time) to OUT/peer-<i>.json; peer logs go to
+OUT/peer-<i>.log. The namespaces are torn down when the swarm ends, fails, times out or is
+interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from netns import Wan  # noqa: E402
+
+from shoal.peer.demo import STARTUP_TIMEOUT_S, serving_url  # noqa: E402
 
 PORT = 7000
 
@@ -44,16 +47,9 @@ def run_swarm(
     extra = [list(f) for f in peer_flags] if peer_flags is not None else [[] for _ in range(peers)]
     if len(extra) != peers:
         raise ValueError(f"peer_flags has {len(extra)} entries for {peers} peers")
-    if rates is None:
-        ports = _free_ports(peers)
+    if rates is None:  # port 0: no port is picked and then bound by another (a race)
         return _launch(
-            rounds,
-            out,
-            flags,
-            extra,
-            timeout_s,
-            [f"127.0.0.1:{p}" for p in ports],
-            lambda i, argv: argv,
+            rounds, out, flags, extra, timeout_s, ["127.0.0.1:0"] * peers, lambda i, argv: argv
         )
     with Wan(peers, rates, prefix) as wan:
         return _launch(
@@ -67,19 +63,6 @@ def run_swarm(
         )
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct free ports on 127.0.0.1: every socket stays bound until all are picked, so
-    the OS cannot hand out one port twice (it did: two peers of a run got the same port)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def _launch(
     rounds: int,
     out: Path,
@@ -91,6 +74,7 @@ def _launch(
 ) -> list[dict]:
     procs: list[subprocess.Popen] = []
     peers = len(extra)
+    first_url = ""
     try:
         for i in range(peers):
             cmd = [
@@ -112,13 +96,11 @@ def _launch(
                 *extra[i],
             ]
             if i:
-                cmd += ["--bootstrap", f"http://{listen[0]}"]
+                cmd += ["--bootstrap", first_url]
             with open(out / f"peer-{i}.log", "w") as log:
                 procs.append(subprocess.Popen(wrap(i, cmd), stdout=log, stderr=subprocess.STDOUT))
-            if i == 0:
-                time.sleep(
-                    3.0
-                )  # let the first peer bind before others bootstrap (they retry anyway)
+            if i == 0:  # the others bootstrap from the URL it prints once it serves
+                first_url = serving_url(out / "peer-0.log", procs[0], STARTUP_TIMEOUT_S)
         deadline = time.monotonic() + timeout_s
         while any(
             proc.poll() is None for proc in procs

@@ -195,3 +195,26 @@ def test_demo_settings_reach_its_peers_through_one_file():
     text = peer_settings_toml(values)
     assert 'model = "tiny"' in text and "stages = 2" in text and "inner_steps = 5" in text
     assert "heartbeat_interval = 0.5" in text and "peers" not in text
+
+
+def test_a_flag_can_undo_a_files_switch(tmp_path):
+    path = write(tmp_path, 'resume = true\ncheckpoint_dir = "ckpt"\n')
+    assert config(["--config", path]).schedule.resume
+    assert not config(["--config", path, "--no-resume"]).schedule.resume
+    assert config(["--checkpoint-dir", "ckpt", "--resume"]).schedule.resume  # as before
+
+
+def test_every_protocol_limit_is_validated_naming_its_flag():
+    for f in dataclasses.fields(ProtocolConfig):
+        with pytest.raises(ValueError, match=f"{flag_name(f)} must be positive"):
+            ProtocolConfig(**{f.name: 0})
+    with pytest.raises(ValueError, match="--forget-after must be at least --dead-after"):
+        ProtocolConfig(forget_after_s=5.0)
+    with pytest.raises(ValueError, match="--router-max-ban must be at least --router-ban"):
+        ProtocolConfig(router_ban_s=30.0, router_max_ban_s=20.0)
+
+
+def test_help_names_the_unit_a_flag_lost():
+    text = build_parser()._subparsers._group_actions[0].choices["peer"].format_help()
+    assert "--request-timeout SECONDS" in text and "--max-request-bytes BYTES" in text
+    assert "--no-standby" in text and "usage: shoal peer [--config FILE]" in text
