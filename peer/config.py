@@ -54,6 +54,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def is_unspecified(host: str) -> bool:
+    """0.0.0.0 or ::, which a peer listens on but no other machine can dial."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class NetworkConfig:
     """Where this peer listens, how others reach it, and which run it joins."""
@@ -119,15 +127,20 @@ class NetworkConfig:
         if self.bootstrap is None:
             return None
         advertised = urlsplit(self.advertise).hostname if self.advertise else self.listen_host
-        if is_loopback(advertised or "") and not is_loopback(
-            urlsplit(self.bootstrap).hostname or ""
-        ):
-            return (
-                f"this peer advertises the loopback address {advertised} to a swarm at "
-                f"{self.bootstrap}: other machines cannot reach it; pass --advertise "
-                "http://PUBLIC_HOST:PORT (and --listen 0.0.0.0:PORT)"
-            )
-        return None
+        advertised = advertised or ""
+        if is_loopback(urlsplit(self.bootstrap).hostname or ""):
+            return None
+        if is_loopback(advertised):
+            what = "the loopback address"
+        elif is_unspecified(advertised):
+            what = "the unspecified address"
+        else:
+            return None
+        return (
+            f"this peer advertises {what} {advertised} to a swarm at {self.bootstrap}: other "
+            "machines cannot reach it; pass --advertise http://PUBLIC_HOST:PORT (and --listen "
+            "0.0.0.0:PORT)"
+        )
 
 
 @dataclass(frozen=True)

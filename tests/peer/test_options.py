@@ -154,6 +154,14 @@ def test_advertising_loopback_to_a_remote_swarm_warns():
     )
     assert NetworkConfig(bootstrap="http://127.0.0.1:7000").loopback_warning() is None
     assert NetworkConfig().loopback_warning() is None
+    for listen in ("localhost:7000", "[::1]:7000", "127.0.1.1:7000"):
+        assert (
+            "--advertise"
+            in NetworkConfig(listen=listen, bootstrap=remote.bootstrap).loopback_warning()
+        )
+    # listening on every interface without --advertise advertises 0.0.0.0: no one can dial it
+    wildcard = NetworkConfig(listen="0.0.0.0:7000", bootstrap="http://peer.example.org:7000")
+    assert "unspecified address 0.0.0.0" in wildcard.loopback_warning()
 
 
 def test_the_peer_logs_that_warning_at_start(caplog, monkeypatch):

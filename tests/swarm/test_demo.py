@@ -88,6 +88,26 @@ def test_ctrl_c_stops_every_peer(corpus):
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.timeout(180)
+def test_demo_runs_from_the_issues_toml_file(corpus, tmp_path):
+    """`shoal demo --config FILE` with model, peers, rounds and inner_steps (and a small batch,
+    so that it is quick on 2 cores); flags given beside it override the file."""
+    config = tmp_path / "run.toml"
+    config.write_text(
+        'model = "tiny"\npeers = 3\nrounds = 3\ninner_steps = 5\nbatch_size = 4\nseq_len = 32\n'
+        f'data = "{corpus}"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "shoal.peer.cli", "demo", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "shoal demo: 3 peers, 3 rounds of tiny" in done.stdout and "round 3/3" in done.stdout
+    assert "\nsummary\n" in done.stdout and "final_weights_agree        True" in done.stdout
+
+
 @pytest.mark.timeout(240)
 def test_demo_runs_from_a_toml_file_with_a_pipeline_replica(corpus, tmp_path):
     """The issue's file (model, peers, rounds, inner_steps), plus --stages: besides the full
