@@ -58,12 +58,15 @@ def zstd_frame(data: bytes, level: int = 3, min_size: int = 1024) -> bytes:
     return bytes((FLAG_RAW,)) + raw
 
 
-def zstd_frame_parts(parts: list, level: int = 3, min_size: int = 1024,
-                     step_bytes: int = 1 << 20) -> bytes:
+def zstd_frame_parts(
+    parts: list, level: int = 3, min_size: int = 1024, step_bytes: int = 1 << 20
+) -> bytes:
     """`zstd_frame` of the concatenation of `parts` (bytes-like), without concatenating them
     first: the parts are fed to one zstd stream `step_bytes` at a time, so no single call
     holds the interpreter long (the caller may be an executor thread beside an event loop).
-    The result is byte-for-byte what `zstd_frame(b"".join(parts))` would return."""
+    The frame has the same form as `zstd_frame`'s (flag byte, declared content size,
+    checksum) and unframes to the same bytes; streamed, zstd may choose slightly different
+    blocks, so the compressed bytes need not equal a one-shot compression's."""
     views = [memoryview(p).cast("B") for p in parts]
     total = sum(len(v) for v in views)
     if total >= min_size:

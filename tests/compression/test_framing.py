@@ -115,10 +115,12 @@ def test_corrupted_compressed_frames_raise_codec_error() -> None:
         [],
     ],
 )
-def test_framing_parts_equals_framing_their_concatenation(parts):
+def test_framing_parts_frames_their_concatenation(parts):
     from shoal.compression import zstd_frame_parts
 
     joined = b"".join(parts)
     framed = zstd_frame_parts([memoryview(p) for p in parts], min_size=1024, step_bytes=4096)
-    assert framed == zstd_frame(joined, min_size=1024)
-    assert zstd_unframe(framed, max_size=len(joined) + 1) == joined
+    one_shot = zstd_frame(joined, min_size=1024)
+    assert framed[0] == one_shot[0]  # compressed (or stored) alike
+    assert abs(len(framed) - len(one_shot)) <= max(16, len(one_shot) // 100)
+    assert zstd_unframe(framed, max_size=len(joined)) == joined
