@@ -45,21 +45,15 @@ def _host_port(value: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def undialable(host: str) -> str | None:
+    """What `host` is when other machines cannot dial it (loopback; 0.0.0.0 or ::), else None."""
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        return False
-
-
-def is_unspecified(host: str) -> bool:
-    """0.0.0.0 or ::, which a peer listens on but no other machine can dial."""
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_unspecified
-    except ValueError:
-        return False
+        return "the loopback address" if host == "localhost" else None
+    if address.is_loopback:
+        return "the loopback address"
+    return "the unspecified address" if address.is_unspecified else None
 
 
 @dataclass(frozen=True)
@@ -127,14 +121,8 @@ class NetworkConfig:
         if self.bootstrap is None:
             return None
         advertised = urlsplit(self.advertise).hostname if self.advertise else self.listen_host
-        advertised = advertised or ""
-        if is_loopback(urlsplit(self.bootstrap).hostname or ""):
-            return None
-        if is_loopback(advertised):
-            what = "the loopback address"
-        elif is_unspecified(advertised):
-            what = "the unspecified address"
-        else:
+        what = undialable(advertised or "")
+        if what is None or undialable(urlsplit(self.bootstrap).hostname or ""):
             return None
         return (
             f"this peer advertises {what} {advertised} to a swarm at {self.bootstrap}: other "
