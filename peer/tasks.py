@@ -22,6 +22,14 @@ log = logging.getLogger(__name__)
 
 
 class TaskOwner:
+    """Starts, watches and cancels one peer's background tasks.
+
+    Holds a strong reference to every task until it ends (the event loop keeps only weak
+    ones, so an unowned task can be garbage-collected mid-flight). A task that ends
+    normally or cancelled is forgotten; one that raises is logged with its traceback, kept
+    in `failures` (the newest `keep_failures`) and, if `fatal`, passed to `on_fatal`.
+    """
+
     def __init__(
         self,
         peer_id: str,
@@ -31,7 +39,7 @@ class TaskOwner:
         self.peer_id = peer_id
         self.on_fatal = on_fatal
         self._failures: deque[dict[str, Any]] = deque(maxlen=keep_failures)
-        self._running: set[asyncio.Future] = set()  # strong references until done
+        self._running: dict[asyncio.Future, str] = {}  # strong references until done
         self._closed = False
 
     def spawn(
@@ -44,14 +52,14 @@ class TaskOwner:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         return self.watch(task, name=name, fatal=fatal)
 
-    def watch(self, future: asyncio.Future, *, name: str, fatal: bool = False) -> Any:
+    def watch(self, future: asyncio.Future, *, name: str, fatal: bool = False) -> asyncio.Future:
         """Watch a running future (a task, or an executor job's future) until it ends."""
-        self._running.add(future)
+        self._running[future] = name
         future.add_done_callback(lambda done: self._ended(done, name, fatal))
         return future
 
     def _ended(self, future: asyncio.Future, name: str, fatal: bool) -> None:
-        self._running.discard(future)
+        self._running.pop(future, None)
         if future.cancelled():
             return
         exc = future.exception()
@@ -68,7 +76,10 @@ class TaskOwner:
             {"task": name, "error": f"{type(exc).__name__}: {exc}", "time": time.time()}
         )
         if fatal and self.on_fatal is not None:
-            self.on_fatal(name, exc)
+            try:
+                self.on_fatal(name, exc)
+            except Exception:  # the loop would log it without the peer id
+                log.exception("[%s] on_fatal for %s failed", self.peer_id, name)
 
     @property
     def failures(self) -> list[dict[str, Any]]:
@@ -76,14 +87,30 @@ class TaskOwner:
         return list(self._failures)
 
     def running(self) -> list[asyncio.Future]:
+        """Tasks and watched futures not yet done."""
         return [f for f in self._running if not f.done()]
 
     async def close(self, timeout_s: float = 10.0) -> None:
-        """Cancel every task still running and wait for them, at most `timeout_s`. Executor
-        jobs cannot be cancelled once started: they are waited for within the same bound."""
+        """Cancel every task still running and wait for them, at most `timeout_s`; never
+        raises their errors. A watched executor job is not cancelled but waited for within
+        the same bound: its thread cannot be interrupted, and cancelling its future would
+        only hide how it ends (a checkpoint write that fails during shutdown is still
+        logged). Called from one of our own tasks, that task is left to its caller."""
         self._closed = True
-        pending = self.running()
+        current = asyncio.current_task()
+        pending = [f for f in self.running() if f is not current]
         for future in pending:
-            future.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=timeout_s)
+            if isinstance(future, asyncio.Task):
+                future.cancel()
+        if not pending:
+            return
+        _, still_running = await asyncio.wait(pending, timeout=timeout_s)
+        if still_running:
+            names = sorted(self._running.get(f, repr(f)) for f in still_running)
+            log.warning(
+                "[%s] %d background task(s) still running after %.1f s: %s",
+                self.peer_id,
+                len(still_running),
+                timeout_s,
+                ", ".join(names),
+            )

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import time
 
 import pytest
 
@@ -24,6 +25,7 @@ def test_a_failure_is_logged_with_the_peer_id_and_recorded(caplog):
         await asyncio.sleep(0)  # the done-callback
         return owner
 
+    begin = time.time()
     with caplog.at_level(logging.ERROR):
         owner = run(main())
     assert (
@@ -32,6 +34,7 @@ def test_a_failure_is_logged_with_the_peer_id_and_recorded(caplog):
     assert [(f["task"], f["error"]) for f in owner.failures] == [
         ("checkpoint", "OSError: disk full")
     ]
+    assert begin <= owner.failures[0]["time"] <= time.time()  # unix time, for the dashboard
 
 
 def test_fatal_failures_reach_the_owner_and_others_do_not():
@@ -105,3 +108,77 @@ def test_failures_are_bounded():
         return owner.failures
 
     assert [f["task"] for f in run(main())] == ["t2", "t3", "t4"]
+
+
+def test_a_failing_on_fatal_is_logged_with_the_peer_id(caplog):
+    def on_fatal(name, exc):
+        raise RuntimeError("handler broke")
+
+    async def main():
+        owner = TaskOwner("peer-3", on_fatal=on_fatal)
+        await asyncio.wait([owner.spawn(boom(), name="resync", fatal=True)])
+        await asyncio.sleep(0)
+        return owner.failures
+
+    with caplog.at_level(logging.ERROR):
+        failures = run(main())
+    assert "[peer-3] on_fatal for resync failed" in caplog.text and len(failures) == 1
+
+
+def test_close_waits_for_an_executor_job_and_still_sees_it_fail():
+    def slow_write():
+        time.sleep(0.2)
+        raise OSError("disk full")
+
+    async def main():
+        owner = TaskOwner("p")
+        future = owner.watch(
+            asyncio.get_running_loop().run_in_executor(None, slow_write), name="checkpoint"
+        )
+        await owner.close(timeout_s=5)
+        await asyncio.sleep(0)
+        return future, owner.failures
+
+    future, failures = run(main())
+    assert not future.cancelled() and [f["task"] for f in failures] == ["checkpoint"]
+
+
+def test_close_is_bounded_by_its_timeout_and_names_what_is_left(caplog):
+    async def main():
+        owner = TaskOwner("peer-9")
+        release = asyncio.Event()
+
+        async def stubborn():
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                await release.wait()  # ignores the cancel until the test lets it go
+
+        task = owner.spawn(stubborn(), name="stubborn")
+        await asyncio.sleep(0)
+        begin = time.monotonic()
+        await owner.close(timeout_s=0.2)
+        seconds = time.monotonic() - begin
+        release.set()
+        await asyncio.wait_for(task, 1)
+        return seconds
+
+    with caplog.at_level(logging.WARNING):
+        seconds = run(main())
+    assert seconds < 0.2 + 1.0  # the close bound plus a margin
+    assert "[peer-9] 1 background task(s) still running after 0.2 s: stubborn" in caplog.text
+
+
+def test_close_from_an_owned_task_does_not_cancel_that_task():
+    async def main():
+        owner = TaskOwner("p")
+        other = owner.spawn(asyncio.sleep(60), name="gossip")
+
+        async def shut_down():
+            await owner.close(timeout_s=5)
+            return "closed"
+
+        stopper = owner.spawn(shut_down(), name="stop")
+        return await asyncio.wait_for(stopper, 5), other.cancelled()
+
+    assert run(main()) == ("closed", True)
