@@ -25,6 +25,7 @@ class FakeNetwork:
         self.dead: set[str] = set()
         self.blocked: set[tuple[str, str]] = set()  # (fetcher, owner): that fetch always fails
         self.wrong_round: set[str] = set()  # owners whose answers name another round
+        self.delay_s: dict[str, float] = {}  # owner -> how late its answers leave
 
     def client(self, me: str) -> "FakeClient":
         return FakeClient(self, me)
@@ -38,6 +39,11 @@ class FakeClient:
         owner = address.removeprefix("http://")
         if owner in self.network.dead:
             raise PeerUnreachable(f"{address}: connection refused")
+        delay_s = self.network.delay_s.get(owner, 0.0)
+        if timeout_s is not None and delay_s > timeout_s:  # the client's timeout fires first
+            await asyncio.sleep(timeout_s)
+            raise PeerUnreachable(f"{address}: TimeoutError")
+        await asyncio.sleep(delay_s)
         store = self.network.stores[owner]
         round_id, wait_s = check_round_request(payload)
         if path == "/round/contribution":
@@ -127,6 +133,51 @@ def test_a_dead_peer_costs_at_most_the_deadline():
     got, final, seconds = run(main())
     assert got == {"a": ["a", "b"], "b": ["a", "b"]} and final == got
     assert seconds < 0.8 + 1.0 + 1.5  # gather deadline + agree's wait + margin
+
+
+def test_a_peer_declared_dead_mid_gather_stops_the_wait_before_the_deadline():
+    async def main():
+        network = FakeNetwork()
+        exchanges = swarm(network, ["a", "b", "c"])
+        del exchanges["c"]  # c is silent: its long polls answer 404, nothing says it died
+
+        async def probe_fails():
+            await asyncio.sleep(0.2)
+            for exchange in exchanges.values():
+                exchange.membership.declare_dead("c")
+
+        begin = time.monotonic()
+        (got, final), _ = await asyncio.gather(play_round(exchanges, gather_s=5.0), probe_fails())
+        return got, final, time.monotonic() - begin
+
+    got, final, seconds = run(main())
+    assert got == {"a": ["a", "b"], "b": ["a", "b"]} and final == got
+    assert seconds < 0.2 + PROTOCOL.max_poll_s + 1.0  # far inside the 5 s gather deadline
+
+
+def test_a_slow_peer_is_waited_for_within_the_deadline_and_dropped_past_it():
+    async def within():
+        network = FakeNetwork()
+        network.delay_s["c"] = 0.3
+        return await play_round(swarm(network, ["a", "b", "c"]), gather_s=1.5)
+
+    got, final = run(within())
+    assert all(ids == ["a", "b", "c"] for ids in final.values())
+
+    async def past():
+        network = FakeNetwork()
+        network.delay_s["c"] = 10.0  # every answer from c outlasts the request timeout
+        exchanges = swarm(network, ["a", "b", "c"])
+        begin = time.monotonic()
+        got, final = await play_round(exchanges, gather_s=0.5)
+        return got, final, time.monotonic() - begin
+
+    got, final, seconds = run(past())
+    assert got["a"] == got["b"] == ["a", "b"] and got["c"] == ["a", "b", "c"]
+    assert all(ids == ["a", "b"] for ids in final.values())  # c applies the same set
+    # a call in flight at the deadline may run to its own timeout: the bound of one gather
+    bound_s = 0.5 + PROTOCOL.max_poll_s + PROTOCOL.request_timeout_s
+    assert seconds < bound_s + 1.0
 
 
 def test_an_undecodable_contribution_is_dropped_by_everyone():
