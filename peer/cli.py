@@ -89,24 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
         "table named after their group ([run], [protocol], ...); flags given here override it"
     )
 
-    peer = sub.add_parser(
-        "peer",
-        help="run one peer (the first peer of a run needs no --bootstrap)",
-        usage="shoal peer [--config FILE] [FLAG VALUE ...]  (flags by group below)",
-    )
-    peer.add_argument("--config", metavar="FILE", help=config_help)
-    for name, section in PEER_GROUPS.items():
-        add_section(peer, name, section)
-    add_section(peer, "output", OutputSettings)
+    def command(name: str, help_text: str, groups: dict[str, type]) -> argparse.ArgumentParser:
+        parser = sub.add_parser(
+            name,
+            help=help_text,
+            usage=f"shoal {name} [--config FILE] [FLAG VALUE ...]  (flags by group below)",
+        )
+        parser.add_argument("--config", metavar="FILE", help=config_help)
+        for group, section in groups.items():
+            add_section(parser, group, section)
+        return parser
 
-    demo = sub.add_parser(
-        "demo",
-        help="a local swarm of peer processes on 127.0.0.1 with a dashboard",
-        usage="shoal demo [--config FILE] [FLAG VALUE ...]  (flags by group below)",
+    peer = command(
+        "peer", "run one peer (the first peer of a run needs no --bootstrap)", PEER_GROUPS
     )
-    demo.add_argument("--config", metavar="FILE", help=config_help)
-    for name, section in DEMO_GROUPS.items():
-        add_section(demo, name, section)
+    add_section(peer, "output", OutputSettings)
+    command("demo", "a local swarm of peer processes on 127.0.0.1 with a dashboard", DEMO_GROUPS)
     return parser
 
 

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,13 +25,6 @@ from shoal.peer.options import build_section, flag_fields, key_name
 
 STARTUP_TIMEOUT_S = 120.0
 SERVING = re.compile(r"^shoal peer \S+ serving (http://\S+) ")
-
-
-def free_port() -> int:
-    """A port free now (tests of explicit ports only: peers listen on port 0)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fetch_json(url: str, timeout_s: float = 2.0) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ class MalformedBody(ValueError):
     """Not a msgpack value this parser accepts."""
 
 
-# first byte → (length of the head, how to read the size or None, kind)
+# first byte → total bytes of a fixed-size scalar (nil, bools, floats, ints)
 _FIXED_SCALARS = {
     0xC0: 1,
     0xC2: 1,

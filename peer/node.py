@@ -295,7 +295,6 @@ class Peer:
             entry["last_seen"] = time.time() - quiet_s
             peers.append(entry)
         run = self.config.run
-        outer = self.engine.outer if self.engine is not None else None  # none on a standby
         history = {
             pid: [{"round": r, **v} for r, v in sorted(rounds.items())]
             for pid, rounds in membership.history.items()
@@ -309,7 +308,7 @@ class Peer:
                 "outer": run.outer.name,
                 "codec": run.outer.codec,
                 "inner_steps": run.inner_steps,
-                "params": sum(t.numel() for t in outer.params.values()) if outer else None,
+                "params": self.param_count(),
             },
             "round": self.outer_round,
             "pipeline": self.role.pipeline_view() if self.role is not None else None,
@@ -319,6 +318,11 @@ class Peer:
             "loop_lag_s_max": self.loop_lag.max_lag_s(),
             "task_failures": self.tasks.failures,
         }
+
+    def param_count(self) -> int | None:
+        """Parameters this peer holds (None before its model is built, e.g. a standby)."""
+        outer = self.engine.outer if self.engine is not None else None
+        return sum(t.numel() for t in outer.params.values()) if outer is not None else None
 
     def report(self) -> dict[str, Any]:
         """The peer's run as JSON-able data (`--report`, the demo's summary)."""
@@ -333,9 +337,7 @@ class Peer:
             "bytes_received": self.traffic.bytes_received,
             "bytes_sent_by_kind": dict(self.traffic.sent),
             "bytes_received_by_kind": dict(self.traffic.received),
-            "params": sum(t.numel() for t in engine.outer.params.values())
-            if engine and engine.outer
-            else None,
+            "params": self.param_count(),
             "inner_steps_total": engine.trainer.step_count if engine and engine.trainer else 0,
             "train_started_at": engine.train_started_at if engine else None,
             "finished_at": time.time(),

@@ -56,7 +56,6 @@ class StatePublisher:
         self.checkpoint_dir, self.checkpoint_info = checkpoint_dir, checkpoint_info
         self.latest: Snapshot | None = None
         self._extra: tuple[Mapping[str, torch.Tensor], dict[str, Any]] = ({}, {})
-        self.extra_round: int | None = None  # the round of what set_extra last added
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"ckpt-{peer_id}")  # in order
 
     def publish(self, snapshot: Snapshot) -> None:
@@ -75,14 +74,15 @@ class StatePublisher:
             )
             self.tasks.watch(future, name=f"checkpoint of round {snapshot.round_id}")
 
-    def set_extra(
-        self, tensors: Mapping[str, torch.Tensor], metadata: dict[str, Any], round_id: int
-    ) -> None:
-        """Serve `tensors` (frozen; of round `round_id`) and `metadata` beside every snapshot
-        from now on."""
-        self._extra, self.extra_round = (tensors, metadata), round_id
+    def set_extra(self, tensors: Mapping[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+        """Serve `tensors` (frozen) and `metadata` beside every snapshot from now on."""
+        self._extra = (tensors, metadata)
         if self.latest is not None:
             self._serve()
+
+    @property
+    def has_extra(self) -> bool:
+        return bool(self._extra[0])
 
     def _serve(self) -> None:
         assert self.latest is not None

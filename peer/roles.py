@@ -175,12 +175,12 @@ class BlockStageRole(_StageRole):
             )
             return
         copy_round, tensors = fetched
-        if self.ctx.publisher.extra_round is None:
+        if not self.ctx.publisher.has_extra:
             log.info(
                 "[%s] keeping a copy of stage 0's weights (CheckFree+), refreshed every round",
                 self.ctx.peer_id,
             )
-        self.ctx.publisher.set_extra(tensors, {STAGE0_COPY + "round": copy_round}, copy_round)
+        self.ctx.publisher.set_extra(tensors, {STAGE0_COPY + "round": copy_round})
 
 
 class DriverRole(_StageRole):

@@ -34,7 +34,7 @@ def test_publish_serves_the_snapshot_with_extras_and_checkpoints_it(tmp_path):
         server, tasks = StateServer(1 << 20), TaskOwner("p")
         publisher = StatePublisher("p", server, tasks, str(tmp_path), {"peer": "p"})
         publisher.publish(take_snapshot(outer(), 2))
-        publisher.set_extra({"stage0/outer/x": torch.ones(2)}, {"stage0/round": 2}, 2)
+        publisher.set_extra({"stage0/outer/x": torch.ones(2)}, {"stage0/round": 2})
         blob = await server.latest()
         publisher.close()
         await tasks.close()
