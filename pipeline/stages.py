@@ -1,6 +1,6 @@
 """Splitting the model into pipeline stages.
 
-    stage 0        embedding, final norm, tied output head, loss (and the data)
+    stage 0        embedding, final norm, output head, loss (and the data)
     stage 1..S−1   consecutive runs of blocks, as even as possible (earlier stages take
                    the remainder)
 
@@ -8,9 +8,9 @@ A microbatch goes 0 → 1 → … → S−1 → 0 forward (stage 0 embeds it, th
 head and the loss) and back S−1 → … → 1 → 0 (stage 0 finishes the embedding's gradient).
 
 Stage modules name their parameters exactly as the whole `Transformer` does
-(`embed.weight`, `blocks.3.mlp.up.weight`, `norm.weight`), so a stage's slice of the model
-is a subset of the full model's names: the outer rounds average a stage's tensors with
-the same tensors of every full replica, by name (see optim/outer.py, `slices`).
+(`embed.weight`, `blocks.3.mlp.up.weight`, `norm.weight`, `lm_head.weight`), so a stage's
+slice of the model is a subset of the full model's names: the outer rounds average a
+stage's tensors with the same tensors of every full replica, by name (see optim/outer.py, `slices`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from shoal.train.model import (
     Transformer,
     build_model,
 )
+from shoal.train.model_parts import run_blocks, untied_head
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class StagePlan:
         if name.startswith("blocks."):
             index = int(name.split(".")[1])
             return next(s for s in range(1, self.num_stages) if index in self.blocks(s))
-        if name in ("embed.weight", "norm.weight"):
+        if name in ("embed.weight", "norm.weight", "lm_head.weight"):
             return 0
         raise ValueError(f"parameter {name!r} belongs to no stage")
 
@@ -77,25 +78,31 @@ class StagePlan:
 
 
 class EdgeStage(nn.Module):
-    """Stage 0: token embedding in, final norm + tied head + loss out."""
+    """Stage 0: token embedding in, final norm + output head (tied, or `lm_head` when the
+    config unties it) + loss out."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = untied_head(config)  # last, as in Transformer
         self.embedding_view: EmbeddingView | None = None
 
     embed_tokens = Transformer.embed_tokens  # the model's lookup, view included
+    head = Transformer.head  # the model's final norm and projection
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy (nats) of the head's logits on the last stage's output."""
-        logits = F.linear(self.norm(h), self.embed.weight)
+        logits = self.head(h)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
 
 class BlockStage(nn.Module):
-    """Stages 1..S−1: a run of consecutive blocks on the residual stream."""
+    """Stages 1..S−1: a run of consecutive blocks on the residual stream. Like
+    `Transformer`, `checkpoint_activations = True` recomputes activations in backward."""
+
+    checkpoint_activations: bool = False
 
     def __init__(self, config: ModelConfig, blocks: range) -> None:
         super().__init__()
@@ -104,9 +111,8 @@ class BlockStage(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         cos, sin = self.rotary(h.size(1))
-        for block in self.blocks.values():
-            h = block(h, cos, sin)
-        return h
+        checkpointed = self.checkpoint_activations and self.training
+        return run_blocks(self.blocks.values(), h, cos, sin, checkpointed)
 
 
 def stage_shapes(config: ModelConfig, plan: StagePlan, stage: int) -> dict[str, tuple[int, ...]]:

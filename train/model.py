@@ -1,19 +1,22 @@
-"""The default model: a small LLaMA-style decoder over bytes, in one readable file.
+"""The default model: a small LLaMA-style decoder (over bytes by default), in one readable file.
 
-    bytes ─► embed ─► [block × n_layers] ─► RMSNorm ─► tied head ─► logits
-    block:  h = h + attn(RMSNorm(h))   (causal, rotary positions)
+    tokens ─► embed ─► [block × n_layers] ─► RMSNorm ─► head ─► logits
+    block:  h = h + attn(RMSNorm(h))   (causal, rotary positions, optional grouped-query)
             h = h + mlp(RMSNorm(h))    (SwiGLU)
 
-No biases anywhere; the output head reuses the input embedding matrix (tied weights).
+No biases anywhere. By default the output head reuses the input embedding matrix (tied
+weights); `tie_embeddings=False` gives it its own `lm_head.weight`, as Hugging Face Llama
+checkpoints have (train/hf.py converts between the two layouts).
 
 The model is split into three separable parts so a pipeline stage can own a slice of it:
 `embed_tokens` (stage 0), `forward_blocks(h, start, end)` (any run of blocks) and `head`
-(final norm + tied projection, stage 0 again in SkipPipe). `forward` just chains them.
+(final norm + output projection, stage 0 again in SkipPipe). `forward` just chains them.
 
 Parameters and what travels between peers: the rotary cos/sin tables are non-persistent
 buffers, and the tied head has no parameter of its own (it calls `F.linear` with
-`embed.weight`), so `state_dict()` keys == `named_parameters()` names == `parameter_names()`,
-each weight exactly once. That list is what peers hash, ship and average.
+`embed.weight`; an untied head's `lm_head.weight` is registered last), so `state_dict()`
+keys == `named_parameters()` names == `parameter_names()`, each weight exactly once.
+That list is what peers hash, ship and average.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from shoal.train.model_parts import run_blocks, untied_head
 
 # (embedding rows, token ids) → what the lookup writes to the residual stream
 EmbeddingView = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -46,9 +51,18 @@ class ModelConfig:
     max_seq_len: int  # length of the rotary tables; longer inputs are refused
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    # grouped-query attention: heads of keys/values, each shared by n_heads / n_kv_heads
+    # query heads. None (the default, and what older peers' dicts imply) means n_heads;
+    # it is stored resolved, so the two spellings of one architecture compare equal.
+    n_kv_heads: int | None = None
+    # False: the output head has its own matrix (`lm_head.weight`), as in Llama checkpoints
+    tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        names = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
+        for name in (*names, "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
@@ -56,6 +70,18 @@ class ModelConfig:
                 f"d_model ({self.d_model}) must split into n_heads ({self.n_heads}) heads "
                 "of even width (rotary embeddings rotate pairs of dimensions)"
             )
+        if self.n_heads % self.kv_heads:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}):"
+                " each key/value head serves an equal group of query heads"
+            )
+
+    @property
+    def kv_heads(self) -> int:
+        """n_kv_heads as an int (always set after construction; this spares callers the
+        Optional that the constructor's signature needs)."""
+        assert self.n_kv_heads is not None
+        return self.n_kv_heads
 
     @property
     def head_dim(self) -> int:
@@ -63,11 +89,13 @@ class ModelConfig:
 
     @property
     def num_params(self) -> int:
-        """Unique trainable parameters (the tied head counts once), computed without
-        building the model, so the 125M preset can be sized for free."""
-        d = self.d_model
-        per_block = 4 * d * d + 3 * d * self.d_ff + 2 * d  # qkv + out, gate/up/down, 2 norms
-        return self.vocab_size * d + self.n_layers * per_block + d  # + final norm
+        """Unique trainable parameters (a tied head counts once), computed without
+        building the model, so the 125M presets can be sized for free."""
+        d, kv = self.d_model, self.kv_heads * self.head_dim
+        # q + k + v, out, gate/up/down, 2 norms
+        per_block = d * (d + 2 * kv) + d * d + 3 * d * self.d_ff + 2 * d
+        embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return embeddings + self.n_layers * per_block + d  # + final norm
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (plain ints/floats), compared between peers."""
@@ -96,6 +124,20 @@ PRESETS: dict[str, ModelConfig] = {
     "base": ModelConfig(d_model=512, n_layers=8, n_heads=8, d_ff=1408, max_seq_len=512),
     # ~125M (GPT-2 small shape): GPU peers
     "large": ModelConfig(d_model=768, n_layers=12, n_heads=12, d_ff=3456, max_seq_len=1024),
+    # a real-tokenizer Llama: 124,668,672 parameters, for GPU peers that bring a tokenizer of
+    # <= 32000 ids. Llama's own layout (untied head, 3 query heads per key/value head), so
+    # `train/hf.py` exports it as a LlamaForCausalLM checkpoint as it is.
+    "llama-125m": ModelConfig(
+        vocab_size=32000,
+        d_model=768,
+        n_layers=12,
+        n_heads=12,
+        n_kv_heads=4,
+        d_ff=2048,
+        max_seq_len=2048,
+        rope_theta=10000.0,
+        tie_embeddings=False,
+    ),
 }
 
 
@@ -159,22 +201,41 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class CausalSelfAttention(nn.Module):
+    """Causal attention with n_kv_heads key/value heads shared by groups of query heads
+    (grouped-query attention, Ainslie et al. 2023; plain multi-head when they are equal).
+
+    One fused `qkv` matmul whose output rows are [q heads | k heads | v heads]: with
+    n_kv_heads == n_heads that is the 3·d_model layout the model always had, so existing
+    runs keep their names, shapes and numbers; train/hf.py splits it into Llama's q/k/v."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.n_heads, self.head_dim = config.n_heads, config.head_dim
-        self.qkv = nn.Linear(
-            config.d_model, 3 * config.d_model, bias=False
-        )  # one matmul for q, k, v
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.n_heads,
+            config.kv_heads,
+            config.head_dim,
+        )
+        qkv_rows = (config.n_heads + 2 * config.kv_heads) * config.head_dim
+        self.qkv = nn.Linear(config.d_model, qkv_rows, bias=False)  # one matmul for q, k, v
         self.proj = nn.Linear(
             config.d_model, config.d_model, bias=False
         )  # residual output projection
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq, d_model = x.shape
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        # (batch, heads, seq, head_dim) views: for n_kv_heads == n_heads these have exactly
+        # the strides the former view(…, 3, heads, head_dim).permute gave
         q, k, v = (
-            self.qkv(x).view(batch, seq, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            part.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+            for part in self.qkv(x).split((q_width, kv_width, kv_width), dim=-1)
         )
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.n_kv_heads != self.n_heads:
+            # query head j reads key/value head j // group (Llama's grouping); repeating is
+            # portable to every torch >= 2.1, SDPA's enable_gqa needs 2.5
+            group = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True
         )  # (batch, heads, seq, head_dim)
@@ -214,7 +275,12 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Decoder-only byte model. `forward(idx, targets)` → (logits, mean cross-entropy in nats)."""
+    """Decoder-only model. `forward(idx, targets)` → (logits, mean cross-entropy in nats).
+
+    Set `checkpoint_activations = True` to recompute each block's activations in the
+    backward pass instead of keeping them (training mode only; results are unchanged)."""
+
+    checkpoint_activations: bool = False
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -223,7 +289,8 @@ class Transformer(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        # no lm_head module: `head` projects with embed.weight, so the tied matrix exists once
+        # tied: no lm_head module, `head` projects with embed.weight, so the matrix exists once
+        self.lm_head = untied_head(config)  # registered last: after norm.weight
         self.embedding_view: EmbeddingView | None = None
 
     @torch.no_grad()
@@ -260,13 +327,14 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Run blocks[start:end] on the residual stream h."""
         cos, sin = self.rotary(h.size(1))
-        for block in self.blocks[start:end]:
-            h = block(h, cos, sin)
-        return h
+        checkpointed = self.checkpoint_activations and self.training
+        return run_blocks(self.blocks[start:end], h, cos, sin, checkpointed)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm, then project onto the (tied) embedding matrix: logits over bytes."""
-        return F.linear(self.norm(h), self.embed.weight)
+        """Final norm, then project onto the output matrix (`lm_head.weight`, or the embedding
+        matrix when tied): logits over the vocabulary. EdgeStage borrows this method."""
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(self.norm(h), weight)
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
@@ -274,7 +342,7 @@ class Transformer(nn.Module):
         logits = self.head(self.forward_blocks(self.embed_tokens(idx)))
         if targets is None:
             return logits, None
-        # float32 loss even under bf16 autocast: log-softmax over 256 classes is cheap
+        # float32 loss even under bf16 autocast: log-softmax over the vocabulary is cheap
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
@@ -285,7 +353,8 @@ def parameter_names(model: nn.Module) -> list[str]:
     `embed.weight` (also the output head), then per block i
     `blocks.{i}.attn_norm.weight, blocks.{i}.attn.qkv.weight, blocks.{i}.attn.proj.weight,
     blocks.{i}.mlp_norm.weight, blocks.{i}.mlp.gate.weight, blocks.{i}.mlp.up.weight,
-    blocks.{i}.mlp.down.weight`, then `norm.weight`. `named_parameters()` already drops
+    blocks.{i}.mlp.down.weight`, then `norm.weight`, then (untied models only)
+    `lm_head.weight`. `named_parameters()` already drops
     repeated tensors (a tied weight appears under its first name only), and equals
     `state_dict()`'s keys because all buffers are non-persistent."""
     return [name for name, _ in model.named_parameters()]

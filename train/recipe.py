@@ -46,4 +46,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "base": Recipe(batch_size=32, seq_len=512, inner_lr=1e-3, warmup_steps=200, inner_steps=100),
     "large": Recipe(batch_size=32, seq_len=1024, inner_lr=6e-4, warmup_steps=500, inner_steps=100),
+    "llama-125m": Recipe(
+        batch_size=16, seq_len=1024, inner_lr=6e-4, warmup_steps=500, inner_steps=100
+    ),
 }
