@@ -9,6 +9,10 @@ file-system order, so they come out the same on every machine with the same corp
     documents ─► pieces (≤ 64 KiB) ─► sha256 score ─► eval pieces | train pieces
     train pieces joined by DOC_SEPARATOR ─► cut into num_shards contiguous shards
     peer_id ─► sha256 ─► shard index ─► random windows (x, y = x shifted by one byte)
+
+The piece split (`split_pieces`) is shared with tokenized data (`shoal.train.tokens`): a
+tokenizer sees the same eval and train pieces, so the held-out text is the same whichever
+vocabulary a run uses. Shards and windows live in `shoal.train.stream`, shared too.
 """
 
 from __future__ import annotations
@@ -20,24 +24,24 @@ import json
 import logging
 import os
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from shoal.train.stream import Batch as Batch  # re-exported: callers import it from here
+from shoal.train.stream import TokenStream, WindowData, shard_bounds
+from shoal.train.stream import shard_for as shard_for
 
 DOC_SEPARATOR = b"\x00"  # between documents: an end-of-document byte that source text never holds
-TEXT_SUFFIXES = (".txt", ".md", ".py", ".jsonl")  # read from a folder without a look
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".parquet")  # read from a folder without a look
 SNIFF_BYTES = 8192  # read of a folder's other files to tell UTF-8 text from binary
 # C0 control bytes that plain text does not hold (tab, LF, VT, FF and CR it does); NUL among
 # them, so a sniffed file cannot carry DOC_SEPARATOR at its start
 _BINARY_BYTES = bytes(sorted(set(range(32)) - set(b"\t\n\v\f\r")))
 DEFAULT_CORPUS_BYTES = 8 * 1024 * 1024  # the stdlib corpus stops at this size (loads in ~0.1 s)
 MAX_PIECE_BYTES = 64 * 1024  # long documents are split so that one big file cannot fill eval
-SHARD_HASH_PREFIX = b"shoal-shard:"
-
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +130,7 @@ def _folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
     return files, skipped
 
 
-def _read_file(path: Path) -> list[bytes]:
-    if path.suffix != ".jsonl":
-        return [path.read_bytes()]
+def _read_jsonl(path: Path) -> list[bytes]:
     documents = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -145,11 +147,41 @@ def _read_file(path: Path) -> list[bytes]:
     return documents
 
 
+def _read_parquet(path: Path) -> list[bytes]:
+    """The `text` column, one document per row (null rows skipped). pyarrow is imported
+    here, not at the top: only parquet input needs it, and it is not a core dependency."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(
+            f"{path}: reading .parquet files needs pyarrow: pip install pyarrow"
+        ) from None
+    try:
+        table = pq.read_table(path, columns=["text"])
+    except KeyError:
+        raise ValueError(f"{path}: the parquet file has no 'text' column") from None
+    except Exception as exc:  # pyarrow's own errors: not a parquet file, or a damaged one
+        raise ValueError(f"{path}: cannot read as parquet ({exc})") from None
+    column = table.column("text")
+    if column.type not in ("string", "large_string"):
+        raise ValueError(f"{path}: the 'text' column holds {column.type}, not strings")
+    return [text.encode("utf-8") for text in column.to_pylist() if text is not None]
+
+
+def _read_file(path: Path) -> list[bytes]:
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
+    return [path.read_bytes()]
+
+
 def load_corpus(path: str | None) -> list[bytes]:
     """Documents as raw bytes. `None`: the standard library's own sources (first ~8 MB by
     sorted path): always present, no download, the same on every peer with the same
     Python. Otherwise a file, a folder or a glob; a `.jsonl` file gives one document per
-    line, its "text" field. A folder is read recursively: files ending in .txt/.md/.py/.jsonl,
+    line, its "text" field, and a `.parquet` file one per row of its "text" column. A folder
+    is read recursively: files ending in .txt/.md/.py/.jsonl/.parquet,
     and files with any other suffix or none that hold UTF-8 text (`looks_like_text` on
     their first SNIFF_BYTES); binary files are skipped, and logged."""
     if path is None:
@@ -190,57 +222,66 @@ def _stable_score(data: bytes) -> float:
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "big") / 2**64
 
 
-def shard_for(peer_id: str, num_shards: int) -> int:
-    """The shard a peer trains on: sha256 of its id, the same on every machine and run.
-    The prefix separates this use of the id's hash from others (the batch RNG seed); as it
-    happens, the demo's ids peer-0 … peer-4 land on five different shards of 16."""
-    if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    digest = hashlib.sha256(SHARD_HASH_PREFIX + peer_id.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % num_shards
+def split_pieces(
+    documents: Iterable[bytes], eval_fraction: float
+) -> tuple[list[bytes], list[bytes]]:
+    """(eval pieces, train pieces), each in corpus order.
+
+    Each document is cut into pieces of at most MAX_PIECE_BYTES (smaller for small
+    corpora, so there are ~100 pieces to choose from); a piece is eval when the sha256
+    score of its content is below `eval_fraction` (at least one piece always is). Identical
+    content always lands on the same side, so duplicates cannot leak; and the split is a
+    property of the text alone, the same for bytes and for every tokenizer."""
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    documents = list(documents)
+    total = sum(len(d) for d in documents)
+    if total == 0:
+        raise ValueError("the corpus is empty")
+    piece_bytes = max(256, min(MAX_PIECE_BYTES, total // 100))
+    pieces = [
+        doc[i : i + piece_bytes] for doc in documents for i in range(0, len(doc), piece_bytes)
+    ]
+    scores = [_stable_score(p) for p in pieces]
+    is_eval = [s < eval_fraction for s in scores]
+    if not any(is_eval):
+        is_eval[int(np.argmin(scores))] = True
+    if all(is_eval):
+        raise ValueError(f"corpus too small to split into train and eval ({total} bytes)")
+    eval_pieces = [p for p, e in zip(pieces, is_eval, strict=True) if e]
+    train_pieces = [p for p, e in zip(pieces, is_eval, strict=True) if not e]
+    return eval_pieces, train_pieces
 
 
-class ByteData:
-    """Train/eval split and per-peer shards of a byte corpus.
+class ByteData(WindowData):
+    """Train/eval split and per-peer shards of a byte corpus, the 256-id vocabulary.
 
-    Held-out eval: each document is cut into pieces of at most MAX_PIECE_BYTES (smaller
-    for small corpora, so there are ~100 pieces to choose from); a piece is eval when
-    the sha256 score of its content is below `eval_fraction` (at least one piece always
-    is). Identical content always lands on the same side, so duplicates cannot leak.
-    Order is kept: train pieces joined by DOC_SEPARATOR, in corpus order, form the
-    training bytes, cut into `num_shards` contiguous shards."""
+    `split_pieces` decides eval and train; train pieces joined by DOC_SEPARATOR, in corpus
+    order, form `train_bytes`, cut into `num_shards` contiguous `shards` (views of it).
+    Both are one-array `TokenStream`s to the shared window code (`WindowData`)."""
+
+    unit = "bytes"
+    vocab_size = 256
+    manifest_sha256 = None  # text data: no tokenized folder behind it
 
     def __init__(
         self, documents: list[bytes], num_shards: int = 16, eval_fraction: float = 0.03
     ) -> None:
         if num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-        if not 0 < eval_fraction < 1:
-            raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
-        total = sum(len(d) for d in documents)
-        if total == 0:
-            raise ValueError("the corpus is empty")
-        piece_bytes = max(256, min(MAX_PIECE_BYTES, total // 100))
-        pieces = [
-            doc[i : i + piece_bytes] for doc in documents for i in range(0, len(doc), piece_bytes)
-        ]
-        scores = [_stable_score(p) for p in pieces]
-        is_eval = [s < eval_fraction for s in scores]
-        if not any(is_eval):
-            is_eval[int(np.argmin(scores))] = True
-        if all(is_eval):
-            raise ValueError(f"corpus too small to split into train and eval ({total} bytes)")
+        eval_pieces, train_pieces = split_pieces(documents, eval_fraction)
         self.num_shards = num_shards
-        self.eval_bytes = self._join(p for p, e in zip(pieces, is_eval, strict=True) if e)
-        self.train_bytes = self._join(p for p, e in zip(pieces, is_eval, strict=True) if not e)
-        bounds = np.linspace(0, len(self.train_bytes), num_shards + 1).astype(np.int64)
+        self.eval_bytes = self._join(eval_pieces)
+        self.train_bytes = self._join(train_pieces)
+        self.eval_stream = TokenStream([self.eval_bytes])
+        self.train_stream = TokenStream([self.train_bytes])
+        self._cut_shards()
+        bounds = shard_bounds(len(self.train_bytes), num_shards)
         self.shards = [self.train_bytes[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     @staticmethod
-    def _join(pieces: Iterator[bytes]) -> np.ndarray:
+    def _join(pieces: list[bytes]) -> np.ndarray:
         return np.frombuffer(DOC_SEPARATOR.join(pieces), dtype=np.uint8)
-
-    shard_for = staticmethod(shard_for)
 
     def fingerprint(self) -> str:
         """sha256 of the eval bytes and shard sizes: equal on two peers iff they split the
@@ -250,46 +291,5 @@ class ByteData:
         return digest.hexdigest()
 
     def peer_shard(self, peer_id: str) -> np.ndarray:
+        """This peer's training bytes: one contiguous view of `train_bytes`."""
         return self.shards[shard_for(peer_id, self.num_shards)]
-
-    def train_batches(
-        self, peer_id: str, batch_size: int, seq_len: int, seed: int
-    ) -> Iterator[Batch]:
-        """Endless random windows from this peer's shard, as (x, y) int64 tensors of shape
-        (batch_size, seq_len); y is x shifted left by one byte (y[:, t] follows x[:, t]). The stream
-        depends only on (corpus, peer_id, seed): a restarted peer replays it."""
-        shard = self.peer_shard(peer_id)
-        if len(shard) < seq_len + 1:
-            raise ValueError(
-                f"shard of {peer_id!r} holds {len(shard)} bytes, "
-                f"fewer than seq_len + 1 = {seq_len + 1}; "
-                "use more data, fewer shards or a shorter seq_len"
-            )
-        peer_key = int.from_bytes(hashlib.sha256(peer_id.encode("utf-8")).digest()[:8], "big")
-        return self._windows(shard, batch_size, seq_len, np.random.default_rng([seed, peer_key]))
-
-    @staticmethod
-    def _windows(
-        data: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator
-    ) -> Iterator[Batch]:
-        span = np.arange(seq_len + 1)
-        while True:
-            starts = rng.integers(0, len(data) - seq_len, size=batch_size)
-            window = torch.from_numpy(data[starts[:, None] + span].astype(np.int64))
-            yield window[:, :-1], window[:, 1:]
-
-    def eval_batches(self, batch_size: int, seq_len: int, num_batches: int) -> list[Batch]:
-        """A fixed list of (x, y) batches: batch_size * num_batches windows at evenly spaced
-        offsets over the eval bytes (no randomness, so every peer evaluates on exactly the
-        same bytes and the estimate covers the whole held-out set)."""
-        count = batch_size * num_batches
-        if len(self.eval_bytes) < seq_len + 1:
-            raise ValueError(
-                f"eval split holds {len(self.eval_bytes)} bytes, "
-                f"fewer than seq_len + 1 = {seq_len + 1}"
-            )
-        starts = np.linspace(0, len(self.eval_bytes) - seq_len - 1, count).astype(np.int64)
-        windows = torch.from_numpy(
-            self.eval_bytes[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)
-        )
-        return [(w[:, :-1], w[:, 1:]) for w in windows.split(batch_size)]
