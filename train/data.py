@@ -157,11 +157,13 @@ def _read_parquet(path: Path) -> list[bytes]:
             f"{path}: reading .parquet files needs pyarrow: pip install pyarrow"
         ) from None
     try:
-        table = pq.read_table(path, columns=["text"])
-    except KeyError:
-        raise ValueError(f"{path}: the parquet file has no 'text' column") from None
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        table = parquet.read(columns=["text"]) if "text" in names else None
     except Exception as exc:  # pyarrow's own errors: not a parquet file, or a damaged one
         raise ValueError(f"{path}: cannot read as parquet ({exc})") from None
+    if table is None:
+        raise ValueError(f"{path}: the parquet file has no 'text' column (it has {names})")
     column = table.column("text")
     if column.type not in ("string", "large_string"):
         raise ValueError(f"{path}: the 'text' column holds {column.type}, not strings")
