@@ -31,12 +31,15 @@ class InnerConfig:
     grad_clip: float = 1.0
     batch_size: int = 16
     seq_len: int = 128
+    grad_accum: int = 1  # batches whose gradients make one step (--batch-tokens)
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"--inner-lr must be positive, got {self.lr}")
         if self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("--batch-size must be >= 1 and --seq-len >= 2")
+        if self.grad_accum < 1 or self.warmup_steps < 0:
+            raise ValueError("grad_accum must be >= 1 and --warmup-steps >= 0")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -168,10 +171,14 @@ class InnerTrainer(ParamTrainer):
         batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
         device: torch.device,
         constraint: Constraint | None = None,
+        compile: bool = False,
     ) -> None:
         self.model = model.to(device)
         self.batches = batches
         self.device = device
+        # torch.compile wraps the module and shares its parameters; evaluation keeps the
+        # plain module (its batches have another shape, which would compile again)
+        self.forward = torch.compile(self.model) if compile else self.model
         super().__init__(dict(self.model.named_parameters()), config, constraint)
 
     def evaluate(self, batches) -> float:
@@ -182,17 +189,21 @@ class InnerTrainer(ParamTrainer):
         """Train `steps` steps; `on_step(step_count, loss)` is called after each (for metrics)."""
         self.model.train()
         start, losses, tokens = time.perf_counter(), [], 0
+        accum = self.config.grad_accum
         for _ in range(steps):
-            x, y = next(self.batches)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with autocast_context(self.device):
-                _, loss = self.model(x, y)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            step_loss = 0.0
+            for _ in range(accum):  # gradients of `accum` batches sum into one step
+                x, y = next(self.batches)
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                with autocast_context(self.device):
+                    _, loss = self.forward(x, y)
+                (loss if accum == 1 else loss / accum).backward()
+                step_loss += float(loss.detach()) / accum
+                tokens += x.numel()
             self.optimizer_step()
-            value = float(loss.detach())
+            value = step_loss
             losses.append(value)
-            tokens += x.numel()
             if on_step is not None:
                 on_step(self.step_count, value)
         seconds = time.perf_counter() - start

@@ -145,6 +145,28 @@ class OuterOptimizer(ABC):
         Local-only state (SparseLoCo's error buffer) is not part of it."""
         return {"outer/": self.params}
 
+    def pin_memory(self) -> None:
+        """Move every tensor this optimizer holds to pinned (page-locked) CPU memory, so that
+        copies to and from a CUDA device run at full speed. Call before the first round:
+        tensors are updated in place afterwards, so they stay pinned."""
+        for value in vars(self).values():
+            if isinstance(value, dict):
+                for name, tensor in value.items():
+                    if isinstance(tensor, torch.Tensor) and not tensor.is_pinned():
+                        value[name] = tensor.pin_memory()
+
+    def memory_bytes(self) -> int:
+        """Bytes of the tensors this optimizer holds: outer weights, momentum, error buffers
+        (each tensor once, in any dict of tensors among its attributes)."""
+        held = {
+            id(t): t.nbytes
+            for value in vars(self).values()
+            if isinstance(value, dict)
+            for t in value.values()
+            if isinstance(t, torch.Tensor)
+        }
+        return sum(held.values())
+
     def state_tensors(self) -> Tensors:
         """Outer weights and optimizer state, flat, for checkpoints and joiners."""
         return {

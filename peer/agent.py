@@ -21,10 +21,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from shoal.peer.client import PeerClient, PeerUnreachable
+from shoal.peer.client import PeerClient
 from shoal.peer.config import ProtocolConfig, RunConfig
 from shoal.peer.errors import ProtocolError, ShoalError
 from shoal.peer.membership import Membership, PeerInfo
+from shoal.peer.runfiles import call_bootstrap
 from shoal.peer.tasks import TaskOwner
 from shoal.peer.wire import Envelope, WireCodec
 
@@ -74,19 +75,9 @@ class MembershipAgent:
     async def join(self, bootstrap: str) -> int:
         """Introduce ourselves to the run through `bootstrap`; returns the run's round."""
         request = {"peer": self.me.to_wire(), "run": self.run.to_dict()}
-        deadline = time.monotonic() + self.protocol.join_timeout_s
-        while True:
-            try:
-                call = self.client.call(bootstrap, "POST", "/join", request, joining=True)
-                answer = (await call).payload
-                break
-            except PeerUnreachable as exc:
-                if time.monotonic() > deadline:
-                    raise ShoalError(
-                        f"cannot reach bootstrap {bootstrap} within "
-                        f"{self.protocol.join_timeout_s:.0f} s (--join-timeout): {exc}"
-                    ) from None
-                await asyncio.sleep(0.5)
+        answer = await call_bootstrap(
+            self.client, bootstrap, "/join", request, self.protocol.join_timeout_s
+        )
         RunConfig.from_dict(answer.get("run", {})).check_same(self.run)
         self.wire.swarm_id = str(answer["swarm_id"])
         self.membership.merge(answer.get("peers"))

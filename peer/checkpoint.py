@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 _MANIFEST = re.compile(r"^round-(\d{6,})\.json$")
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """`write(tmp)` to a temporary file beside `path`, synced, then renamed into place."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -37,7 +38,7 @@ def _atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -57,17 +58,17 @@ def save_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"round-{round_id:06d}"
     tensors_path = folder / f"{stem}.safetensors"
-    _atomic_write(
+    atomic_write(
         tensors_path, lambda tmp: save_file({n: t.contiguous() for n, t in tensors.items()}, tmp)
     )
     manifest = {
         "round": round_id,
         "tensors": tensors_path.name,
-        "sha256": _sha256(tensors_path),
+        "sha256": file_sha256(tensors_path),
         "saved_at": time.time(),
         **info,
     }
-    _atomic_write(
+    atomic_write(
         folder / f"{stem}.json",
         lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1, sort_keys=True)),
     )
@@ -90,6 +91,6 @@ def load_latest(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict] |
     for round_id in reversed(list_checkpoints(folder)):
         manifest = json.loads((folder / f"round-{round_id:06d}.json").read_text())
         tensors_path = folder / manifest["tensors"]
-        if tensors_path.is_file() and _sha256(tensors_path) == manifest["sha256"]:
+        if tensors_path.is_file() and file_sha256(tensors_path) == manifest["sha256"]:
             return load_file(tensors_path), manifest
     return None

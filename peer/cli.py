@@ -1,4 +1,6 @@
-"""The `shoal` command: `shoal peer` runs one peer, `shoal demo` a local swarm.
+"""The `shoal` command: `shoal peer` runs one peer, `shoal demo` a local swarm, `shoal
+tokenize` writes token shards (train/tokenize_cmd.py), `shoal export` a Hugging Face folder
+(peer/export_cmd.py).
 
 Every flag comes from a config field (`peer/options.py`); `--config FILE` (TOML) sets the
 same settings, and flags given on the command line override the file.
@@ -25,12 +27,16 @@ from shoal.peer.config import (
     PeerConfig,
     ProtocolConfig,
     RunConfig,
+    RunFiles,
     RunSettings,
     resolve_run,
 )
 from shoal.peer.errors import ShoalError
-from shoal.peer.options import add_section, build_section, setting, settle
+from shoal.peer.export_cmd import add_export_parser, export_main
+from shoal.peer.options import add_section, build_section, flag_fields, key_name, setting, settle
+from shoal.peer.runfiles import fetch_run
 from shoal.peer.trainthread import worker_pool
+from shoal.train.tokenize_cmd import add_tokenize_parser, tokenize_main
 
 log = logging.getLogger("shoal")
 
@@ -63,6 +69,12 @@ class DemoSettings:
         None, "write the run's summary as JSON here", kind=str, metavar="FILE"
     )
     port: int = setting(0, "the first peer's port (0: a free one)")
+    checkpoint_dir: str | None = setting(
+        None,
+        "keep each peer's checkpoints in DIR/peer-N (for `shoal export`)",
+        kind=str,
+        metavar="DIR",
+    )
     swarm_key: str | None = setting(
         None,
         "shared secret of the demo's peers (default: $SHOAL_SWARM_KEY)",
@@ -105,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_section(peer, "output", OutputSettings)
     command("demo", "a local swarm of peer processes on 127.0.0.1 with a dashboard", DEMO_GROUPS)
+    add_tokenize_parser(sub)
+    add_export_parser(sub)
     return parser
 
 
@@ -113,13 +127,43 @@ def run_config_from(values: dict[str, Any]) -> RunConfig:
     return resolve_run(*(build_section(section, values) for section in RUN_GROUPS.values()))
 
 
-def peer_config_from(values: dict[str, Any]) -> PeerConfig:
+def peer_config_from(
+    values: dict[str, Any], run: RunConfig | None = None, files: RunFiles | None = None
+) -> PeerConfig:
+    """The peer these settings define; `run` and `files`: a run learnt from the swarm."""
     values = {"swarm_key": os.environ.get("SHOAL_SWARM_KEY"), **values}
     sections = {
         name: build_section(PEER_GROUPS[name], values)
         for name in ("network", "pipeline", "data", "schedule", "protocol")
     }
-    return PeerConfig(run=run_config_from(values), **sections)
+    if run is None:
+        given = build_section(RunSettings, values)
+        run, files = run_config_from(values), RunFiles(given.tokenizer, given.init_from)
+    return PeerConfig(run=run, files=files or RunFiles(), **sections)
+
+
+def run_settings_given(values: dict[str, Any]) -> bool:
+    """Whether any setting of the run (a flag or a --config key of its groups) was given."""
+    keys = {key_name(f) for section in RUN_GROUPS.values() for f in flag_fields(section)}
+    return not keys.isdisjoint(values)
+
+
+async def configure(values: dict[str, Any]) -> PeerConfig:
+    """The peer's config. A peer given `--bootstrap` and no run settings takes the run of
+    the peer it joins (`peer/runfiles.py`): the run's definition, and its tokenizer file."""
+    bootstrap = values.get("bootstrap")
+    if not bootstrap or run_settings_given(values):
+        return peer_config_from(values)
+    protocol = build_section(ProtocolConfig, values)
+    swarm_key = values.get("swarm_key") or os.environ.get("SHOAL_SWARM_KEY")
+    definition, tokenizer = await fetch_run(bootstrap, swarm_key, protocol)
+    log.info(
+        "taking the run of %s: %s (definition %s)",
+        bootstrap,
+        definition.run.model_preset,
+        definition.sha256()[:16],
+    )
+    return peer_config_from(values, definition.run, RunFiles(tokenizer=tokenizer))
 
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
@@ -129,6 +173,10 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "peer":
         values.setdefault("log_level", "INFO")
     return values
+
+
+async def start_peer(values: dict[str, Any]) -> int:
+    return await run_peer(await configure(values), values.get("report"))
 
 
 async def run_peer(config: PeerConfig, report: str | None = None) -> int:
@@ -177,6 +225,8 @@ def write_report(data: dict[str, Any], path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("tokenize", "export"):
+            return (tokenize_main if args.command == "tokenize" else export_main)(args)
         values = settings_of(args)
         if args.command == "peer":
             logging.basicConfig(
@@ -184,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                 stream=sys.stderr,
                 format="%(asctime)s %(levelname)s %(name)s %(message)s",
             )
-            return asyncio.run(run_peer(peer_config_from(values), values.get("report")))
+            return asyncio.run(start_peer(values))
         from shoal.peer.demo import run_demo
 
         return run_demo(values)

@@ -23,12 +23,14 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
-from shoal.peer.options import flag_name, setting, stage_list
+from shoal.peer.local_config import DataConfig, ScheduleConfig
+from shoal.peer.options import setting, stage_list
 from shoal.peer.protocol_config import ProtocolConfig
 from shoal.peer.runconfig import (  # noqa: F401 - the run's part of the tree, re-exported
     InnerSettings,
     OuterSettings,
     RunConfig,
+    RunFiles,
     RunSettings,
     resolve_run,
 )
@@ -270,72 +272,6 @@ class PipelineConfig:
             )
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    """What this peer trains and evaluates on."""
-
-    path: str | None = setting(
-        None,
-        "text file, folder or glob of UTF-8 text (.jsonl: its text field); "
-        "default: this Python's standard library sources",
-        kind=str,
-        flag="--data",
-        metavar="PATH",
-    )
-    num_shards: int = setting(
-        16, "the corpus is cut into this many shards; a peer trains on the one its id picks"
-    )
-    eval_batches: int = setting(8, "held-out batches per evaluation")
-    eval_every: int = setting(
-        1, "evaluate on the held-out split after every N-th round and the last"
-    )
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            if f.name != "path" and getattr(self, f.name) < 1:
-                raise ValueError(f"{flag_name(f)} must be >= 1, got {getattr(self, f.name)}")
-
-
-@dataclass(frozen=True)
-class ScheduleConfig:
-    """Where and how long this peer trains, and what it keeps."""
-
-    device: str = setting("auto", "auto|cpu|cuda|cuda:N (auto: cuda when present)")
-    torch_threads: int | None = setting(None, "torch CPU threads", kind=int, flag="--threads")
-    max_rounds: int | None = setting(
-        None,
-        "stop after this many outer rounds (default: train until stopped)",
-        kind=int,
-        flag="--rounds",
-    )
-    min_peers: int = setting(
-        1,
-        "wait until this many peers (this one included) are alive before training "
-        "(at most --min-peers-timeout)",
-    )
-    checkpoint_dir: str | None = setting(
-        None, "write the outer state here after every round", kind=str, metavar="DIR"
-    )
-    resume: bool = setting(False, "continue from the latest checkpoint in --checkpoint-dir")
-    compute_nice: int = setting(
-        5,
-        "CPU niceness of the training and byte-work threads above the event "
-        "loop's, so that on a busy machine the loop answers first (0: the same)",
-    )
-
-    def __post_init__(self) -> None:
-        if self.resume and not self.checkpoint_dir:
-            raise ValueError("--resume needs --checkpoint-dir")
-        if self.max_rounds is not None and self.max_rounds < 1:
-            raise ValueError(f"--rounds must be >= 1, got {self.max_rounds}")
-        if self.min_peers < 1:
-            raise ValueError(f"--min-peers must be >= 1, got {self.min_peers}")
-        if not 0 <= self.compute_nice <= 19:
-            raise ValueError(f"--compute-nice must be in 0..19, got {self.compute_nice}")
-        if self.torch_threads is not None and self.torch_threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {self.torch_threads}")
-
-
 SECTIONS: dict[str, type] = {
     "network": NetworkConfig,
     "pipeline": PipelineConfig,
@@ -350,6 +286,7 @@ class PeerConfig:
     """One peer process's settings."""
 
     run: RunConfig
+    files: RunFiles = field(default_factory=RunFiles)  # this peer's copies of the run's files
     network: NetworkConfig = field(default_factory=NetworkConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -365,7 +302,11 @@ class PeerConfig:
 
     @classmethod
     def of(
-        cls, run: RunConfig, protocol: ProtocolConfig | None = None, **settings: Any
+        cls,
+        run: RunConfig,
+        protocol: ProtocolConfig | None = None,
+        files: RunFiles | None = None,
+        **settings: Any,
     ) -> PeerConfig:
         """A PeerConfig from flat keywords, each placed in the section that has it (for
         tests and scripts): `PeerConfig.of(run, peer_id="a", role="stage", max_rounds=3)`.
@@ -395,4 +336,6 @@ class PeerConfig:
             protocol = ProtocolConfig(
                 **{**asdict(protocol or ProtocolConfig()), **by_section["protocol"]}
             )
-        return cls(run=run, protocol=protocol or ProtocolConfig(), **sections)
+        return cls(
+            run=run, files=files or RunFiles(), protocol=protocol or ProtocolConfig(), **sections
+        )

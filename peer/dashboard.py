@@ -35,6 +35,7 @@ from shoal.peer.dashboard_format import (
     _text,
     human_bytes,
 )
+from shoal.peer.runconfig import flatten
 
 REFRESH_S = 3
 LOOP_LAG_WARN_MS = 100.0  # display only: a loop that held this long delays heartbeats visibly
@@ -225,6 +226,22 @@ def task_failures(snapshot: dict[str, Any]) -> str:
     )
 
 
+def run_definition(run: dict[str, Any]) -> str:
+    """The run definition a joiner receives (`POST /run`), folded: one row per setting."""
+    definition = run.get("definition")
+    if not isinstance(definition, dict):
+        return ""
+    rows = "".join(
+        f'<tr><td class="l"><code>{_text(k)}</code></td><td class="l">{_run_value(v)}</td></tr>'
+        for k, v in sorted(flatten(definition).items())
+    )
+    digest = str(run.get("definition_sha256") or "")[:16]
+    return (
+        f"<details><summary>run definition <code>{_text(digest)}</code></summary>"
+        f'<div class="scroll"><table>{rows}</table></div></details>'
+    )
+
+
 def render_html(snapshot: dict[str, Any]) -> str:
     """The whole dashboard page for one snapshot; safe with hostile strings in it."""
     peers = [p for p in snapshot.get("peers") or [] if isinstance(p, dict)]
@@ -266,7 +283,8 @@ def render_html(snapshot: dict[str, Any]) -> str:
     extra = [
         f"{_text(k)} {_run_value(v)}"
         for k, v in run.items()
-        if k not in ("model", "outer", "codec", "inner_steps") and not isinstance(v, (dict, list))
+        if k not in ("model", "outer", "codec", "inner_steps", "definition_sha256")
+        and not isinstance(v, (dict, list))
     ]
     heads = [
         "peer",
@@ -302,7 +320,7 @@ def render_html(snapshot: dict[str, Any]) -> str:
         '<a href="/api/swarm">json</a> · <a href="/metrics">metrics</a></div>'
         f'<div class="cards">{"".join(f"<div class=card>{k}<b>{v}</b></div>" for k, v in cards)}'
         "</div>"
-        f'<div class="muted">{" · ".join(extra)}</div>'
+        f'<div class="muted">{" · ".join(extra)}</div>{run_definition(run)}'
         f'<h2>peers</h2><div class="scroll"><table><tr>{head}</tr>{rows}</table></div>'
         f"{task_failures(snapshot)}"
         f"{stage_map(peers, snapshot.get('pipeline'))}"

@@ -124,7 +124,7 @@ def summarize(values: dict[str, Any], reports: list[dict], wall_s: float) -> dic
         "outer": run.outer.name,
         "stages": run.stages,
         "inner_steps": run.inner_steps,
-        "tokens_total": steps * run.inner.batch_size * run.inner.seq_len,
+        "tokens_total": steps * run.inner.grad_accum * run.inner.batch_size * run.inner.seq_len,
         "eval_loss_initial": first["initial_eval_loss"],
         "eval_loss_first": evals[0] if evals else None,
         "eval_loss_last": evals[-1] if evals else None,
@@ -188,6 +188,8 @@ def run_demo(values: dict[str, Any]) -> int:
             ]
             if i > 0:
                 cmd += ["--bootstrap", urls[0]]
+            if demo.checkpoint_dir:
+                cmd += ["--checkpoint-dir", str(Path(demo.checkpoint_dir, f"peer-{i}"))]
             with open(workdir / f"peer-{i}.log", "w") as log_file:
                 procs.append(
                     subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)

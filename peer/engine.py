@@ -30,11 +30,12 @@ from shoal.optim.inner import InnerConfig, InnerStats
 from shoal.optim.registry import build_outer
 from shoal.peer.checkpoint import load_latest
 from shoal.peer.config import RunConfig
-from shoal.peer.errors import ConfigMismatch, ShoalError, Stopped
+from shoal.peer.errors import ShoalError, Stopped
 from shoal.peer.holders import covers, same_slice_as
 from shoal.peer.publisher import Snapshot, take_snapshot
 from shoal.peer.roles import PeerContext, Role
 from shoal.peer.rounds import RoundExchange, RoundStore
+from shoal.peer.runfiles import load_init_weights
 from shoal.peer.statesync import download_state
 from shoal.peer.wire import WireCodec
 from shoal.pipeline.stages import StagePlan
@@ -78,11 +79,7 @@ class RoundEngine:
         """The model (or this stage's slice of it), its inner trainer and the outer
         optimizer; with `--resume`, the latest checkpoint loaded."""
         run = self.config.run
-        model = build_model(run.model_preset, seed=run.seed, device="meta")
-        if model.config.to_dict() != run.model:
-            raise ConfigMismatch(
-                f"preset {run.model_preset!r} builds a different model than the run's"
-            )
+        model = build_model(run.model_config(), seed=run.seed, device="meta")
         self.model_config = model.config
         slices = None
         if run.stages:
@@ -90,6 +87,10 @@ class RoundEngine:
         self.trainer = self.role.build_trainer(model.config)
         self.outer = build_outer(self.trainer.local_weights(), run.outer, slices)
         self.state_shapes = {n: tuple(t.shape) for n, t in self.outer.state_tensors().items()}
+        if run.init is not None and self.config.files.init_from is not None:
+            init = load_init_weights(self.config.files.init_from, run)
+            state = {f"outer/{name}": init[name] for name in self.outer.params}
+            self._load_state(0, {**self.outer.state_tensors(), **state})
         schedule = self.config.schedule
         if schedule.resume:
             loaded = load_latest(schedule.checkpoint_dir)

@@ -34,6 +34,7 @@ from shoal.peer.agent import MembershipAgent
 from shoal.peer.client import PeerClient, Traffic
 from shoal.peer.config import PeerConfig
 from shoal.peer.engine import RoundEngine
+from shoal.peer.errors import ConfigMismatch
 from shoal.peer.holders import NEVER, choose_stage
 from shoal.peer.limits import request_limit_bytes
 from shoal.peer.looplag import LoopLagMonitor
@@ -42,13 +43,16 @@ from shoal.peer.publisher import StatePublisher
 from shoal.peer.recovery import StageRecovery
 from shoal.peer.roles import PeerContext, Progress, Role, make_role
 from shoal.peer.rounds import RoundStore
+from shoal.peer.runconfig import tokenizer_ref
+from shoal.peer.runfiles import RunDefinition, keep_tokenizer, run_answer
 from shoal.peer.server import make_app
 from shoal.peer.statesync import StateServer
 from shoal.peer.tasks import TaskOwner
 from shoal.peer.trainthread import TrainingThread
 from shoal.peer.wire import WireCodec
 from shoal.pipeline.service import StageService
-from shoal.train import ByteData, build_model, load_corpus, resolve_device
+from shoal.train import build_model, load_data, load_tokenizer, resolve_device
+from shoal.train.memory import MemoryLine, format_plan, memory_plan
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,8 @@ class Peer:
             {"run": config.run.to_dict(), "peer": self.peer_id},
         )
         self.address = ""
+        self.definition = RunDefinition(config.run)  # with the data's manifest once loaded
+        self.run_answer: dict[str, Any] | None = None  # `POST /run`, once the data is loaded
         self.finished = asyncio.Event()
         self.error: BaseException | None = None  # what ended the training, if not a stop
         self.agent: MembershipAgent | None = None  # after start(): our address is known then
@@ -170,7 +176,7 @@ class Peer:
                 "[%s] standing by to take over a pipeline stage that loses every peer", self.peer_id
             )
             # the first model build imports about a second of torch internals: pay it now
-            await self.thread.run(build_model, config.run.model_preset, config.run.seed, "meta")
+            await self.thread.run(build_model, config.run.model_config(), config.run.seed, "meta")
             me.stage = await recovery.wait_for_lost_stage()
             joined_round = max((p.round for p in self.agent.membership.live_others()), default=0)
             log.warning("[%s] stage %d lost every peer: taking it over", self.peer_id, me.stage)
@@ -191,7 +197,12 @@ class Peer:
         self.role = make_role(ctx, me.stage)
         self.engine = RoundEngine(ctx, self.role, self.store, self.wire)
         await self.thread.run(self.engine.build)
-        if joined_round > 0:  # the run has moved on from the shared initial weights
+        if self.device.type == "cuda":  # the outer state stays in CPU memory, pinned
+            await self.thread.run(self.engine.outer.pin_memory)
+        log.info("[%s] memory plan:\n%s", self.peer_id, format_plan(self._memory_plan()))
+        # the run has moved on from the shared initial weights, or they are --init-from's
+        # files, which this peer does not have
+        if joined_round > 0 or (config.run.init is not None and config.files.init_from is None):
             await self.engine.catch_up()
         else:
             self.engine.publish_snapshot(await self.thread.run(self.engine.snapshot))
@@ -225,14 +236,41 @@ class Peer:
         if config.schedule.torch_threads:
             torch.set_num_threads(config.schedule.torch_threads)
         device = resolve_device(config.schedule.device)
-        data = ByteData(load_corpus(config.data.path), num_shards=config.data.num_shards)
+        tokenizer = load_tokenizer(config.files.tokenizer)
+        if tokenizer_ref(tokenizer) != run.tokenizer:
+            raise ConfigMismatch(
+                f"--tokenizer {config.files.tokenizer or 'bytes'} is not the run's tokenizer "
+                f"({run.tokenizer})"
+            )
+        data = load_data(config.data.path, tokenizer, num_shards=config.data.num_shards)
+        self.definition = RunDefinition(run, data.manifest_sha256)
+        self.run_answer = run_answer(self.definition, config.files.tokenizer)
+        if config.schedule.checkpoint_dir and self.run_answer["tokenizer"] is not None:
+            # `shoal export` finds it there
+            keep_tokenizer(self.run_answer["tokenizer"], config.schedule.checkpoint_dir)
         batches = data.train_batches(
             self.peer_id, run.inner.batch_size, run.inner.seq_len, seed=run.seed
         )
         eval_set = data.eval_batches(
             run.inner.batch_size, run.inner.seq_len, config.data.eval_batches
         )
+        self.device = device
         return device, batches, eval_set
+
+    def _memory_plan(self) -> list[MemoryLine]:
+        engine, inner = self.engine, self.config.run.inner
+        assert engine is not None and engine.trainer is not None
+        state = engine.outer.state_tensors()
+        return memory_plan(
+            engine.model_config,
+            sum(p.numel() for p in engine.trainer.params.values()),
+            inner.batch_size,
+            inner.seq_len,
+            str(self.device),
+            self.config.schedule.checkpoint_activations,
+            engine.outer.memory_bytes(),
+            sum(t.nbytes for t in state.values()),
+        )
 
     def _refresh_entry(self, me: PeerInfo) -> None:
         """Our table entry's counters, fresh for each heartbeat."""
@@ -305,6 +343,8 @@ class Peer:
             "now": time.time(),
             "run": {
                 "model": run.model_preset,
+                "definition": self.definition.to_dict(),
+                "definition_sha256": self.definition.sha256(),
                 "outer": run.outer.name,
                 "codec": run.outer.codec,
                 "inner_steps": run.inner_steps,

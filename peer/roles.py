@@ -110,12 +110,16 @@ class Role:
 class ReplicaRole(Role):
     def build_trainer(self, model: ModelConfig) -> InnerTrainer:
         ctx, run = self.ctx, self.ctx.config.run
+        schedule = ctx.config.schedule
         module = build_model(model, seed=run.seed)
+        module.checkpoint_activations = schedule.checkpoint_activations
         # --activation subspace:R on a full replica: train it as a compressed pipeline
         # replica would (weights confined), to compare against compressing every replica
         basis = parse_activation(ctx.config.pipeline.activation, model, run.seed).basis
         confined = confine_module(module, basis) if basis is not None else None
-        return InnerTrainer(module, run.inner, ctx.batches, ctx.device, confined)
+        return InnerTrainer(
+            module, run.inner, ctx.batches, ctx.device, confined, compile=schedule.compile
+        )
 
 
 class _StageRole(Role):

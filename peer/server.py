@@ -9,6 +9,7 @@ and packing a large answer run in the executor (`client.off_loop`), and a prepar
 `/api/swarm`, `/metrics`) are read-only and unauthenticated.
 
     POST /join                {peer, run}            → {swarm_id, run, peers, round}
+    POST /run                 {}                     → {definition, sha256, tokenizer}
     POST /gossip              {peers}                → {peers}
     POST /round/contribution  {round, peer, wait_s}  → {round, peer, tensors} | 404
     POST /round/set           {round, wait_s}        → {round, peers} | 404
@@ -111,6 +112,12 @@ async def _stream(request: web.Request, body: bytes, headers: dict[str, str]) ->
 
 async def handle_join(node: Peer, envelope: Envelope) -> dict[str, Any]:
     return _agent(node).welcome(envelope)
+
+
+async def handle_run(node: Peer, envelope: Envelope) -> dict[str, Any]:
+    if node.run_answer is None:
+        raise NotFound("this peer is still starting")
+    return node.run_answer
 
 
 async def handle_gossip(node: Peer, envelope: Envelope) -> dict[str, Any]:
@@ -216,6 +223,7 @@ def make_app(node: Peer, max_request_bytes: int) -> web.Application:
     app = web.Application(client_max_size=max_request_bytes, middlewares=[error_middleware])
     app[NODE] = node
     app.router.add_post("/join", rpc(handle_join, any_swarm=True))
+    app.router.add_post("/run", rpc(handle_run, any_swarm=True))
     app.router.add_post("/gossip", rpc(handle_gossip))
     app.router.add_post("/round/contribution", rpc(handle_contribution))
     app.router.add_post("/round/set", rpc(handle_set))

@@ -7,6 +7,7 @@ from shoal.optim.outer import OuterConfig
 from shoal.peer.cli import build_parser, peer_config_from, settings_of
 from shoal.peer.config import PeerConfig, ProtocolConfig, RunConfig
 from shoal.peer.errors import ConfigMismatch
+from shoal.train import PRESETS
 
 
 def peer_config(flags: list[str]) -> PeerConfig:
@@ -16,7 +17,7 @@ def peer_config(flags: list[str]) -> PeerConfig:
 def run(**kw):
     base = dict(
         model_preset="tiny",
-        model={"d_model": 32},
+        model=PRESETS["tiny"].to_dict(),
         inner=InnerConfig(),
         outer=OuterConfig(),
         inner_steps=10,
@@ -31,7 +32,9 @@ def test_same_config_passes_and_round_trips():
 
 def test_mismatch_names_every_differing_setting():
     with pytest.raises(ConfigMismatch) as err:
-        run(outer=OuterConfig(codec="fp32"), model={"d_model": 64}).check_same(run())
+        run(
+            outer=OuterConfig(codec="fp32"), model={**PRESETS["tiny"].to_dict(), "d_model": 64}
+        ).check_same(run())
     assert (
         "outer.codec" in str(err.value)
         and "model.d_model" in str(err.value)

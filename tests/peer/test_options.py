@@ -63,7 +63,7 @@ def test_flags_given_override_the_file_and_defaults_do_not(tmp_path):
         ("[nonsense]\nx = 1\n", r"unknown table \[nonsense\]"),
         ('rounds = "three"\n', "rounds"),
         ("heartbeat_interval = true\n", "heartbeat_interval must be float"),
-        ('model = "huge"\n', "model must be one of"),
+        ('outer = "adam"\n', "outer must be one of"),
         ("model = \n", "not valid TOML"),
     ],
 )
