@@ -491,3 +491,21 @@ def test_task_failure_strings_cannot_inject_markup() -> None:
     assert not any(name.startswith("on") for name, _ in tree.attrs)
     metrics = render_metrics(snapshot)
     assert 'shoal_peer_loop_lag_seconds_max{peer="peer-a"}' not in metrics
+
+
+def test_run_definition_is_shown_folded_and_escaped() -> None:
+    definition = {
+        "run": {"model_preset": EVIL_ID, "inner": {"lr": 0.003}, "tokenizer": "sha256:" + "a" * 64},
+        "data_manifest_sha256": None,
+    }
+    page = render_html(
+        example_snapshot(
+            run={"model": "tiny", "definition": definition, "definition_sha256": "f" * 64}
+        )
+    )
+    assert "<details><summary>run definition <code>ffffffffffffffff</code>" in page
+    assert "<code>run.inner.lr</code>" in page and "0.003" in page
+    assert EVIL_ID not in page and escape(EVIL_ID) in page
+    tree = parse(page)
+    assert set(tree.tags) <= ALLOWED_TAGS | {"details", "summary"}
+    assert "run definition" not in render_html(example_snapshot(run={"model": "tiny"}))
