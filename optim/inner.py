@@ -15,8 +15,28 @@ from typing import Protocol
 
 import torch
 
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # a torch build without torch.distributed: no parameter is sharded
+    DTensor = ()  # type: ignore[assignment,misc]
+
 from shoal.train.device import autocast_context
 from shoal.train.evaluate import evaluate
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a parameter sharded by FSDP (a DTensor) is gathered from its ranks
+    (a collective: every rank of the peer makes the same call)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`value` (a whole tensor, on every rank) as `param` holds it: this rank's shard of a
+    DTensor, cut locally."""
+    value = value.to(param.device, param.dtype)
+    if isinstance(param, DTensor):
+        return distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+    return value
 
 
 @dataclass(frozen=True)
@@ -148,7 +168,7 @@ class ParamTrainer:
         toward the constraint set."""
         with torch.no_grad():
             for name, param in self.params.items():
-                param.copy_(weights[name].to(param.device, param.dtype))
+                param.copy_(_like(weights[name], param))
             if self.constraint is not None:
                 self.constraint.weights(self.params)
                 self._outer_offset = {
@@ -157,7 +177,9 @@ class ParamTrainer:
                 }
 
     def local_weights(self) -> dict[str, torch.Tensor]:
-        local = {n: p.detach().to("cpu", torch.float32).clone() for n, p in self.params.items()}
+        local = {
+            n: _full(p.detach()).to("cpu", torch.float32).clone() for n, p in self.params.items()
+        }
         for name, offset in self._outer_offset.items():
             local[name].add_(offset)
         return local
@@ -172,13 +194,17 @@ class InnerTrainer(ParamTrainer):
         device: torch.device,
         constraint: Constraint | None = None,
         compile: bool = False,
+        wrap: Callable | None = None,
     ) -> None:
+        """`wrap`: what the steps call instead of the model (DDP around it, or the model
+        sharded in place by FSDP); the parameters keep the model's own names."""
         self.model = model.to(device)
         self.batches = batches
         self.device = device
         # torch.compile wraps the module and shares its parameters; evaluation keeps the
         # plain module (its batches have another shape, which would compile again)
-        self.forward = torch.compile(self.model) if compile else self.model
+        forward = wrap or self.model
+        self.forward = torch.compile(forward) if compile else forward
         super().__init__(dict(self.model.named_parameters()), config, constraint)
 
     def evaluate(self, batches) -> float:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from shoal.peer.config import (
 from shoal.peer.errors import ShoalError
 from shoal.peer.export_cmd import add_export_parser, export_main
 from shoal.peer.options import add_section, build_section, flag_fields, key_name, setting, settle
+from shoal.peer.ranks import serve_rank, spawn_ranks, world_from_env
 from shoal.peer.runfiles import fetch_run
 from shoal.peer.trainthread import worker_pool
 from shoal.train.tokenize_cmd import add_tokenize_parser, tokenize_main
@@ -176,10 +178,21 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def start_peer(values: dict[str, Any]) -> int:
-    return await run_peer(await configure(values), values.get("report"))
+    config = await configure(values)
+    ranks = []
+    if config.schedule.nproc > 1 and "RANK" not in os.environ:  # not launched by torchrun
+        ranks = spawn_ranks(config.schedule.nproc, config.schedule.device)
+    try:
+        return await run_peer(config, values.get("report"), ranks)
+    finally:
+        stop_ranks(ranks)
 
 
-async def run_peer(config: PeerConfig, report: str | None = None) -> int:
+async def run_peer(
+    config: PeerConfig, report: str | None = None, ranks: list[subprocess.Popen] = ()
+) -> int:
+    """Run one peer until its rounds are done or it is stopped; `ranks`: the processes of
+    its other ranks (`--nproc`), watched: one that exits ends the peer with an error."""
     from shoal.peer.node import Peer
 
     warning = config.network.loopback_warning()
@@ -200,13 +213,17 @@ async def run_peer(config: PeerConfig, report: str | None = None) -> int:
             )
         )
         done = asyncio.create_task(node.run_until_done())
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait({done, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
+        exited = asyncio.create_task(rank_exit(ranks))
+        waits = {done, exited, asyncio.create_task(stop.wait())}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits - {done}:
+            task.cancel()
         if done.done():
             done.result()  # re-raise a training failure: the process exits non-zero
         else:
             done.cancel()
+        if exited.done() and not exited.cancelled():
+            raise RuntimeError(exited.result())
     finally:
         try:
             if report:
@@ -214,6 +231,27 @@ async def run_peer(config: PeerConfig, report: str | None = None) -> int:
         finally:
             await node.stop()
     return 0
+
+
+async def rank_exit(ranks: list[subprocess.Popen]) -> str:
+    """Wait until one of the peer's other ranks exits (forever if it has none); what
+    happened to it."""
+    while True:
+        for rank, proc in enumerate(ranks, 1):
+            if proc.poll() is not None:
+                return f"rank {rank} of this peer exited (code {proc.returncode})"
+        await asyncio.sleep(0.2)
+
+
+def stop_ranks(ranks: list[subprocess.Popen], grace_s: float = 10.0) -> None:
+    """The other ranks leave when rank 0 tells them or their group breaks; past the grace
+    time they are killed, so no process outlives the peer."""
+    for proc in ranks:
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def write_report(data: dict[str, Any], path: str) -> None:
@@ -228,6 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("tokenize", "export"):
             return (tokenize_main if args.command == "tokenize" else export_main)(args)
         values = settings_of(args)
+        rank, world = world_from_env()
+        if args.command == "peer" and world > 1:  # launched by torchrun: one peer, N ranks
+            if rank > 0:
+                return serve_rank(values.get("device", "auto"))
+            values["nproc"] = world
         if args.command == "peer":
             logging.basicConfig(
                 level=str(values["log_level"]).upper(),

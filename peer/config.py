@@ -295,6 +295,13 @@ class PeerConfig:
 
     def __post_init__(self) -> None:
         self.pipeline.check_against(self.run)
+        nproc = self.schedule.nproc
+        if nproc > 1 and self.run.inner.batch_size % nproc:
+            raise ValueError(
+                f"--batch-size {self.run.inner.batch_size} must be a multiple of --nproc {nproc}"
+            )
+        if nproc > 1 and (self.pipeline.role != "replica" or self.pipeline.standby):
+            raise ValueError("--nproc > 1 is for full replicas (pipeline stages: not yet)")
 
     @property
     def peer_id(self) -> str:

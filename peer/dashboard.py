@@ -177,6 +177,8 @@ def _peer_row(
     swatch = f'<span class="sw" style="background:{palette[pid]}"></span>' if pid in palette else ""
     me = pid == str(self_id)
     role_detail = f" {_fmt(p.get('stage'), '.0f')}" if p.get("role") == "stage" else ""
+    if p.get("devices"):
+        role_detail += f' <span class="muted">· {_text(p.get("devices"))}</span>'
     cells = [
         f'<td class="l">{swatch}<code>{_text(pid)}</code>{" (this peer)" if me else ""}</td>',
         f'<td class="l">{_text(p.get("address"))}</td>',

@@ -55,6 +55,17 @@ class ScheduleConfig:
         None, "write the outer state here after every round", kind=str, metavar="DIR"
     )
     resume: bool = setting(False, "continue from the latest checkpoint in --checkpoint-dir")
+    nproc: int = setting(
+        1,
+        "ranks of this peer, one per device (cuda: GPUs 0..N-1; cpu: gloo processes); "
+        "the run's --batch-size is split between them",
+    )
+    shard: str = setting(
+        "auto",
+        "with --nproc > 1: none (DDP), fsdp (FSDP2), or auto: fsdp when weights, gradients "
+        "and AdamW would fill more than half of one GPU",
+        choices=("auto", "none", "fsdp"),
+    )
     compile: bool = setting(False, "torch.compile the model for inner steps (GPU peers)")
     checkpoint_activations: bool = setting(
         False,
@@ -78,3 +89,5 @@ class ScheduleConfig:
             raise ValueError(f"--compute-nice must be in 0..19, got {self.compute_nice}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.torch_threads}")
+        if self.nproc < 1:
+            raise ValueError(f"--nproc must be >= 1, got {self.nproc}")

@@ -57,6 +57,7 @@ class PeerInfo:
         None  # the last inner step's gradient norm before clipping (CheckFree)
     )
     loop_lag_ms_max: float | None = None  # its event loop's worst lateness over the last 60 s
+    devices: str | None = None  # what trains: "cpu", "cuda:0", "2 x cuda (FSDP2)" (--nproc)
 
     def version(self) -> tuple[float, int]:
         return (self.incarnation, self.heartbeat)
@@ -89,6 +90,7 @@ _STRINGS = {
     "weights_hash": 128,
     "partner": 128,
     "activation": 64,
+    "devices": 64,
 }
 _INTS = {"heartbeat", "first_round", "round", "step", "bytes_sent", "bytes_received", "stage"}
 _FLOATS = {

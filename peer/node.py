@@ -197,6 +197,7 @@ class Peer:
         self.role = make_role(ctx, me.stage)
         self.engine = RoundEngine(ctx, self.role, self.store, self.wire)
         await self.thread.run(self.engine.build)
+        me.devices = self.role.devices()
         if self.device.type == "cuda":  # the outer state stays in CPU memory, pinned
             await self.thread.run(self.engine.outer.pin_memory)
         log.info("[%s] memory plan:\n%s", self.peer_id, format_plan(self._memory_plan()))

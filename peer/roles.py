@@ -29,6 +29,7 @@ from shoal.peer.client import PeerClient
 from shoal.peer.config import PeerConfig
 from shoal.peer.holders import stage_holdings, stage_peers
 from shoal.peer.publisher import StatePublisher
+from shoal.peer.ranks import RankedTrainer, start_ranks
 from shoal.peer.recovery import STAGE0_COPY, StageRecovery
 from shoal.peer.stage_trainers import DriverTrainer, ServingTrainer
 from shoal.peer.tasks import TaskOwner
@@ -103,12 +104,18 @@ class Role:
     def report(self) -> dict[str, Any]:
         return {}
 
+    def devices(self) -> str:
+        """What trains, for the dashboard: the device (with --nproc: how many, and how)."""
+        return str(self.ctx.device)
+
     def close(self) -> None:
         """Release what the role started (event loop, after the training thread stopped)."""
 
 
 class ReplicaRole(Role):
-    def build_trainer(self, model: ModelConfig) -> InnerTrainer:
+    ranked: RankedTrainer | None = None  # with --nproc > 1: rank 0's side of the peer's ranks
+
+    def build_trainer(self, model: ModelConfig) -> InnerTrainer | RankedTrainer:
         ctx, run = self.ctx, self.ctx.config.run
         schedule = ctx.config.schedule
         module = build_model(model, seed=run.seed)
@@ -117,9 +124,24 @@ class ReplicaRole(Role):
         # replica would (weights confined), to compare against compressing every replica
         basis = parse_activation(ctx.config.pipeline.activation, model, run.seed).basis
         confined = confine_module(module, basis) if basis is not None else None
+        if schedule.nproc > 1:
+            if confined is not None:
+                raise ValueError("--nproc > 1 does not take --activation subspace on a replica")
+            self.ranked = start_ranks(ctx, module)
+            return self.ranked
         return InnerTrainer(
             module, run.inner, ctx.batches, ctx.device, confined, compile=schedule.compile
         )
+
+    def devices(self) -> str:
+        if self.ranked is None:
+            return super().devices()
+        how = "FSDP2" if self.ranked.shard == "fsdp" else "DDP"
+        return f"{self.ranked.world} x {self.ctx.device.type} ({how})"
+
+    def close(self) -> None:
+        if self.ranked is not None:
+            self.ranked.close()
 
 
 class _StageRole(Role):

@@ -18,15 +18,21 @@ report achieved FLOP/s and leave MFU empty.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from shoal.optim.inner import InnerConfig, InnerTrainer
+from shoal.peer.ranks import RankedTrainer, build_rank_trainer, free_port, join_group, rank_device
 from shoal.peer.runconfig import recipe_for
 from shoal.train import build_model, resolve_device
 from shoal.train.hf import load_model_config
@@ -67,16 +73,21 @@ def random_batches(vocab: int, batch: int, seq: int, seed: int = 0):
         yield ids[:, :-1], ids[:, 1:]
 
 
-def bench(spec: str, args: argparse.Namespace, device: torch.device) -> dict:
+def bench(spec: str, args: argparse.Namespace, device: torch.device, nproc: int = 1) -> dict:
+    """One row; with `nproc` > 1, this process is one rank of a peer's group (the batch is
+    the peer's: each rank trains its part, as `shoal peer --nproc` does)."""
     name, config = load_model_config(spec)
     recipe = recipe_for(name, config)
     batch, seq = args.batch_size or recipe.batch_size, args.seq_len or recipe.seq_len
     model = build_model(config, seed=0)
     model.checkpoint_activations = args.checkpoint_activations
     inner = InnerConfig(lr=recipe.inner_lr, batch_size=batch, seq_len=seq)
-    trainer = InnerTrainer(
-        model, inner, random_batches(config.vocab_size, batch, seq), device, compile=args.compile
-    )
+    batches = random_batches(config.vocab_size, batch, seq)
+    if nproc > 1:  # every rank runs this code; rank 0's commands are the others' receives
+        trainer, shard = build_rank_trainer(model, inner, batches, device, args.shard, args.compile)
+        trainer = RankedTrainer(trainer, shard)
+    else:
+        trainer = InnerTrainer(model, inner, batches, device, compile=args.compile)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     trainer.run(args.warmup)
@@ -92,6 +103,7 @@ def bench(spec: str, args: argparse.Namespace, device: torch.device) -> dict:
     peak = peak_flops(device)
     return {
         "model": name,
+        "nproc": nproc,
         "params": config.num_params,
         "batch_size": batch,
         "seq_len": seq,
@@ -110,6 +122,33 @@ def bench(spec: str, args: argparse.Namespace, device: torch.device) -> dict:
     }
 
 
+def bench_ranks(spec: str, args: argparse.Namespace, nproc: int) -> dict:
+    """A row of `nproc` ranks, each a process with its share of --threads; rank 0's row."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder, "row.json")
+        port = free_port()
+        mp.start_processes(
+            _rank, args=(nproc, port, spec, args, str(out)), nprocs=nproc, start_method="spawn"
+        )
+        return json.loads(out.read_text())
+
+
+def _rank(rank: int, world: int, port: int, spec: str, args: argparse.Namespace, out: str):
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(max(1, (args.threads or torch.get_num_threads()) // world))
+    device = rank_device(args.device, rank)
+    join_group(device)
+    try:
+        row = bench(spec, args, device, nproc=world)
+        dist.barrier()
+        if rank == 0:
+            Path(out).write_text(json.dumps(row))
+    finally:
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["small", "base"], metavar="PRESET|CONFIG")
@@ -119,6 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, help="default: the model's recipe")
     parser.add_argument("--seq-len", type=int, help="default: the model's recipe")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="ranks of one peer per row (torch.distributed; gloo on CPU, --threads split)",
+    )
+    parser.add_argument("--shard", default="auto", choices=("auto", "none", "fsdp"))
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--checkpoint-activations", action="store_true")
     parser.add_argument("--out", help="write the rows as JSON here")
@@ -127,12 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     rows = []
-    for spec in args.models:
-        row = bench(spec, args, device)
+    for spec, nproc in itertools.product(args.models, args.nproc):
+        row = bench(spec, args, device) if nproc == 1 else bench_ranks(spec, args, nproc)
         rows.append(row)
         mfu = "" if row["mfu"] is None else f"  MFU {100 * row['mfu']:.1f}%"
         print(
-            f"{row['model']:>12s} ({row['params'] / 1e6:.1f}M) batch {row['batch_size']}x"
+            f"{row['model']:>12s} ({row['params'] / 1e6:.1f}M) x{nproc} batch {row['batch_size']}x"
             f"{row['seq_len']}: {row['tokens_per_s']:,.0f} tokens/s  "
             f"{row['achieved_tflops']:.3f} TFLOP/s{mfu}",
             flush=True,
