@@ -188,7 +188,7 @@ class RoundEngine:
         self.ctx.publisher.publish(snapshot)
 
     async def download(self, sources: list, attempts: int) -> None:
-        """Load the outer state of the first of `sources` that delivers it."""
+        """Load the outer state from `sources` (its chunks spread over those in step)."""
         round_id, tensors, _ = await download_state(
             self.ctx.client, sources, self.state_shapes, attempts=attempts
         )

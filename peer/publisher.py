@@ -88,7 +88,9 @@ class StatePublisher:
         assert self.latest is not None
         extra_tensors, extra_metadata = self._extra
         tensors = {**self.latest.tensors, **extra_tensors}
-        metadata = {"peer": self.peer_id, **extra_metadata}
+        # nothing of this peer's own in it: peers in step serve byte-identical blobs, and a
+        # joiner can take its chunks from all of them (statesync._download_spread)
+        metadata = dict(extra_metadata)
         self.server.update(self.latest.round_id, tensors, metadata)
 
     def close(self) -> None:

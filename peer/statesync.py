@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,9 @@ from shoal.peer.errors import Gone, ProtocolError, ShoalError
 from shoal.peer.membership import PeerInfo
 
 log = logging.getLogger(__name__)
+
+MANIFEST_SOURCES = 8  # sources a download asks for their manifest, chosen at random
+CHUNKS_IN_FLIGHT = 4  # chunk requests of one download at a time
 
 
 _SAFETENSORS_DTYPES = {
@@ -212,62 +216,127 @@ async def download_state(
     attempts: int = 3,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[int, dict[str, torch.Tensor], dict]:
-    """Download, verify and parse the outer state from the first source that delivers."""
-    errors = []
+    """Download, verify and parse the outer state, its chunks spread over every source that
+    serves the same blob (`_download_spread`); `attempts` rounds of trying all sources."""
+    errors: list[str] = []
     for attempt in range(attempts):
-        for source in sources:
-            try:
-                return await _download_from(client, source, expected_shapes, on_progress)
-            except ShoalError as exc:
-                errors.append(f"{source.peer_id}: {exc}")
-                log.warning(
-                    "state download from %s failed (attempt %d): %s",
-                    source.peer_id,
-                    attempt + 1,
-                    exc,
-                )
+        try:
+            return await _download_spread(client, sources, expected_shapes, on_progress)
+        except ShoalError as exc:
+            errors.append(str(exc))
+            log.warning("state download failed (attempt %d): %s", attempt + 1, exc)
         if attempt + 1 < attempts:
             await asyncio.sleep(0.5 * (attempt + 1))
     raise ShoalError("could not download the outer state: " + "; ".join(errors[-4:]))
 
 
-async def _download_from(
-    client, source: PeerInfo, expected_shapes, on_progress
-) -> tuple[int, dict[str, torch.Tensor], dict]:
+@dataclass(frozen=True)
+class _Manifest:
+    round_id: int
+    size: int
+    sha256: str
+    num_chunks: int
+
+
+async def _manifest(client: PeerClient, source: PeerInfo) -> _Manifest:
     manifest = (await client.call(source.address, "POST", "/state/manifest", {})).payload
     try:
-        round_id, size, sha256, num_chunks = (
-            manifest[k] for k in ("round", "size", "sha256", "num_chunks")
-        )
+        found = _Manifest(*(manifest[k] for k in ("round", "size", "sha256", "num_chunks")))
         assert (
-            isinstance(size, int)
-            and isinstance(num_chunks, int)
-            and isinstance(sha256, str)
-            and 0 < num_chunks <= 1 << 20
+            isinstance(found.round_id, int)
+            and isinstance(found.size, int)
+            and isinstance(found.num_chunks, int)
+            and isinstance(found.sha256, str)
+            and 0 < found.num_chunks <= 1 << 20
         )
-    except (KeyError, AssertionError):
+    except (KeyError, AssertionError, TypeError):
         raise ProtocolError(f"bad state manifest from {source.peer_id}") from None
-    if size > client.max_response_bytes:
+    if found.size > client.max_response_bytes:
         raise ProtocolError(
-            f"state of {size} bytes exceeds the {client.max_response_bytes}-byte limit"
+            f"state of {found.size} bytes exceeds the {client.max_response_bytes}-byte limit"
         )
-    parts = []
-    for index in range(num_chunks):
-        answer = (
-            await client.call(
-                source.address, "POST", "/state/chunk", {"round": round_id, "index": index}
-            )
-        ).payload
-        data = answer.get("data")
-        if not isinstance(data, bytes):
-            raise ProtocolError("state chunk without data")
-        parts.append(data)
-        if on_progress is not None:
-            on_progress(index + 1, num_chunks)
+    return found
+
+
+async def _download_spread(
+    client: PeerClient, sources: Sequence[PeerInfo], expected_shapes, on_progress
+) -> tuple[int, dict[str, torch.Tensor], dict]:
+    """Ask up to MANIFEST_SOURCES sources for their manifest; among those serving the newest
+    round's blob (the same sha256: replicas in step serve byte-identical blobs), fetch chunk
+    i from holder (i + a random offset) mod H, CHUNKS_IN_FLIGHT at a time, so that joiners
+    arriving together spread over the swarm instead of all pulling from one peer. A holder
+    that fails a chunk is dropped and the chunk asked of the next one."""
+    if not sources:
+        raise ShoalError("no peer to download the state from")
+    asked = random.sample(list(sources), min(len(sources), MANIFEST_SOURCES))
+    answers = await asyncio.gather(*(_manifest(client, s) for s in asked), return_exceptions=True)
+    failures = [f"{s.peer_id}: {a}" for s, a in zip(asked, answers, strict=True) if _failed(a)]
+    served = [(s, a) for s, a in zip(asked, answers, strict=True) if not _failed(a)]
+    if not served:
+        raise ShoalError("; ".join(failures[-4:]))
+    groups: dict[_Manifest, list[PeerInfo]] = {}
+    for source, manifest in served:
+        groups.setdefault(manifest, []).append(source)
+    manifest, holders = max(groups.items(), key=lambda kv: (kv[0].round_id, len(kv[1])))
+    offset = random.randrange(len(holders))
+    parts: list[bytes | None] = [None] * manifest.num_chunks
+    gate = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
+    done = 0
+
+    async def fetch(index: int) -> None:
+        nonlocal done
+        async with gate:
+            for turn in range(len(holders)):
+                if not holders:
+                    break
+                holder = holders[(index + offset + turn) % len(holders)]
+                try:
+                    parts[index] = await _chunk(client, holder, manifest.round_id, index)
+                    break
+                except ShoalError as exc:
+                    failures.append(f"{holder.peer_id}: {exc}")
+                    if holder in holders:
+                        holders.remove(holder)
+            if parts[index] is None:
+                raise ShoalError(f"no holder delivered chunk {index}: {'; '.join(failures[-3:])}")
+            done += 1
+            if on_progress is not None:
+                on_progress(done, manifest.num_chunks)
+
+    try:
+        async with asyncio.TaskGroup() as group:  # one chunk that nobody delivers ends all
+            for index in range(manifest.num_chunks):
+                group.create_task(fetch(index))
+    except* ShoalError as failed:
+        raise failed.exceptions[0] from None
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(
-        None, _verify_and_parse, source.peer_id, parts, size, sha256, expected_shapes
+        None,
+        _verify_and_parse,
+        ",".join(sorted({h.peer_id for h in groups[manifest]})),
+        parts,
+        manifest.size,
+        manifest.sha256,
+        expected_shapes,
     )
+
+
+def _failed(answer: object) -> bool:
+    if isinstance(answer, BaseException) and not isinstance(answer, Exception):
+        raise answer  # cancellation, not a source's failure
+    return isinstance(answer, Exception)
+
+
+async def _chunk(client: PeerClient, holder: PeerInfo, round_id: int, index: int) -> bytes:
+    answer = (
+        await client.call(
+            holder.address, "POST", "/state/chunk", {"round": round_id, "index": index}
+        )
+    ).payload
+    data = answer.get("data")
+    if not isinstance(data, bytes):
+        raise ProtocolError("state chunk without data")
+    return data
 
 
 def _verify_and_parse(
