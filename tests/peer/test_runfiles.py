@@ -129,3 +129,14 @@ def test_accumulated_step_equals_one_step_on_the_whole_batch():
     for name, tensor in whole.items():
         # AdamW's first step is about lr·sign(g): a wrong sum would move weights by ~2·lr
         torch.testing.assert_close(accumulated[name], tensor, atol=1e-5, rtol=0)
+
+
+def test_a_bare_joiner_with_no_bootstrap_to_reach_gets_a_clear_error():
+    import asyncio
+
+    from shoal.peer.cli import configure
+    from shoal.peer.errors import ShoalError
+
+    values = settings("--bootstrap", "http://127.0.0.1:1", "--join-timeout", "0.5")
+    with pytest.raises(ShoalError, match="cannot reach bootstrap http://127.0.0.1:1"):
+        asyncio.run(asyncio.wait_for(configure(values), 20))
