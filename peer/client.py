@@ -1,8 +1,14 @@
 """The outgoing half of the transport: authenticated msgpack requests with bounded waits.
 
 Every call has a timeout; a response is read up to a size cap and its envelope (MAC,
-swarm id, version) is checked like a request's. Non-2xx answers come back as the typed
-errors of `peer.errors`; network failures as `PeerUnreachable`. The event loop only waits:
+swarm id, version, and the echo of our request's nonce) is checked like a request's, error
+answers included. Authenticated non-2xx answers come back as the typed errors of
+`peer.errors`; network failures as `PeerUnreachable`, and so does an answer, 2xx or not,
+that fails authentication: one we cannot attribute to the peer counts as no answer, so
+the caller's retries and deadlines apply and a forger on the path can do no more than
+drop packets (a wrong --swarm-key shows as "unauthenticated HTTP 401 answer"). An answer
+of another protocol version is a `VersionMismatch`: retrying cannot help, and its message
+names both versions. The event loop only waits:
 packing a large request and joining, hashing and unpacking a large response run in the
 default executor (`off_loop`).
 """
@@ -10,14 +16,17 @@ default executor (`off_loop`).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
 
+from shoal.peer.envelope import H_NONCE, NO_SWARM, Fields, VersionMismatch, response_path
 from shoal.peer.errors import PayloadTooLarge, ShoalError, error_for_status
-from shoal.peer.wire import NO_SWARM, Envelope, PreparedBody, WireCodec
+from shoal.peer.wire import Envelope, PreparedBody, WireCodec
 
 T = TypeVar("T")
 
@@ -54,11 +63,6 @@ class Traffic:
     @property
     def bytes_received(self) -> int:
         return sum(self.received.values())
-
-
-def response_path(path: str) -> str:
-    """What a response's MAC binds to: the request path, marked as an answer."""
-    return "response:" + path
 
 
 class PeerClient:
@@ -106,13 +110,18 @@ class PeerClient:
             self.wire.is_large(payload), self.wire.prepare, payload
         )
         headers = self.wire.headers(method, path, prepared, swarm_id=NO_SWARM if joining else None)
-        body = prepared.data
+        nonce, body = headers[H_NONCE], prepared.data
         limit = max_response_bytes or self.max_response_bytes
         timeout = aiohttp.ClientTimeout(total=timeout_s or self.request_timeout_s)
         kind = Traffic.kind(path)
         try:
             async with self._session.request(
-                method, address.rstrip("/") + path, data=body, headers=headers, timeout=timeout
+                method,
+                address.rstrip("/") + path,
+                data=body,
+                headers=headers,
+                timeout=timeout,
+                allow_redirects=False,  # a redirect could pass another peer's answer off as its own
             ) as resp:
                 self.traffic.sent[kind] += len(body)
                 declared = resp.content_length
@@ -127,18 +136,48 @@ class PeerClient:
                         raise PayloadTooLarge(f"{address}{path}: response exceeds {limit} bytes")
                     chunks.append(chunk)
                 self.traffic.received[kind] += size
+                answer = _Answer(address, path, resp.status, resp.headers, nonce, joining)
                 if resp.status >= 300:
-                    message = b"".join(chunks)[:500].decode("utf-8", "replace")
-                    raise error_for_status(resp.status, message)
+                    data = b"".join(chunks)
+                    self._authenticate(answer, data)
+                    raise error_for_status(resp.status, data[:500].decode("utf-8", "replace"))
                 large = size >= self.wire.compress_above_bytes
-                return await off_loop(large, self._open, path, resp.headers, chunks, joining, limit)
+                return await off_loop(large, self._open, answer, chunks, limit)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise PeerUnreachable(f"{address}{path}: {type(exc).__name__}: {exc}") from None
 
-    def _open(
-        self, path: str, headers: Mapping[str, str], chunks: list[bytes], joining: bool, limit: int
-    ) -> Envelope:
+    def _authenticate(self, answer: _Answer, data: bytes) -> Fields:
+        """The answer's envelope, checked against our request; see the module doc for why
+        a failure is PeerUnreachable."""
+        where = answer.address + answer.path
+        try:
+            return self.wire.verify(
+                "RESPONSE",
+                response_path(answer.path, answer.status),
+                answer.headers,
+                hashlib.sha256(data).digest(),
+                any_swarm=answer.joining,
+                expect_nonce=answer.nonce,
+            )
+        except VersionMismatch as exc:
+            raise VersionMismatch(f"{where}: answered in {exc}") from None
+        except ShoalError as exc:  # AuthError, or a malformed envelope (ProtocolError)
+            raise PeerUnreachable(
+                f"{where}: unauthenticated HTTP {answer.status} answer: {exc}"
+            ) from None
+
+    def _open(self, answer: _Answer, chunks: list[bytes], limit: int) -> Envelope:
         data = b"".join(chunks)
-        return self.wire.decode(
-            "RESPONSE", response_path(path), headers, data, any_swarm=joining, max_bytes=limit
-        )
+        return self.wire.open(self._authenticate(answer, data), data, limit)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What an answer must be checked against: where it came from and our request's nonce."""
+
+    address: str
+    path: str
+    status: int
+    headers: Mapping[str, str]
+    nonce: str
+    joining: bool

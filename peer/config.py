@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
+from shoal.peer.envelope import ID_PATTERN
 from shoal.peer.local_config import DataConfig, ScheduleConfig
 from shoal.peer.options import setting, stage_list
 from shoal.peer.protocol_config import ProtocolConfig
@@ -106,8 +107,8 @@ class NetworkConfig:
             raise ValueError(
                 f"--advertise must be a URL like http://host:port, got {self.advertise!r}"
             )
-        if not 0 < len(self.peer_id) <= 128:
-            raise ValueError("--peer-id must be 1..128 characters")
+        if not ID_PATTERN.fullmatch(self.peer_id):  # it travels in an envelope header
+            raise ValueError("--peer-id must be 1..128 of the characters A-Z a-z 0-9 . _ ~ : @ + -")
 
     @property
     def listen_host(self) -> str:

@@ -1,6 +1,8 @@
 """Outer rounds without a coordinator: publish, gather, agree, verify.
 
-Round r is named by its number; every message below carries it.
+Round r is named by its number; every message below carries it, and an answer naming
+another round than the one asked for counts as missing (a signed answer binds its request's
+nonce, but a peer could still answer a round-r question with round r-1's set).
 
 1. **Publish.** After its inner steps a peer stores its encoded contribution for round r
    in its RoundStore, as the prepared answer body (packed and hashed once, off the event
@@ -33,6 +35,7 @@ from typing import Any
 
 from shoal.peer.client import PeerClient, PeerUnreachable
 from shoal.peer.config import ProtocolConfig
+from shoal.peer.envelope import show
 from shoal.peer.errors import NotFound, ProtocolError, ShoalError
 from shoal.peer.membership import Membership, PeerInfo
 
@@ -142,6 +145,26 @@ class RoundExchange:
                 return None
         return None
 
+    def _for_round(
+        self, answer: dict[str, Any] | None, round_id: int, peer: PeerInfo, what: str
+    ) -> dict[str, Any] | None:
+        """`answer` if it names `round_id` (an int, not a bool), else None, logged: an answer
+        for another round, even a correctly signed one, counts as a missing answer."""
+        if answer is None:
+            return None
+        named = answer.get("round")
+        if type(named) is int and named == round_id:
+            return answer
+        log.warning(
+            "[%s] %s's %s answer names round %s, not %d: ignored",
+            self.me,
+            peer.peer_id,
+            what,
+            show(named),
+            round_id,
+        )
+        return None
+
     async def _fetch_contribution(
         self, round_id: int, owner: str, source: PeerInfo, deadline: float, wait: bool
     ) -> bool:
@@ -150,8 +173,10 @@ class RoundExchange:
         )
         if payload is None:
             return False
-        if payload.get("round") != round_id or payload.get("peer") != owner:
-            log.warning("[%s] %s answered for the wrong round/peer", self.me, source.peer_id)
+        if not self._for_round(payload, round_id, source, "contribution"):
+            return False
+        if payload.get("peer") != owner:
+            log.warning("[%s] %s answered for the wrong peer", self.me, source.peer_id)
             return False
         if owner in self.decoded.get(round_id, {}):
             return True
@@ -199,7 +224,8 @@ class RoundExchange:
             *(self._poll(p, "/round/set", {"round": round_id}, deadline, wait=True) for p in others)
         )
         final = set(held)
-        for answer in answers:
+        for peer, answer in zip(others, answers, strict=True):
+            answer = self._for_round(answer, round_id, peer, "set")
             ids = answer.get("peers") if answer else None
             if isinstance(ids, list) and all(isinstance(i, str) for i in ids):
                 final &= set(ids)
@@ -231,9 +257,12 @@ class RoundExchange:
                 for p in others
             )
         )
+        checked = [
+            self._for_round(a, round_id, p, "hash") for p, a in zip(others, answers, strict=True)
+        ]
         hashes = {
             p.peer_id: a.get("hash")
-            for p, a in zip(others, answers, strict=True)
+            for p, a in zip(others, checked, strict=True)
             if a and isinstance(a.get("hash"), str)
         }
         counts = Counter([my_hash, *hashes.values()])

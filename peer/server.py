@@ -8,6 +8,12 @@ and packing a large answer run in the executor (`client.off_loop`), and a prepar
 (our round contribution, packed once) is sent as it is. The dashboard endpoints (`/`,
 `/api/swarm`, `/metrics`) are read-only and unauthenticated.
 
+Before a handler runs, the request's envelope is parsed strictly (400 when malformed),
+authenticated (401), and its nonce admitted once by the replay cache (a replay is 401:
+`peer.replay`). Every answer of an RPC route, error answers included, carries our
+envelope: the request's nonce echoed and a MAC over the status and the body (the error
+text), so a client can tell a peer's refusal from a forged one (`peer.client`).
+
     POST /join                {peer, run}            → {swarm_id, run, peers, round}
     POST /run                 {}                     → {definition, sha256, tokenizer}
     POST /gossip              {peers}                → {peers}
@@ -22,17 +28,21 @@ and packing a large answer run in the executor (`client.off_loop`), and a prepar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from shoal.peer.client import Traffic, off_loop, response_path
+from shoal.peer.client import Traffic, off_loop
 from shoal.peer.dashboard import render_html
-from shoal.peer.errors import NotFound, ProtocolError, ShoalError
+from shoal.peer.envelope import parse_fields, response_path
+from shoal.peer.errors import NotFound, PayloadTooLarge, ProtocolError, ShoalError
 from shoal.peer.metrics import render_metrics
+from shoal.peer.replay import ReplayCache
 from shoal.peer.rounds import check_round_request
 from shoal.peer.wire import Envelope, PreparedBody
 from shoal.pipeline.worker import UnknownMicrobatch
@@ -43,12 +53,35 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 Handler = Callable[["Peer", Envelope], Awaitable[dict[str, Any] | PreparedBody]]
 NODE: web.AppKey[Peer] = web.AppKey("node")
+REPLAY: web.AppKey[ReplayCache] = web.AppKey("replay")
+# Set on every request to an RPC route: the nonce its answer echoes (None until parsed).
+ANSWER_NONCE: web.RequestKey[str | None] = web.RequestKey("answer_nonce")
 # Second line of defence behind the dashboard's escaping: nothing from elsewhere, ever.
 WRITE_STEP_BYTES = 1 << 20  # larger answers are written a megabyte at a time
 CSP = (
     "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
     "connect-src 'self'; img-src 'self' data:"
 )
+
+
+class MalformedHttpFilter(logging.Filter):
+    """aiohttp answers a request it cannot parse (a header over 8190 bytes, a control
+    character in one) with 400 itself, but logs it as an ERROR with a traceback: anyone who
+    can open a socket could fill the log with them. Here each becomes one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500:
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.msg = "malformed HTTP request from %s: %d (%s)"
+            record.args = (remote, exc.code, type(exc).__name__)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+if not any(isinstance(f, MalformedHttpFilter) for f in logging.getLogger("aiohttp.server").filters):
+    logging.getLogger("aiohttp.server").addFilter(MalformedHttpFilter())
 
 
 @web.middleware
@@ -58,7 +91,19 @@ async def error_middleware(request: web.Request, handler):
     except ShoalError as exc:
         node: Peer = request.app[NODE]
         log.info("[%s] %s %s → %d: %s", node.peer_id, request.method, request.path, exc.status, exc)
-        return web.Response(status=exc.status, text=str(exc))
+        body = str(exc).encode("utf-8", "backslashreplace")
+        headers = {}
+        if ANSWER_NONCE in request:  # an RPC route: its refusals are signed like its answers
+            digest = hashlib.sha256(body).digest()
+            headers = node.wire.headers(
+                "RESPONSE",
+                response_path(request.path, exc.status),
+                PreparedBody(body, "identity", digest),
+                nonce=request[ANSWER_NONCE],
+            )
+        return web.Response(
+            status=exc.status, body=body, headers=headers, content_type="text/plain"
+        )
 
 
 def rpc(
@@ -69,23 +114,28 @@ def rpc(
     async def wrapped(request: web.Request) -> web.Response:
         node: Peer = request.app[NODE]
         wire = node.wire
-        body = await request.read()  # aiohttp answers 413 itself above client_max_size
+        request[ANSWER_NONCE] = None
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:  # raised by aiohttp above client_max_size
+            raise PayloadTooLarge(
+                f"body exceeds the limit of {request.client_max_size} bytes"
+            ) from None
         kind = Traffic.kind(request.path)
         node.traffic.received[kind] += len(body)
+        fields = parse_fields(request.headers)
+        request[ANSWER_NONCE] = fields.nonce
         large = len(body) >= wire.compress_above_bytes
         envelope = await off_loop(
-            large,
-            wire.decode,
-            request.method,
-            request.path,
-            request.headers,
-            body,
-            any_swarm=any_swarm,
+            large, wire.decode, request.method, request.path, fields, body, any_swarm=any_swarm
         )
+        request.app[REPLAY].admit(envelope.sender, envelope.nonce, envelope.timestamp)
         answer = await handler(node, envelope)
         if not isinstance(answer, PreparedBody):
             answer = await off_loop(wire.is_large(answer), wire.prepare, answer)
-        headers = wire.headers("RESPONSE", response_path(request.path), answer)
+        headers = wire.headers(
+            "RESPONSE", response_path(request.path), answer, nonce=envelope.nonce
+        )
         node.traffic.sent[kind] += len(answer.data)
         if len(answer.data) <= WRITE_STEP_BYTES:
             return web.Response(
@@ -222,6 +272,7 @@ async def metrics(request: web.Request) -> web.Response:
 def make_app(node: Peer, max_request_bytes: int) -> web.Application:
     app = web.Application(client_max_size=max_request_bytes, middlewares=[error_middleware])
     app[NODE] = node
+    app[REPLAY] = ReplayCache(node.wire.max_clock_skew_s)
     app.router.add_post("/join", rpc(handle_join, any_swarm=True))
     app.router.add_post("/run", rpc(handle_run, any_swarm=True))
     app.router.add_post("/gossip", rpc(handle_gossip))

@@ -1,16 +1,15 @@
 """Wire format: msgpack bodies, an authenticated envelope in headers, tensors as raw bytes.
 
 Every request and every response between peers is one msgpack map (never pickle). The
-envelope travels in HTTP headers so the body stays a plain map:
-
-    X-Shoal-Version   protocol version (int); a mismatch is a ProtocolError
-    X-Shoal-Swarm     swarm id; a mismatch is an AuthError ("-" only on /join requests)
-    X-Shoal-Peer      sender's peer id
-    X-Shoal-Time      sender's unix time; older/newer than `max_clock_skew_s` is an AuthError
-    X-Shoal-Encoding  "zstd" when the body is zstd-framed, "identity" otherwise
-    X-Shoal-MAC       hex HMAC-SHA256, keyed by the swarm secret, over the method, the path,
-                      the other envelope fields and the body's SHA-256 (only when a secret
-                      is set)
+envelope travels in HTTP headers so the body stays a plain map: version, swarm id, sender,
+time, nonce, encoding and MAC, each parsed strictly before use (`peer.envelope` lists the
+headers and their shapes). The MAC is an HMAC-SHA256, keyed by the swarm secret, over the
+method, the path, the other envelope fields and the body's SHA-256 (only when a secret is
+set). A time further than `max_clock_skew_s` off our clock is an AuthError; within that
+window the server's replay cache (`peer.replay`) accepts each request's nonce once. An
+answer echoes its request's nonce under its MAC and binds its status through
+`response_path`: a recorded answer cannot be served for another request, nor an error
+status changed.
 
 Binding the method and path into the MAC means a body signed for one endpoint cannot be
 replayed against another. The MAC covers the body through its SHA-256 digest so that a
@@ -37,18 +36,21 @@ import numpy as np
 import torch
 
 from shoal.compression import CodecError, FrameTooLarge, zstd_frame_parts, zstd_unframe
+from shoal.peer.envelope import (  # noqa: F401 - re-exported
+    H_MAC,
+    H_TIME,
+    H_VERSION,
+    NO_SWARM,
+    PROTOCOL_VERSION,
+    SIGNED,
+    Fields,
+    mac,
+    new_nonce,
+    parse_fields,
+    show,
+)
 from shoal.peer.errors import AuthError, PayloadTooLarge, ProtocolError
 from shoal.peer.msgpack_large import unpack_large
-
-PROTOCOL_VERSION = 2  # 2: the MAC covers the body's SHA-256
-H_VERSION, H_SWARM, H_PEER, H_TIME = (
-    "X-Shoal-Version",
-    "X-Shoal-Swarm",
-    "X-Shoal-Peer",
-    "X-Shoal-Time",
-)
-H_ENCODING, H_MAC = "X-Shoal-Encoding", "X-Shoal-MAC"
-NO_SWARM = "-"
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -69,6 +71,7 @@ class Envelope:
     swarm_id: str
     timestamp: float
     payload: dict[str, Any]
+    nonce: str = ""
 
 
 @dataclass(frozen=True)
@@ -79,11 +82,6 @@ class PreparedBody:
     data: bytes
     encoding: str  # "zstd" or "identity"
     digest: bytes  # sha256(data)
-
-
-def _mac(key: bytes, method: str, path: str, fields: list[str], digest: bytes) -> str:
-    head = "\n".join([method.upper(), path, *fields]).encode() + b"\n"
-    return hmac.new(key, head + digest, hashlib.sha256).hexdigest()
 
 
 class WireCodec:
@@ -124,20 +122,27 @@ class WireCodec:
         return PreparedBody(body, encoding, hashlib.sha256(body).digest())
 
     def headers(
-        self, method: str, path: str, body: PreparedBody, *, swarm_id: str | None = None
+        self,
+        method: str,
+        path: str,
+        body: PreparedBody,
+        *,
+        swarm_id: str | None = None,
+        nonce: str | None = None,
     ) -> dict[str, str]:
         """The envelope headers for sending `body` as `method path` now (cheap: the MAC
-        covers the body's digest)."""
+        covers the body's digest). `nonce`: an answer's is its request's; None, a fresh one."""
         fields = [
             str(PROTOCOL_VERSION),
             swarm_id or self.swarm_id,
             self.peer_id,
             f"{time.time():.3f}",
+            nonce or new_nonce(),
             body.encoding,
         ]
-        headers = dict(zip((H_VERSION, H_SWARM, H_PEER, H_TIME, H_ENCODING), fields, strict=True))
+        headers = dict(zip(SIGNED, fields, strict=True))
         if self.key is not None:
-            headers[H_MAC] = _mac(self.key, method, path, fields, body.digest)
+            headers[H_MAC] = mac(self.key, method, path, fields, body.digest)
         return headers
 
     def encode(
@@ -155,67 +160,88 @@ class WireCodec:
     def sign(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> str:
         """The MAC for `body` under the envelope fields in `headers` (needs a swarm key)."""
         assert self.key is not None, "no swarm key to sign with"
-        fields = [headers[h] for h in (H_VERSION, H_SWARM, H_PEER, H_TIME, H_ENCODING)]
-        return _mac(self.key, method, path, fields, hashlib.sha256(body).digest())
+        fields = [headers[h] for h in SIGNED]
+        return mac(self.key, method, path, fields, hashlib.sha256(body).digest())
 
-    def decode(
+    def verify(
         self,
         method: str,
         path: str,
-        headers: Mapping[str, str],
-        body: bytes,
+        headers: Mapping[str, str] | Fields,
+        digest: bytes,
         *,
         any_swarm: bool = False,
-        max_bytes: int | None = None,
-    ) -> Envelope:
-        """Authenticate and parse a message; raise AuthError/ProtocolError/PayloadTooLarge.
+        expect_nonce: str | None = None,
+    ) -> Fields:
+        """Parse and authenticate an envelope whose body has SHA-256 `digest`: its fields
+        (ProtocolError when malformed or of another version, AuthError when the MAC, swarm,
+        time or, for an answer, the echoed `expect_nonce` is wrong).
 
         `any_swarm` skips the swarm-id check: for a join, where one side does not know the
         swarm id yet (the MAC still proves the other side holds the swarm key)."""
-        limit = self.max_body_bytes if max_bytes is None else max_bytes
-        if len(body) > limit:
-            raise PayloadTooLarge(f"body of {len(body)} bytes exceeds the limit of {limit}")
-        try:
-            fields = [headers[h] for h in (H_VERSION, H_SWARM, H_PEER, H_TIME, H_ENCODING)]
-        except KeyError as missing:
-            raise ProtocolError(f"missing envelope header {missing}") from None
-        version, swarm_id, sender, stamp, encoding = fields
+        fields = headers if isinstance(headers, Fields) else parse_fields(headers)
         if self.key is not None:
-            given = headers.get(H_MAC, "")
-            expected = _mac(self.key, method, path, fields, hashlib.sha256(body).digest())
-            if not hmac.compare_digest(given, expected):
+            expected = mac(self.key, method, path, fields.signed, digest)
+            if fields.mac is None or not hmac.compare_digest(fields.mac, expected):
                 raise AuthError("bad or missing HMAC: wrong swarm key?")
-        if version != str(PROTOCOL_VERSION):
-            raise ProtocolError(
-                f"protocol version {version!r}, this peer speaks {PROTOCOL_VERSION}"
+        if fields.swarm_id != self.swarm_id and not any_swarm:
+            raise AuthError(
+                f"message for swarm {show(fields.swarm_id)}, this is swarm {show(self.swarm_id)}"
             )
-        if swarm_id != self.swarm_id and not any_swarm:
-            raise AuthError(f"message for swarm {swarm_id!r}, this is swarm {self.swarm_id!r}")
-        try:
-            timestamp = float(stamp)
-        except ValueError:
-            raise ProtocolError(f"bad timestamp {stamp!r}") from None
-        if abs(time.time() - timestamp) > self.max_clock_skew_s:
+        if not abs(time.time() - fields.timestamp) <= self.max_clock_skew_s:
             raise AuthError(
                 f"timestamp off by more than {self.max_clock_skew_s:.0f} s (clock skew or replay)"
             )
-        if encoding == "zstd":
+        if expect_nonce is not None and fields.nonce != expect_nonce:
+            raise AuthError("answer bound to another request (its nonce is not ours)")
+        return fields
+
+    def open(self, fields: Fields, body: bytes, max_bytes: int | None = None) -> Envelope:
+        """The message of an authenticated envelope: its body unframed and unpacked."""
+        limit = self.max_body_bytes if max_bytes is None else max_bytes
+        if fields.encoding == "zstd":
             try:
                 raw = zstd_unframe(body, max_size=limit)
             except FrameTooLarge as exc:
                 raise PayloadTooLarge(f"zstd body exceeds the limit: {exc}") from None
             except CodecError as exc:
                 raise ProtocolError(f"bad zstd body: {exc}") from None
-        elif encoding == "identity":
-            raw = body
         else:
-            raise ProtocolError(f"unknown encoding {encoding!r}")
+            raw = body
         return Envelope(
-            sender=sender,
-            swarm_id=swarm_id,
-            timestamp=timestamp,
+            sender=fields.sender,
+            swarm_id=fields.swarm_id,
+            timestamp=fields.timestamp,
             payload=unpack_map(raw, self.compress_above_bytes),
+            nonce=fields.nonce,
         )
+
+    def decode(
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str] | Fields,
+        body: bytes,
+        *,
+        any_swarm: bool = False,
+        max_bytes: int | None = None,
+        expect_nonce: str | None = None,
+    ) -> Envelope:
+        """Authenticate and parse a message (`verify`, then `open`); raise AuthError,
+        ProtocolError or PayloadTooLarge. It does not consult a replay cache: the server
+        does, between this and acting on the message."""
+        limit = self.max_body_bytes if max_bytes is None else max_bytes
+        if len(body) > limit:
+            raise PayloadTooLarge(f"body of {len(body)} bytes exceeds the limit of {limit}")
+        fields = self.verify(
+            method,
+            path,
+            headers,
+            hashlib.sha256(body).digest(),
+            any_swarm=any_swarm,
+            expect_nonce=expect_nonce,
+        )
+        return self.open(fields, body, limit)
 
 
 def pack_parts(obj: Any, big_bytes: int) -> list[Any]:

@@ -25,6 +25,8 @@ class FakeNetwork:
         self.dead: set[str] = set()
         self.blocked: set[tuple[str, str]] = set()  # (fetcher, owner): that fetch always fails
         self.wrong_round: set[str] = set()  # owners whose answers name another round
+        # owner -> (peers, hash) it answers /round/set and /round/hash with, as round r - 1's
+        self.stale: dict[str, tuple[list[str], str]] = {}
         self.delay_s: dict[str, float] = {}  # owner -> how late its answers leave
 
     def client(self, me: str) -> "FakeClient":
@@ -53,6 +55,9 @@ class FakeClient:
                 lambda: store.contributions.get(round_id, {}).get(payload["peer"]), wait_s
             )
             answer = held and {"round": round_id + (owner in self.network.wrong_round), **held}
+        elif owner in self.network.stale:
+            peers, weights_hash = self.network.stale[owner]
+            answer = {"round": round_id - 1, "peers": peers, "hash": weights_hash}
         elif path == "/round/set":
             held = await store.wait_for(lambda: store.sets.get(round_id), wait_s)
             answer = held and {"round": round_id, "peers": held}
@@ -200,6 +205,26 @@ def test_an_answer_for_the_wrong_round_is_ignored():
 
     got, final = run(main())
     assert got["a"] == ["a", "b"] and final["a"] == ["a", "b"]
+
+
+def test_set_and_hash_answers_for_another_round_are_ignored():
+    """c answers round 1's questions with round 0's records: an empty set (which would
+    empty the intersection) and b's hash (which would outvote a's): both are ignored."""
+
+    async def main():
+        network = FakeNetwork()
+        network.stale["c"] = ([], "h2")
+        exchanges = swarm(network, ["a", "b", "c"])
+        _, final = await play_round(exchanges, round_id=1)
+        resyncs = await asyncio.gather(
+            exchanges["a"].verify(1, "h1", ["a", "b", "c"]),
+            exchanges["b"].verify(1, "h2", ["a", "b", "c"]),
+        )
+        return final, resyncs
+
+    final, resyncs = run(main())
+    assert final["a"] == final["b"] == ["a", "b", "c"]
+    assert resyncs == [[], []]  # a tie of a and b, not a majority of b's hash
 
 
 @pytest.mark.parametrize(
