@@ -5,10 +5,13 @@ Messages (see `peer.membership` for the table and its liveness rules):
   to any peer of the run; the answer refuses (409) a run config that differs and otherwise
   hands over the swarm id, the peer table and the run's round. The joiner retries an
   unreachable bootstrap for `join_timeout_s`.
-- `POST /gossip {peers}` → `{peers}`: every `heartbeat_interval_s` the agent bumps its
-  heartbeat and swaps tables with `gossip_fanout` random live peers, and probes one dead,
-  not yet forgotten peer off the heartbeat path (not awaited: a dead host may hang it).
-  A swap waits at most `gossip_wait_s()`.
+- `POST /gossip {digest}` → `{peers, beats, want}`, then `{peers}` if wanted (`peer.gossip`):
+  every `heartbeat_interval_s` the agent bumps its heartbeat and swaps digests with
+  `gossip_fanout` random live peers, and probes one dead, not yet forgotten peer off the
+  heartbeat path (not awaited: a dead host may hang it). Each message waits at most
+  `gossip_wait_s()`.
+- The --min-peers start barrier is swarm-wide (`gossip.barrier_open`): a peer gossips that
+  it is ready, and starts once `min_peers` are, or once any live peer already trains.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 from shoal.peer.client import PeerClient
 from shoal.peer.config import ProtocolConfig, RunConfig
 from shoal.peer.errors import ProtocolError, ShoalError
+from shoal.peer.gossip import Gossip, barrier_open
 from shoal.peer.membership import Membership, PeerInfo
 from shoal.peer.runfiles import call_bootstrap
 from shoal.peer.tasks import TaskOwner
@@ -60,6 +64,7 @@ class MembershipAgent:
         self.current_round = current_round
         self.before_beat = before_beat  # refreshes our entry's counters before each heartbeat
         self._rng = random.Random(secrets.randbits(64))
+        self.gossip = Gossip(self.membership, self._rng)
         self._probe: asyncio.Task | None = None
 
     @property
@@ -102,24 +107,30 @@ class MembershipAgent:
         }
 
     async def wait_for_peers(self, count: int, timeout_s: float) -> None:
-        """Wait until `count` peers (us included) are alive; ShoalError after `timeout_s`."""
+        """The start barrier: say we are ready, and wait until `count` live peers (us
+        included) are, or any live peer already trains (`gossip.barrier_open`); ShoalError
+        after `timeout_s`. Past it we say we train, which opens it for everyone still
+        waiting, so round 0 starts swarm-wide within a few heartbeats."""
         deadline = time.monotonic() + timeout_s
         log.info("[%s] waiting for %d peers before training", self.peer_id, count)
-        while len(self.membership.live_others()) + 1 < count:
+        self.me.phase = "ready"
+        self.membership.revise()
+        while not barrier_open(self.membership, count):
             if time.monotonic() > deadline:
-                alive = len(self.membership.live_others()) + 1
+                ready = sum(p.phase is not None for p in self.membership.live_others()) + 1
                 raise ShoalError(
-                    f"only {alive} of the {count} peers of --min-peers joined within "
-                    f"{timeout_s:.0f} s (--min-peers-timeout)"
+                    f"only {ready} of the {count} peers of --min-peers joined and were ready "
+                    f"within {timeout_s:.0f} s (--min-peers-timeout)"
                 )
             await asyncio.sleep(0.2)
+        self.me.phase = "training"
+        self.membership.revise()
 
     # ---- gossip ----------------------------------------------------------------------
 
     def gossip_answer(self, envelope: Envelope) -> dict[str, Any]:
-        """Answer a `/gossip` (server side): merge theirs, return ours."""
-        self.membership.merge(envelope.payload.get("peers"))
-        return {"peers": self.membership.table()}
+        """Answer a `/gossip` (server side), see `peer.gossip`."""
+        return self.gossip.answer(envelope.payload)
 
     def beat(self) -> None:
         self.before_beat(self.me)
@@ -133,26 +144,40 @@ class MembershipAgent:
             probe = self.membership.probe_target(self._rng)
             if probe is not None and (self._probe is None or self._probe.done()):
                 self._probe = self.tasks.spawn(self.gossip_with(probe), name="probe")
-            await asyncio.gather(*(self.gossip_with(p) for p in targets))
+            request = self.gossip.request()  # one digest for all targets
+            await asyncio.gather(*(self.gossip_with(p, request=request) for p in targets))
             await asyncio.sleep(interval)
 
-    async def gossip_with(self, peer: PeerInfo, timeout_s: float | None = None) -> bool:
-        """Swap tables with `peer`; False if it did not answer within `timeout_s` (default
-        `gossip_wait_s()`)."""
+    async def gossip_with(
+        self,
+        peer: PeerInfo,
+        timeout_s: float | None = None,
+        request: dict[str, Any] | None = None,
+    ) -> bool:
+        """One exchange with `peer` (`peer.gossip`); False if it did not answer within
+        `timeout_s` (default `gossip_wait_s()`). The entries it wants follow in a second
+        message, bounded the same; its failure loses nothing that a later exchange does not
+        bring."""
+        timeout_s = timeout_s or self.protocol.gossip_wait_s()
+        request = request or self.gossip.request()
         try:
             answer = await self.client.call(
-                peer.address,
-                "POST",
-                "/gossip",
-                {"peers": self.membership.table()},
-                timeout_s=timeout_s or self.protocol.gossip_wait_s(),
+                peer.address, "POST", "/gossip", request, timeout_s=timeout_s
             )
-            self.membership.merge(answer.payload.get("peers"))
-            return True
+            push = self.gossip.take_answer(answer.payload, request)
         except ShoalError as exc:
             log.debug("[%s] gossip with %s failed: %s", self.peer_id, peer.peer_id, exc)
             return False
+        if push is not None:
+            try:
+                await self.client.call(peer.address, "POST", "/gossip", push, timeout_s=timeout_s)
+            except ShoalError as exc:
+                log.debug("[%s] push to %s failed: %s", self.peer_id, peer.peer_id, exc)
+        return True
 
     async def announce(self) -> None:
-        """Swap tables with every live peer now, rather than at the next heartbeats."""
-        await asyncio.gather(*(self.gossip_with(p) for p in self.membership.live_others()))
+        """Swap digests with every live peer now, rather than at the next heartbeats."""
+        request = self.gossip.request()
+        await asyncio.gather(
+            *(self.gossip_with(p, request=request) for p in self.membership.live_others())
+        )

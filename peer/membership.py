@@ -1,12 +1,16 @@
 """Membership: the peer table, spread by gossip, with heartbeat-based failure detection.
 
-Protocol (SWIM-flavoured, no coordinator):
-- Every `heartbeat_interval_s` a peer bumps its own heartbeat counter and POSTs its table
-  to `gossip_fanout` random live peers (`/gossip`); the receiver merges and answers with
-  its own table, so one exchange spreads news both ways.
-- An entry is newer when its (incarnation, heartbeat) pair is larger; incarnation is the
-  owner's start time, so a restarted peer with the same id supersedes its old self.
-- Liveness is judged locally: a peer whose counter has not grown for `suspect_after_s` is
+Protocol (SWIM-flavoured, no coordinator; the messages are `peer.gossip`'s):
+- Every `heartbeat_interval_s` a peer bumps its own heartbeat counter and swaps digests
+  (peer id -> incarnation, heartbeat, revision) with `gossip_fanout` random live peers;
+  full entries travel only where a digest shows the other side lacks them or holds an
+  older revision, heartbeats alone travel as bare counters.
+- An entry has two versions. Its heartbeat (incarnation, heartbeat) says the owner is alive;
+  its revision (incarnation, revision) orders its content: the owner bumps `revision` when
+  anything but the heartbeat and the traffic counters changed, and for the counters alone at
+  most every `counters_every_s()`, so a heartbeat never costs a full entry. Incarnation is
+  the owner's start time, so a restarted peer with the same id supersedes its old self.
+- Liveness is judged locally: a peer whose heartbeat has not grown for `suspect_after_s` is
   suspect (still waited for), after `dead_after_s` it is dead (left out of rounds and
   gossip, shown as dead on the dashboard), after `forget_after_s` it is dropped.
 - Dead is not final: every interval a peer also probes one random dead (not yet forgotten)
@@ -29,6 +33,7 @@ from shoal.peer.errors import ProtocolError
 
 MAX_ENTRIES = 4096
 MAX_HISTORY_ROUNDS = 1000
+COUNTERS_EVERY_S = 10.0
 
 
 @dataclass
@@ -58,6 +63,8 @@ class PeerInfo:
     )
     loop_lag_ms_max: float | None = None  # its event loop's worst lateness over the last 60 s
     devices: str | None = None  # what trains: "cpu", "cuda:0", "2 x cuda (FSDP2)" (--nproc)
+    revision: int = 0  # the owner's count of content changes: orders two copies' content
+    phase: str | None = None  # "ready": at the --min-peers start barrier; "training": past it
 
     def version(self) -> tuple[float, int]:
         return (self.incarnation, self.heartbeat)
@@ -91,8 +98,24 @@ _STRINGS = {
     "partner": 128,
     "activation": 64,
     "devices": 64,
+    "phase": 16,
 }
-_INTS = {"heartbeat", "first_round", "round", "step", "bytes_sent", "bytes_received", "stage"}
+PHASES = ("ready", "training")
+_INTS = {
+    "heartbeat",
+    "first_round",
+    "round",
+    "step",
+    "bytes_sent",
+    "bytes_received",
+    "stage",
+    "revision",
+}
+# refreshed before every heartbeat; not worth a revision each (see Membership.revise)
+_COUNTERS = ("bytes_sent", "bytes_received", "loop_lag_ms_max")
+_CONTENT = tuple(
+    f.name for f in fields(PeerInfo) if f.name not in {"heartbeat", "revision", *_COUNTERS}
+)
 _FLOATS = {
     "incarnation",
     "train_loss",
@@ -118,6 +141,8 @@ def _check_field(name: str, value: Any) -> Any:
             )
         if name == "address" and not value.startswith(("http://", "https://")):
             raise ProtocolError(f"peer address {value!r} must be an http(s) URL")
+        if name == "phase" and value not in PHASES:
+            raise ProtocolError(f"peer phase must be one of {PHASES}")
         return value
     if name in _INTS:
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
@@ -154,32 +179,99 @@ class Membership:
         self.peers: dict[str, PeerInfo] = {me.peer_id: me}
         self.last_change: dict[str, float] = {me.peer_id: clock()}
         self.history: dict[str, dict[int, dict[str, float | None]]] = {}
+        self._content = self._counters = None
+        self._revised_at = -math.inf
+        self.revise()
         self._record_history(me)
 
     def beat(self) -> None:
-        """Advance our own heartbeat (once per interval)."""
+        """Advance our own heartbeat (once per interval), with a new revision if our entry's
+        content changed."""
+        self.revise()
         self.me.heartbeat += 1
         self.last_change[self.me.peer_id] = self.clock()
         self._record_history(self.me)
 
+    def revise(self) -> None:
+        """Bump our revision if our content changed since the last one, or only the traffic
+        counters did and the last revision is `counters_every_s()` old: every revision costs
+        each peer one full entry, so counters alone may cost the swarm only so many."""
+        content = tuple(getattr(self.me, name) for name in _CONTENT)
+        counters = tuple(getattr(self.me, name) for name in _COUNTERS)
+        now = self.clock()
+        if content != self._content or (
+            counters != self._counters and now - self._revised_at >= self.counters_every_s()
+        ):
+            if self._content is not None:
+                self.me.revision += 1
+            self._content, self._counters, self._revised_at = content, counters, now
+
+    def counters_every_s(self) -> float:
+        """Least seconds between revisions for the traffic counters alone: 10 s, and 0.1 s
+        more per peer known, so that the full entries they cause stay under 10 per second
+        per peer whatever the swarm's size (the dashboard's counters lag more in big ones)."""
+        return max(COUNTERS_EVERY_S, 0.1 * len(self.peers))
+
     def merge(self, entries: Any) -> int:
-        """Merge a gossiped table; returns how many entries were news. All-or-nothing."""
+        """Merge full entries (a table, or a gossip message's); returns how many were news.
+        All-or-nothing: every entry is validated before any is taken."""
         if not isinstance(entries, list) or len(entries) > MAX_ENTRIES:
             raise ProtocolError(f"peer table must be a list of at most {MAX_ENTRIES} entries")
-        parsed = [PeerInfo.from_wire(e) for e in entries]  # validate all before changing anything
+        return self.take([PeerInfo.from_wire(e) for e in entries])
+
+    def take(self, parsed: list[PeerInfo]) -> int:
+        """Merge entries already validated (`PeerInfo.from_wire`); returns how many were news.
+
+        A newer incarnation replaces the entry. Within one incarnation the content is taken
+        when its (revision, heartbeat) is larger, and the heartbeat is always the larger of
+        the two: heartbeats also travel alone (digests), so a copy may bring a newer
+        revision with an older heartbeat, or an older revision with a newer one. Neither
+        moves the heartbeat back, and an older revision never replaces newer content."""
         news = 0
         now = self.clock()
         for info in parsed:
             if info.peer_id == self.me.peer_id:
                 continue  # only we speak for ourselves
             known = self.peers.get(info.peer_id)
-            if known is None or info.version() > known.version():
-                self.peers[info.peer_id] = info
-                self.last_change[info.peer_id] = now
-                self._record_history(info)
+            if known is None or info.incarnation > known.incarnation:
+                self._replace(info, now, alive=True)
                 news += 1
+            elif info.incarnation == known.incarnation:
+                fresher = info.heartbeat > known.heartbeat
+                if (info.revision, info.heartbeat) > (known.revision, known.heartbeat):
+                    info.heartbeat = max(info.heartbeat, known.heartbeat)
+                    self._replace(info, now, alive=fresher)
+                    news += 1
+                elif fresher:  # older content, but its heartbeat is news
+                    news += self.heard(info.peer_id, info.incarnation, info.heartbeat)
         self._forget_old(now)
         return news
+
+    def heard(self, peer_id: str, incarnation: float, heartbeat: int) -> bool:
+        """A digest's bare heartbeat for an entry we hold: taken (the peer is alive) when it
+        is the same incarnation's and larger. True if it was news."""
+        known = self.peers.get(peer_id)
+        if (
+            peer_id == self.me.peer_id
+            or known is None
+            or known.incarnation != incarnation
+            or heartbeat <= known.heartbeat
+        ):
+            return False
+        known.heartbeat = heartbeat
+        self.last_change[peer_id] = self.clock()
+        return True
+
+    def digest(self) -> dict[str, list]:
+        """{peer id: [incarnation, heartbeat, revision]} of every entry we gossip."""
+        return {pid: [p.incarnation, p.heartbeat, p.revision] for pid, p in self.gossiped()}
+
+    def gossiped(self) -> list[tuple[str, PeerInfo]]:
+        """(id, entry) of everyone not dead, us included: what we gossip. One clock reading
+        for the whole table (this runs for every gossip message)."""
+        cutoff = self.clock() - self.dead_after_s
+        me, last = self.me.peer_id, self.last_change
+        return [(pid, p) for pid, p in self.peers.items() if pid == me or last[pid] > cutoff]
 
     def status(self, peer_id: str) -> str:
         if peer_id == self.me.peer_id:
@@ -190,7 +282,7 @@ class Membership:
         return "suspect" if silent_s >= self.suspect_after_s else "alive"
 
     def quiet_for(self, peer_id: str) -> float:
-        """Seconds since `peer_id`'s entry last changed (inf if unknown)."""
+        """Seconds since `peer_id`'s heartbeat last grew here (inf if unknown)."""
         return self.clock() - self.last_change.get(peer_id, -math.inf)
 
     def declare_dead(self, peer_id: str) -> None:
@@ -226,8 +318,15 @@ class Membership:
         return rng.choice(dead) if dead else None
 
     def table(self) -> list[dict[str, Any]]:
-        """Entries to gossip: everyone not yet dead (dead ones are judged by each peer)."""
-        return [p.to_wire() for pid, p in self.peers.items() if self.is_alive(pid)]
+        """Entries to hand over whole (a join's answer): everyone not yet dead (dead ones are
+        judged by each peer)."""
+        return [p.to_wire() for _, p in self.gossiped()]
+
+    def _replace(self, info: PeerInfo, now: float, alive: bool) -> None:
+        self.peers[info.peer_id] = info
+        if alive:
+            self.last_change[info.peer_id] = now
+        self._record_history(info)
 
     def _record_history(self, info: PeerInfo) -> None:
         rounds = self.history.setdefault(info.peer_id, {})
