@@ -16,7 +16,7 @@ text), so a client can tell a peer's refusal from a forged one (`peer.client`).
 
     POST /join                {peer, run}            → {swarm_id, run, peers, round}
     POST /run                 {}                     → {definition, sha256, tokenizer}
-    POST /gossip              {peers}                → {peers}
+    POST /gossip              {digest} | {peers}     → {peers, beats, want} | {}
     POST /round/contribution  {round, peer, wait_s}  → {round, peer, tensors} | 404
     POST /round/set           {round, wait_s}        → {round, peers} | 404
     POST /round/hash          {round, wait_s}        → {round, hash} | 404
