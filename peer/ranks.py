@@ -348,4 +348,8 @@ def follow(trainer: InnerTrainer, inner: InnerConfig, eval_set) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s rank %(message)s")
-    sys.exit(serve_rank(os.environ.get("SHOAL_RANK_DEVICE", "auto")))
+    code = serve_rank(os.environ.get("SHOAL_RANK_DEVICE", "auto"))
+    logging.shutdown()
+    # the group is destroyed; skip the interpreter's teardown, where a gloo thread still
+    # being destroyed (with FSDP) sometimes aborts the process
+    os._exit(code)
