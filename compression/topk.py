@@ -103,6 +103,7 @@ class TopKCodec(Codec):
 
     name = "topk"
     codec_id = 6
+    sparse = True  # averaging is not elementwise on the wire: no reduce-scatter (peer.reduce)
 
     def __init__(
         self,

@@ -48,6 +48,25 @@ class DiLoCo(OuterOptimizer):
                 raise ContributionError(f"{name}: non-finite values")
         return decoded
 
+    @property
+    def reducible(self) -> bool:
+        dense = not getattr(self.codec, "sparse", False)
+        return dense and len(self.slices) == 1 and self.config.exchange == "auto"
+
+    def flat_delta(self, local_weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        self._check_names(list(local_weights), "local weights")
+        return torch.cat(
+            [
+                (outer - local_weights[name].detach().to("cpu", torch.float32)).reshape(-1)
+                for name, outer in self.params.items()
+            ]
+        )
+
+    def apply_mean(self, mean: torch.Tensor) -> None:
+        sizes = [param.numel() for param in self.params.values()]
+        pieces = torch.split(mean, sizes)
+        self.apply([{n: p.view(self.shapes[n]) for n, p in zip(self.params, pieces, strict=True)}])
+
     def apply(self, contributions: Sequence[Tensors]) -> None:
         for name, param in self.params.items():
             # the mean over the contributions that hold this tensor (with pipeline stages, a

@@ -40,6 +40,7 @@ class OuterConfig:
     fragments: int = 1  # Streaming DiLoCo's P
     overlap: int = 0  # Streaming DiLoCo's τ: inner steps the exchange overlaps
     mix: float = 0.5  # Streaming DiLoCo's α in θ_local ← α·θ_local + (1−α)·θ_outer
+    exchange: str = "auto"  # auto: reduce-scatter where the codec is dense; gather: always
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -56,6 +57,8 @@ class OuterConfig:
             raise ValueError(f"--overlap must be >= 0, got {self.overlap}")
         if not 0 <= self.mix < 1:
             raise ValueError(f"--mix must be in [0, 1), got {self.mix}")
+        if self.exchange not in ("auto", "gather"):
+            raise ValueError(f"--exchange must be auto or gather, got {self.exchange!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,6 +125,22 @@ class OuterOptimizer(ABC):
     @abstractmethod
     def apply(self, contributions: Sequence[Any]) -> None:
         """Aggregate the round's decoded contributions and step the outer weights."""
+
+    @property
+    def reducible(self) -> bool:
+        """True if the round's average can be computed by reduce-scatter (`peer.reduce`):
+        the pseudo-gradient is one dense flat vector (`flat_delta`), the same length on every
+        peer, averaged elementwise and stepped with `apply_mean`."""
+        return False
+
+    def flat_delta(self, local_weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The pseudo-gradient θ − θ_local as one flat float32 vector (reducible only)."""
+        raise NotImplementedError(f"{type(self).__name__} is not reducible")
+
+    def apply_mean(self, mean: torch.Tensor) -> None:
+        """Step the outer weights with the swarm's mean pseudo-gradient, flat like
+        `flat_delta` (reducible only)."""
+        raise NotImplementedError(f"{type(self).__name__} is not reducible")
 
     @property
     def overlap_steps(self) -> int:

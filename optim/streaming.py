@@ -119,12 +119,7 @@ class StreamingDiLoCo(OuterOptimizer):
         return sum(b - a for _, a, b in self.plan[self.fragment if fragment is None else fragment])
 
     def contribution(self, local_weights: Mapping[str, torch.Tensor]) -> dict[str, bytes]:
-        self._check_names(list(local_weights), "local weights")
-        return {
-            f"fragment/{self.fragment}": self.codec.encode(
-                self._gather(self.params) - self._gather(local_weights)
-            )
-        }
+        return {f"fragment/{self.fragment}": self.codec.encode(self.flat_delta(local_weights))}
 
     def decode_contribution(self, payload: Mapping[str, bytes]) -> torch.Tensor:
         key = f"fragment/{self.fragment}"
@@ -142,6 +137,17 @@ class StreamingDiLoCo(OuterOptimizer):
         if not torch.isfinite(delta).all():
             raise ContributionError(f"{key}: non-finite values")
         return delta
+
+    @property
+    def reducible(self) -> bool:
+        return not getattr(self.codec, "sparse", False) and self.config.exchange == "auto"
+
+    def flat_delta(self, local_weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        self._check_names(list(local_weights), "local weights")
+        return self._gather(self.params) - self._gather(local_weights)
+
+    def apply_mean(self, mean: torch.Tensor) -> None:
+        self.apply([mean])
 
     def apply(self, contributions: Sequence[torch.Tensor]) -> None:
         if not contributions:

@@ -188,7 +188,7 @@ def _peer_row(
         f"<td>{_fmt(p.get('tokens_per_s'), ',.0f')}</td>",
         f"<td>{human_bytes(p.get('bytes_sent'))}</td><td>{human_bytes(p.get('bytes_received'))}</td>",
         _loop_lag_cell(p.get("loop_lag_ms_max")),
-        f'<td>{_ago(now, p.get("last_seen"))}</td><td class="st l">{state}</td>',
+        f'<td>{_ago(now, p.get("last_seen"))}</td><td class="st l">{state}{_left_out(p)}</td>',
         f"<td{drift}><code>{_text(weights_hash[:8])}</code></td>",
     ]
     if pairwise:
@@ -197,6 +197,12 @@ def _peer_row(
             f"{_fmt(p.get('partner_distance'), '.2e')}</td>"
         )
     return f'<tr class="{state}{" me" if me else ""}">{"".join(cells)}</tr>'
+
+
+def _left_out(p: dict[str, Any]) -> str:
+    """Why this peer's contributions were left out of a round by us (implausible sets)."""
+    why = p.get("left_out")
+    return f' <span class="bad">· left out: {_text(why)}</span>' if why else ""
 
 
 def _loop_lag_cell(lag_ms: Any) -> str:

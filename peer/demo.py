@@ -22,6 +22,7 @@ from typing import Any
 
 from shoal.peer.cli import DEMO_GROUPS, DemoSettings, run_config_from
 from shoal.peer.options import build_section, flag_fields, key_name
+from shoal.peer.reduce import PSEUDO_GRADIENT_KINDS
 
 STARTUP_TIMEOUT_S = 120.0
 SERVING = re.compile(r"^shoal peer \S+ serving (http://\S+) ")
@@ -107,7 +108,9 @@ def summarize(values: dict[str, Any], reports: list[dict], wall_s: float) -> dic
     # fp32 ring all-reduce: each peer sends 2(n-1)/n of the gradient every inner step
     ddp_bytes = int(steps * 2 * (n - 1) / n * 4 * params) if n > 1 else 0
     sent = sum(r["bytes_sent"] for r in reports)
-    contribution_bytes = sum(r["bytes_sent_by_kind"].get("contribution", 0) for r in reports)
+    contribution_bytes = sum(
+        r["bytes_sent_by_kind"].get(kind, 0) for r in reports for kind in PSEUDO_GRADIENT_KINDS
+    )
     # peers that hold the same tensors (full replicas; the peers of one stage) end bit-equal
     final_hashes: dict[tuple, set[str]] = {}
     for r in reports:

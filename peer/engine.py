@@ -16,12 +16,13 @@ with the weights hash computed there once, which the publisher serves and checkp
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import random
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -31,10 +32,12 @@ from shoal.optim.registry import build_outer
 from shoal.peer.checkpoint import load_latest
 from shoal.peer.config import RunConfig
 from shoal.peer.errors import ShoalError, Stopped
-from shoal.peer.holders import covers, same_slice_as
+from shoal.peer.holders import covers, expected_replicas, holding_ours
 from shoal.peer.publisher import Snapshot, take_snapshot
+from shoal.peer.reduce import PSEUDO_GRADIENT_KINDS, ShardedMean
 from shoal.peer.roles import PeerContext, Role
-from shoal.peer.rounds import RoundExchange, RoundStore
+from shoal.peer.rounds import RoundExchange, state_check
+from shoal.peer.roundstore import RoundStore
 from shoal.peer.runfiles import load_init_weights
 from shoal.peer.statesync import download_state
 from shoal.peer.wire import WireCodec
@@ -51,6 +54,11 @@ class RoundEngine:
         protocol = ctx.config.protocol
         self.exchange = RoundExchange(
             ctx.client, ctx.agent.membership, store, protocol, self._decode
+        )
+        self.sharded = ShardedMean(
+            self.exchange,
+            lambda piece: self.outer.codec.encode(piece),
+            lambda data, count: self.outer.codec.decode(data, (count,)),
         )
         self.trainer: Any = None  # built by `build` (training thread)
         self.outer: Any = None
@@ -155,13 +163,18 @@ class RoundEngine:
         self.ctx.thread.check()
         self.ctx.thread.call_soon(self._note_step, step, loss, self.trainer.last_grad_norm)
 
-    def _contribution(self, round_id: int) -> tuple[dict[str, bytes], Any]:
+    def _contribution(self, round_id: int) -> tuple[dict[str, bytes] | None, Any]:
+        """The encoded contribution and its decoded self (what others decode); with
+        reduce-scatter, None and the flat pseudo-gradient (encoded shard by shard)."""
         self.outer.begin_round(round_id)
-        payload = self.outer.contribution(self.trainer.local_weights())
-        return payload, self.outer.decode_contribution(payload)  # use what others decode
+        local = self.trainer.local_weights()
+        if self.outer.reducible:
+            return None, self.outer.flat_delta(local)
+        payload = self.outer.contribution(local)
+        return payload, self.outer.decode_contribution(payload)
 
-    def _apply(self, round_id: int, contributions: list) -> tuple[float | None, Snapshot]:
-        self.outer.apply(contributions)
+    def _apply(self, round_id: int, step: Callable[[], None]) -> tuple[float | None, Snapshot]:
+        step()  # the outer step: apply the round's contributions, or their mean
         # the live parameters: no copy unless merged
         self.trainer.load_weights(self.outer.merged_local(self.trainer.params))
         self.ctx.progress.round = round_id + 1
@@ -187,10 +200,11 @@ class RoundEngine:
         self.ctx.agent.me.weights_hash = snapshot.weights_hash
         self.ctx.publisher.publish(snapshot)
 
-    async def download(self, sources: list, attempts: int) -> None:
-        """Load the outer state from `sources` (its chunks spread over those in step)."""
+    async def download(self, sources: list, attempts: int, check: Any = None) -> None:
+        """Load the outer state from `sources` (its chunks spread over those in step);
+        `check`: see `download_state`."""
         round_id, tensors, _ = await download_state(
-            self.ctx.client, sources, self.state_shapes, attempts=attempts
+            self.ctx.client, sources, self.state_shapes, attempts=attempts, check=check
         )
         self.publish_snapshot(await self.ctx.thread.run(self.load_state, round_id, tensors))
         log.info("[%s] loaded the swarm's outer state of round %d", self.peer_id, round_id)
@@ -264,23 +278,32 @@ class RoundEngine:
                 pending.cancel()
 
     async def _sync_round(
-        self, round_id: int, stats: InnerStats, payload: dict[str, bytes], own: Any
+        self, round_id: int, stats: InnerStats, payload: dict[str, bytes] | None, own: Any
     ) -> None:
         """Publish our contribution, settle the round with the swarm (or with one partner),
         step the outer weights, verify and log."""
         protocol, exchange = self.config.protocol, self.exchange
-        answer = {"round": round_id, "peer": self.peer_id, "tensors": payload}
-        loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(None, self.wire.prepare, answer)  # once, for all
-        await exchange.publish(round_id, prepared, own)
-        if self.outer.pairwise:
-            got = final = await self._exchange_with_partner(round_id)
+        gather_s = protocol.gather_deadline_s(stats.seconds)
+        if payload is None:  # reduce-scatter: `own` is our flat pseudo-gradient
+            self.sharded.publish(round_id, own)
+            view = expected_replicas(self.ctx.agent.membership, round_id)
+            final = await exchange.agree(round_id, gather_s + protocol.agree_timeout_s, view)
+            got = sorted({*view, self.peer_id})
+            mean, final = await self.sharded.mean(round_id, final, gather_s)
+            step = functools.partial(self.outer.apply_mean, mean)
         else:
-            gather_s = protocol.gather_deadline_s(stats.seconds)
-            got = await exchange.gather(round_id, gather_s)
-            final = await exchange.agree(round_id, gather_s + protocol.agree_timeout_s)
-        contributions = exchange.contributions(round_id, final)
-        eval_loss, snapshot = await self.ctx.thread.run(self._apply, round_id, contributions)
+            answer = {"round": round_id, "peer": self.peer_id, "tensors": payload}
+            loop = asyncio.get_running_loop()
+            prepared = await loop.run_in_executor(None, self.wire.prepare, answer)  # once
+            await exchange.publish(round_id, prepared, own)
+            if self.outer.pairwise:
+                got = final = await self._exchange_with_partner(round_id)
+            else:
+                got = await exchange.gather(round_id, gather_s)
+                final = await exchange.agree(round_id, gather_s + protocol.agree_timeout_s)
+            contributions = exchange.contributions(round_id, final)
+            step = functools.partial(self.outer.apply, contributions)
+        eval_loss, snapshot = await self.ctx.thread.run(self._apply, round_id, step)
         self.role.on_applied()
         resynced = False
         if self.outer.pairwise:
@@ -301,15 +324,12 @@ class RoundEngine:
         """Compare weight hashes with the round's participants; a peer in the minority
         downloads the majority's outer state (loaded between two inner phases: the training
         thread runs one job at a time). True if it resynced."""
-        membership = self.ctx.agent.membership
-        same_slice = [
-            p
-            for p in final
-            if p in membership.peers and same_slice_as(membership.peers[p], membership.me)
-        ]
-        majority = await self.exchange.verify(round_id, new_hash, same_slice)
+        same_slice = holding_ours(self.ctx.agent.membership, final)
+        majority, top_hash = await self.exchange.verify(round_id, new_hash, same_slice)
         if majority:
-            await self.download(majority, attempts=self.config.protocol.state_download_attempts)
+            check = state_check(self.exchange, round_id, top_hash, same_slice)
+            attempts = self.config.protocol.state_download_attempts
+            await self.download(majority, attempts, check)
             log.warning(
                 "[%s] round %d: resynced the outer state from the majority (now round %d)",
                 self.peer_id,
@@ -319,33 +339,14 @@ class RoundEngine:
         return bool(majority)
 
     async def _exchange_with_partner(self, round_id: int) -> list[str]:
-        """NoLoCo: fetch one random live replica's contribution for this step, waiting at most
-        `partner_timeout_s`; returns the group (us, plus the partner if it answered). A
-        failed partner costs this step its averaging, never more than the timeout."""
-        candidates = [
-            p
-            for p in self.ctx.agent.membership.live_others()
-            if p.role == "replica" and p.first_round <= round_id
-        ]
-        self._partner_wait_s = 0.0
-        if not candidates:
-            return [self.peer_id]
-        partner = self._rng.choice(candidates)
+        """NoLoCo: average with one random live replica (`RoundExchange.partner`)."""
         begin = time.monotonic()
-        answered = await self.exchange.fetch(
-            round_id, partner, self.config.protocol.partner_timeout_s
-        )
+        timeout_s = self.config.protocol.partner_timeout_s
+        group, partner = await self.exchange.partner(round_id, self._rng, timeout_s)
         self._partner_wait_s = time.monotonic() - begin
-        if not answered:
-            log.info(
-                "[%s] step %d: partner %s did not answer; stepping alone",
-                self.peer_id,
-                round_id,
-                partner.peer_id,
-            )
-            return [self.peer_id]
-        self.ctx.agent.me.partner = partner.peer_id
-        return sorted([self.peer_id, partner.peer_id])
+        if partner is not None:
+            self.ctx.agent.me.partner = partner
+        return group
 
     def _log_round(
         self,
@@ -375,7 +376,7 @@ class RoundEngine:
             "inner_seconds": stats.seconds,
             "time": time.time(),
             "bytes_sent": traffic.bytes_sent,
-            "contribution_bytes_sent": traffic.sent["contribution"],
+            "contribution_bytes_sent": sum(traffic.sent[k] for k in PSEUDO_GRADIENT_KINDS),
             "partner_distance": me.partner_distance,
             "partner_wait_s": self._partner_wait_s,
         }

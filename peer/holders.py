@@ -20,9 +20,24 @@ def same_slice_as(peer: PeerInfo, me: PeerInfo) -> bool:
     return peer.role == me.role and (me.role != "stage" or peer.stage == me.stage)
 
 
+def holding_ours(membership: Membership, peer_ids: list[str]) -> list[str]:
+    """Those of `peer_ids` (us included) that hold exactly our tensors."""
+    peers = membership.peers
+    return [p for p in peer_ids if p in peers and same_slice_as(peers[p], membership.me)]
+
+
 def covers(peer: PeerInfo, me: PeerInfo) -> bool:
     """True if `peer`'s outer state includes ours (a source to download it from)."""
     return peer.role == "replica" or same_slice_as(peer, me)
+
+
+def expected_replicas(membership: Membership, round_id: int) -> list[str]:
+    """The live full replicas (not us) whose contribution round `round_id` waits for."""
+    return [
+        p.peer_id
+        for p in membership.live_others()
+        if p.role == "replica" and p.first_round <= round_id
+    ]
 
 
 def choose_stage(membership: Membership, num_stages: int) -> int:

@@ -42,7 +42,7 @@ from shoal.peer.membership import Membership, PeerInfo
 from shoal.peer.publisher import StatePublisher
 from shoal.peer.recovery import StageRecovery
 from shoal.peer.roles import PeerContext, Progress, Role, make_role
-from shoal.peer.rounds import RoundStore
+from shoal.peer.roundstore import RoundStore
 from shoal.peer.runconfig import tokenizer_ref
 from shoal.peer.runfiles import RunDefinition, keep_tokenizer, run_answer
 from shoal.peer.server import make_app
@@ -332,6 +332,7 @@ class Peer:
             entry["alive"] = entry["status"] != "dead"
             quiet_s = membership.clock() - membership.last_change.get(pid, 0.0)
             entry["last_seen"] = time.time() - quiet_s
+            entry["left_out"] = self.engine.exchange.flagged.get(pid) if self.engine else None
             peers.append(entry)
         run = self.config.run
         history = {

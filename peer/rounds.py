@@ -14,13 +14,21 @@ nonce, but a peer could still answer a round-r question with round r-1's set).
    measured inner-phase time) passes. Each contribution is decoded and validated as it arrives; an
    invalid one is dropped (every honest peer drops the same bytes).
 3. **Agree.** It publishes the set of peer ids it holds (`/round/set`) and fetches the
-   sets of those peers. The round's set is the intersection of the sets it obtained: a
-   contribution that any participant missed is left out by everyone who sees that
-   participant's set, so peers that saw the same sets aggregate exactly the same
-   contributions (a late joiner that reached only some peers is left out by all).
+   sets of those peers. The round's set is decided by majority (`decide_set`): every id
+   held by at least half of the peers whose sets it obtained (itself included), less any
+   peer whose own set holds fewer than half of those (flagged: one peer publishing an
+   empty set no longer empties the round, as the intersection of the sets once did). A
+   contribution in the set that it missed is fetched from its owner, else from a peer
+   that holds it (peers serve what they gathered); peers that saw the same sets apply the
+   same contributions, and one that could not fetch one shows up in step 4.
 4. **Verify.** After the outer step it publishes its weights hash for round r
-   (`/round/hash`) and compares with the participants'. A peer in a strict minority
-   resyncs its outer state from a peer of the majority (see `peer.statesync`).
+   (`/round/hash`) and compares with the participants' (one vote per peer id). A peer in
+   a strict minority resyncs its outer state from the majority's peers (`peer.statesync`)
+   and refuses a downloaded state whose weights do not hash to the majority's hash
+   (`state_check`), whatever its server claims.
+
+With reduce-scatter (`peer.reduce`, dense codecs) step 2 is skipped: the set a peer
+publishes is the peers it expects, and the agreed set is averaged shard by shard.
 
 Timeouts end every wait; a dead or silent peer costs at most the deadline, never the run.
 """
@@ -29,64 +37,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import torch
+
+from shoal.optim.outer import weights_hash
 from shoal.peer.client import PeerClient, PeerUnreachable
 from shoal.peer.config import ProtocolConfig
 from shoal.peer.envelope import show
-from shoal.peer.errors import NotFound, ProtocolError, ShoalError
+from shoal.peer.errors import NotFound, ShoalError
 from shoal.peer.membership import Membership, PeerInfo
+from shoal.peer.roundstore import RoundStore
+from shoal.peer.statesync import StateCheck
 
 log = logging.getLogger(__name__)
 
 Decoder = Callable[[Any], Awaitable[Any]]  # raises ValueError on an unusable contribution
-
-
-class RoundStore:
-    """What this peer holds for recent rounds and serves to others (event-loop only)."""
-
-    def __init__(self, rounds_kept: int = 3) -> None:
-        self.rounds_kept = rounds_kept
-        self.contributions: dict[int, dict[str, Any]] = {}
-        self.sets: dict[int, list[str]] = {}
-        self.hashes: dict[int, str] = {}
-        self._changed = asyncio.Event()
-
-    def _bump(self, round_id: int) -> None:
-        for table in (self.contributions, self.sets, self.hashes):
-            for old in [r for r in table if r <= round_id - self.rounds_kept]:
-                del table[old]
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    def put_contribution(self, round_id: int, peer_id: str, answer: Any) -> None:
-        """`answer`: what `/round/contribution` returns for it (a prepared body)."""
-        self.contributions.setdefault(round_id, {})[peer_id] = answer
-        self._bump(round_id)
-
-    def put_set(self, round_id: int, peer_ids: list[str]) -> None:
-        self.sets[round_id] = peer_ids
-        self._bump(round_id)
-
-    def put_hash(self, round_id: int, weights_hash: str) -> None:
-        self.hashes[round_id] = weights_hash
-        self._bump(round_id)
-
-    async def wait_for(self, lookup: Callable[[], Any], wait_s: float) -> Any:
-        """Return `lookup()` once it is not None, or None after `wait_s`."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(0.0, wait_s)
-        while (value := lookup()) is None:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return None
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                return None
-        return value
 
 
 class RoundExchange:
@@ -106,6 +75,7 @@ class RoundExchange:
         self.protocol = protocol
         self.decode = decode
         self.decoded: dict[int, dict[str, Any]] = {}
+        self.flagged: dict[str, str] = {}  # peer id -> why its set was left out (dashboard)
 
     @property
     def me(self) -> str:
@@ -117,7 +87,7 @@ class RoundExchange:
         self.decoded = {round_id: {self.me: decoded}}
         self.store.put_contribution(round_id, self.me, answer)
 
-    async def _poll(
+    async def poll(
         self, peer: PeerInfo, path: str, request: dict[str, Any], deadline: float, wait: bool
     ) -> dict[str, Any] | None:
         """Long-poll `path` at `peer` until it answers, the deadline passes or the peer dies."""
@@ -145,7 +115,7 @@ class RoundExchange:
                 return None
         return None
 
-    def _for_round(
+    def for_round(
         self, answer: dict[str, Any] | None, round_id: int, peer: PeerInfo, what: str
     ) -> dict[str, Any] | None:
         """`answer` if it names `round_id` (an int, not a bool), else None, logged: an answer
@@ -168,12 +138,12 @@ class RoundExchange:
     async def _fetch_contribution(
         self, round_id: int, owner: str, source: PeerInfo, deadline: float, wait: bool
     ) -> bool:
-        payload = await self._poll(
+        payload = await self.poll(
             source, "/round/contribution", {"round": round_id, "peer": owner}, deadline, wait
         )
         if payload is None:
             return False
-        if not self._for_round(payload, round_id, source, "contribution"):
+        if not self.for_round(payload, round_id, source, "contribution"):
             return False
         if payload.get("peer") != owner:
             log.warning("[%s] %s answered for the wrong peer", self.me, source.peer_id)
@@ -189,6 +159,8 @@ class RoundExchange:
             )
             return False
         self.decoded.setdefault(round_id, {})[owner] = decoded
+        if owner != self.me:  # serve it on to a peer that missed it (`agree`)
+            self.store.put_contribution(round_id, owner, payload)
         return True
 
     async def gather(self, round_id: int, timeout_s: float) -> list[str]:
@@ -209,42 +181,107 @@ class RoundExchange:
         deadline = asyncio.get_running_loop().time() + timeout_s
         return await self._fetch_contribution(round_id, peer.peer_id, peer, deadline, wait=True)
 
-    async def agree(self, round_id: int, timeout_s: float) -> list[str]:
-        """Step 3: the intersection of the participants' sets. Returns the final set.
+    async def agree(
+        self, round_id: int, timeout_s: float, view: list[str] | None = None
+    ) -> list[str]:
+        """Step 3: publish the set we hold, fetch the participants' sets and decide the
+        round's set by majority (`decide_set`): neither one peer nor a minority can shrink
+        it, and a peer whose set is implausibly small is flagged and left out. A contribution
+        the majority holds and we missed is fetched from its owner, else from a peer that
+        holds it; if none delivers, we apply without it, and the weights-hash vote resyncs us.
 
         `timeout_s` should cover the others' gather deadline: a slower peer publishes its
-        set only when its own gather ends."""
-        held = sorted(self.decoded.get(round_id, {}))
+        set only when its own gather ends. With reduce-scatter (`peer.reduce`) nothing was
+        gathered: the set we publish is `view`, the peers we expect in the round, and only a
+        peer whose set arrived can be chosen (its set is the sign it has published)."""
+        if view is None:
+            held = sorted(self.decoded.get(round_id, {}))
+        else:
+            held = sorted({*view, self.me})
         self.store.put_set(round_id, held)
         deadline = asyncio.get_running_loop().time() + timeout_s
         others = [
             self.membership.peers[p] for p in held if p != self.me and p in self.membership.peers
         ]
         answers = await asyncio.gather(
-            *(self._poll(p, "/round/set", {"round": round_id}, deadline, wait=True) for p in others)
+            *(self.poll(p, "/round/set", {"round": round_id}, deadline, wait=True) for p in others)
         )
-        final = set(held)
+        votes = {self.me: set(held)}
         for peer, answer in zip(others, answers, strict=True):
-            answer = self._for_round(answer, round_id, peer, "set")
+            answer = self.for_round(answer, round_id, peer, "set")
             ids = answer.get("peers") if answer else None
             if isinstance(ids, list) and all(isinstance(i, str) for i in ids):
-                final &= set(ids)
+                votes[peer.peer_id] = set(ids)
+        final, flagged = decide_set(votes)
+        for peer_id, why in flagged.items():
+            log.warning("[%s] round %d: %s left out: %s", self.me, round_id, peer_id, why)
+            self.flagged[peer_id] = f"round {round_id}: {why}"
+        if view is not None:
+            final &= set(votes)
+        else:
+            missing = sorted(final - set(held))
+            fetched = await asyncio.gather(
+                *(self._fetch_missed(round_id, p, votes, deadline) for p in missing)
+            )
+            final -= {p for p, ok in zip(missing, fetched, strict=True) if not ok}
         if self.me not in final:
             log.info(
-                "[%s] round %d: our contribution missed by some peer; applying without it",
+                "[%s] round %d: our contribution missed by the majority; applying without it",
                 self.me,
                 round_id,
             )
         return sorted(final)
+
+    async def _fetch_missed(
+        self, round_id: int, owner: str, votes: dict[str, set[str]], deadline: float
+    ) -> bool:
+        """A contribution we missed: from its owner, else from a peer whose set holds it."""
+        holders = [owner, *sorted(v for v, ids in votes.items() if owner in ids and v != owner)]
+        for source in (self.membership.peers.get(h) for h in holders if h != self.me):
+            if source is not None and await self._fetch_contribution(
+                round_id, owner, source, deadline, wait=False
+            ):
+                return True
+        log.warning(
+            "[%s] round %d: %s's contribution, held by the majority, reached us from nobody",
+            self.me,
+            round_id,
+            owner,
+        )
+        return False
+
+    async def partner(
+        self, round_id: int, rng: random.Random, timeout_s: float
+    ) -> tuple[list[str], str | None]:
+        """NoLoCo: fetch one random live replica's contribution for this step, waiting at most
+        `timeout_s`; returns the group (us, plus the partner if it answered) and the partner.
+        A failed partner costs this step its averaging, never more than the timeout."""
+        candidates = [
+            p
+            for p in self.membership.live_others()
+            if p.role == "replica" and p.first_round <= round_id
+        ]
+        if not candidates:
+            return [self.me], None
+        partner = rng.choice(candidates)
+        if not await self.fetch(round_id, partner, timeout_s):
+            log.info(
+                "[%s] step %d: partner %s did not answer; stepping alone",
+                self.me,
+                round_id,
+                partner.peer_id,
+            )
+            return [self.me], None
+        return sorted([self.me, partner.peer_id]), partner.peer_id
 
     def contributions(self, round_id: int, peer_ids: list[str]) -> list[Any]:
         """Decoded contributions of the final set, in peer-id order (the same on every peer)."""
         held = self.decoded.get(round_id, {})
         return [held[p] for p in sorted(peer_ids)]
 
-    async def verify(self, round_id: int, my_hash: str, participants: list[str]) -> list[PeerInfo]:
-        """Step 4: compare weight hashes; returns majority peers to resync from if we drifted."""
-        self.store.put_hash(round_id, my_hash)
+    async def hashes(self, round_id: int, participants: list[str]) -> dict[str, str]:
+        """The round-r weights hashes `participants` published (one per peer id), waiting at
+        most `agree_timeout_s` for them."""
         deadline = asyncio.get_running_loop().time() + self.protocol.agree_timeout_s
         others = [
             self.membership.peers[p]
@@ -252,23 +289,29 @@ class RoundExchange:
             if p != self.me and p in self.membership.peers
         ]
         answers = await asyncio.gather(
-            *(
-                self._poll(p, "/round/hash", {"round": round_id}, deadline, wait=True)
-                for p in others
-            )
+            *(self.poll(p, "/round/hash", {"round": round_id}, deadline, wait=True) for p in others)
         )
         checked = [
-            self._for_round(a, round_id, p, "hash") for p, a in zip(others, answers, strict=True)
+            self.for_round(a, round_id, p, "hash") for p, a in zip(others, answers, strict=True)
         ]
-        hashes = {
-            p.peer_id: a.get("hash")
+        return {
+            p.peer_id: a["hash"]
             for p, a in zip(others, checked, strict=True)
             if a and isinstance(a.get("hash"), str)
         }
+
+    async def verify(
+        self, round_id: int, my_hash: str, participants: list[str]
+    ) -> tuple[list[PeerInfo], str]:
+        """Step 4: compare weight hashes, one vote per participant. Returns the majority's
+        peers to resync from (none if we are not in a strict minority) and its hash, which
+        the state we download from them must have."""
+        self.store.put_hash(round_id, my_hash)
+        hashes = await self.hashes(round_id, participants)
         counts = Counter([my_hash, *hashes.values()])
         top_hash, top_count = counts.most_common(1)[0]
         if top_hash == my_hash or top_count <= counts[my_hash]:
-            return []
+            return [], my_hash
         log.warning(
             "[%s] round %d: weights hash %s is in the minority (%d vs %d); resyncing",
             self.me,
@@ -277,14 +320,48 @@ class RoundExchange:
             counts[my_hash],
             top_count,
         )
-        return [p for p in others if hashes.get(p.peer_id) == top_hash]
+        peers = [self.membership.peers[p] for p, h in sorted(hashes.items()) if h == top_hash]
+        return peers, top_hash
+
+    async def majority_hash(self, round_id: int, participants: list[str]) -> str | None:
+        """The hash more than half of `participants` (not us) published for round r."""
+        hashes = await self.hashes(round_id, [p for p in participants if p != self.me])
+        top = Counter(hashes.values()).most_common(1)
+        voters = len([p for p in participants if p != self.me])
+        return top[0][0] if top and 2 * top[0][1] > voters else None
 
 
-def check_round_request(payload: dict[str, Any]) -> tuple[int, float]:
-    """Validate the round and wait of a round request (server side)."""
-    round_id, wait_s = payload.get("round"), payload.get("wait_s", 0.0)
-    if not isinstance(round_id, int) or isinstance(round_id, bool) or round_id < 0:
-        raise ProtocolError("round must be a non-negative integer")
-    if not isinstance(wait_s, (int, float)) or isinstance(wait_s, bool) or not 0 <= wait_s <= 60:
-        raise ProtocolError("wait_s must be a number in [0, 60]")
-    return round_id, float(wait_s)
+def state_check(
+    exchange: RoundExchange, round_id: int, top_hash: str, participants: list[str]
+) -> StateCheck:
+    """For a resync after round r's vote: a downloaded state must carry the weights whose hash
+    the majority of the participants published for its round (round r + 1's: `top_hash`;
+    a later round's is asked of them), not merely the one its server claims."""
+
+    async def check(state_round: int, tensors: Mapping[str, torch.Tensor]) -> str | None:
+        want = top_hash
+        if state_round != round_id + 1:
+            want = await exchange.majority_hash(state_round - 1, participants)
+        if want is None:
+            return f"no majority of the participants vouches for a round-{state_round} state"
+        outer = {n.removeprefix("outer/"): t for n, t in tensors.items() if n.startswith("outer/")}
+        got = weights_hash(outer)
+        return None if got == want else f"weights hash {got[:8]}, the majority's is {want[:8]}"
+
+    return check
+
+
+def decide_set(votes: dict[str, set[str]]) -> tuple[set[str], dict[str, str]]:
+    """The round's set from the sets the voters published (ours among them): every id held
+    by at least half of the voters, less the voters whose own set holds fewer than half of
+    those (implausibly small: a peer trying to veto the round, or one that reached almost
+    nobody), returned with the reason for each. Every peer that obtained the same sets
+    decides the same; one peer publishing an empty set removes only itself."""
+    counts = Counter(i for ids in votes.values() for i in ids)
+    chosen = {i for i, n in counts.items() if 2 * n >= len(votes)}
+    flagged = {
+        voter: f"its set holds {len(ids & chosen)} of the {len(chosen)} the majority holds"
+        for voter, ids in votes.items()
+        if 2 * len(ids & chosen) < len(chosen)
+    }
+    return chosen - set(flagged), flagged

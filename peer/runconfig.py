@@ -240,6 +240,13 @@ class OuterSettings:
     mix: float | None = setting(
         None, "streaming: α in θ_local ← α·θ_local + (1−α)·θ_outer (default 0.5)", kind=float
     )
+    exchange: str = setting(
+        "auto",
+        "how a round's pseudo-gradients are averaged: auto (reduce-scatter + all-gather where "
+        "the codec is dense, the mean re-quantized with it; a gather of whole contributions "
+        "for topk) or gather (always the gather)",
+        choices=("auto", "gather"),
+    )
 
 
 @dataclass(frozen=True)
@@ -290,6 +297,7 @@ def resolve_run(run: RunSettings, inner: InnerSettings, outer: OuterSettings) ->
         fragments=outer.fragments,
         overlap=outer.overlap,
         mix=outer.mix,
+        exchange=outer.exchange,
     )
     return RunConfig(
         model_preset=name,

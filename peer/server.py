@@ -18,6 +18,11 @@ text), so a client can tell a peer's refusal from a forged one (`peer.client`).
     POST /run                 {}                     → {definition, sha256, tokenizer}
     POST /gossip              {digest} | {peers}     → {peers, beats, want} | {}
     POST /round/contribution  {round, peer, wait_s}  → {round, peer, tensors} | 404
+    POST /round/shard         {round, k, index, wait_s}
+                                                     → {round, peer, k, index, data} | 404
+    POST /round/reduced       {round, tag, index, wait_s}
+                                                     → {round, tag, index, contributors,
+                                                        data} | 404 | 410   (peer.reduce)
     POST /round/set           {round, wait_s}        → {round, peers} | 404
     POST /round/hash          {round, wait_s}        → {round, hash} | 404
     POST /state/manifest      {}                     → {round, size, sha256, chunk_bytes,
@@ -42,8 +47,9 @@ from shoal.peer.dashboard import render_html
 from shoal.peer.envelope import parse_fields, response_path
 from shoal.peer.errors import NotFound, PayloadTooLarge, ProtocolError, ShoalError
 from shoal.peer.metrics import render_metrics
+from shoal.peer.reduce import serve_reduced, serve_shard
 from shoal.peer.replay import ReplayCache
-from shoal.peer.rounds import check_round_request
+from shoal.peer.roundstore import check_round_request
 from shoal.peer.wire import Envelope, PreparedBody
 from shoal.pipeline.worker import UnknownMicrobatch
 
@@ -180,7 +186,7 @@ def _agent(node: Peer):
     return node.agent
 
 
-async def handle_contribution(node: Peer, envelope: Envelope) -> PreparedBody:
+async def handle_contribution(node: Peer, envelope: Envelope) -> PreparedBody | dict[str, Any]:
     round_id, wait_s = check_round_request(envelope.payload)
     owner = envelope.payload.get("peer")
     if not isinstance(owner, str):
@@ -190,6 +196,14 @@ async def handle_contribution(node: Peer, envelope: Envelope) -> PreparedBody:
     if answer is None:
         raise NotFound(f"no round-{round_id} contribution of {owner} here")
     return answer
+
+
+async def handle_shard(node: Peer, envelope: Envelope) -> dict[str, Any]:
+    return await serve_shard(node.store, node.peer_id, envelope.payload)
+
+
+async def handle_reduced(node: Peer, envelope: Envelope) -> dict[str, Any]:
+    return await serve_reduced(node.store, envelope.payload)
 
 
 async def _round_record(
@@ -277,6 +291,8 @@ def make_app(node: Peer, max_request_bytes: int) -> web.Application:
     app.router.add_post("/run", rpc(handle_run, any_swarm=True))
     app.router.add_post("/gossip", rpc(handle_gossip))
     app.router.add_post("/round/contribution", rpc(handle_contribution))
+    app.router.add_post("/round/shard", rpc(handle_shard))
+    app.router.add_post("/round/reduced", rpc(handle_reduced))
     app.router.add_post("/round/set", rpc(handle_set))
     app.router.add_post("/round/hash", rpc(handle_hash))
     app.router.add_post("/state/manifest", rpc(handle_manifest))

@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -208,6 +208,9 @@ class StateServer:
         return self._blobs[round_id]
 
 
+StateCheck = Callable[[int, Mapping[str, torch.Tensor]], Awaitable[str | None]]
+
+
 async def download_state(
     client: PeerClient,
     sources: Sequence[PeerInfo],
@@ -215,16 +218,31 @@ async def download_state(
     *,
     attempts: int = 3,
     on_progress: Callable[[int, int], None] | None = None,
+    check: StateCheck | None = None,
 ) -> tuple[int, dict[str, torch.Tensor], dict]:
     """Download, verify and parse the outer state, its chunks spread over every source that
-    serves the same blob (`_download_spread`); `attempts` rounds of trying all sources."""
+    serves the same blob (`_download_spread`); `attempts` rounds of trying all sources.
+    `check(round, tensors)` may refuse a state that passed its own hash check (e.g. one whose
+    weights hash is not the majority's) with a reason: the peers that served it are not
+    asked again."""
     errors: list[str] = []
+    remaining = list(sources)
     for attempt in range(attempts):
         try:
-            return await _download_spread(client, sources, expected_shapes, on_progress)
+            round_id, tensors, metadata, served_by = await _download_spread(
+                client, remaining, expected_shapes, on_progress
+            )
+            problem = None if check is None else await check(round_id, tensors)
+            if problem is None:
+                return round_id, tensors, metadata
+            errors.append(f"round {round_id} from {','.join(served_by)} refused: {problem}")
+            log.warning("state download refused (attempt %d): %s", attempt + 1, errors[-1])
+            remaining = [s for s in remaining if s.peer_id not in served_by]
         except ShoalError as exc:
             errors.append(str(exc))
             log.warning("state download failed (attempt %d): %s", attempt + 1, exc)
+        if not remaining:
+            break
         if attempt + 1 < attempts:
             await asyncio.sleep(0.5 * (attempt + 1))
     raise ShoalError("could not download the outer state: " + "; ".join(errors[-4:]))
@@ -260,7 +278,7 @@ async def _manifest(client: PeerClient, source: PeerInfo) -> _Manifest:
 
 async def _download_spread(
     client: PeerClient, sources: Sequence[PeerInfo], expected_shapes, on_progress
-) -> tuple[int, dict[str, torch.Tensor], dict]:
+) -> tuple[int, dict[str, torch.Tensor], dict, list[str]]:
     """Ask up to MANIFEST_SOURCES sources for their manifest; among those serving the newest
     round's blob (the same sha256: replicas in step serve byte-identical blobs), fetch chunk
     i from holder (i + a random offset) mod H, CHUNKS_IN_FLIGHT at a time, so that joiners
@@ -310,15 +328,17 @@ async def _download_spread(
     except* ShoalError as failed:
         raise failed.exceptions[0] from None
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(
+    served_by = sorted({h.peer_id for h in groups[manifest]})
+    parsed = await loop.run_in_executor(
         None,
         _verify_and_parse,
-        ",".join(sorted({h.peer_id for h in groups[manifest]})),
+        ",".join(served_by),
         parts,
         manifest.size,
         manifest.sha256,
         expected_shapes,
     )
+    return (*parsed, served_by)
 
 
 def _failed(answer: object) -> bool:

@@ -1,4 +1,4 @@
-r"""One averaging of a pseudo-gradient across N peers on loopback: shoal's gather (with each
+r"""One averaging of a pseudo-gradient across N peers on loopback: shoal's exchange (with each
 codec) against hivemind's DecentralizedAverager (fp16 and uint8), same tensors, same run.
 
     python scripts/bench_averaging.py --peers 2 4 8 --sizes 10M 50M \
@@ -8,9 +8,11 @@ Every peer is its own process, holding a tensor of the given size (peer i: N(0, 
 seed i). All peers start together (a barrier) and the wall time runs until the last one
 holds its result.
 * shoal: real peers (`shoal.peer.node.Peer`, serving HTTP, gossiping) whose outer optimizer
-  holds the one tensor; one round of publish → gather → agree → outer step, with
-  DiLoCo at lr 1 and no momentum (so the result is the mean of what was sent), or
-  SparseLoCo (top-k + 2-bit: a sparse estimate of the mean, by design).
+  holds the one tensor; one round of DiLoCo at lr 1 and no momentum (so the result is the
+  mean of what was sent): publish → agree → reduce-scatter + all-gather → outer step for
+  the dense codecs (`shoal-int8`, `shoal-fp16`: the mean re-quantized with the codec),
+  publish → gather → agree → outer step for `shoal-int8-gather`; or SparseLoCo (top-k +
+  2-bit, always gathered: a sparse estimate of the mean, by design).
 * hivemind: `hivemind.averaging.DecentralizedAverager` on its own DHT, group size N,
   `min_matchmaking_time` --matchmaking s (matchmaking is part of its averaging step).
 Bytes: what the loopback interface carried during the step (/proc/net/dev, all peers,
@@ -33,10 +35,11 @@ from pathlib import Path
 
 import torch
 
-SHOAL_METHODS = {
-    "shoal-fp16": ("diloco", "fp16"),
-    "shoal-int8": ("diloco", "int8"),
-    "shoal-topk": ("sparseloco", "topk"),
+SHOAL_METHODS = {  # name -> (outer optimizer, codec, exchange)
+    "shoal-fp16": ("diloco", "fp16", "auto"),
+    "shoal-int8": ("diloco", "int8", "auto"),  # reduce-scatter + all-gather (peer.reduce)
+    "shoal-int8-gather": ("diloco", "int8", "gather"),  # every peer fetches every contribution
+    "shoal-topk": ("sparseloco", "topk", "auto"),  # sparse: always the gather
 }
 HIVEMIND_METHODS = {
     "hivemind-fp16": "Float16Compression",
@@ -64,12 +67,13 @@ def shoal_worker(
     from shoal.optim.registry import build_outer, outer_config
     from shoal.peer.config import PeerConfig, ProtocolConfig, RunConfig
     from shoal.peer.node import Peer
+    from shoal.peer.reduce import ShardedMean
     from shoal.peer.rounds import RoundExchange
     from shoal.train import PRESETS
 
-    outer_name, codec = SHOAL_METHODS[method]
+    outer_name, codec, exchange_kind = SHOAL_METHODS[method]
     overrides = {"lr": 1.0, "momentum": 0.0} if outer_name == "diloco" else {}
-    outer: OuterConfig = outer_config(outer_name, codec=codec, **overrides)
+    outer: OuterConfig = outer_config(outer_name, codec=codec, exchange=exchange_kind, **overrides)
 
     async def main() -> None:
         from shoal.optim.inner import InnerConfig
@@ -112,13 +116,22 @@ def shoal_worker(
         local = {"w": -peer_tensor(rank, size)}  # Δ = 0 − local = the peer's tensor
         await asyncio.to_thread(barrier.wait)
         begin = time.perf_counter()
-        payload = await asyncio.to_thread(averaged.contribution, local)
-        own = await asyncio.to_thread(averaged.decode_contribution, payload)
-        answer = {"round": 0, "peer": peer.peer_id, "tensors": payload}
-        await exchange.publish(0, await asyncio.to_thread(peer.wire.prepare, answer), own)
-        await exchange.gather(0, 600.0)
-        final = await exchange.agree(0, 600.0)
-        await asyncio.to_thread(averaged.apply, exchange.contributions(0, final))
+        if averaged.reducible:  # what a peer's RoundEngine does for a dense codec
+            codec = averaged.codec
+            sharded = ShardedMean(exchange, codec.encode, lambda d, c: codec.decode(d, (c,)))
+            sharded.publish(0, await asyncio.to_thread(averaged.flat_delta, local))
+            view = [p.peer_id for p in peer.membership.live_others()]
+            final = await exchange.agree(0, 600.0, view)
+            mean, final = await sharded.mean(0, final, 600.0)
+            await asyncio.to_thread(averaged.apply_mean, mean)
+        else:
+            payload = await asyncio.to_thread(averaged.contribution, local)
+            own = await asyncio.to_thread(averaged.decode_contribution, payload)
+            answer = {"round": 0, "peer": peer.peer_id, "tensors": payload}
+            await exchange.publish(0, await asyncio.to_thread(peer.wire.prepare, answer), own)
+            await exchange.gather(0, 600.0)
+            final = await exchange.agree(0, 600.0)
+            await asyncio.to_thread(averaged.apply, exchange.contributions(0, final))
         seconds = time.perf_counter() - begin
         result = -averaged.params["w"]  # θ = 0 − lr·mean(Δ)
         await asyncio.to_thread(barrier.wait)  # everyone done before anyone stops serving

@@ -11,7 +11,8 @@ from shoal.peer.client import PeerUnreachable
 from shoal.peer.config import ProtocolConfig
 from shoal.peer.errors import NotFound
 from shoal.peer.membership import Membership, PeerInfo
-from shoal.peer.rounds import RoundExchange, RoundStore, check_round_request
+from shoal.peer.rounds import RoundExchange, decide_set
+from shoal.peer.roundstore import RoundStore, check_round_request
 from shoal.peer.wire import Envelope
 
 PROTOCOL = ProtocolConfig(agree_timeout_s=1.0, request_timeout_s=1.0, max_poll_s=0.2)
@@ -23,7 +24,9 @@ class FakeNetwork:
     def __init__(self) -> None:
         self.stores: dict[str, RoundStore] = {}
         self.dead: set[str] = set()
-        self.blocked: set[tuple[str, str]] = set()  # (fetcher, owner): that fetch always fails
+        # (fetcher, owner): fetching owner's contribution from owner itself always fails
+        self.blocked: set[tuple[str, str]] = set()
+        self.sets: dict[str, list[str]] = {}  # owner -> the set it publishes instead of its own
         self.wrong_round: set[str] = set()  # owners whose answers name another round
         # owner -> (peers, hash) it answers /round/set and /round/hash with, as round r - 1's
         self.stale: dict[str, tuple[list[str], str]] = {}
@@ -49,7 +52,7 @@ class FakeClient:
         store = self.network.stores[owner]
         round_id, wait_s = check_round_request(payload)
         if path == "/round/contribution":
-            if (self.me, payload["peer"]) in self.network.blocked:
+            if (self.me, owner) in self.network.blocked and payload["peer"] == owner:
                 raise PeerUnreachable(f"{address}: reset")
             held = await store.wait_for(
                 lambda: store.contributions.get(round_id, {}).get(payload["peer"]), wait_s
@@ -60,7 +63,8 @@ class FakeClient:
             answer = {"round": round_id - 1, "peers": peers, "hash": weights_hash}
         elif path == "/round/set":
             held = await store.wait_for(lambda: store.sets.get(round_id), wait_s)
-            answer = held and {"round": round_id, "peers": held}
+            held = self.network.sets.get(owner, held) if held is not None else None
+            answer = None if held is None else {"round": round_id, "peers": held}
         else:
             held = await store.wait_for(lambda: store.hashes.get(round_id), wait_s)
             answer = held and {"round": round_id, "hash": held}
@@ -114,15 +118,52 @@ def test_every_peer_gathers_agrees_and_applies_the_same_list():
     assert all(lst == [[0.0], [1.0], [2.0]] for lst in applied.values())  # peer-id order everywhere
 
 
-def test_a_contribution_one_peer_missed_is_left_out_by_everyone():
+def test_a_contribution_one_peer_missed_is_fetched_from_a_peer_that_holds_it():
     async def main():
         network = FakeNetwork()
-        network.blocked.add(("b", "c"))  # b never gets c's contribution
-        return await play_round(swarm(network, ["a", "b", "c"]))
+        network.blocked.add(("b", "c"))  # b never gets c's contribution from c
+        exchanges = swarm(network, ["a", "b", "c"])
+        got, final = await play_round(exchanges)
+        applied = {me: e.contributions(0, final[me]) for me, e in exchanges.items()}
+        return got, final, applied
 
-    got, final = run(main())
+    got, final, applied = run(main())
     assert got["a"] == ["a", "b", "c"] and got["b"] == ["a", "b"]
-    assert all(ids == ["a", "b"] for ids in final.values())  # the intersection, on every peer
+    # the majority holds c's: b fetches it from a (which serves what it gathered)
+    assert all(ids == ["a", "b", "c"] for ids in final.values())
+    assert all(lst == [[0.0], [1.0], [2.0]] for lst in applied.values())
+
+
+def test_an_empty_set_does_not_veto_the_round():
+    """Under the old rule (the intersection of the sets) c's empty set emptied the round on
+    every peer; now it removes only c, which is flagged."""
+
+    async def main():
+        network = FakeNetwork()
+        network.sets["c"] = []
+        exchanges = swarm(network, ["a", "b", "c"])
+        _, final = await play_round(exchanges)
+        return final, {me: dict(e.flagged) for me, e in exchanges.items()}
+
+    final, flagged = run(main())
+    assert final["a"] == final["b"] == ["a", "b"]
+    assert list(flagged["a"]) == list(flagged["b"]) == ["c"]
+    assert "holds 0 of the 3" in flagged["a"]["c"]
+
+
+@pytest.mark.parametrize(
+    ("votes", "chosen", "flagged"),
+    [
+        ({"a": {"a", "b", "c"}, "b": {"a", "b", "c"}, "c": set()}, {"a", "b"}, {"c"}),
+        ({"a": {"a", "b"}, "b": {"a", "b", "c"}, "c": {"a", "b", "c"}}, {"a", "b", "c"}, set()),
+        ({"a": {"a", "b", "x"}, "b": {"a", "b"}, "c": {"a", "b"}}, {"a", "b"}, set()),
+        ({"a": {"a", "b"}, "b": set()}, {"a"}, {"b"}),  # two peers: the empty one leaves
+        ({"a": {"a", "b"}, "b": {"a", "b"}, "c": {"c"}, "d": {"c"}}, {"a", "b"}, {"c", "d"}),
+    ],
+)
+def test_decide_set_takes_what_half_the_voters_hold(votes, chosen, flagged):
+    final, reasons = decide_set(votes)
+    assert final == chosen and set(reasons) == flagged
 
 
 def test_a_dead_peer_costs_at_most_the_deadline():
@@ -224,7 +265,7 @@ def test_set_and_hash_answers_for_another_round_are_ignored():
 
     final, resyncs = run(main())
     assert final["a"] == final["b"] == ["a", "b", "c"]
-    assert resyncs == [[], []]  # a tie of a and b, not a majority of b's hash
+    assert resyncs == [([], "h1"), ([], "h2")]  # a tie of a and b, not a majority of b's hash
 
 
 @pytest.mark.parametrize(
@@ -242,7 +283,7 @@ def test_verify_sends_only_a_minority_peer_to_the_majority(hashes, resyncs):
         )
         return {
             me: sorted(p.peer_id for p in peers)
-            for me, peers in zip(exchanges, results, strict=True)
+            for me, (peers, _) in zip(exchanges, results, strict=True)
         }
 
     assert run(main()) == resyncs

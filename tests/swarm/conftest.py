@@ -123,13 +123,14 @@ def spawn_peer(
     extra: list[str],
     model: str = "tiny",
     bootstrap: str | None = None,
+    launcher: tuple[str, ...] = ("-m", "shoal.peer.cli"),
 ) -> subprocess.Popen:
     """`shoal peer` process peer-<i> on 127.0.0.1, port 0, tiny settings, logging and
-    reporting to tmp_path (see `peer_processes`; `peer_url` reads the URL it serves at)."""
+    reporting to tmp_path (see `peer_processes`; `peer_url` reads the URL it serves at).
+    `launcher`: how the interpreter runs the CLI (e.g. `-c` code that patches it first)."""
     cmd = [
         sys.executable,
-        "-m",
-        "shoal.peer.cli",
+        *launcher,
         "peer",
         "--listen",
         "127.0.0.1:0",

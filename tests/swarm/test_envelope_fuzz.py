@@ -31,6 +31,8 @@ ROUTES = {  # path -> a payload its handler refuses or answers without changing 
     "/run": {},
     "/gossip": {"peers": []},
     "/round/contribution": {"round": 0, "peer": "nobody", "wait_s": 0},
+    "/round/shard": {"round": 0, "k": 2, "index": 1, "wait_s": 0},
+    "/round/reduced": {"round": 0, "tag": "x", "index": 0, "wait_s": 0},
     "/round/set": {"round": 0, "wait_s": 0},
     "/round/hash": {"round": 0, "wait_s": 0},
     "/state/manifest": {},

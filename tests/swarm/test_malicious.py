@@ -5,6 +5,7 @@ import struct
 import zlib
 
 import numpy as np
+import pytest
 import torch
 from conftest import peer_config, run_async, start_swarm, stop_all, tiny_run, wait_until
 
@@ -23,8 +24,12 @@ def nan_payload(count: int) -> bytes:
     return prefix + struct.pack("<I", zlib.crc32(body, zlib.crc32(prefix))) + body
 
 
-def test_nan_contributions_are_dropped(corpus, caplog):
-    run = tiny_run(outer=OuterConfig(codec="fp32"))
+@pytest.mark.parametrize("exchange", ["auto", "gather"])
+def test_nan_contributions_are_dropped(corpus, caplog, exchange):
+    """With the gather the attacker's whole contribution is NaN; with reduce-scatter every
+    shard it serves and the mean it owns are: the owners drop its shards, the others refuse
+    its mean and reduce that shard themselves."""
+    run = tiny_run(outer=OuterConfig(codec="fp32", exchange=exchange))
 
     async def scenario():
         honest = await start_swarm(corpus, 2, max_rounds=3, run=run, min_peers=3)
@@ -42,6 +47,8 @@ def test_nan_contributions_are_dropped(corpus, caplog):
         attacker.engine.outer.decode_contribution = lambda payload: {
             n: torch.zeros(s) for n, s in shapes.items()
         }
+        attacker.engine.sharded.encode = lambda piece: nan_payload(piece.numel())
+        attacker.engine.sharded.decode = lambda data, count: torch.zeros(count)
         everyone = [*honest, attacker]
         try:
             await wait_until(lambda: all(p.finished.is_set() for p in everyone), 90, "3 rounds")
@@ -49,19 +56,21 @@ def test_nan_contributions_are_dropped(corpus, caplog):
                 assert a["applied"] == b["applied"] == ["peer-0", "peer-1"]
                 assert a["weights_hash"] == b["weights_hash"]
             assert all(torch.isfinite(t).all() for t in honest[0].engine.outer.params.values())
-            refused = [
-                r.getMessage() for r in caplog.records if "dropped peer-2's" in r.getMessage()
-            ]
-            assert len(refused) >= 2 and all("non-finite" in m for m in refused), (
-                refused
-            )  # fetched, then refused
-            # the attacker's own set includes itself, but the intersection with the honest
-            # peers' sets does not: it applied what they applied
-            assert attacker.round_log[-1]["weights_hash"] == honest[0].round_log[-1]["weights_hash"]
+            refused = [r.getMessage() for r in caplog.records if "peer-2's" in r.getMessage()]
+            assert len(refused) >= 2 and all("non-finite" in m for m in refused), refused
+            if exchange == "gather":
+                # the attacker's own set includes itself, but the intersection with the honest
+                # peers' sets does not: it applied what they applied
+                assert (
+                    attacker.round_log[-1]["weights_hash"]
+                    == honest[0].round_log[-1]["weights_hash"]
+                )
+            else:
+                assert honest[0].engine.sharded.fallbacks == 3  # the attacker's shard, each round
         finally:
             await stop_all(everyone)
 
-    caplog.set_level("WARNING", logger="shoal.peer.rounds")
+    caplog.set_level("WARNING", logger="shoal.peer")
     run_async(scenario(), 120)
 
 

@@ -1,11 +1,18 @@
-"""Three peers train rounds over real sockets and agree bit for bit after every round."""
+"""Three peers train rounds over real sockets and agree bit for bit after every round, with
+reduce-scatter (the default for dense codecs) and with the gather of whole contributions."""
 
-from conftest import run_async, start_swarm, stop_all, wait_until
+import pytest
+from conftest import run_async, start_swarm, stop_all, tiny_run, wait_until
+
+from shoal.optim.outer import OuterConfig
+from shoal.peer.reduce import shard_range
 
 
-def test_three_peers_agree_every_round(corpus):
+@pytest.mark.parametrize("exchange", ["auto", "gather"])
+def test_three_peers_agree_every_round(corpus, exchange):
     async def scenario():
-        peers = await start_swarm(corpus, 3, max_rounds=3)
+        run = tiny_run(outer=OuterConfig(codec="int8", exchange=exchange))
+        peers = await start_swarm(corpus, 3, max_rounds=3, run=run)
         try:
             await wait_until(
                 lambda: all(p.finished.is_set() for p in peers), 90, "3 rounds on 3 peers"
@@ -20,14 +27,28 @@ def test_three_peers_agree_every_round(corpus):
             assert all(p.outer_round == 3 for p in peers)
             assert peers[0].round_log[-1]["eval_loss"] < peers[0].engine.initial_eval_loss
             # contributions really crossed the sockets, at the codec's exact int8 size
-            codec = peers[0].engine.outer.codec
-            payload_bytes = sum(
-                codec.payload_nbytes(t.numel()) for t in peers[0].engine.outer.params.values()
-            )
-            fp32_bytes = 4 * sum(t.numel() for t in peers[0].engine.outer.params.values())
-            sent = peers[0].traffic.sent["contribution"]  # served to 2 peers in each of 3 rounds
-            assert 2 * 3 * payload_bytes < sent < 2 * 3 * (payload_bytes * 1.01 + 2048)
-            assert payload_bytes < 0.5 * fp32_bytes
+            outer = peers[0].engine.outer
+            numel = sum(t.numel() for t in outer.params.values())
+            sent = peers[0].traffic.sent
+            if exchange == "gather":
+                payload_bytes = sum(
+                    outer.codec.payload_nbytes(t.numel()) for t in outer.params.values()
+                )
+                # our whole contribution, served to 2 peers in each of 3 rounds
+                assert 2 * 3 * payload_bytes < sent["contribution"]
+                assert sent["contribution"] < 2 * 3 * (payload_bytes * 1.01 + 2048)
+                assert sent["shard"] == sent["reduced"] == 0
+            else:
+                # peer-0 owns shard 0: it serves shard 1 to peer-1, shard 2 to peer-2 (its own
+                # pseudo-gradient's) and its mean of shard 0 to both, in each of 3 rounds
+                size = [
+                    outer.codec.payload_nbytes(b - a)
+                    for a, b in (shard_range(numel, 3, i) for i in range(3))
+                ]
+                for kind, data_bytes in (("shard", size[1] + size[2]), ("reduced", 2 * size[0])):
+                    assert 3 * data_bytes < sent[kind] < 3 * (data_bytes + 2 * 512), kind
+                assert sent["contribution"] == 0
+                assert peers[0].engine.sharded.fallbacks == 0
         finally:
             await stop_all(peers)
 
