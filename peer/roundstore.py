@@ -42,6 +42,9 @@ class RoundStore:
         self._bump(round_id)
 
     def put_delta(self, round_id: int, delta: Any) -> None:
+        """Our round-r pseudo-gradient; round r − 1's stays for a slow peer's fallback, older
+        ones go (a model-sized float32 vector each)."""
+        self.deltas = {r: d for r, d in self.deltas.items() if r >= round_id - 1}
         self.deltas[round_id] = delta
         self._bump(round_id)
 

@@ -10,7 +10,10 @@ Methods (each peer takes --steps inner steps in all; H = --inner-steps):
 * `ddp`: DDP-equivalent traffic: dense fp32 averaging after every inner step (DiLoCo with
   H = 1, outer lr 1, no momentum: θ ← mean of the replicas' θ). On a slow link it takes
   long, so it runs only --ddp-steps steps there (its utilization is measured over those);
-* `diloco-fp32`, `diloco-int8`, `sparseloco`, `noloco`: one outer round per H steps;
+* `diloco-fp32`, `diloco-int8`, `sparseloco`, `noloco`: one outer round per H steps (the
+  dense codecs average by reduce-scatter, the mean re-quantized with the codec);
+  `diloco-int8-gather`: int8 DiLoCo averaged by the gather (the exact mean of the int8
+  contributions), to measure what re-quantizing the mean costs;
 * `streaming`: Streaming DiLoCo, P = 4 fragments, one sync every H/P steps, τ = --overlap.
 
 Every method evaluates after each H inner steps (streaming: every P-th round, DDP: every
@@ -50,7 +53,13 @@ def methods(h: int, overlap: int) -> dict[str, tuple[list[str], int, int]]:
             h,
         ),
         "diloco-fp32": (["--outer", "diloco", "--codec", "fp32"], h, 1),
-        "diloco-int8": (["--outer", "diloco", "--codec", "int8"], h, 1),
+        "diloco-int8": (["--outer", "diloco", "--codec", "int8"], h, 1),  # reduce-scatter
+        # the gather: the exact mean of the int8 contributions (no re-quantized mean)
+        "diloco-int8-gather": (
+            ["--outer", "diloco", "--codec", "int8", "--exchange", "gather"],
+            h,
+            1,
+        ),
         "sparseloco": (["--outer", "sparseloco"], h, 1),
         "noloco": (["--outer", "noloco"], h, 1),
         "streaming": (

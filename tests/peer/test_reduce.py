@@ -154,3 +154,13 @@ def test_owner_mean_drops_unusable_shards_and_is_the_same_bits_anywhere():
         assert answer["contributors"] == ["b", "d"]
 
     asyncio.run(scenario())
+
+
+def test_the_store_keeps_two_rounds_of_pseudo_gradients():
+    async def scenario():
+        store = RoundStore(rounds_kept=3)
+        for round_id in range(4):
+            store.put_delta(round_id, OwnDelta(torch.zeros(4), encode))
+        return sorted(store.deltas)
+
+    assert asyncio.run(scenario()) == [2, 3]
