@@ -41,6 +41,7 @@ class OuterConfig:
     overlap: int = 0  # Streaming DiLoCo's τ: inner steps the exchange overlaps
     mix: float = 0.5  # Streaming DiLoCo's α in θ_local ← α·θ_local + (1−α)·θ_outer
     exchange: str = "auto"  # auto: reduce-scatter where the codec is dense; gather: always
+    shard_elements: int = 65536  # reduce-scatter: the fewest elements per shard
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -57,6 +58,8 @@ class OuterConfig:
             raise ValueError(f"--overlap must be >= 0, got {self.overlap}")
         if not 0 <= self.mix < 1:
             raise ValueError(f"--mix must be in [0, 1), got {self.mix}")
+        if self.shard_elements < 1:
+            raise ValueError(f"--shard-elements must be >= 1, got {self.shard_elements}")
         if self.exchange not in ("auto", "gather"):
             raise ValueError(f"--exchange must be auto or gather, got {self.exchange!r}")
 

@@ -289,7 +289,9 @@ class RoundEngine:
             view = expected_replicas(self.ctx.agent.membership, round_id)
             final = await exchange.agree(round_id, gather_s + protocol.agree_timeout_s, view)
             got = sorted({*view, self.peer_id})
-            mean, final = await self.sharded.mean(round_id, final, gather_s)
+            mean, final = await self.sharded.mean(
+                round_id, final, gather_s, self.config.run.outer.shard_elements
+            )
             step = functools.partial(self.outer.apply_mean, mean)
         else:
             answer = {"round": round_id, "peer": self.peer_id, "tensors": payload}

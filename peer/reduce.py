@@ -4,9 +4,10 @@
 The gather (`peer.rounds`) has every peer fetch every other peer's whole contribution:
 (N−1) contributions each. Here, once the round's members F are agreed (`RoundExchange.agree`
 with the peers we expect), the flat pseudo-gradient (`OuterOptimizer.flat_delta`: the same
-length and order on every peer) is cut into K = |F| shards of consecutive elements, shard i
-owned by the i-th member in sorted order. `layout_tag(F)` names that layout in every
-request, so peers that agreed on different sets never mix their shards.
+length and order on every peer) is cut into K shards of consecutive elements, K = |F| but
+for small models (at least `--shard-elements` per shard, see `Layout`), each owned by one
+member. `Layout.tag` names the layout in every request, so peers that agreed on different
+sets never mix their shards.
 
 1. **Reduce.** The owner of shard i fetches it from every member (`/round/shard {round, k,
    index}`: the member encodes that range of its pseudo-gradient with the run's codec, once
@@ -50,9 +51,37 @@ def shard_range(numel: int, k: int, index: int) -> tuple[int, int]:
     return index * numel // k, (index + 1) * numel // k
 
 
-def layout_tag(members: list[str]) -> str:
-    """A short name for the shard layout of a member set (order does not matter)."""
-    return hashlib.sha256("\n".join(sorted(members)).encode()).hexdigest()[:16]
+def layout_tag(members: list[str], k: int = 0) -> str:
+    """A short name for the layout of `k` shards over a member set (order does not matter)."""
+    text = "\n".join([*sorted(members), f"k={k}"])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Round r's shards: K = min(|F|, numel // shard_elements) (at least 1) shards of
+    consecutive elements, owned by K of the members, rotated by round so that with fewer
+    shards than members the work moves around. Small shards would cost more in per-message
+    and per-payload overhead (an int8 payload carries a 1 KiB table) than they save."""
+
+    members: tuple[str, ...]  # sorted
+    owners: tuple[str, ...]  # owners[i] reduces shard i
+    numel: int
+    tag: str
+
+    @classmethod
+    def of(cls, members: list[str], numel: int, round_id: int, shard_elements: int) -> Layout:
+        ordered = tuple(sorted(members))
+        k = max(1, min(len(ordered), numel // max(1, shard_elements)))
+        owners = tuple(ordered[(round_id + i) % len(ordered)] for i in range(k))
+        return cls(ordered, owners, numel, layout_tag(list(ordered), k))
+
+    @property
+    def k(self) -> int:
+        return len(self.owners)
+
+    def range(self, index: int) -> tuple[int, int]:
+        return shard_range(self.numel, self.k, index)
 
 
 @dataclass
@@ -140,31 +169,31 @@ class ShardedMean:
         self.exchange.store.put_delta(round_id, OwnDelta(flat, self.encode))
 
     async def mean(
-        self, round_id: int, members: list[str], timeout_s: float
+        self, round_id: int, members: list[str], timeout_s: float, shard_elements: int
     ) -> tuple[torch.Tensor, list[str]]:
-        """The mean over `members` (agreed, sorted) of their round-r pseudo-gradients, and
-        the members whose pseudo-gradient is in every shard of it (a member whose shard did
-        not reach an owner is left out of that shard only)."""
+        """The mean over `members` (agreed) of their round-r pseudo-gradients, and the members
+        whose pseudo-gradient is in every shard of it (a member whose shard did not reach an
+        owner is left out of that shard only)."""
         store, loop = self.exchange.store, asyncio.get_running_loop()
-        own = store.deltas[round_id]
-        numel, k, tag = own.flat.numel(), len(members), layout_tag(members)
+        numel = store.deltas[round_id].flat.numel()
+        layout = Layout.of(members, numel, round_id, shard_elements)
         deadline = loop.time() + timeout_s
-        store.put_layout(round_id, tag)
+        store.put_layout(round_id, layout.tag)
         shards = await asyncio.gather(
-            *(self._shard(round_id, members, tag, i, numel, deadline) for i in range(k))
+            *(self._shard(round_id, layout, i, deadline) for i in range(layout.k))
         )
         applied = set(members).intersection(*(contributors for _, contributors in shards))
         return torch.cat([values for values, _ in shards]), sorted(applied)
 
     async def _shard(
-        self, round_id: int, members: list[str], tag: str, index: int, numel: int, deadline: float
+        self, round_id: int, layout: Layout, index: int, deadline: float
     ) -> tuple[torch.Tensor, list[str]]:
-        owner = members[index]
+        owner = layout.owners[index]
         if owner == self.me:
-            answer, values = await self._reduce(round_id, members, index, numel, deadline)
-            self.exchange.store.put_reduced(round_id, tag, index, answer)
+            answer, values = await self._reduce(round_id, layout, index, deadline)
+            self.exchange.store.put_reduced(round_id, layout.tag, index, answer)
             return values, answer["contributors"]
-        got = await self._fetch_reduced(round_id, members, tag, index, numel, deadline)
+        got = await self._fetch_reduced(round_id, layout, index, deadline)
         if got is not None:
             return got
         self.fallbacks += 1
@@ -173,22 +202,22 @@ class ShardedMean:
             self.me,
             round_id,
             index,
-            len(members),
+            layout.k,
             owner,
         )
         loop = asyncio.get_running_loop()
         late = max(deadline, loop.time() + self.exchange.protocol.agree_timeout_s)
-        answer, values = await self._reduce(round_id, members, index, numel, late)
+        answer, values = await self._reduce(round_id, layout, index, late)
         return values, answer["contributors"]
 
     async def _fetch_reduced(
-        self, round_id: int, members: list[str], tag: str, index: int, numel: int, deadline: float
+        self, round_id: int, layout: Layout, index: int, deadline: float
     ) -> tuple[torch.Tensor, list[str]] | None:
         """The owner's reduced shard, or None (no answer by the deadline, or unusable)."""
-        owner = self.exchange.membership.peers.get(members[index])
+        owner = self.exchange.membership.peers.get(layout.owners[index])
         if owner is None:
             return None
-        request = {"round": round_id, "tag": tag, "index": index}
+        request = {"round": round_id, "tag": layout.tag, "index": index}
         late = deadline + self.exchange.protocol.agree_timeout_s  # the owner's own deadline
         answer = self.exchange.for_round(
             await self.exchange.poll(owner, "/round/reduced", request, late, wait=True),
@@ -199,11 +228,11 @@ class ShardedMean:
         if answer is None:
             return None
         contributors, data = answer.get("contributors"), answer.get("data")
-        start, stop = shard_range(numel, len(members), index)
+        start, stop = layout.range(index)
         problem = None
-        if answer.get("tag") != tag or answer.get("index") != index:
+        if answer.get("tag") != layout.tag or answer.get("index") != index:
             problem = "names another shard"
-        elif not (isinstance(contributors, list) and set(contributors) <= set(members)):
+        elif not (isinstance(contributors, list) and set(contributors) <= set(layout.members)):
             problem = "contributors are not members of the round"
         elif not contributors or not isinstance(data, bytes):
             problem = "holds no data"
@@ -224,16 +253,18 @@ class ShardedMean:
         return None
 
     async def _reduce(
-        self, round_id: int, members: list[str], index: int, numel: int, deadline: float
+        self, round_id: int, layout: Layout, index: int, deadline: float
     ) -> tuple[dict[str, Any], torch.Tensor]:
         """Step 1 for shard `index`: the members' shards averaged, re-quantized; returns the
         `/round/reduced` answer and its decoded values."""
-        k = len(members)
-        start, stop = shard_range(numel, k, index)
+        start, stop = layout.range(index)
         pieces = await asyncio.gather(
-            *(self._member_shard(round_id, m, k, index, stop - start, deadline) for m in members)
+            *(
+                self._member_shard(round_id, m, layout.k, index, stop - start, deadline)
+                for m in layout.members
+            )
         )
-        held = [(m, p) for m, p in zip(members, pieces, strict=True) if p is not None]
+        held = [(m, p) for m, p in zip(layout.members, pieces, strict=True) if p is not None]
         loop = asyncio.get_running_loop()
         data = await loop.run_in_executor(
             None, self._requantized_mean, [p for _, p in held], stop - start
@@ -241,7 +272,7 @@ class ShardedMean:
         values = await self._decode(data, stop - start)
         answer = {
             "round": round_id,
-            "tag": layout_tag(members),
+            "tag": layout.tag,
             "index": index,
             "contributors": [m for m, _ in held],
             "data": data,

@@ -247,6 +247,12 @@ class OuterSettings:
         "for topk) or gather (always the gather)",
         choices=("auto", "gather"),
     )
+    shard_elements: int | None = setting(
+        None,
+        "reduce-scatter: the fewest elements per shard, so a small model is cut into fewer "
+        "shards than peers (default 65536, one int8 chunk)",
+        kind=int,
+    )
 
 
 @dataclass(frozen=True)
@@ -298,6 +304,7 @@ def resolve_run(run: RunSettings, inner: InnerSettings, outer: OuterSettings) ->
         overlap=outer.overlap,
         mix=outer.mix,
         exchange=outer.exchange,
+        shard_elements=outer.shard_elements,
     )
     return RunConfig(
         model_preset=name,

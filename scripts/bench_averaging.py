@@ -122,7 +122,7 @@ def shoal_worker(
             sharded.publish(0, await asyncio.to_thread(averaged.flat_delta, local))
             view = [p.peer_id for p in peer.membership.live_others()]
             final = await exchange.agree(0, 600.0, view)
-            mean, final = await sharded.mean(0, final, 600.0)
+            mean, final = await sharded.mean(0, final, 600.0, outer.shard_elements)
             await asyncio.to_thread(averaged.apply_mean, mean)
         else:
             payload = await asyncio.to_thread(averaged.contribution, local)

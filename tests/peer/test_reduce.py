@@ -10,6 +10,7 @@ from shoal.compression import get_codec
 from shoal.peer.errors import Gone, NotFound, ProtocolError
 from shoal.peer.reduce import (
     MAX_CACHED_LAYOUTS,
+    Layout,
     OwnDelta,
     ShardedMean,
     layout_tag,
@@ -43,6 +44,27 @@ def test_shards_tile_the_vector(numel, k):
 def test_layout_tag_names_the_set_not_its_order():
     assert layout_tag(["b", "a", "c"]) == layout_tag(["a", "b", "c"])
     assert layout_tag(["a", "b"]) != layout_tag(["a", "b", "c"])
+
+
+@pytest.mark.parametrize(
+    ("members", "numel", "shard_elements", "k"),
+    [
+        (4, 40, 10, 4),
+        (4, 40, 20, 2),
+        (4, 40, 1000, 1),
+        (32, 34_976, 65_536, 1),
+        (8, 10**7, 65_536, 8),
+    ],
+)
+def test_layout_has_no_shard_smaller_than_asked_but_one(members, numel, shard_elements, k):
+    ids = [f"p{i:02d}" for i in range(members)]
+    layouts = [Layout.of(ids, numel, r, shard_elements) for r in range(members)]
+    assert all(layout.k == k for layout in layouts)
+    assert len({layout.tag for layout in layouts}) == 1  # the same set: the same layout name
+    # owners rotate by round: over `members` rounds every member owns shard 0 once
+    assert sorted(layout.owners[0] for layout in layouts) == ids
+    assert Layout.of(ids[::-1], numel, 0, shard_elements) == layouts[0]
+    assert Layout.of(ids[:-1], numel, 0, shard_elements).tag != layouts[0].tag
 
 
 def test_own_delta_encodes_each_shard_once_and_bounds_its_cache():
@@ -136,7 +158,8 @@ def test_owner_mean_drops_unusable_shards_and_is_the_same_bits_anywhere():
         exchange = FakeExchange(me, answers)
         sharded = ShardedMean(exchange, encode, decode)
         sharded.publish(0, flats[me])
-        return await sharded._reduce(0, members, 1, 40, asyncio.get_running_loop().time() + 1)
+        layout = Layout.of(members, 40, 0, shard_elements=10)
+        return await sharded._reduce(0, layout, 1, asyncio.get_running_loop().time() + 1)
 
     async def scenario():
         honest = {m: serving(m) for m in members}

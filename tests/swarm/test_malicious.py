@@ -29,7 +29,8 @@ def test_nan_contributions_are_dropped(corpus, caplog, exchange):
     """With the gather the attacker's whole contribution is NaN; with reduce-scatter every
     shard it serves and the mean it owns are: the owners drop its shards, the others refuse
     its mean and reduce that shard themselves."""
-    run = tiny_run(outer=OuterConfig(codec="fp32", exchange=exchange))
+    # 3 shards of the tiny model (1,024 elements at least each): the attacker owns one a round
+    run = tiny_run(outer=OuterConfig(codec="fp32", exchange=exchange, shard_elements=1024))
 
     async def scenario():
         honest = await start_swarm(corpus, 2, max_rounds=3, run=run, min_peers=3)

@@ -21,11 +21,11 @@ from shoal.peer.cli import main
 
 real = reduce.ShardedMean._reduce
 
-async def hanging(self, round_id, members, index, numel, deadline):
-    if round_id == 1 and members[index] == self.me:
+async def hanging(self, round_id, layout, index, deadline):
+    if round_id == 1 and layout.owners[index] == self.me:
         print("OWNER-REDUCING", flush=True)
         await asyncio.sleep(3600)
-    return await real(self, round_id, members, index, numel, deadline)
+    return await real(self, round_id, layout, index, deadline)
 
 reduce.ShardedMean._reduce = hanging
 sys.exit(main(sys.argv[1:]))
@@ -40,30 +40,32 @@ def test_sigkilled_shard_owner_costs_at_most_the_gather_deadline(corpus, tmp_pat
     try:
         procs.append(spawn_peer(corpus, tmp_path, 0, rounds, 30, flags))
         first = peer_url(tmp_path, 0, procs[0])
-        procs.append(spawn_peer(corpus, tmp_path, 1, rounds, 30, flags, bootstrap=first))
-        # peer-2 sorts last: it owns shard 2 of 3 in round 1
+        # the tiny model (35k parameters) is one shard (65,536 elements at least), owned in
+        # round r by the (r mod 3)-th member in sorted order: peer-1 in round 1
         launcher = ("-c", VICTIM)
-        procs.append(spawn_peer(corpus, tmp_path, 2, rounds, 30, flags, "tiny", first, launcher))
-        victim_log = tmp_path / "peer-2.log"
-        wait_for(lambda: "OWNER-REDUCING" in victim_log.read_text(), 150, "peer-2 owning")
-        procs[2].send_signal(signal.SIGKILL)
+        procs.append(spawn_peer(corpus, tmp_path, 1, rounds, 30, flags, "tiny", first, launcher))
+        procs.append(spawn_peer(corpus, tmp_path, 2, rounds, 30, flags, bootstrap=first))
+        victim_log = tmp_path / "peer-1.log"
+        wait_for(lambda: "OWNER-REDUCING" in victim_log.read_text(), 150, "peer-1 owning")
+        procs[1].send_signal(signal.SIGKILL)
         killed_at = time.time()
-        procs[2].wait(timeout=10)
-        for proc in procs[:2]:
-            assert proc.wait(timeout=150) == 0
-        reports = [json.loads((tmp_path / f"peer-{i}.json").read_text()) for i in range(2)]
+        procs[1].wait(timeout=10)
+        survivors = (0, 2)
+        for i in survivors:
+            assert procs[i].wait(timeout=150) == 0
+        reports = [json.loads((tmp_path / f"peer-{i}.json").read_text()) for i in survivors]
         for a, b in zip(reports[0]["rounds"], reports[1]["rounds"], strict=True):
             assert a["weights_hash"] == b["weights_hash"]
         for report in reports:
             log = report["rounds"]
             assert [r["round"] for r in log] == list(range(1, rounds + 1))
-            # round 1: peer-2 was agreed on, but shard 2 was reduced without it
+            # round 1: peer-1 was agreed on, but the shard was reduced without it
             assert [r["applied"] for r in log] == [["peer-0", "peer-1", "peer-2"]] + [
-                ["peer-0", "peer-1"]
+                ["peer-0", "peer-2"]
             ] * (rounds - 1)
-        for i in range(2):
+        for i in survivors:
             text = (tmp_path / f"peer-{i}.log").read_text()
-            assert "shard 2 of 3 not delivered by peer-2; reducing it here" in text
+            assert "shard 0 of 1 not delivered by peer-1; reducing it here" in text
         # the round the owner died in ended at most the gather deadline (plus the time to
         # reduce the shard: milliseconds) after the kill
         round_1_end = reports[0]["rounds"][1]["time"]
