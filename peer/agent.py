@@ -3,8 +3,9 @@
 Messages (see `peer.membership` for the table and its liveness rules):
 - `POST /join {peer, run}` → `{swarm_id, run, peers, round}`: a joiner introduces itself
   to any peer of the run; the answer refuses (409) a run config that differs and otherwise
-  hands over the swarm id, the peer table and the run's round. The joiner retries an
-  unreachable bootstrap for `join_timeout_s`.
+  hands over the swarm id, the peer table and the run's round. The joiner's entry must be
+  signed by the key that signed the request (`peer.keybook`: the key then owns the id).
+  The joiner retries an unreachable bootstrap for `join_timeout_s`.
 - `POST /gossip {digest}` → `{peers, beats, want}`, then `{peers}` if wanted (`peer.gossip`):
   every `heartbeat_interval_s` the agent bumps its heartbeat and swaps digests with
   `gossip_fanout` random live peers, and probes one dead, not yet forgotten peer off the
@@ -26,7 +27,7 @@ from typing import Any
 
 from shoal.peer.client import PeerClient
 from shoal.peer.config import ProtocolConfig, RunConfig
-from shoal.peer.errors import ProtocolError, ShoalError
+from shoal.peer.errors import AuthError, ProtocolError, ShoalError
 from shoal.peer.gossip import Gossip, barrier_open
 from shoal.peer.membership import Membership, PeerInfo
 from shoal.peer.runfiles import call_bootstrap
@@ -53,6 +54,8 @@ class MembershipAgent:
             suspect_after_s=protocol.suspect_after_s,
             dead_after_s=protocol.dead_after_s,
             forget_after_s=protocol.forget_after_s,
+            signer=wire.identity,
+            check=wire.keybook.check_entry,
         )
         self.run, self.protocol, self.client, self.wire, self.tasks = (
             run,
@@ -79,7 +82,7 @@ class MembershipAgent:
 
     async def join(self, bootstrap: str) -> int:
         """Introduce ourselves to the run through `bootstrap`; returns the run's round."""
-        request = {"peer": self.me.to_wire(), "run": self.run.to_dict()}
+        request = {"peer": self.membership.wire(self.me), "run": self.run.to_dict()}
         answer = await call_bootstrap(
             self.client, bootstrap, "/join", request, self.protocol.join_timeout_s
         )
@@ -97,6 +100,8 @@ class MembershipAgent:
         entry = PeerInfo.from_wire(envelope.payload.get("peer"))
         if entry.peer_id != envelope.sender:
             raise ProtocolError("join entry's peer_id differs from the sender")
+        if entry.pubkey != envelope.key or not self.wire.keybook.check_entry(entry):
+            raise AuthError("join entry is not signed by the key that signed the request")
         self.membership.merge([entry.to_wire()])
         log.info("[%s] %s joined from %s", self.peer_id, entry.peer_id, entry.address)
         return {

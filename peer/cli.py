@@ -34,6 +34,7 @@ from shoal.peer.config import (
 )
 from shoal.peer.errors import ShoalError
 from shoal.peer.export_cmd import add_export_parser, export_main
+from shoal.peer.identity import Identity
 from shoal.peer.options import add_section, build_section, flag_fields, key_name, setting, settle
 from shoal.peer.ranks import serve_rank, spawn_ranks, world_from_env
 from shoal.peer.runfiles import fetch_run
@@ -158,7 +159,9 @@ async def configure(values: dict[str, Any]) -> PeerConfig:
         return peer_config_from(values)
     protocol = build_section(ProtocolConfig, values)
     swarm_key = values.get("swarm_key") or os.environ.get("SHOAL_SWARM_KEY")
-    definition, tokenizer = await fetch_run(bootstrap, swarm_key, protocol)
+    path = values.get("identity")  # a closed run (--allow-peers) answers only listed keys
+    identity = Identity.load_or_create(path) if path else None
+    definition, tokenizer = await fetch_run(bootstrap, swarm_key, protocol, identity)
     log.info(
         "taking the run of %s: %s (definition %s)",
         bootstrap,
@@ -195,9 +198,9 @@ async def run_peer(
     its other ranks (`--nproc`), watched: one that exits ends the peer with an error."""
     from shoal.peer.node import Peer
 
-    warning = config.network.loopback_warning()
-    if warning:
-        log.warning(warning)
+    for warning in (config.network.loopback_warning(), config.network.open_warning()):
+        if warning:
+            log.warning(warning)
     node = Peer(config)
     loop = asyncio.get_running_loop()
     # this process runs one peer: its byte work (packing, hashing, decoding) yields the CPU

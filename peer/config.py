@@ -18,12 +18,12 @@ the optimizer's default) resolve into the `RunConfig` that travels.
 from __future__ import annotations
 
 import ipaddress
-import secrets
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
 from shoal.peer.envelope import ID_PATTERN
+from shoal.peer.identity import Identity, load_allow_list
 from shoal.peer.local_config import DataConfig, ScheduleConfig
 from shoal.peer.options import setting, stage_list
 from shoal.peer.protocol_config import ProtocolConfig
@@ -88,12 +88,26 @@ class NetworkConfig:
     )
     peer_id: str = setting(
         None,
-        "this peer's id (default: random); also picks its data shard",
+        "this peer's id (default: derived from its public key); also picks its data shard",
         kind=str,
         metavar="ID",
-        factory=lambda: "peer-" + secrets.token_hex(4),
+    )
+    identity: str | None = setting(
+        None,
+        "this peer's Ed25519 key file, created (mode 0600) if missing (default: a key made "
+        "in memory for this run)",
+        kind=str,
+        metavar="PATH",
+    )
+    allow_peers: str | None = setting(
+        None,
+        "file of public keys (hex or base64, one a line, # comments): only they may join",
+        kind=str,
+        metavar="FILE",
     )
     swarm_id: str | None = None  # the first peer's choice; joiners adopt the swarm's (no flag)
+    key: Identity | None = field(default=None, compare=False, repr=False)  # from --identity
+    allowed_keys: frozenset[bytes] | None = None  # from --allow-peers
 
     def __post_init__(self) -> None:
         host, port = _host_port(self.listen)
@@ -107,6 +121,14 @@ class NetworkConfig:
             raise ValueError(
                 f"--advertise must be a URL like http://host:port, got {self.advertise!r}"
             )
+        # the identity, loaded once here: the peer id may be derived from it (frozen: set)
+        key = self.key or (Identity.load_or_create(self.identity) if self.identity else None)
+        key = key or Identity.generate()
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "peer_id", self.peer_id or key.derived_id)
+        key.check_peer_id(self.peer_id)
+        if self.allow_peers is not None and self.allowed_keys is None:
+            object.__setattr__(self, "allowed_keys", load_allow_list(self.allow_peers))
         if not ID_PATTERN.fullmatch(self.peer_id):  # it travels in an envelope header
             raise ValueError("--peer-id must be 1..128 of the characters A-Z a-z 0-9 . _ ~ : @ + -")
 
@@ -117,6 +139,19 @@ class NetworkConfig:
     @property
     def listen_port(self) -> int:
         return _host_port(self.listen)[1]
+
+    def open_warning(self) -> str | None:
+        """Item 5 of issue 22: we listen where other machines can reach us, with neither a
+        swarm key nor an allow-list, so anyone who finds the port can join and send."""
+        if undialable(self.listen_host) == "the loopback address" or self.swarm_key:
+            return None
+        if self.allow_peers is not None:
+            return None
+        return (
+            f"listening on {self.listen_host} with no --swarm-key and no --allow-peers: anyone "
+            "who can reach this port can join the run, send contributions and read the model "
+            '(README: "Running an open swarm")'
+        )
 
     def loopback_warning(self) -> str | None:
         """Why others may not reach us: we advertise a loopback address to a run whose

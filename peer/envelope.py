@@ -17,9 +17,13 @@ TypeError or UnicodeEncodeError (500) wherever it would first be used. The shape
                       answer's echoes the request's (binding the answer to that request)
     X-Shoal-Encoding  "zstd" or "identity"
     X-Shoal-MAC       64 lowercase hex digits (HMAC-SHA256); absent without a swarm key
+    X-Shoal-Key       64 lowercase hex digits: the sender's Ed25519 public key
+    X-Shoal-Sig       128 lowercase hex digits: the sender's Ed25519 signature of the bytes
+                      the MAC covers (`signed_bytes`), checked against X-Shoal-Key, whose
+                      binding to X-Shoal-Peer `peer.keybook` checks (`peer.identity`)
 
 The MAC covers the method, the path (for answers `response_path`, which names the status
-too), every field above but the MAC itself, and the body's SHA-256.
+too), every field above the MAC, and the body's SHA-256; the signature covers the same.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from dataclasses import dataclass
 from shoal.peer.errors import ProtocolError
 
 # 3: a nonce in every envelope, answers echo the request's and sign their status
-PROTOCOL_VERSION = 3
+# 4: every envelope carries its sender's public key and Ed25519 signature
+PROTOCOL_VERSION = 4
 H_VERSION, H_SWARM, H_PEER, H_TIME = (
     "X-Shoal-Version",
     "X-Shoal-Swarm",
@@ -42,6 +47,7 @@ H_VERSION, H_SWARM, H_PEER, H_TIME = (
     "X-Shoal-Time",
 )
 H_NONCE, H_ENCODING, H_MAC = "X-Shoal-Nonce", "X-Shoal-Encoding", "X-Shoal-MAC"
+H_KEY, H_SIG = "X-Shoal-Key", "X-Shoal-Sig"
 SIGNED = (H_VERSION, H_SWARM, H_PEER, H_TIME, H_NONCE, H_ENCODING)  # in MAC order
 NO_SWARM = "-"
 NONCE_BYTES = 16
@@ -55,6 +61,8 @@ _SHAPES = {
     H_NONCE: re.compile(r"[0-9a-f]{32}"),  # 2 * NONCE_BYTES
     H_ENCODING: re.compile(r"zstd|identity"),
     H_MAC: re.compile(r"[0-9a-f]{64}"),
+    H_KEY: re.compile(r"[0-9a-f]{64}"),  # 32 bytes
+    H_SIG: re.compile(r"[0-9a-f]{128}"),  # 64 bytes
 }
 _MAX_CHARS = 2 * MAX_ID_CHARS  # longer than any valid field: refused before any regex
 
@@ -77,6 +85,8 @@ class Fields:
     encoding: str
     mac: str | None
     signed: tuple[str, ...]
+    key: str | None = None
+    sig: str | None = None
 
 
 def new_nonce() -> str:
@@ -89,9 +99,13 @@ def response_path(path: str, status: int = 200) -> str:
     return f"response {status}:{path}"
 
 
+def signed_bytes(method: str, path: str, fields: Sequence[str], digest: bytes) -> bytes:
+    """What the MAC and the sender's signature cover (`digest`: the body's SHA-256)."""
+    return "\n".join([method.upper(), path, *fields]).encode() + b"\n" + digest
+
+
 def mac(key: bytes, method: str, path: str, fields: Sequence[str], digest: bytes) -> str:
-    head = "\n".join([method.upper(), path, *fields]).encode() + b"\n"
-    return hmac.new(key, head + digest, hashlib.sha256).hexdigest()
+    return hmac.new(key, signed_bytes(method, path, fields, digest), hashlib.sha256).hexdigest()
 
 
 def show(value: object, limit: int = 40) -> str:
@@ -141,4 +155,6 @@ def parse_fields(headers: Mapping[str, str]) -> Fields:
         encoding=encoding,
         mac=header(headers, H_MAC, required=False),
         signed=signed,
+        key=header(headers, H_KEY, required=False),
+        sig=header(headers, H_SIG, required=False),
     )

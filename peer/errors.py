@@ -26,6 +26,12 @@ class AuthError(ShoalError):
     status = 401
 
 
+class Forbidden(ShoalError):
+    """An authenticated sender whose key is not on this run's --allow-peers list."""
+
+    status = 403
+
+
 class NotFound(ShoalError):
     """The thing asked for is not (or not yet) held by this peer."""
 
@@ -52,7 +58,15 @@ class PayloadTooLarge(ShoalError):
 
 _BY_STATUS = {
     cls.status: cls
-    for cls in (ProtocolError, AuthError, NotFound, ConfigMismatch, Gone, PayloadTooLarge)
+    for cls in (
+        ProtocolError,
+        AuthError,
+        Forbidden,
+        NotFound,
+        ConfigMismatch,
+        Gone,
+        PayloadTooLarge,
+    )
 }
 
 

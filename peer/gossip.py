@@ -26,7 +26,11 @@ seconds (false suspicion); a hash of the table never matches while counters move
 
 Every part of a message is validated before anything is taken (ProtocolError: nothing
 changes): at most `MAX_ENTRIES` digest items, beats and wants, at most `MAX_DELTAS` full
-entries, each parsed strictly (`PeerInfo.from_wire`).
+entries, each parsed strictly (`PeerInfo.from_wire`). Full entries are signed by their
+owner (`Membership.wire`) and relayed as they came: one that fails its check is dropped
+(`Membership.take`). Bare heartbeats are not signed (a key holder could keep a dead peer's
+counter moving; the probe of `peer.agent` and the rounds' deadlines still bound what that
+costs).
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ class Gossip:
         for pid, heartbeat in beats.items():
             if pid in sent:  # a bare heartbeat is for the incarnation our digest named
                 m.heard(pid, sent[pid][0], heartbeat)
-        wanted = [m.peers[pid].to_wire() for pid in want if pid in m.peers]
+        wanted = [m.wire(m.peers[pid]) for pid in want if pid in m.peers]
         if len(wanted) > MAX_DELTAS:
             wanted = self.rng.sample(wanted, MAX_DELTAS)
         return {"peers": wanted} if wanted else None
@@ -116,7 +120,7 @@ class Gossip:
                     beats[pid] = info.heartbeat
         if len(deltas) > MAX_DELTAS:  # the rest at later exchanges
             deltas = self.rng.sample(deltas, MAX_DELTAS)
-        return [p.to_wire() for p in deltas], beats
+        return [m.wire(p) for p in deltas], beats
 
 
 def parse_digest(obj: Any) -> dict[str, tuple[float, int, int]]:

@@ -19,17 +19,25 @@ Protocol (SWIM-flavoured, no coordinator; the messages are `peer.gossip`'s):
   gets an answer revives both sides through the usual newer-heartbeat merge.
 Entries from the network are validated field by field; a malformed table is rejected
 whole (ProtocolError) and changes nothing.
+- An entry carries its owner's public key and signature over `entry_bytes` (all but the
+  heartbeat, which travels bare in digests), so a relayer cannot alter another's entry;
+  one that fails `check` (`peer.keybook`) is dropped, not merged.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import msgpack
+
 from shoal.peer.errors import ProtocolError
+from shoal.peer.identity import Identity
 
 MAX_ENTRIES = 4096
 MAX_HISTORY_ROUNDS = 1000
@@ -65,6 +73,8 @@ class PeerInfo:
     devices: str | None = None  # what trains: "cpu", "cuda:0", "2 x cuda (FSDP2)" (--nproc)
     revision: int = 0  # the owner's count of content changes: orders two copies' content
     phase: str | None = None  # "ready": at the --min-peers start barrier; "training": past it
+    pubkey: str | None = None  # the owner's Ed25519 public key, hex (`peer.identity`)
+    sig: str | None = None  # the owner's signature of `entry_bytes(self)`, hex
 
     def version(self) -> tuple[float, int]:
         return (self.incarnation, self.heartbeat)
@@ -99,6 +109,8 @@ _STRINGS = {
     "activation": 64,
     "devices": 64,
     "phase": 16,
+    "pubkey": 64,
+    "sig": 128,
 }
 PHASES = ("ready", "training")
 _INTS = {
@@ -114,8 +126,10 @@ _INTS = {
 # refreshed before every heartbeat; not worth a revision each (see Membership.revise)
 _COUNTERS = ("bytes_sent", "bytes_received", "loop_lag_ms_max")
 _CONTENT = tuple(
-    f.name for f in fields(PeerInfo) if f.name not in {"heartbeat", "revision", *_COUNTERS}
+    f.name for f in fields(PeerInfo) if f.name not in {"heartbeat", "revision", "sig", *_COUNTERS}
 )
+_HEX = re.compile(r"[0-9a-f]{64}|[0-9a-f]{128}")
+_SIGNED = tuple(f.name for f in fields(PeerInfo) if f.name not in {"heartbeat", "sig"})
 _FLOATS = {
     "incarnation",
     "train_loss",
@@ -143,6 +157,8 @@ def _check_field(name: str, value: Any) -> Any:
             raise ProtocolError(f"peer address {value!r} must be an http(s) URL")
         if name == "phase" and value not in PHASES:
             raise ProtocolError(f"peer phase must be one of {PHASES}")
+        if name in ("pubkey", "sig") and not _HEX.fullmatch(value):
+            raise ProtocolError(f"peer entry field {name} must be {_STRINGS[name]} hex digits")
         return value
     if name in _INTS:
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
@@ -159,8 +175,21 @@ def _check_field(name: str, value: Any) -> Any:
     raise ProtocolError(f"unknown peer entry field {name}")
 
 
+def entry_bytes(info: PeerInfo) -> bytes:
+    """What an entry's signature covers: canonical msgpack of [name, value] for every field
+    but `heartbeat` and `sig`, numbers as `from_wire` reads them."""
+    items = []
+    for name in _SIGNED:
+        value = getattr(info, name)
+        if name in _FLOATS and value is not None:
+            value = float(value)
+        items.append([name, value])
+    return msgpack.packb(items, use_bin_type=True)
+
+
 class Membership:
-    """The local view of the swarm. Not thread-safe: used from the event loop only."""
+    """The local view of the swarm. Not thread-safe: used from the event loop only.
+    `signer` signs our entry; `check` (None: take all, as simulations do) vets others'."""
 
     def __init__(
         self,
@@ -170,8 +199,14 @@ class Membership:
         dead_after_s: float = 6.0,
         forget_after_s: float = 600.0,
         clock=time.monotonic,
+        signer: Identity | None = None,
+        check: Callable[[PeerInfo], bool] | None = None,
     ) -> None:
         self.me = me
+        self.signer, self.check = signer, check
+        if signer is not None:
+            me.pubkey = signer.public_hex
+        self._signed: bytes | None = None
         self.suspect_after_s = suspect_after_s
         self.dead_after_s = dead_after_s
         self.forget_after_s = forget_after_s
@@ -232,6 +267,8 @@ class Membership:
         for info in parsed:
             if info.peer_id == self.me.peer_id:
                 continue  # only we speak for ourselves
+            if self.check is not None and not self.check(info):
+                continue  # forged, unsigned or from a key not allowed: never merged
             known = self.peers.get(info.peer_id)
             if known is None or info.incarnation > known.incarnation:
                 self._replace(info, now, alive=True)
@@ -320,7 +357,17 @@ class Membership:
     def table(self) -> list[dict[str, Any]]:
         """Entries to hand over whole (a join's answer): everyone not yet dead (dead ones are
         judged by each peer)."""
-        return [p.to_wire() for _, p in self.gossiped()]
+        return [self.wire(p) for _, p in self.gossiped()]
+
+    def wire(self, info: PeerInfo) -> dict[str, Any]:
+        """`info` as sent: ours signed over its current content, others' as their owner
+        signed them."""
+        if info is self.me and self.signer is not None:
+            content = entry_bytes(info)
+            if content != self._signed:
+                info.sig = self.signer.sign(content).hex()
+                self._signed = content
+        return info.to_wire()
 
     def _replace(self, info: PeerInfo, now: float, alive: bool) -> None:
         self.peers[info.peer_id] = info

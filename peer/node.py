@@ -71,6 +71,8 @@ class Peer:
             max_body_bytes=self.max_request_bytes,
             compress_above_bytes=protocol.compress_above_bytes,
             max_clock_skew_s=protocol.max_clock_skew_s,
+            identity=config.network.key,
+            allowed=config.network.allowed_keys,
         )
         self.client = PeerClient(
             self.wire,

@@ -29,6 +29,7 @@ from typing import Any
 from shoal.peer.checkpoint import atomic_write, file_sha256
 from shoal.peer.client import PeerClient, PeerUnreachable, Traffic
 from shoal.peer.errors import ConfigMismatch, ProtocolError, ShoalError
+from shoal.peer.identity import Identity
 from shoal.peer.protocol_config import ProtocolConfig
 from shoal.peer.runconfig import BYTES_TOKENIZER, RunConfig
 from shoal.peer.wire import WireCodec
@@ -148,15 +149,20 @@ async def call_bootstrap(
 
 
 async def fetch_run(
-    bootstrap: str, swarm_key: str | None, protocol: ProtocolConfig
+    bootstrap: str,
+    swarm_key: str | None,
+    protocol: ProtocolConfig,
+    identity: Identity | None = None,
 ) -> tuple[RunDefinition, str | None]:
-    """The run `bootstrap` trains, and the path of its tokenizer file in the cache."""
+    """The run `bootstrap` trains, and the path of its tokenizer file in the cache (asked
+    with `identity`, or a key made for this one request)."""
     wire = WireCodec(
         f"joiner-{secrets.token_hex(4)}",
         "joining",
         swarm_key,
         max_body_bytes=2**20,
         max_clock_skew_s=protocol.max_clock_skew_s,
+        identity=identity,
     )
     client = PeerClient(
         wire,

@@ -5,11 +5,13 @@ envelope travels in HTTP headers so the body stays a plain map: version, swarm i
 time, nonce, encoding and MAC, each parsed strictly before use (`peer.envelope` lists the
 headers and their shapes). The MAC is an HMAC-SHA256, keyed by the swarm secret, over the
 method, the path, the other envelope fields and the body's SHA-256 (only when a secret is
-set). A time further than `max_clock_skew_s` off our clock is an AuthError; within that
-window the server's replay cache (`peer.replay`) accepts each request's nonce once. An
-answer echoes its request's nonce under its MAC and binds its status through
-`response_path`: a recorded answer cannot be served for another request, nor an error
-status changed.
+set). Every envelope also carries its sender's public key and Ed25519 signature over the
+same bytes, checked last, against the key bound to the sender's id (`peer.keybook`; the
+identities: `peer.identity`). A time further than `max_clock_skew_s` off our clock is an
+AuthError; within that window the server's replay cache (`peer.replay`) accepts each
+request's nonce once. An answer echoes its request's nonce under its MAC and binds its
+status through `response_path`: a recorded answer cannot be served for another request,
+nor an error status changed.
 
 Binding the method and path into the MAC means a body signed for one endpoint cannot be
 replayed against another. The MAC covers the body through its SHA-256 digest so that a
@@ -37,7 +39,9 @@ import torch
 
 from shoal.compression import CodecError, FrameTooLarge, zstd_frame_parts, zstd_unframe
 from shoal.peer.envelope import (  # noqa: F401 - re-exported
+    H_KEY,
     H_MAC,
+    H_SIG,
     H_TIME,
     H_VERSION,
     NO_SWARM,
@@ -48,8 +52,11 @@ from shoal.peer.envelope import (  # noqa: F401 - re-exported
     new_nonce,
     parse_fields,
     show,
+    signed_bytes,
 )
 from shoal.peer.errors import AuthError, PayloadTooLarge, ProtocolError
+from shoal.peer.identity import Identity
+from shoal.peer.keybook import KeyBook
 from shoal.peer.msgpack_large import unpack_large
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -72,6 +79,7 @@ class Envelope:
     timestamp: float
     payload: dict[str, Any]
     nonce: str = ""
+    key: str = ""  # the sender's public key, hex (verified: it signed this message)
 
 
 @dataclass(frozen=True)
@@ -85,7 +93,8 @@ class PreparedBody:
 
 
 class WireCodec:
-    """Encodes and authenticates messages for one peer (its id, swarm id and secret)."""
+    """Encodes and authenticates messages for one peer (its id, swarm id and secret, its
+    identity: made in memory when not given; `allowed`: the --allow-peers keys)."""
 
     def __init__(
         self,
@@ -96,8 +105,12 @@ class WireCodec:
         max_body_bytes: int,
         compress_above_bytes: int = 64 * 1024,
         max_clock_skew_s: float = 300.0,
+        identity: Identity | None = None,
+        allowed: frozenset[bytes] | None = None,
     ) -> None:
         self.peer_id = peer_id
+        self.identity = identity or Identity.generate()
+        self.keybook = KeyBook(peer_id, allowed)
         self.swarm_id = swarm_id
         self.key = swarm_key.encode() if swarm_key else None
         self.max_body_bytes = max_body_bytes
@@ -143,6 +156,9 @@ class WireCodec:
         headers = dict(zip(SIGNED, fields, strict=True))
         if self.key is not None:
             headers[H_MAC] = mac(self.key, method, path, fields, body.digest)
+        headers[H_KEY] = self.identity.public_hex
+        signature = self.identity.sign(signed_bytes(method, path, fields, body.digest))
+        headers[H_SIG] = signature.hex()
         return headers
 
     def encode(
@@ -157,11 +173,17 @@ class WireCodec:
         `compress_above_bytes`)."""
         return payload_nbytes(payload, self.compress_above_bytes) >= self.compress_above_bytes
 
-    def sign(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> str:
-        """The MAC for `body` under the envelope fields in `headers` (needs a swarm key)."""
-        assert self.key is not None, "no swarm key to sign with"
+    def seal(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes
+    ) -> dict[str, str]:
+        """The MAC (with a swarm key), key and signature headers for `body` under the
+        envelope fields in `headers` (for tests that send bodies or fields of their own)."""
         fields = [headers[h] for h in SIGNED]
-        return mac(self.key, method, path, fields, hashlib.sha256(body).digest())
+        data = signed_bytes(method, path, fields, hashlib.sha256(body).digest())
+        sealed = {H_KEY: self.identity.public_hex, H_SIG: self.identity.sign(data).hex()}
+        if self.key is not None:
+            sealed[H_MAC] = hmac.new(self.key, data, hashlib.sha256).hexdigest()
+        return sealed
 
     def verify(
         self,
@@ -175,7 +197,8 @@ class WireCodec:
     ) -> Fields:
         """Parse and authenticate an envelope whose body has SHA-256 `digest`: its fields
         (ProtocolError when malformed or of another version, AuthError when the MAC, swarm,
-        time or, for an answer, the echoed `expect_nonce` is wrong).
+        time, for an answer the echoed `expect_nonce`, or the sender's signature or key is
+        wrong; Forbidden for a key not on the allow-list).
 
         `any_swarm` skips the swarm-id check: for a join, where one side does not know the
         swarm id yet (the MAC still proves the other side holds the swarm key)."""
@@ -194,6 +217,7 @@ class WireCodec:
             )
         if expect_nonce is not None and fields.nonce != expect_nonce:
             raise AuthError("answer bound to another request (its nonce is not ours)")
+        self.keybook.check_envelope(method, path, fields, digest)
         return fields
 
     def open(self, fields: Fields, body: bytes, max_bytes: int | None = None) -> Envelope:
@@ -214,6 +238,7 @@ class WireCodec:
             timestamp=fields.timestamp,
             payload=unpack_map(raw, self.compress_above_bytes),
             nonce=fields.nonce,
+            key=fields.key or "",
         )
 
     def decode(

@@ -13,6 +13,7 @@ from shoal.peer.envelope import (
     H_SWARM,
     H_TIME,
     H_VERSION,
+    PROTOCOL_VERSION,
     VersionMismatch,
     parse_fields,
     response_path,
@@ -66,7 +67,8 @@ def test_a_repeated_header_is_refused_even_with_the_same_value():
 def test_the_version_is_checked_first_so_its_error_is_the_one_reported():
     body, headers = request()
     old = {**headers, H_VERSION: "2", H_NONCE: "not a nonce"}  # a v2 peer sends no nonce
-    with pytest.raises(VersionMismatch, match="protocol version 2, this peer speaks 3"):
+    speaks = f"protocol version 2, this peer speaks {PROTOCOL_VERSION}"
+    with pytest.raises(VersionMismatch, match=speaks):
         codec().decode("POST", "/gossip", old, body)
 
 

@@ -4,6 +4,7 @@ memberships, the revision rules of `Membership.take`, strict validation, and the
 
 import asyncio
 import random
+from types import SimpleNamespace
 
 import msgpack
 import pytest
@@ -237,9 +238,13 @@ def test_a_standby_counts_as_ready_from_its_join_on():
     assert barrier_open(m, 2) and not barrier_open(m, 3) and STANDBY_ROUND == NEVER
 
 
+# no identity, no entry check: this test hands the membership unsigned entries directly
+UNSIGNED_WIRE = SimpleNamespace(identity=None, keybook=SimpleNamespace(check_entry=None))
+
+
 def test_the_agent_waits_at_the_barrier_until_enough_peers_are_ready():
     me = PeerInfo("me", "http://me:1", incarnation=1.0)
-    agent = MembershipAgent(me, None, ProtocolConfig(), None, None, None, lambda: 0)
+    agent = MembershipAgent(me, None, ProtocolConfig(), None, UNSIGNED_WIRE, None, lambda: 0)
 
     async def scenario():
         waiting = asyncio.create_task(agent.wait_for_peers(2, timeout_s=10))
@@ -255,7 +260,13 @@ def test_the_agent_waits_at_the_barrier_until_enough_peers_are_ready():
         assert me.phase == "training" and me.revision == 2
         with pytest.raises(ShoalError, match="only 1 of the 3 peers"):
             lonely = MembershipAgent(
-                PeerInfo("l", "http://l:1"), None, ProtocolConfig(), None, None, None, lambda: 0
+                PeerInfo("l", "http://l:1"),
+                None,
+                ProtocolConfig(),
+                None,
+                UNSIGNED_WIRE,
+                None,
+                lambda: 0,
             )
             await lonely.wait_for_peers(3, timeout_s=0.3)
 

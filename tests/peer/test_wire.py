@@ -1,3 +1,4 @@
+import hashlib
 import time
 
 import msgpack
@@ -5,7 +6,15 @@ import pytest
 import torch
 
 from shoal.peer.errors import AuthError, PayloadTooLarge, ProtocolError
-from shoal.peer.wire import H_MAC, H_TIME, H_VERSION, WireCodec, pack_tensor, unpack_tensor
+from shoal.peer.wire import (
+    H_MAC,
+    H_TIME,
+    H_VERSION,
+    PreparedBody,
+    WireCodec,
+    pack_tensor,
+    unpack_tensor,
+)
 
 
 def codec(key="secret", swarm="swarm-a", peer="p1", **kw):
@@ -62,7 +71,9 @@ def test_wrong_swarm_stale_time_and_version():
     "body", [b"\xc1garbage", msgpack.packb([1, 2, 3]), msgpack.packb({1: 2}), b""]
 )
 def test_malformed_bodies_are_protocol_errors(body):
-    _, headers = codec(key=None).encode("POST", "/gossip", {})
+    sender = codec(key=None)  # signs whatever body it is given, as a hostile peer could
+    prepared = PreparedBody(body, "identity", hashlib.sha256(body).digest())
+    headers = sender.headers("POST", "/gossip", prepared)
     with pytest.raises(ProtocolError):
         codec(key=None).decode("POST", "/gossip", headers, body)
 

@@ -20,7 +20,7 @@ from aiohttp import web
 from conftest import peer_config, run_async
 
 from shoal.peer.client import PeerClient, Traffic
-from shoal.peer.envelope import H_MAC, H_TIME, H_VERSION
+from shoal.peer.envelope import H_TIME, H_VERSION, PROTOCOL_VERSION
 from shoal.peer.errors import NotFound, ProtocolError, ShoalError
 from shoal.peer.node import Peer
 from shoal.peer.wire import WireCodec
@@ -103,7 +103,7 @@ def signed(codec: WireCodec, path: str, payload=None, raw: bytes | None = None, 
     body = body if raw is None else raw
     if fields or raw is not None:
         headers.update(fields)
-        headers[H_MAC] = codec.sign("POST", path, headers, body)
+        headers.update(codec.seal("POST", path, headers, body))
     return [(k.encode(), v.encode()) for k, v in headers.items()], body
 
 
@@ -283,7 +283,7 @@ def test_a_recorded_altered_or_foreign_answer_is_refused_by_the_client(corpus):
     assert outcomes["/state/manifest"].startswith("PeerUnreachable")
     assert "missing envelope header" in outcomes["/state/manifest"]
     assert outcomes["/run"].startswith("VersionMismatch") and outcomes["/run"].endswith(
-        "/run: answered in protocol version 2, this peer speaks 3"
+        f"/run: answered in protocol version 2, this peer speaks {PROTOCOL_VERSION}"
     )
 
 
@@ -305,4 +305,4 @@ def test_a_peer_of_another_version_gets_a_clear_error(corpus):
             await peer.stop()
 
     status, text = run_async(scenario(), 60)
-    assert status == 400 and text == "protocol version 2, this peer speaks 3"
+    assert status == 400 and text == f"protocol version 2, this peer speaks {PROTOCOL_VERSION}"

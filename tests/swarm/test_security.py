@@ -39,7 +39,7 @@ def test_bad_requests_get_4xx_and_change_nothing(corpus):
                     body, headers = codec.encode("POST", "/gossip", payload or entry)
                     if raw is not None:  # sign the raw bytes as they are
                         body = raw
-                        headers["X-Shoal-MAC"] = codec.sign("POST", "/gossip", headers, raw)
+                        headers.update(codec.seal("POST", "/gossip", headers, raw))
                     async with session.post(url, data=body, headers=headers) as resp:
                         return resp.status, await resp.text()
 
