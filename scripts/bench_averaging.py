@@ -251,6 +251,16 @@ def run_one(method: str, n: int, size: int, args: argparse.Namespace, corpus: st
     }
 
 
+def median_row(runs: list[dict]) -> dict:
+    """One row for repeated runs of a method: medians of the times and bytes, every run's
+    seconds kept."""
+    row = dict(runs[0])
+    for key in ("seconds", "seconds_barrier_to_barrier", "wire_bytes_per_peer", "rel_err"):
+        row[key] = statistics.median(r[key] for r in runs)
+    row["seconds_runs"] = [r["seconds"] for r in runs]
+    return row
+
+
 def parse_size(text: str) -> int:
     text = text.strip().upper()
     scale = {"K": 1 << 10, "M": 10**6}.get(text[-1], 1)
@@ -265,6 +275,13 @@ def main() -> int:
     parser.add_argument(
         "--matchmaking", type=float, default=1.0, help="hivemind's min_matchmaking_time"
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of every method, interleaved (A B C A B C ...); rows report the medians, "
+        "so load that comes and goes on a shared machine hits every method alike",
+    )
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--out", default="results/bench_averaging.json")
     args = parser.parse_args()
@@ -276,18 +293,20 @@ def main() -> int:
         rows = []
         for size in map(parse_size, args.sizes):
             for n in args.peers:
-                by_method = {}
-                for method in args.methods:
-                    print(f"== {method}: {n} peers, {size:,} elements", flush=True)
-                    row = run_one(method, n, size, args, corpus)
-                    by_method[method] = row
-                    rows.append(row)
-                    print(
-                        f"   {row['seconds']:.2f} s, {row['wire_bytes_per_peer'] / 1e6:.1f} "
-                        "MB/peer on the wire, "
-                        f"rel_err {row['rel_err']:.4f}",
-                        flush=True,
-                    )
+                runs: dict[str, list[dict]] = {m: [] for m in args.methods}
+                for repeat in range(args.repeats):
+                    for method in args.methods:
+                        print(f"== {method}: {n} peers, {size:,} elements ({repeat + 1})")
+                        row = run_one(method, n, size, args, corpus)
+                        runs[method].append(row)
+                        print(
+                            f"   {row['seconds']:.2f} s, {row['wire_bytes_per_peer'] / 1e6:.1f} "
+                            "MB/peer on the wire, "
+                            f"rel_err {row['rel_err']:.4f}",
+                            flush=True,
+                        )
+                by_method = {m: median_row(r) for m, r in runs.items()}
+                rows.extend(by_method.values())
                 base = by_method.get("hivemind-fp16")
                 for row in by_method.values():
                     row["time_vs_hivemind_fp16"] = (
