@@ -195,3 +195,16 @@ def test_a_forged_entry_in_gossip_is_dropped_and_the_rest_taken():
     message = {"peers": [a.wire(a.me), forged_c]}
     assert Gossip(b, random.Random(0)).answer(message) == {}
     assert "a" in b.peers and "c" not in b.peers
+
+
+def test_listening_openly_without_a_key_or_allow_list_warns(tmp_path):
+    allow = tmp_path / "allow.txt"
+    allow.write_text(Identity.generate().public_hex + "\n")
+    assert (
+        "no --swarm-key and no --allow-peers" in NetworkConfig(listen="0.0.0.0:7000").open_warning()
+    )
+    assert NetworkConfig(listen="10.1.2.3:7000").open_warning() is not None
+    assert NetworkConfig(listen="127.0.0.1:7000").open_warning() is None
+    assert NetworkConfig(listen="localhost:7000").open_warning() is None
+    assert NetworkConfig(listen="0.0.0.0:7000", swarm_key="k").open_warning() is None
+    assert NetworkConfig(listen="0.0.0.0:7000", allow_peers=str(allow)).open_warning() is None
