@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -222,12 +223,18 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         row["smallest_n"] = base["peers"]
 
 
-def hivemind_rows(peers: list[int], size: int, args: argparse.Namespace) -> list[dict]:
-    """hivemind's DecentralizedAverager at each N, with bench_averaging.py's worker."""
+def hivemind_rows(
+    peers: list[int],
+    size: int,
+    args: argparse.Namespace,
+    rows: list[dict[str, Any]],
+    save: Callable[[], None],
+) -> None:
+    """hivemind's DecentralizedAverager at each N, with bench_averaging.py's worker; a row
+    appended to `rows` (and `save` called) after each."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_averaging import run_one
 
-    rows = []
     averaging_args = argparse.Namespace(timeout=args.timeout, matchmaking=args.matchmaking)
     for n in peers:
         print(f"== hivemind-uint8: {n} peers, {size:,} elements", flush=True)
@@ -236,10 +243,10 @@ def hivemind_rows(peers: list[int], size: int, args: argparse.Namespace) -> list
         except Exception as exc:  # did not fit (time, memory): recorded, the table goes on
             print(f"   hivemind at {n} peers failed: {exc!r}", flush=True)
             rows.append({"peers": n, "error": repr(exc)})
-            continue
-        print(f"   {row['seconds']:.2f} s, {row['wire_bytes_per_peer'] / 1e3:.1f} kB/peer")
-        rows.append(row)
-    return rows
+        else:
+            print(f"   {row['seconds']:.2f} s, {row['wire_bytes_per_peer'] / 1e3:.1f} kB/peer")
+            rows.append(row)
+        save()
 
 
 def require_hivemind() -> None:
@@ -252,6 +259,22 @@ def require_hivemind() -> None:
             "(`pip install hivemind`, an optional extra) or run this script with an "
             "interpreter that has it, e.g. a separate venv with shoal installed editable"
         ) from exc
+
+
+def write_json(path: str, rows: list[dict], hivemind: list[dict]) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "command": "python scripts/bench_scale.py " + " ".join(sys.argv[1:]),
+                "cpu_count": os.cpu_count(),
+                "rows": rows,
+                "hivemind": hivemind,
+            },
+            indent=1,
+        )
+    )
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -324,32 +347,27 @@ def main() -> int:
     args.demo_args = args.demo_args.split()
     if args.hivemind:
         require_hivemind()
-    rows = []
+    rows: list[dict[str, Any]] = []
+    hivemind: list[dict[str, Any]] = []
+
+    def save() -> None:  # after every swarm and hivemind run, so a killed run keeps its rows
+        write_json(args.out, rows, hivemind)
+
     for n in args.peers:
         try:
             rows.append(measure(n, args))
         except (RuntimeError, TimeoutError, ValueError) as exc:
             print(f"bench_scale: {exc}", file=sys.stderr)
             rows.append({"peers": n, "error": str(exc)})
+        save()
     done = [r for r in rows if "error" not in r]
     if done:
         add_ratios(done)
         print_table(done)
-    hivemind = hivemind_rows(args.peers, done[0]["params"], args) if args.hivemind and done else []
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "command": "python scripts/bench_scale.py " + " ".join(sys.argv[1:]),
-                "cpu_count": os.cpu_count(),
-                "rows": rows,
-                "hivemind": hivemind,
-            },
-            indent=1,
-        )
-    )
-    print(f"written to {out}")
+        save()
+    if args.hivemind and done:
+        hivemind_rows(args.peers, done[0]["params"], args, hivemind, save)
+    print(f"written to {args.out}")
     if args.plot and done:
         plot(done, hivemind, args.plot)
         print(f"plot written to {args.plot}")
