@@ -17,13 +17,15 @@ TypeError or UnicodeEncodeError (500) wherever it would first be used. The shape
                       answer's echoes the request's (binding the answer to that request)
     X-Shoal-Encoding  "zstd" or "identity"
     X-Shoal-MAC       64 lowercase hex digits (HMAC-SHA256); absent without a swarm key
-    X-Shoal-Key       64 lowercase hex digits: the sender's Ed25519 public key
+    X-Shoal-Key       64 lowercase hex digits: the sender's Ed25519 public key (under the
+                      MAC: without the swarm key, no one on the path can swap in another)
     X-Shoal-Sig       128 lowercase hex digits: the sender's Ed25519 signature of the bytes
                       the MAC covers (`signed_bytes`), checked against X-Shoal-Key, whose
                       binding to X-Shoal-Peer `peer.keybook` checks (`peer.identity`)
 
 The MAC covers the method, the path (for answers `response_path`, which names the status
-too), every field above the MAC, and the body's SHA-256; the signature covers the same.
+too), every field above but the MAC and the signature (`SIGNED`, in that order), and the
+body's SHA-256; the signature covers the same bytes.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ H_VERSION, H_SWARM, H_PEER, H_TIME = (
 )
 H_NONCE, H_ENCODING, H_MAC = "X-Shoal-Nonce", "X-Shoal-Encoding", "X-Shoal-MAC"
 H_KEY, H_SIG = "X-Shoal-Key", "X-Shoal-Sig"
-SIGNED = (H_VERSION, H_SWARM, H_PEER, H_TIME, H_NONCE, H_ENCODING)  # in MAC order
+SIGNED = (H_VERSION, H_SWARM, H_PEER, H_TIME, H_NONCE, H_ENCODING, H_KEY)  # in MAC order
 NO_SWARM = "-"
 NONCE_BYTES = 16
 MAX_ID_CHARS = 128
@@ -145,7 +147,7 @@ def parse_fields(headers: Mapping[str, str]) -> Fields:
     if version != PROTOCOL_VERSION:
         raise VersionMismatch(f"protocol version {version}, this peer speaks {PROTOCOL_VERSION}")
     signed = tuple(header(headers, name) or "" for name in SIGNED)
-    _, swarm_id, sender, stamp, nonce, encoding = signed
+    _, swarm_id, sender, stamp, nonce, encoding, key = signed
     return Fields(
         version=version,
         swarm_id=swarm_id,
@@ -155,6 +157,6 @@ def parse_fields(headers: Mapping[str, str]) -> Fields:
         encoding=encoding,
         mac=header(headers, H_MAC, required=False),
         signed=signed,
-        key=header(headers, H_KEY, required=False),
+        key=key,
         sig=header(headers, H_SIG, required=False),
     )

@@ -152,11 +152,11 @@ class WireCodec:
             f"{time.time():.3f}",
             nonce or new_nonce(),
             body.encoding,
+            self.identity.public_hex,
         ]
         headers = dict(zip(SIGNED, fields, strict=True))
         if self.key is not None:
             headers[H_MAC] = mac(self.key, method, path, fields, body.digest)
-        headers[H_KEY] = self.identity.public_hex
         signature = self.identity.sign(signed_bytes(method, path, fields, body.digest))
         headers[H_SIG] = signature.hex()
         return headers
@@ -176,11 +176,11 @@ class WireCodec:
     def seal(
         self, method: str, path: str, headers: Mapping[str, str], body: bytes
     ) -> dict[str, str]:
-        """The MAC (with a swarm key), key and signature headers for `body` under the
-        envelope fields in `headers` (for tests that send bodies or fields of their own)."""
+        """The MAC (with a swarm key) and signature headers for `body` under the envelope
+        fields in `headers` (for tests that send bodies or fields of their own)."""
         fields = [headers[h] for h in SIGNED]
         data = signed_bytes(method, path, fields, hashlib.sha256(body).digest())
-        sealed = {H_KEY: self.identity.public_hex, H_SIG: self.identity.sign(data).hex()}
+        sealed = {H_SIG: self.identity.sign(data).hex()}
         if self.key is not None:
             sealed[H_MAC] = hmac.new(self.key, data, hashlib.sha256).hexdigest()
         return sealed

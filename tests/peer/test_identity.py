@@ -1,6 +1,7 @@
 """Peer identities: key files, derived ids, signed envelopes and entries, allow-lists."""
 
 import base64
+import hashlib
 import logging
 import os
 import random
@@ -9,6 +10,7 @@ import stat
 import pytest
 
 from shoal.peer.config import NetworkConfig
+from shoal.peer.envelope import SIGNED, signed_bytes
 from shoal.peer.errors import AuthError, Forbidden
 from shoal.peer.gossip import Gossip
 from shoal.peer.identity import (
@@ -208,3 +210,16 @@ def test_listening_openly_without_a_key_or_allow_list_warns(tmp_path):
     assert NetworkConfig(listen="localhost:7000").open_warning() is None
     assert NetworkConfig(listen="0.0.0.0:7000", swarm_key="k").open_warning() is None
     assert NetworkConfig(listen="0.0.0.0:7000", allow_peers=str(allow)).open_warning() is None
+
+
+def test_the_public_key_is_under_the_mac():
+    """Someone on the path without the swarm key cannot re-sign a message with a key of its
+    own (which would bind a name it has not yet been seen with to that key)."""
+    body, headers = codec("a").encode("POST", "/gossip", {"x": 1})
+    other = Identity.generate()
+    headers["X-Shoal-Key"] = other.public_hex
+    fields = [headers[h] for h in SIGNED]
+    data = signed_bytes("POST", "/gossip", fields, hashlib.sha256(body).digest())
+    headers["X-Shoal-Sig"] = other.sign(data).hex()
+    with pytest.raises(AuthError, match="HMAC"):
+        codec("server").decode("POST", "/gossip", headers, body)
