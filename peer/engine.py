@@ -36,7 +36,7 @@ from shoal.peer.holders import covers, expected_replicas, holding_ours
 from shoal.peer.publisher import Snapshot, take_snapshot
 from shoal.peer.reduce import PSEUDO_GRADIENT_KINDS, ShardedMean
 from shoal.peer.roles import PeerContext, Role
-from shoal.peer.rounds import RoundExchange, state_check
+from shoal.peer.rounds import RoundExchange, resync_terms
 from shoal.peer.roundstore import RoundStore
 from shoal.peer.runfiles import load_init_weights
 from shoal.peer.statesync import download_state
@@ -200,11 +200,11 @@ class RoundEngine:
         self.ctx.agent.me.weights_hash = snapshot.weights_hash
         self.ctx.publisher.publish(snapshot)
 
-    async def download(self, sources: list, attempts: int, check: Any = None) -> None:
+    async def download(self, sources: list, attempts: int, **wanted: Any) -> None:
         """Load the outer state from `sources` (its chunks spread over those in step);
-        `check`: see `download_state`."""
+        `wanted`: `download_state`'s check and min_round (and its wait)."""
         round_id, tensors, _ = await download_state(
-            self.ctx.client, sources, self.state_shapes, attempts=attempts, check=check
+            self.ctx.client, sources, self.state_shapes, attempts=attempts, **wanted
         )
         self.publish_snapshot(await self.ctx.thread.run(self.load_state, round_id, tensors))
         log.info("[%s] loaded the swarm's outer state of round %d", self.peer_id, round_id)
@@ -329,9 +329,8 @@ class RoundEngine:
         same_slice = holding_ours(self.ctx.agent.membership, final)
         majority, top_hash = await self.exchange.verify(round_id, new_hash, same_slice)
         if majority:
-            check = state_check(self.exchange, round_id, top_hash, same_slice)
-            attempts = self.config.protocol.state_download_attempts
-            await self.download(majority, attempts, check)
+            terms = resync_terms(self.exchange, round_id, top_hash, same_slice)
+            await self.download(majority, self.config.protocol.state_download_attempts, **terms)
             log.warning(
                 "[%s] round %d: resynced the outer state from the majority (now round %d)",
                 self.peer_id,

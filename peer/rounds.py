@@ -192,8 +192,11 @@ class RoundExchange:
 
         `timeout_s` should cover the others' gather deadline: a slower peer publishes its
         set only when its own gather ends. With reduce-scatter (`peer.reduce`) nothing was
-        gathered: the set we publish is `view`, the peers we expect in the round, and only a
-        peer whose set arrived can be chosen (its set is the sign it has published)."""
+        gathered: the set we publish is `view`, the peers we expect in the round (a peer
+        publishes its set once its pseudo-gradient is ready), and a member that never
+        delivers is left out of the shards by their owners at the deadline. Not requiring
+        each member's own set to reach us keeps the decision the same on peers that got
+        slightly different sets (a load spike that delays one answer)."""
         if view is None:
             held = sorted(self.decoded.get(round_id, {}))
         else:
@@ -216,8 +219,8 @@ class RoundExchange:
         for peer_id, why in flagged.items():
             log.warning("[%s] round %d: %s left out: %s", self.me, round_id, peer_id, why)
             self.flagged[peer_id] = f"round {round_id}: {why}"
-        if view is not None:
-            final &= set(votes)
+        if view is not None:  # owners fetch each member's shard: it must be one we can reach
+            final = {p for p in final if p == self.me or p in self.membership.peers}
         else:
             missing = sorted(final - set(held))
             fetched = await asyncio.gather(
@@ -331,6 +334,20 @@ class RoundExchange:
         return top[0][0] if top and 2 * top[0][1] > voters else None
 
 
+def resync_terms(
+    exchange: RoundExchange, round_id: int, top_hash: str, participants: list[str]
+) -> dict[str, Any]:
+    """What a resync after round r's vote asks of `download_state`: round r + 1's state
+    (the majority publishes it once its own vote ends: wait for it) that passes
+    `state_check`."""
+    protocol = exchange.protocol
+    return {
+        "check": state_check(exchange, round_id, top_hash, participants),
+        "min_round": round_id + 1,
+        "min_round_wait_s": protocol.min_gather_timeout_s + protocol.agree_timeout_s,
+    }
+
+
 def state_check(
     exchange: RoundExchange, round_id: int, top_hash: str, participants: list[str]
 ) -> StateCheck:
@@ -339,8 +356,10 @@ def state_check(
     a later round's is asked of them), not merely the one its server claims."""
 
     async def check(state_round: int, tensors: Mapping[str, torch.Tensor]) -> str | None:
+        if state_round < round_id + 1:
+            return f"older than round {round_id + 1}, the state the vote was about"
         want = top_hash
-        if state_round != round_id + 1:
+        if state_round > round_id + 1:
             want = await exchange.majority_hash(state_round - 1, participants)
         if want is None:
             return f"no majority of the participants vouches for a round-{state_round} state"

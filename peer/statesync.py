@@ -219,18 +219,25 @@ async def download_state(
     attempts: int = 3,
     on_progress: Callable[[int, int], None] | None = None,
     check: StateCheck | None = None,
+    min_round: int = 0,
+    min_round_wait_s: float = 0.0,
 ) -> tuple[int, dict[str, torch.Tensor], dict]:
     """Download, verify and parse the outer state, its chunks spread over every source that
     serves the same blob (`_download_spread`); `attempts` rounds of trying all sources.
     `check(round, tensors)` may refuse a state that passed its own hash check (e.g. one whose
     weights hash is not the majority's) with a reason: the peers that served it are not
-    asked again."""
+    asked again. Sources that still serve a state older than `min_round` are waited for,
+    up to `min_round_wait_s` (a resync right after a vote: the majority publishes its new
+    state once its own vote ends)."""
     errors: list[str] = []
     remaining = list(sources)
-    for attempt in range(attempts):
+    loop = asyncio.get_running_loop()
+    patience = loop.time() + min_round_wait_s
+    attempt = 0
+    while attempt < attempts:
         try:
             round_id, tensors, metadata, served_by = await _download_spread(
-                client, remaining, expected_shapes, on_progress
+                client, remaining, expected_shapes, on_progress, min_round
             )
             problem = None if check is None else await check(round_id, tensors)
             if problem is None:
@@ -238,13 +245,19 @@ async def download_state(
             errors.append(f"round {round_id} from {','.join(served_by)} refused: {problem}")
             log.warning("state download refused (attempt %d): %s", attempt + 1, errors[-1])
             remaining = [s for s in remaining if s.peer_id not in served_by]
+        except NotYet as exc:
+            if loop.time() < patience:
+                await asyncio.sleep(0.5)
+                continue  # not an attempt: the sources are fine, only behind
+            errors.append(str(exc))
         except ShoalError as exc:
             errors.append(str(exc))
             log.warning("state download failed (attempt %d): %s", attempt + 1, exc)
+        attempt += 1
         if not remaining:
             break
-        if attempt + 1 < attempts:
-            await asyncio.sleep(0.5 * (attempt + 1))
+        if attempt < attempts:
+            await asyncio.sleep(0.5 * attempt)
     raise ShoalError("could not download the outer state: " + "; ".join(errors[-4:]))
 
 
@@ -276,8 +289,12 @@ async def _manifest(client: PeerClient, source: PeerInfo) -> _Manifest:
     return found
 
 
+class NotYet(ShoalError):
+    """Every source that answered still serves a state older than the one asked for."""
+
+
 async def _download_spread(
-    client: PeerClient, sources: Sequence[PeerInfo], expected_shapes, on_progress
+    client: PeerClient, sources: Sequence[PeerInfo], expected_shapes, on_progress, min_round=0
 ) -> tuple[int, dict[str, torch.Tensor], dict, list[str]]:
     """Ask up to MANIFEST_SOURCES sources for their manifest; among those serving the newest
     round's blob (the same sha256: replicas in step serve byte-identical blobs), fetch chunk
@@ -296,6 +313,8 @@ async def _download_spread(
     for source, manifest in served:
         groups.setdefault(manifest, []).append(source)
     manifest, holders = max(groups.items(), key=lambda kv: (kv[0].round_id, len(kv[1])))
+    if manifest.round_id < min_round:
+        raise NotYet(f"the sources serve round {manifest.round_id}, not yet {min_round}")
     offset = random.randrange(len(holders))
     parts: list[bytes | None] = [None] * manifest.num_chunks
     gate = asyncio.Semaphore(CHUNKS_IN_FLIGHT)

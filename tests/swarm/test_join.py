@@ -1,7 +1,9 @@
 """A fourth peer joins mid-run, downloads the outer state in chunks and ends in step."""
 
+import asyncio
 from dataclasses import replace
 
+import pytest
 import torch
 from conftest import (
     FAST_PROTOCOL,
@@ -13,6 +15,7 @@ from conftest import (
     wait_until,
 )
 
+from shoal.peer.errors import ShoalError
 from shoal.peer.node import Peer
 
 
@@ -84,3 +87,37 @@ def test_a_state_larger_than_a_write_step_streams_and_verifies(corpus):
             await stop_all([host, reader])
 
     run_async(scenario(), 120)
+
+
+def test_a_download_waits_for_the_round_it_asks_for(corpus):
+    """A resync asks for the state the hash vote was about (`min_round`): sources still at
+    the round before are waited for, within `min_round_wait_s`, and no attempt is spent."""
+    from shoal.peer.publisher import Snapshot
+    from shoal.peer.statesync import download_state
+
+    async def scenario():
+        host = Peer(peer_config(corpus, "host"))
+        await host.start(train=False)
+        reader = Peer(peer_config(corpus, "reader", bootstrap=host.address))
+        await reader.start(train=False)
+        try:
+            shapes, sources = reader.engine.state_shapes, [host.membership.me]
+            with pytest.raises(ShoalError, match="not yet 1"):
+                await download_state(reader.client, sources, shapes, min_round=1, attempts=1)
+            latest = host.publisher.latest
+            moved = {n: t + 1.0 for n, t in latest.tensors.items()}
+
+            async def next_round():
+                await asyncio.sleep(1.0)
+                host.publisher.publish(Snapshot(1, moved, "h"))
+
+            later = asyncio.create_task(next_round())
+            round_id, tensors, _ = await download_state(
+                reader.client, sources, shapes, min_round=1, min_round_wait_s=10, attempts=1
+            )
+            await later
+            assert round_id == 1 and all(torch.equal(tensors[n], moved[n]) for n in tensors)
+        finally:
+            await stop_all([host, reader])
+
+    run_async(scenario(), 60)
