@@ -43,8 +43,11 @@ def test_streaming_peers_sync_one_fragment_per_round(corpus):
     )
     _, dense_uploads, _ = run_async(scenario(runs["diloco"], 2, inner_steps), 120)
     assert log[-1]["eval_loss"] < initial
-    # each sync event carries one fragment: half of DiLoCo's q4 upload, plus framing
-    assert max(stream_uploads) <= max(dense_uploads) / fragments * 1.05 + 512, (
+    # each sync event carries one fragment: half of DiLoCo's q4 upload, plus framing. With
+    # reduce-scatter (one shard: tiny is under --shard-elements) a round's owner also serves
+    # the mean to the others, so compare rounds in which peer-0 owns nothing (the smallest
+    # upload: its pseudo-gradient to the owner; the dense run's one measured round is one)
+    assert min(stream_uploads) <= min(dense_uploads) / fragments * 1.05 + 512, (
         stream_uploads,
         dense_uploads,
     )
