@@ -4,27 +4,12 @@ counters, the non-contribution rest is split by the run's shares, and peers are 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from script_loader import load_script
 
 from shoal.peer.reduce import PSEUDO_GRADIENT_KINDS
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-
-
-def _load(name: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-bench_scale = _load("bench_scale")
+bench_scale = load_script("bench_scale")
 
 
 def report(cumulative: list[tuple[int, int, float]], by_kind: dict[str, int]) -> dict:
@@ -41,8 +26,17 @@ def report(cumulative: list[tuple[int, int, float]], by_kind: dict[str, int]) ->
 def test_kinds_fall_into_classes():
     assert set(bench_scale.CONTRIBUTION_KINDS) == set(PSEUDO_GRADIENT_KINDS)
     assert bench_scale.by_class(
-        {"contribution": 5, "shard": 7, "reduced": 11, "gossip": 3, "chunk": 2, "manifest": 1,
-         "set": 4, "hash": 6, "something-new": 10}  # fmt: skip
+        {
+            "contribution": 5,
+            "shard": 7,
+            "reduced": 11,
+            "gossip": 3,
+            "chunk": 2,
+            "manifest": 1,
+            "set": 4,
+            "hash": 6,
+            "something-new": 10,
+        }  # fmt: skip
     ) == {"contributions": 23, "gossip": 3, "state": 3, "other": 20}
 
 
@@ -55,8 +49,14 @@ def test_rounds_after_the_first_split_by_run_shares():
     rows = bench_scale.peer_rounds(peer)
     assert len(rows) == 2  # round 1 (start-up) is not measured
     assert rows[0] == pytest.approx(
-        {"total": 1_000, "contributions": 700, "gossip": 180, "state": 60, "other": 60,
-         "seconds": 2.0}  # fmt: skip
+        {
+            "total": 1_000,
+            "contributions": 700,
+            "gossip": 180,
+            "state": 60,
+            "other": 60,
+            "seconds": 2.0,
+        }  # fmt: skip
     )
     assert rows[1]["total"] == 1_500 and rows[1]["contributions"] == 1_300
     assert rows[1]["gossip"] + rows[1]["state"] + rows[1]["other"] == pytest.approx(200)

@@ -4,13 +4,10 @@ aggregated shards decode to it bit for bit, and the byte counts add up."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from script_loader import load_script
 
 from shoal.compression import TopKCodec
 from shoal.compression.base import HEADER
@@ -18,19 +15,7 @@ from shoal.compression.packing import indices_12bit_nbytes, packed_nbytes
 from shoal.optim.outer import OuterConfig
 from shoal.optim.sparseloco import SparseLoCo, send_with_error_feedback
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-
-
-def _load(name: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-wire = _load("sparse_partition_wire")
+wire = load_script("sparse_partition_wire")
 
 # ragged 2-D tiles, a multi-chunk 1-D tensor, a vector smaller than k
 SHAPES = {"embed": (200, 150), "mlp": (64, 130), "bias": (9000,), "norm": (40,)}
@@ -167,7 +152,7 @@ def test_per_peer_download_arithmetic():
 
 def test_measure_accounts_gather_and_partition(swarm):
     codec, grid, payloads, _ = swarm
-    bench = _load("bench_sparse_partition")
+    bench = load_script("bench_sparse_partition")
     envelope = bench.envelope_nbytes(len(payloads))
     assert all(100 < n < 2000 for n in envelope.values())
     row = bench.measure(grid, codec, payloads, envelope)
