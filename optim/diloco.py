@@ -62,7 +62,9 @@ class DiLoCo(OuterOptimizer):
             ]
         )
 
-    def apply_mean(self, mean: torch.Tensor) -> None:
+    def apply_mean(self, mean: torch.Tensor | None) -> None:
+        if mean is None:
+            return
         sizes = [param.numel() for param in self.params.values()]
         pieces = torch.split(mean, sizes)
         self.apply([{n: p.view(self.shapes[n]) for n, p in zip(self.params, pieces, strict=True)}])

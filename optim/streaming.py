@@ -146,8 +146,8 @@ class StreamingDiLoCo(OuterOptimizer):
         self._check_names(list(local_weights), "local weights")
         return self._gather(self.params) - self._gather(local_weights)
 
-    def apply_mean(self, mean: torch.Tensor) -> None:
-        self.apply([mean])
+    def apply_mean(self, mean: torch.Tensor | None) -> None:
+        self.apply([] if mean is None else [mean])
 
     def apply(self, contributions: Sequence[torch.Tensor]) -> None:
         if not contributions:

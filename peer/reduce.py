@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 PSEUDO_GRADIENT_KINDS = ("contribution", "shard", "reduced")  # their `Traffic` kinds
 MAX_SHARDS = 4096  # members of one round, at most
-MAX_CACHED_LAYOUTS = 4  # encoded shard sets kept per round (a member serves one layout, normally)
+MAX_CACHED_LAYOUTS = 2  # encoded shard sets kept per round (a member serves one layout, normally)
 
 
 def shard_range(numel: int, k: int, index: int) -> tuple[int, int]:
@@ -170,10 +170,12 @@ class ShardedMean:
 
     async def mean(
         self, round_id: int, members: list[str], timeout_s: float, shard_elements: int
-    ) -> tuple[torch.Tensor, list[str]]:
+    ) -> tuple[torch.Tensor | None, list[str]]:
         """The mean over `members` (agreed) of their round-r pseudo-gradients, and the members
         whose pseudo-gradient is in every shard of it (a member whose shard did not reach an
-        owner is left out of that shard only)."""
+        owner is left out of that shard only); None if there are no members."""
+        if not members:  # every set refused, ours included: nothing to average
+            return None, []
         store, loop = self.exchange.store, asyncio.get_running_loop()
         numel = store.deltas[round_id].flat.numel()
         layout = Layout.of(members, numel, round_id, shard_elements)

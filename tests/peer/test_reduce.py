@@ -187,3 +187,18 @@ def test_the_store_keeps_two_rounds_of_pseudo_gradients():
         return sorted(store.deltas)
 
     assert asyncio.run(scenario()) == [2, 3]
+
+
+def test_no_members_no_mean_and_no_step():
+    from shoal.optim.outer import OuterConfig
+    from shoal.optim.registry import build_outer
+
+    async def scenario():
+        sharded = ShardedMean(FakeExchange("a", {}), encode, decode)
+        return await sharded.mean(0, [], 1.0, shard_elements=10)
+
+    assert asyncio.run(scenario()) == (None, [])
+    outer = build_outer({"w": torch.ones(3)}, OuterConfig(codec="int8"))
+    before = {n: t.clone() for n, t in outer.state_tensors().items()}
+    outer.apply_mean(None)
+    assert all(torch.equal(before[n], t) for n, t in outer.state_tensors().items())
