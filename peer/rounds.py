@@ -15,15 +15,16 @@ nonce, but a peer could still answer a round-r question with round r-1's set).
    invalid one is dropped (every honest peer drops the same bytes).
 3. **Agree.** It publishes the set of peer ids it holds (`/round/set`) and fetches the
    sets of those peers. The round's set is decided by majority (`decide_set`): every id
-   held by at least half of the peers whose sets it obtained (itself included), less any
+   held by more than half of the peers whose sets it obtained (itself included), less any
    peer whose own set holds fewer than half of those (flagged: one peer publishing an
    empty set no longer empties the round, as the intersection of the sets once did). A
    contribution in the set that it missed is fetched from its owner, else from a peer
    that holds it (peers serve what they gathered); peers that saw the same sets apply the
    same contributions, and one that could not fetch one shows up in step 4.
 4. **Verify.** After the outer step it publishes its weights hash for round r
-   (`/round/hash`) and compares with the participants' (one vote per peer id). A peer in
-   a strict minority resyncs its outer state from the majority's peers (`peer.statesync`)
+   (`/round/hash`) and compares with the participants' (one vote per peer id). A peer
+   without the most published hash (a tie goes to the smallest) resyncs its outer state
+   from the peers that have it (`peer.statesync`)
    and refuses a downloaded state whose weights do not hash to the majority's hash
    (`state_check`), whatever its server claims.
 
@@ -203,11 +204,17 @@ class RoundExchange:
             held = sorted({*view, self.me})
         self.store.put_set(round_id, held)
         deadline = asyncio.get_running_loop().time() + timeout_s
-        others = [
-            self.membership.peers[p] for p in held if p != self.me and p in self.membership.peers
-        ]
+        # every peer we expected votes, also one whose contribution we missed (so that the
+        # others' majority can outweigh our miss), but that one is asked once, not waited
+        # for: a peer that missed our gather deadline is slow or gone
+        expected = {p.peer_id for p in self.membership.live_others() if p.first_round <= round_id}
+        voters = sorted((set(held) | expected) - {self.me})
+        others = [self.membership.peers[p] for p in voters if p in self.membership.peers]
         answers = await asyncio.gather(
-            *(self.poll(p, "/round/set", {"round": round_id}, deadline, wait=True) for p in others)
+            *(
+                self.poll(p, "/round/set", {"round": round_id}, deadline, p.peer_id in held)
+                for p in others
+            )
         )
         votes = {self.me: set(held)}
         for peer, answer in zip(others, answers, strict=True):
@@ -307,13 +314,16 @@ class RoundExchange:
         self, round_id: int, my_hash: str, participants: list[str]
     ) -> tuple[list[PeerInfo], str]:
         """Step 4: compare weight hashes, one vote per participant. Returns the majority's
-        peers to resync from (none if we are not in a strict minority) and its hash, which
-        the state we download from them must have."""
+        peers to resync from (none if ours is the most published hash, ties going to the
+        smallest) and its hash, which the state we download from them must have."""
         self.store.put_hash(round_id, my_hash)
         hashes = await self.hashes(round_id, participants)
         counts = Counter([my_hash, *hashes.values()])
-        top_hash, top_count = counts.most_common(1)[0]
-        if top_hash == my_hash or top_count <= counts[my_hash]:
+        top_count = max(counts.values())
+        # the most published hash; a tie goes to the smallest, so that a swarm split in equal
+        # halves still converges (before, neither half resynced and they trained apart)
+        top_hash = min(h for h, n in counts.items() if n == top_count)
+        if top_hash == my_hash:
             return [], my_hash
         log.warning(
             "[%s] round %d: weights hash %s is in the minority (%d vs %d); resyncing",
@@ -372,12 +382,15 @@ def state_check(
 
 def decide_set(votes: dict[str, set[str]]) -> tuple[set[str], dict[str, str]]:
     """The round's set from the sets the voters published (ours among them): every id held
-    by at least half of the voters, less the voters whose own set holds fewer than half of
+    by more than half of the voters, less the voters whose own set holds fewer than half of
     those (implausibly small: a peer trying to veto the round, or one that reached almost
     nobody), returned with the reason for each. Every peer that obtained the same sets
-    decides the same; one peer publishing an empty set removes only itself."""
+    decides the same; from three voters on, one peer publishing an empty set removes only
+    itself. Strictly more than half: a joiner that only half of the peers know of is left
+    out by all (with "at least half" four peers once split into two pairs of hashes).
+    Two voters can only agree on what both hold, as under the intersection."""
     counts = Counter(i for ids in votes.values() for i in ids)
-    chosen = {i for i, n in counts.items() if 2 * n >= len(votes)}
+    chosen = {i for i, n in counts.items() if 2 * n > len(votes)}
     flagged = {
         voter: f"its set holds {len(ids & chosen)} of the {len(chosen)} the majority holds"
         for voter, ids in votes.items()
