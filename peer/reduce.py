@@ -185,7 +185,8 @@ class ShardedMean:
             *(self._shard(round_id, layout, i, deadline) for i in range(layout.k))
         )
         applied = set(members).intersection(*(contributors for _, contributors in shards))
-        return torch.cat([values for values, _ in shards]), sorted(applied)
+        pieces = [values for values, _ in shards]
+        return await loop.run_in_executor(None, torch.cat, pieces), sorted(applied)
 
     async def _shard(
         self, round_id: int, layout: Layout, index: int, deadline: float
@@ -221,12 +222,7 @@ class ShardedMean:
             return None
         request = {"round": round_id, "tag": layout.tag, "index": index}
         late = deadline + self.exchange.protocol.agree_timeout_s  # the owner's own deadline
-        answer = self.exchange.for_round(
-            await self.exchange.poll(owner, "/round/reduced", request, late, wait=True),
-            round_id,
-            owner,
-            "reduced shard",
-        )
+        answer = await self.exchange.poll(owner, "/round/reduced", request, late, wait=True)
         if answer is None:
             return None
         contributors, data = answer.get("contributors"), answer.get("data")
@@ -301,12 +297,7 @@ class ShardedMean:
             if peer is None:
                 return None
             request = {"round": round_id, "k": k, "index": index}
-            answer = self.exchange.for_round(
-                await self.exchange.poll(peer, "/round/shard", request, deadline, wait=True),
-                round_id,
-                peer,
-                "shard",
-            )
+            answer = await self.exchange.poll(peer, "/round/shard", request, deadline, wait=True)
             if answer is None:
                 return None
             if (answer.get("peer"), answer.get("k"), answer.get("index")) != (member, k, index):

@@ -91,7 +91,8 @@ class RoundExchange:
     async def poll(
         self, peer: PeerInfo, path: str, request: dict[str, Any], deadline: float, wait: bool
     ) -> dict[str, Any] | None:
-        """Long-poll `path` at `peer` until it answers, the deadline passes or the peer dies."""
+        """Long-poll `path` at `peer` for `request`'s round until it answers, the deadline
+        passes or the peer dies. An answer naming another round is logged and counts as none."""
         loop = asyncio.get_running_loop()
         while (remaining := deadline - loop.time()) > 0 and self.membership.is_alive(peer.peer_id):
             wait_s = min(remaining, self.protocol.max_poll_s) if wait else 0.0
@@ -103,7 +104,7 @@ class RoundExchange:
                     {**request, "wait_s": wait_s},
                     timeout_s=wait_s + self.protocol.request_timeout_s,
                 )
-                return envelope.payload
+                return self._for_round(envelope.payload, request["round"], peer, path)
             except NotFound:
                 if not wait:
                     return None
@@ -116,13 +117,11 @@ class RoundExchange:
                 return None
         return None
 
-    def for_round(
-        self, answer: dict[str, Any] | None, round_id: int, peer: PeerInfo, what: str
+    def _for_round(
+        self, answer: dict[str, Any], round_id: int, peer: PeerInfo, path: str
     ) -> dict[str, Any] | None:
         """`answer` if it names `round_id` (an int, not a bool), else None, logged: an answer
         for another round, even a correctly signed one, counts as a missing answer."""
-        if answer is None:
-            return None
         named = answer.get("round")
         if type(named) is int and named == round_id:
             return answer
@@ -130,7 +129,7 @@ class RoundExchange:
             "[%s] %s's %s answer names round %s, not %d: ignored",
             self.me,
             peer.peer_id,
-            what,
+            path,
             show(named),
             round_id,
         )
@@ -143,8 +142,6 @@ class RoundExchange:
             source, "/round/contribution", {"round": round_id, "peer": owner}, deadline, wait
         )
         if payload is None:
-            return False
-        if not self.for_round(payload, round_id, source, "contribution"):
             return False
         if payload.get("peer") != owner:
             log.warning("[%s] %s answered for the wrong peer", self.me, source.peer_id)
@@ -218,7 +215,6 @@ class RoundExchange:
         )
         votes = {self.me: set(held)}
         for peer, answer in zip(others, answers, strict=True):
-            answer = self.for_round(answer, round_id, peer, "set")
             ids = answer.get("peers") if answer else None
             if isinstance(ids, list) and all(isinstance(i, str) for i in ids):
                 votes[peer.peer_id] = set(ids)
@@ -301,12 +297,9 @@ class RoundExchange:
         answers = await asyncio.gather(
             *(self.poll(p, "/round/hash", {"round": round_id}, deadline, wait=True) for p in others)
         )
-        checked = [
-            self.for_round(a, round_id, p, "hash") for p, a in zip(others, answers, strict=True)
-        ]
         return {
             p.peer_id: a["hash"]
-            for p, a in zip(others, checked, strict=True)
+            for p, a in zip(others, answers, strict=True)
             if a and isinstance(a.get("hash"), str)
         }
 
@@ -374,7 +367,7 @@ def state_check(
         if want is None:
             return f"no majority of the participants vouches for a round-{state_round} state"
         outer = {n.removeprefix("outer/"): t for n, t in tensors.items() if n.startswith("outer/")}
-        got = weights_hash(outer)
+        got = await asyncio.get_running_loop().run_in_executor(None, weights_hash, outer)
         return None if got == want else f"weights hash {got[:8]}, the majority's is {want[:8]}"
 
     return check

@@ -130,10 +130,8 @@ class FakeExchange:
         self.protocol = SimpleNamespace(agree_timeout_s=0.1)
 
     async def poll(self, peer, path, request, deadline, wait):
-        return self.answers[peer.peer_id](request)
-
-    def for_round(self, answer, round_id, peer, what):
-        return answer if answer and answer.get("round") == round_id else None
+        answer = self.answers[peer.peer_id](request)  # as RoundExchange.poll: of this round
+        return answer if answer and answer.get("round") == request["round"] else None
 
 
 def test_owner_mean_drops_unusable_shards_and_is_the_same_bits_anywhere():
