@@ -65,7 +65,10 @@ def test_noloco_never_stalls_longer_than_the_partner_timeout(corpus, tmp_path):
     """NoLoCo with a peer SIGKILLed mid-run: the others keep stepping; the time any step
     spends beyond its own inner phase (waiting for a partner) stays under the partner
     timeout plus a small margin for encoding and evaluation."""
-    steps, partner_timeout = 6, 4.0
+    # steps enough to outlast the death's detection (6 s) several times over: on an idle
+    # machine a tiny step takes ~0.5 s, and with 6 steps the last one could still draw the
+    # dead peer as its partner (seen once in CI), leaving nothing to pair up
+    steps, partner_timeout = 30, 4.0
     with peer_processes(
         corpus,
         tmp_path,
