@@ -14,7 +14,8 @@ nonce, but a peer could still answer a round-r question with round r-1's set).
    measured inner-phase time) passes. Each contribution is decoded and validated as it arrives; an
    invalid one is dropped (every honest peer drops the same bytes).
 3. **Agree.** It publishes the set of peer ids it holds (`/round/set`) and fetches the
-   sets of those peers. The round's set is decided by majority (`decide_set`): every id
+   sets of those peers (a peer whose set is the same answers just that: `peer.votes`).
+   The round's set is decided by majority (`peer.votes.decide_set`): every id
    held by more than half of the peers whose sets it obtained (itself included), less any
    peer whose own set holds fewer than half of those (flagged: one peer publishing an
    empty set no longer empties the round, as the intersection of the sets once did). A
@@ -22,7 +23,8 @@ nonce, but a peer could still answer a round-r question with round r-1's set).
    that holds it (peers serve what they gathered); peers that saw the same sets apply the
    same contributions, and one that could not fetch one shows up in step 4.
 4. **Verify.** After the outer step it publishes its weights hash for round r
-   (`/round/hash`) and compares with the participants' (one vote per peer id). A peer
+   (`/round/hash`) and compares with the participants' (one vote per peer id; "same" as
+   ours, or theirs in full: `peer.votes`). A peer
    without the most published hash (a tie goes to the smallest) resyncs its outer state
    from the peers that have it (`peer.statesync`)
    and refuses a downloaded state whose weights do not hash to the majority's hash
@@ -53,6 +55,7 @@ from shoal.peer.errors import NotFound, ShoalError
 from shoal.peer.membership import Membership, PeerInfo
 from shoal.peer.roundstore import RoundStore
 from shoal.peer.statesync import StateCheck
+from shoal.peer.votes import decide_set, hash_request, set_request, voted_hash, voted_set
 
 log = logging.getLogger(__name__)
 
@@ -207,17 +210,14 @@ class RoundExchange:
         expected = {p.peer_id for p in self.membership.live_others() if p.first_round <= round_id}
         voters = sorted((set(held) | expected) - {self.me})
         others = [self.membership.peers[p] for p in voters if p in self.membership.peers]
+        request = set_request(round_id, held)  # a voter holding the same answers "same"
         answers = await asyncio.gather(
-            *(
-                self.poll(p, "/round/set", {"round": round_id}, deadline, p.peer_id in held)
-                for p in others
-            )
+            *(self.poll(p, "/round/set", request, deadline, p.peer_id in held) for p in others)
         )
         votes = {self.me: set(held)}
         for peer, answer in zip(others, answers, strict=True):
-            ids = answer.get("peers") if answer else None
-            if isinstance(ids, list) and all(isinstance(i, str) for i in ids):
-                votes[peer.peer_id] = set(ids)
+            if (ids := voted_set(answer, held)) is not None:
+                votes[peer.peer_id] = ids
         final, flagged = decide_set(votes)
         for peer_id, why in flagged.items():
             log.warning("[%s] round %d: %s left out: %s", self.me, round_id, peer_id, why)
@@ -287,21 +287,21 @@ class RoundExchange:
 
     async def hashes(self, round_id: int, participants: list[str]) -> dict[str, str]:
         """The round-r weights hashes `participants` published (one per peer id), waiting at
-        most `agree_timeout_s` for them."""
+        most `agree_timeout_s` for them. Those equal to the one we published for round r (if
+        any) come back as a bare "same" (`peer.votes`)."""
         deadline = asyncio.get_running_loop().time() + self.protocol.agree_timeout_s
         others = [
             self.membership.peers[p]
             for p in participants
             if p != self.me and p in self.membership.peers
         ]
+        mine = self.store.hashes.get(round_id)
+        request = hash_request(round_id, mine)
         answers = await asyncio.gather(
-            *(self.poll(p, "/round/hash", {"round": round_id}, deadline, wait=True) for p in others)
+            *(self.poll(p, "/round/hash", request, deadline, wait=True) for p in others)
         )
-        return {
-            p.peer_id: a["hash"]
-            for p, a in zip(others, answers, strict=True)
-            if a and isinstance(a.get("hash"), str)
-        }
+        votes = {p.peer_id: voted_hash(a, mine) for p, a in zip(others, answers, strict=True)}
+        return {peer_id: h for peer_id, h in votes.items() if h is not None}
 
     async def verify(
         self, round_id: int, my_hash: str, participants: list[str]
@@ -371,22 +371,3 @@ def state_check(
         return None if got == want else f"weights hash {got[:8]}, the majority's is {want[:8]}"
 
     return check
-
-
-def decide_set(votes: dict[str, set[str]]) -> tuple[set[str], dict[str, str]]:
-    """The round's set from the sets the voters published (ours among them): every id held
-    by more than half of the voters, less the voters whose own set holds fewer than half of
-    those (implausibly small: a peer trying to veto the round, or one that reached almost
-    nobody), returned with the reason for each. Every peer that obtained the same sets
-    decides the same; from three voters on, one peer publishing an empty set removes only
-    itself. Strictly more than half: a joiner that only half of the peers know of is left
-    out by all (with "at least half" four peers once split into two pairs of hashes).
-    Two voters can only agree on what both hold, as under the intersection."""
-    counts = Counter(i for ids in votes.values() for i in ids)
-    chosen = {i for i, n in counts.items() if 2 * n > len(votes)}
-    flagged = {
-        voter: f"its set holds {len(ids & chosen)} of the {len(chosen)} the majority holds"
-        for voter, ids in votes.items()
-        if 2 * len(ids & chosen) < len(chosen)
-    }
-    return chosen - set(flagged), flagged

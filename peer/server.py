@@ -23,8 +23,12 @@ text), so a client can tell a peer's refusal from a forged one (`peer.client`).
     POST /round/reduced       {round, tag, index, wait_s}
                                                      → {round, tag, index, contributors,
                                                         data} | 404 | 410   (peer.reduce)
-    POST /round/set           {round, wait_s}        → {round, peers} | 404
-    POST /round/hash          {round, wait_s}        → {round, hash} | 404
+    POST /round/set           {round, wait_s[, same_as]}
+                                                     → {round, peers} | {round, same: true}
+                                                        | 404   (peer.votes)
+    POST /round/hash          {round, wait_s[, same_as]}
+                                                     → {round, hash} | {round, same: true}
+                                                        | 404   (peer.votes)
     POST /state/manifest      {}                     → {round, size, sha256, chunk_bytes,
                                                         num_chunks}
     POST /state/chunk         {round, index}         → {round, index, data} | 410
@@ -50,6 +54,7 @@ from shoal.peer.metrics import render_metrics
 from shoal.peer.reduce import serve_reduced, serve_shard
 from shoal.peer.replay import ReplayCache
 from shoal.peer.roundstore import check_round_request
+from shoal.peer.votes import serve_hash, serve_set
 from shoal.peer.wire import Envelope, PreparedBody
 from shoal.pipeline.worker import UnknownMicrobatch
 
@@ -206,25 +211,12 @@ async def handle_reduced(node: Peer, envelope: Envelope) -> dict[str, Any]:
     return await serve_reduced(node.store, envelope.payload)
 
 
-async def _round_record(
-    node: Peer, envelope: Envelope, table: dict[int, Any], what: str
-) -> tuple[int, Any]:
-    """Long-poll one of the RoundStore's per-round tables (sets, hashes)."""
-    round_id, wait_s = check_round_request(envelope.payload)
-    value = await node.store.wait_for(lambda: table.get(round_id), wait_s)
-    if value is None:
-        raise NotFound(f"no round-{round_id} {what} yet")
-    return round_id, value
-
-
 async def handle_set(node: Peer, envelope: Envelope) -> dict[str, Any]:
-    round_id, peers = await _round_record(node, envelope, node.store.sets, "set")
-    return {"round": round_id, "peers": peers}
+    return await serve_set(node.store, envelope.payload)
 
 
 async def handle_hash(node: Peer, envelope: Envelope) -> dict[str, Any]:
-    round_id, weights_hash = await _round_record(node, envelope, node.store.hashes, "hash")
-    return {"round": round_id, "hash": weights_hash}
+    return await serve_hash(node.store, envelope.payload)
 
 
 async def handle_manifest(node: Peer, envelope: Envelope) -> dict[str, Any]:

@@ -11,8 +11,9 @@ from shoal.peer.client import PeerUnreachable
 from shoal.peer.config import ProtocolConfig
 from shoal.peer.errors import NotFound
 from shoal.peer.membership import Membership, PeerInfo
-from shoal.peer.rounds import RoundExchange, decide_set
+from shoal.peer.rounds import RoundExchange
 from shoal.peer.roundstore import RoundStore, check_round_request
+from shoal.peer.votes import check_same_as, decide_set, hash_answer, set_answer
 from shoal.peer.wire import Envelope
 
 PROTOCOL = ProtocolConfig(agree_timeout_s=1.0, request_timeout_s=1.0, max_poll_s=0.2)
@@ -31,6 +32,7 @@ class FakeNetwork:
         # owner -> (peers, hash) it answers /round/set and /round/hash with, as round r - 1's
         self.stale: dict[str, tuple[list[str], str]] = {}
         self.delay_s: dict[str, float] = {}  # owner -> how late its answers leave
+        self.answers: list[tuple[str, str, dict]] = []  # (owner, path, answer) of set/hash
 
     def client(self, me: str) -> "FakeClient":
         return FakeClient(self, me)
@@ -64,12 +66,15 @@ class FakeClient:
         elif path == "/round/set":
             held = await store.wait_for(lambda: store.sets.get(round_id), wait_s)
             held = self.network.sets.get(owner, held) if held is not None else None
-            answer = None if held is None else {"round": round_id, "peers": held}
+            same_as = check_same_as(payload)
+            answer = None if held is None else set_answer(round_id, held, same_as)
         else:
             held = await store.wait_for(lambda: store.hashes.get(round_id), wait_s)
-            answer = held and {"round": round_id, "hash": held}
+            answer = held and hash_answer(round_id, held, check_same_as(payload))
         if answer is None:
             raise NotFound(f"no round-{round_id} {path} at {owner}")
+        if path != "/round/contribution":
+            self.network.answers.append((owner, path, answer))
         return Envelope(sender=owner, swarm_id="s", timestamp=time.time(), payload=answer)
 
 
@@ -336,3 +341,70 @@ def test_the_store_keeps_recent_rounds_and_wakes_waiters():
 
     woke, kept, empty = run(main())
     assert woke == ["a"] and kept == [2, 3] and empty is None
+
+
+def test_voters_that_agree_answer_same_and_the_decision_is_unchanged():
+    """Every set answer between peers that hold the same set is a bare "same"; c's empty
+    set (it publishes [] instead of what it holds) comes in full, and is still flagged."""
+
+    async def main():
+        network = FakeNetwork()
+        _, final = await play_round(swarm(network, ["a", "b", "c", "d"]))
+        healthy = list(network.answers)
+        network.answers.clear()
+        network.sets["c"] = []
+        exchanges = swarm(network, ["a", "b", "c", "d"])
+        _, vetoed = await play_round(exchanges)
+        return final, healthy, vetoed, list(network.answers), dict(exchanges["a"].flagged)
+
+    final, healthy, vetoed, answers, flagged = run(main())
+    assert all(ids == ["a", "b", "c", "d"] for ids in final.values())
+    assert len(healthy) == 4 * 3 and all(a == {"round": 0, "same": True} for _, _, a in healthy)
+    assert vetoed["a"] == vetoed["b"] == vetoed["d"] == ["a", "b", "d"]
+    assert [a for owner, _, a in answers if owner == "c"] == [{"round": 0, "peers": []}] * 3
+    assert [a for owner, _, a in answers if owner != "c"] == [{"round": 0, "same": True}] * 9
+    assert list(flagged) == ["c"]
+
+
+def test_a_hash_vote_is_same_for_the_majority_and_full_for_the_minority():
+    async def main():
+        network = FakeNetwork()
+        hashes = {"a": "h1", "b": "h1", "c": "h2"}
+        exchanges = swarm(network, list(hashes))
+        results = await asyncio.gather(
+            *(e.verify(0, hashes[me], list(hashes)) for me, e in exchanges.items())
+        )
+        return network.answers, [(sorted(p.peer_id for p in ps), h) for ps, h in results]
+
+    answers, results = run(main())
+    assert results == [([], "h1"), ([], "h1"), (["a", "b"], "h1")]
+    full = sorted(owner for owner, _, answer in answers if "hash" in answer)
+    assert full == ["a", "b", "c", "c"]  # a and b to c, c to a and b; a and b: "same"
+
+
+def test_a_peer_without_its_own_hash_gets_full_answers():
+    """`majority_hash` asks about a round it may not have voted in: no digest, full votes."""
+
+    async def main():
+        network = FakeNetwork()
+        exchanges = swarm(network, ["a", "b", "c"])
+        for me in ("b", "c"):
+            network.stores[me].put_hash(4, "h4")
+        majority = await exchanges["a"].majority_hash(4, ["a", "b", "c"])
+        return majority, network.answers
+
+    majority, answers = run(main())
+    assert majority == "h4"
+    assert [a for _, _, a in answers] == [{"round": 4, "hash": "h4"}] * 2
+
+
+def test_a_same_answer_to_a_request_without_a_digest_counts_as_none():
+    from shoal.peer.votes import voted_hash, voted_set
+
+    assert voted_set({"round": 0, "same": True}, None) is None
+    assert voted_set({"round": 0, "same": True}, ["a", "b"]) == {"a", "b"}
+    assert voted_set({"round": 0, "same": 1, "peers": ["a"]}, ["a", "b"]) == {"a"}
+    assert voted_set({"round": 0, "peers": ["a", 3]}, ["a"]) is None
+    assert voted_hash({"round": 0, "same": True}, None) is None
+    assert voted_hash({"round": 0, "same": True}, "h1") == "h1"
+    assert voted_hash({"round": 0, "hash": 7}, "h1") is None

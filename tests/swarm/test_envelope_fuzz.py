@@ -125,6 +125,8 @@ def malformed_requests(codec: WireCodec):
         odd = {"round": True, "index": 2**63 - 1, "peer": ["x"], "wait_s": 1e308, "peers": 7}
         yield "body", path, *signed(codec, path, payload=odd)
         yield "body", path, *signed(codec, path, payload={"round": -1, "wait_s": -1, "run": "x"})
+        for same_as in ("ab" * 8, b"x" * 15, [b"x" * 16], None):  # a vote's digest (peer.votes)
+            yield "body", path, *signed(codec, path, payload={**ROUTES[path], "same_as": same_as})
 
 
 @pytest.fixture
