@@ -5,7 +5,9 @@ Messages (see `peer.membership` for the table and its liveness rules):
   to any peer of the run; the answer refuses (409) a run config that differs and otherwise
   hands over the swarm id, the peer table and the run's round. The joiner's entry must be
   signed by the key that signed the request (`peer.keybook`: the key then owns the id).
-  The joiner retries an unreachable bootstrap for `join_timeout_s`.
+  The joiner retries an unreachable bootstrap for `join_timeout_s`. With `dial_back` in
+  the request, the answer also says whether the joiner could be called back at its
+  advertised address (`reachable`; else it goes into client mode: `peer.tunnel`).
 - `POST /gossip {digest}` → `{peers, beats, want}`, then `{peers}` if wanted (`peer.gossip`):
   every `heartbeat_interval_s` the agent bumps its heartbeat and swaps digests with
   `gossip_fanout` random live peers, and probes one dead, not yet forgotten peer off the
@@ -32,6 +34,7 @@ from shoal.peer.gossip import Gossip, barrier_open
 from shoal.peer.membership import Membership, PeerInfo
 from shoal.peer.runfiles import call_bootstrap
 from shoal.peer.tasks import TaskOwner
+from shoal.peer.tunnel import dial_back
 from shoal.peer.wire import Envelope, WireCodec
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,7 @@ class MembershipAgent:
         self._rng = random.Random(secrets.randbits(64))
         self.gossip = Gossip(self.membership, self._rng)
         self._probe: asyncio.Task | None = None
+        self.reachable: bool | None = None  # the dial-back's verdict at join (peer.tunnel)
 
     @property
     def me(self) -> PeerInfo:
@@ -80,19 +84,25 @@ class MembershipAgent:
 
     # ---- joining ---------------------------------------------------------------------
 
-    async def join(self, bootstrap: str) -> int:
-        """Introduce ourselves to the run through `bootstrap`; returns the run's round."""
+    async def join(self, bootstrap: str, dial_back: bool = False) -> int:
+        """Introduce ourselves to the run through `bootstrap`; returns the run's round.
+        `dial_back`: ask it to call us back; its verdict lands in `reachable`."""
         request = {"peer": self.membership.wire(self.me), "run": self.run.to_dict()}
+        if dial_back:
+            request["dial_back"] = True
         answer = await call_bootstrap(
             self.client, bootstrap, "/join", request, self.protocol.join_timeout_s
         )
         RunConfig.from_dict(answer.get("run", {})).check_same(self.run)
         self.wire.swarm_id = str(answer["swarm_id"])
         self.membership.merge(answer.get("peers"))
+        reachable = answer.get("reachable")
+        self.reachable = reachable if isinstance(reachable, bool) else None
         return int(answer.get("round", 0))
 
-    def welcome(self, envelope: Envelope) -> dict[str, Any]:
-        """Answer a `/join` (server side): check the joiner's run config and entry, add it."""
+    async def welcome(self, envelope: Envelope) -> dict[str, Any]:
+        """Answer a `/join` (server side): check the joiner's run config and entry, add it;
+        dial it back if it asks (`peer.tunnel`: is it behind NAT?)."""
         run = envelope.payload.get("run")
         if not isinstance(run, dict):
             raise ProtocolError("join needs the joiner's run config")
@@ -104,12 +114,16 @@ class MembershipAgent:
             raise AuthError("join entry is not signed by the key that signed the request")
         self.membership.merge([entry.to_wire()])
         log.info("[%s] %s joined from %s", self.peer_id, entry.peer_id, entry.address)
-        return {
+        answer = {
             "swarm_id": self.wire.swarm_id,
             "run": self.run.to_dict(),
             "peers": self.membership.table(),
             "round": self.current_round(),
         }
+        if envelope.payload.get("dial_back") is True:
+            timeout_s = self.protocol.dial_back_timeout_s
+            answer["reachable"] = await dial_back(self.client, entry, timeout_s)
+        return answer
 
     async def wait_for_peers(self, count: int, timeout_s: float) -> None:
         """The start barrier: say we are ready, and wait until `count` live peers (us

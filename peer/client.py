@@ -46,7 +46,8 @@ class PeerUnreachable(ShoalError):
 
 class Traffic:
     """Body bytes this peer sent and received, by kind (last path segment: contribution,
-    gossip, chunk, ...), so pseudo-gradient traffic can be told from control traffic."""
+    gossip, chunk, ...; "relay" for everything a relay forwards, `peer.relay`), so
+    pseudo-gradient traffic can be told from control traffic."""
 
     def __init__(self) -> None:
         self.sent: Counter[str] = Counter()
@@ -54,6 +55,8 @@ class Traffic:
 
     @staticmethod
     def kind(path: str) -> str:
+        if path.startswith("/relay/"):
+            return "relay"
         return path.rstrip("/").rsplit("/", 1)[-1] or "root"
 
     @property

@@ -105,6 +105,13 @@ class NetworkConfig:
         kind=str,
         metavar="FILE",
     )
+    reachable: str = setting(
+        "auto",
+        "whether other peers can connect to this one: auto (the peer it joins dials it back), "
+        "yes, or no (client mode: it is reached through two relay peers, README: Peers "
+        "behind NAT)",
+        choices=("auto", "yes", "no"),
+    )
     swarm_id: str | None = None  # the first peer's choice; joiners adopt the swarm's (no flag)
     key: Identity | None = field(default=None, compare=False, repr=False)  # from --identity
     allowed_keys: frozenset[bytes] | None = None  # from --allow-peers
@@ -120,6 +127,13 @@ class NetworkConfig:
         if self.advertise is not None and not self.advertise.startswith(("http://", "https://")):
             raise ValueError(
                 f"--advertise must be a URL like http://host:port, got {self.advertise!r}"
+            )
+        if self.reachable not in ("auto", "yes", "no"):
+            raise ValueError(f"--reachable must be auto, yes or no, got {self.reachable!r}")
+        if self.reachable == "no" and self.bootstrap is None:
+            raise ValueError(
+                "--reachable no needs --bootstrap: the first peer of a run is the one others "
+                "join through, so it must accept connections"
             )
         # the identity, loaded once here: the peer id may be derived from it (frozen: set)
         key = self.key or (Identity.load_or_create(self.identity) if self.identity else None)

@@ -56,6 +56,13 @@ class PayloadTooLarge(ShoalError):
     status = 413
 
 
+class Unavailable(ShoalError):
+    """A relay that cannot take a request now: the peer behind it is not polling, its
+    queue is full, or the relay has no room for another client (`peer.relay`)."""
+
+    status = 503
+
+
 _BY_STATUS = {
     cls.status: cls
     for cls in (
@@ -66,6 +73,7 @@ _BY_STATUS = {
         ConfigMismatch,
         Gone,
         PayloadTooLarge,
+        Unavailable,
     )
 }
 

@@ -75,6 +75,7 @@ class PeerInfo:
     phase: str | None = None  # "ready": at the --min-peers start barrier; "training": past it
     pubkey: str | None = None  # the owner's Ed25519 public key, hex (`peer.identity`)
     sig: str | None = None  # the owner's signature of `entry_bytes(self)`, hex
+    relayed_by: str | None = None  # behind NAT: its relays' ids, comma-separated (peer.relay)
 
     def version(self) -> tuple[float, int]:
         return (self.incarnation, self.heartbeat)
@@ -111,6 +112,7 @@ _STRINGS = {
     "phase": 16,
     "pubkey": 64,
     "sig": 128,
+    "relayed_by": 2 * 128 + 1,
 }
 PHASES = ("ready", "training")
 _INTS = {

@@ -1,7 +1,7 @@
 """A peer: the thin part that builds the others, wires them and owns their lifetimes.
 
     TrainingThread   torch work, one job at a time          (peer/trainthread.py)
-    MembershipAgent  join, gossip, liveness                 (peer/agent.py)
+    MembershipAgent  join, gossip, liveness; behind NAT: relays  (agent.py, tunnel.py)
     Role             what this peer trains and serves       (peer/roles.py)
     RoundEngine      the outer rounds                       (peer/engine.py, peer/rounds.py)
     StatePublisher   snapshots served and checkpointed      (peer/publisher.py)
@@ -49,6 +49,7 @@ from shoal.peer.server import make_app
 from shoal.peer.statesync import StateServer
 from shoal.peer.tasks import TaskOwner
 from shoal.peer.trainthread import TrainingThread
+from shoal.peer.tunnel import RelayTunnel, join_swarm
 from shoal.peer.wire import WireCodec
 from shoal.pipeline.service import StageService
 from shoal.train import build_model, load_data, load_tokenizer, resolve_device
@@ -99,6 +100,7 @@ class Peer:
         self.finished = asyncio.Event()
         self.error: BaseException | None = None  # what ended the training, if not a stop
         self.agent: MembershipAgent | None = None  # after start(): our address is known then
+        self.tunnel: RelayTunnel | None = None  # client mode: reached through relays
         self.role: Role | None = None
         self.engine: RoundEngine | None = None
         self._runner: web.AppRunner | None = None
@@ -170,7 +172,7 @@ class Peer:
             self.thread.stopping,
         )
         await self.client.start()
-        joined_round = await self.agent.join(network.bootstrap) if network.bootstrap else 0
+        joined_round, self.tunnel = await join_swarm(self.agent, network, self.tasks, port)
         if config.pipeline.standby:  # stay known, and wait for a stage to be lost
             me.first_round = NEVER
             self.tasks.spawn(self.agent.gossip_forever(), name="gossip", fatal=True)

@@ -101,6 +101,25 @@ class ProtocolConfig:
     linger_s: float = setting(
         60.0, "after the last round, serve until the others finish theirs, at most this long"
     )
+    dial_back_timeout_s: float = setting(
+        3.0, "longest wait for a joiner's answer when dialling it back (and a relay's first)"
+    )
+    relay_poll_s: float = setting(10.0, "client mode: longest single long poll at a relay")
+    relay_idle_s: float = setting(
+        30.0, "a relay drops a client that has not polled for this long (its requests: 503)"
+    )
+    relay_timeout_s: float = setting(
+        300.0, "a relayed request waits at most this long for the answer of the peer behind"
+    )
+    relay_max_clients: int = setting(64, "peers behind NAT one relay serves at most")
+    relay_max_pending: int = setting(
+        256, "requests queued or in flight for one peer behind NAT at its relay"
+    )
+    relay_batch: int = setting(16, "requests a relay hands over in one poll answer at most")
+    relay_failures: int = setting(
+        3, "client mode: consecutive failed polls before a relay is replaced"
+    )
+    relay_ban_s: float = setting(60.0, "client mode: a replaced relay is not chosen again so soon")
 
     def __post_init__(self) -> None:
         for f in fields(self):

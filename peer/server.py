@@ -33,6 +33,8 @@ text), so a client can tell a peer's refusal from a forged one (`peer.client`).
                                                         num_chunks}
     POST /state/chunk         {round, index}         → {round, index, data} | 410
     POST /stage/forward, /stage/infer, /stage/backward, /stage/step   (pipeline/protocol.py)
+    POST /ping                {}                     → {peer}   (a join's dial-back)
+    POST /relay/poll, /relay/answer; ANY /relay/{peer}/{tail}   (peer.relay)
 """
 
 from __future__ import annotations
@@ -49,9 +51,10 @@ from aiohttp.http_exceptions import HttpProcessingError
 from shoal.peer.client import Traffic, off_loop
 from shoal.peer.dashboard import render_html
 from shoal.peer.envelope import parse_fields, response_path
-from shoal.peer.errors import NotFound, PayloadTooLarge, ProtocolError, ShoalError
+from shoal.peer.errors import NotFound, PayloadTooLarge, ProtocolError, ShoalError, Unavailable
 from shoal.peer.metrics import render_metrics
 from shoal.peer.reduce import serve_reduced, serve_shard
+from shoal.peer.relay import RelayHub, read_body
 from shoal.peer.replay import ReplayCache
 from shoal.peer.roundstore import check_round_request
 from shoal.peer.votes import serve_hash, serve_set
@@ -118,16 +121,19 @@ async def error_middleware(request: web.Request, handler):
 
 
 def rpc(
-    handler: Handler, *, any_swarm: bool = False
+    handler: Handler, *, any_swarm: bool = False, max_body_bytes: int | None = None
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """Wrap a domain handler with envelope decoding, response signing and byte counting."""
+    """Wrap a domain handler with envelope decoding, response signing and byte counting.
+    `max_body_bytes`: this route's body limit, if not the app's (a relayed answer's)."""
 
     async def wrapped(request: web.Request) -> web.Response:
         node: Peer = request.app[NODE]
         wire = node.wire
         request[ANSWER_NONCE] = None
         try:
-            body = await request.read()
+            body = await (
+                request.read() if max_body_bytes is None else read_body(request, max_body_bytes)
+            )
         except web.HTTPRequestEntityTooLarge:  # raised by aiohttp above client_max_size
             raise PayloadTooLarge(
                 f"body exceeds the limit of {request.client_max_size} bytes"
@@ -138,7 +144,14 @@ def rpc(
         request[ANSWER_NONCE] = fields.nonce
         large = len(body) >= wire.compress_above_bytes
         envelope = await off_loop(
-            large, wire.decode, request.method, request.path, fields, body, any_swarm=any_swarm
+            large,
+            wire.decode,
+            request.method,
+            request.path,
+            fields,
+            body,
+            any_swarm=any_swarm,
+            max_bytes=max_body_bytes,
         )
         request.app[REPLAY].admit(envelope.sender, envelope.nonce, envelope.timestamp)
         answer = await handler(node, envelope)
@@ -172,7 +185,7 @@ async def _stream(request: web.Request, body: bytes, headers: dict[str, str]) ->
 
 
 async def handle_join(node: Peer, envelope: Envelope) -> dict[str, Any]:
-    return _agent(node).welcome(envelope)
+    return await _agent(node).welcome(envelope)
 
 
 async def handle_run(node: Peer, envelope: Envelope) -> dict[str, Any]:
@@ -234,6 +247,24 @@ async def handle_chunk(node: Peer, envelope: Envelope) -> dict[str, Any]:
     }
 
 
+async def handle_ping(node: Peer, envelope: Envelope) -> dict[str, Any]:
+    return {"peer": node.peer_id}
+
+
+def relay_rpcs(hub: RelayHub) -> tuple[Handler, Handler]:
+    """`/relay/poll` and `/relay/answer`: the peer behind NAT's side of `hub`."""
+
+    async def poll(node: Peer, envelope: Envelope) -> dict[str, Any]:
+        if node.agent is None or node.agent.me.relayed_by:
+            raise Unavailable("this peer is starting, or behind NAT itself: it relays no one")
+        return await hub.poll(envelope.sender, envelope.payload)
+
+    async def answer(node: Peer, envelope: Envelope) -> dict[str, Any]:
+        return hub.answer(envelope.sender, envelope.payload)
+
+    return poll, answer
+
+
 def stage_rpc(method: str) -> Handler:
     """A `/stage/*` handler: hand the payload to this peer's StageService; malformed
     requests and payloads are 400, a backward for an unknown microbatch 404."""
@@ -291,6 +322,12 @@ def make_app(node: Peer, max_request_bytes: int) -> web.Application:
     app.router.add_post("/state/chunk", rpc(handle_chunk))
     for method in ("forward", "infer", "backward", "step"):
         app.router.add_post(f"/stage/{method}", rpc(stage_rpc(method)))
+    app.router.add_post("/ping", rpc(handle_ping, any_swarm=True))
+    hub = RelayHub(node.peer_id, node.traffic, node.config.protocol, max_request_bytes)
+    poll, answer = relay_rpcs(hub)
+    app.router.add_post("/relay/poll", rpc(poll))
+    app.router.add_post("/relay/answer", rpc(answer, max_body_bytes=hub.answer_envelope_bytes))
+    app.router.add_route("*", "/relay/{peer}/{tail:.*}", hub.handle)
     app.router.add_get("/", dashboard)
     app.router.add_get("/api/swarm", api_swarm)
     app.router.add_get("/metrics", metrics)
