@@ -159,6 +159,14 @@ def stage_map(peers: list[dict[str, Any]], pipeline: Any) -> str:
     return f"<h2>pipeline stages</h2>{table}{extra}"
 
 
+def _address(p: dict[str, Any]) -> str:
+    """A peer's address, or for a peer behind NAT (`peer.tunnel`) who relays it."""
+    if not p.get("relayed_by"):
+        return _text(p.get("address"))
+    relays = ", ".join(_text(r) for r in str(p["relayed_by"]).split(","))
+    return f'<span title="{_text(p.get("address"))}">behind NAT · relayed by {relays}</span>'
+
+
 def _peer_row(
     p: dict[str, Any],
     now: Any,
@@ -181,7 +189,7 @@ def _peer_row(
         role_detail += f' <span class="muted">· {_text(p.get("devices"))}</span>'
     cells = [
         f'<td class="l">{swatch}<code>{_text(pid)}</code>{" (this peer)" if me else ""}</td>',
-        f'<td class="l">{_text(p.get("address"))}</td>',
+        f'<td class="l">{_address(p)}</td>',
         f'<td class="l">{_text(p.get("role"))}{role_detail}</td>',
         f"<td>{_fmt(p.get('round'), '.0f')}</td><td>{_fmt(p.get('step'), '.0f')}</td>",
         f"<td>{_fmt(p.get('train_loss'))}</td><td>{_fmt(p.get('eval_loss'))}</td>",

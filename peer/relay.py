@@ -205,6 +205,17 @@ class RelayHub:
         self.answer_envelope_bytes = self.max_answer_bytes + 2**20  # /relay/answer's body
         self.clock = clock
         self.clients: dict[str, _Client] = {}
+        self.closing = False
+
+    async def close(self, app: object = None) -> None:
+        """On the app's shutdown: end every poll and refuse every waiting request now (503),
+        rather than hold the server's shutdown for a poll's or an answer's wait."""
+        self.closing = True
+        for client in self.clients.values():
+            client.wakeup.set()
+            for pending in client.pending.values():
+                if not pending.answer.done():
+                    pending.answer.set_exception(Unavailable("the relay is shutting down"))
 
     # ---- the peer behind NAT's side: /relay/poll, /relay/answer ----------------------
 
@@ -217,6 +228,8 @@ class RelayHub:
             raise ProtocolError("wait_s must be finite and not negative")
         wait_s = min(float(wait_s), self.protocol.relay_poll_s)
         self._expire()
+        if self.closing:
+            raise Unavailable("the relay is shutting down")
         client = self.clients.get(sender)
         if client is None:
             if len(self.clients) >= self.protocol.relay_max_clients:
@@ -233,6 +246,8 @@ class RelayHub:
                     await asyncio.wait_for(client.wakeup.wait(), wait_s)
                 except TimeoutError:
                     pass
+                if self.closing:
+                    raise Unavailable("the relay is shutting down")
             batch, size = [], 0
             while client.queue and len(batch) < self.protocol.relay_batch:
                 if batch and size + len(client.queue[0].request.body) > self.max_request_bytes:
@@ -266,7 +281,7 @@ class RelayHub:
     ) -> RelayedAnswer:
         """Queue a request for `peer_id` and wait for its answer (bounded)."""
         self._expire()
-        client = self.clients.get(peer_id)
+        client = None if self.closing else self.clients.get(peer_id)
         if client is None:
             raise Unavailable(f"{show(peer_id)} does not poll this relay")
         if len(client.pending) >= self.protocol.relay_max_pending:

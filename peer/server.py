@@ -328,6 +328,7 @@ def make_app(node: Peer, max_request_bytes: int) -> web.Application:
     app.router.add_post("/relay/poll", rpc(poll))
     app.router.add_post("/relay/answer", rpc(answer, max_body_bytes=hub.answer_envelope_bytes))
     app.router.add_route("*", "/relay/{peer}/{tail:.*}", hub.handle)
+    app.on_shutdown.append(hub.close)
     app.router.add_get("/", dashboard)
     app.router.add_get("/api/swarm", api_swarm)
     app.router.add_get("/metrics", metrics)

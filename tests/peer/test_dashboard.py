@@ -509,3 +509,15 @@ def test_run_definition_is_shown_folded_and_escaped() -> None:
     tree = parse(page)
     assert set(tree.tags) <= ALLOWED_TAGS | {"details", "summary"}
     assert "run definition" not in render_html(example_snapshot(run={"model": "tiny"}))
+
+
+def test_a_peer_behind_nat_shows_who_relays_it() -> None:
+    snapshot = example_snapshot()
+    nat = snapshot["peers"][0]
+    nat["relayed_by"] = f"peer-b,{EVIL_ID}"
+    nat["address"] = "http://127.0.0.1:7001/relay/peer-a"
+    page = render_html(snapshot)
+    assert "behind NAT · relayed by peer-b, " in page
+    assert EVIL_ID not in page and escape(EVIL_ID) in page
+    assert set(parse(page).tags) <= ALLOWED_TAGS
+    assert page.count("behind NAT") == 1  # the others show their addresses

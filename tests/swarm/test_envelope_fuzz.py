@@ -12,12 +12,13 @@ trusted)."""
 import asyncio
 import logging
 from collections import Counter
+from dataclasses import replace
 
 import aiohttp
 import msgpack
 import pytest
 from aiohttp import web
-from conftest import peer_config, run_async
+from conftest import FAST_PROTOCOL, peer_config, run_async
 
 from shoal.peer.client import PeerClient, Traffic
 from shoal.peer.envelope import H_TIME, H_VERSION, PROTOCOL_VERSION
@@ -41,6 +42,9 @@ ROUTES = {  # path -> a payload its handler refuses or answers without changing 
     "/stage/infer": {},
     "/stage/backward": {},
     "/stage/step": {},
+    "/ping": {},
+    "/relay/poll": {"wait_s": 0},
+    "/relay/answer": {"id": "0" * 32},
 }
 BAD_VALUES = [
     b"",
@@ -137,7 +141,9 @@ def peer_logs(caplog):
 
 def test_no_malformed_envelope_gets_a_5xx_or_a_traceback(corpus, peer_logs):
     async def scenario():
-        peer = Peer(peer_config(corpus, "target", swarm_key=KEY))
+        # a relay poll of wait_s 1e308 waits --relay-poll: short here
+        protocol = replace(FAST_PROTOCOL, relay_poll_s=1.0)
+        peer = Peer(peer_config(corpus, "target", swarm_key=KEY, protocol=protocol))
         await peer.start(train=False)
         try:
             codec = WireCodec("fuzzer", peer.wire.swarm_id, KEY, max_body_bytes=1 << 20)
