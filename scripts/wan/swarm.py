@@ -6,9 +6,11 @@
 
 Flags after `--` go to every `shoal peer`. Peer i listens on 10.77.0.<i+1>:7000 in its own
 namespace (with `--rate loopback`: on 127.0.0.1 port 0, its URL read from the `serving`
-line it prints); the others bootstrap from peer 0 once it serves. Each writes its report
-(round log, traffic, inner-step time) to OUT/peer-<i>.json; peer logs go to
-OUT/peer-<i>.log. The namespaces are torn down when the swarm ends, fails, times out or is
+line it prints); the others bootstrap from peer 0 once it serves. `--nat 2 3` puts those
+peers behind NAT (`netns.py`): they listen on 10.78.<i>.2:7000, which no one outside can
+reach, so the dial-back at join fails and they run in client mode, through relays. Each
+writes its report (round log, traffic, inner-step time) to OUT/peer-<i>.json; peer logs go
+to OUT/peer-<i>.log. The namespaces are torn down when the swarm ends, fails, times out or is
 interrupted.
 """
 
@@ -39,26 +41,30 @@ def run_swarm(
     timeout_s: float = 1800.0,
     prefix: str = "shoal",
     peer_flags: Sequence[Sequence[str]] | None = None,
+    nat: Sequence[int] = (),
 ) -> list[dict]:
     """Start the swarm, wait for every peer to finish its rounds, return their reports.
     `rates` None: no namespaces, every peer on 127.0.0.1 (unshaped loopback, no root).
-    `peer_flags[i]`, when given, go to peer i only (after `flags`)."""
+    `peer_flags[i]`, when given, go to peer i only (after `flags`); `nat`: the peers
+    behind NAT (namespaces only)."""
     out.mkdir(parents=True, exist_ok=True)
     extra = [list(f) for f in peer_flags] if peer_flags is not None else [[] for _ in range(peers)]
     if len(extra) != peers:
         raise ValueError(f"peer_flags has {len(extra)} entries for {peers} peers")
     if rates is None:  # port 0: no port is picked and then bound by another (a race)
+        if nat:
+            raise ValueError("--nat needs namespaces (a --rate other than loopback)")
         return _launch(
             rounds, out, flags, extra, timeout_s, ["127.0.0.1:0"] * peers, lambda i, argv: argv
         )
-    with Wan(peers, rates, prefix) as wan:
+    with Wan(peers, rates, prefix, nat) as wan:
         return _launch(
             rounds,
             out,
             flags,
             extra,
             timeout_s,
-            [f"{wan.address(i)}:{PORT}" for i in range(peers)],
+            [f"{wan.listen_address(i)}:{PORT}" for i in range(peers)],
             wan.exec_args,
         )
 
@@ -139,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=["10mbit"],
         help="one rate for all peers, or one per peer; 'loopback': no namespaces",
     )
+    parser.add_argument(
+        "--nat", nargs="+", type=int, default=[], metavar="I", help="peers behind NAT (netns.py)"
+    )
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--out", default="wan-run")
     parser.add_argument("--timeout", type=float, default=1800.0)
@@ -148,7 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
     rates = None if args.rate == ["loopback"] else args.rate
-    reports = run_swarm(args.peers, rates, args.rounds, Path(args.out), flags, args.timeout)
+    reports = run_swarm(
+        args.peers, rates, args.rounds, Path(args.out), flags, args.timeout, nat=args.nat
+    )
     for report in reports:
         last = report["rounds"][-1] if report["rounds"] else {}
         print(
