@@ -8,11 +8,14 @@ Messages (see `peer.membership` for the table and its liveness rules):
   The joiner retries an unreachable bootstrap for `join_timeout_s`. With `dial_back` in
   the request, the answer also says whether the joiner could be called back at its
   advertised address (`reachable`; else it goes into client mode: `peer.tunnel`).
-- `POST /gossip {digest}` → `{peers, beats, want}`, then `{peers}` if wanted (`peer.gossip`):
-  every `heartbeat_interval_s` the agent bumps its heartbeat and swaps digests with
-  `gossip_fanout` random live peers, and probes one dead, not yet forgotten peer off the
-  heartbeat path (not awaited: a dead host may hang it). Each message waits at most
-  `gossip_wait_s()`.
+- `POST /gossip` (`peer.gossip`), SWIM's failure detector: every `heartbeat_interval_s` the
+  agent probes the next live peer of a shuffled ring (an exchange that carries news). If
+  no answer comes within `ping_timeout_s()`, it asks `INDIRECT` other peers to probe it;
+  if none of them reaches it either, it suspects it (`peer.suspicion`) and spreads that
+  at once to `gossip_fanout` peers and the suspect itself, which refutes it if alive.
+  It also probes one dead, not yet forgotten peer per interval, telling it that it is
+  held dead (an answer revives it), and runs anti-entropy (`ANTI_ENTROPY_BEATS`).
+  Probes run off the heartbeat path: a dead host may hang one for its timeout.
 - The --min-peers start barrier is swarm-wide (`gossip.barrier_open`): a peer gossips that
   it is ready, and starts once `min_peers` are, or once any live peer already trains.
 """
@@ -30,7 +33,7 @@ from typing import Any
 from shoal.peer.client import PeerClient
 from shoal.peer.config import ProtocolConfig, RunConfig
 from shoal.peer.errors import AuthError, ProtocolError, ShoalError
-from shoal.peer.gossip import Gossip, barrier_open
+from shoal.peer.gossip import Gossip, barrier_open, parse_acked, parse_buckets
 from shoal.peer.membership import Membership, PeerInfo
 from shoal.peer.runfiles import call_bootstrap
 from shoal.peer.tasks import TaskOwner
@@ -38,6 +41,10 @@ from shoal.peer.tunnel import dial_back
 from shoal.peer.wire import Envelope, WireCodec
 
 log = logging.getLogger(__name__)
+
+
+INDIRECT = 2  # peers asked to probe a peer that did not answer us
+ANTI_ENTROPY_BEATS = 10  # at most one digest exchange per this many heartbeats
 
 
 class MembershipAgent:
@@ -73,6 +80,9 @@ class MembershipAgent:
         self.gossip = Gossip(self.membership, self._rng)
         self._probe: asyncio.Task | None = None
         self.reachable: bool | None = None  # the dial-back's verdict at join (peer.tunnel)
+        self._revive: asyncio.Task | None = None
+        self._flood: asyncio.Task | None = None
+        self._full_at = -float("inf")
 
     @property
     def me(self) -> PeerInfo:
@@ -96,6 +106,7 @@ class MembershipAgent:
         RunConfig.from_dict(answer.get("run", {})).check_same(self.run)
         self.wire.swarm_id = str(answer["swarm_id"])
         self.membership.merge(answer.get("peers"))
+        self.membership.changed.clear()  # the swarm's table is no news to the swarm
         reachable = answer.get("reachable")
         self.reachable = reachable if isinstance(reachable, bool) else None
         return int(answer.get("round", 0))
@@ -147,9 +158,18 @@ class MembershipAgent:
 
     # ---- gossip ----------------------------------------------------------------------
 
-    def gossip_answer(self, envelope: Envelope) -> dict[str, Any]:
-        """Answer a `/gossip` (server side), see `peer.gossip`."""
-        return self.gossip.answer(envelope.payload)
+    async def gossip_answer(self, envelope: Envelope) -> dict[str, Any]:
+        """Answer a `/gossip` (server side), see `peer.gossip`; an indirect probe waits for
+        ours of the peer named."""
+        payload = envelope.payload
+        self.membership.touch(envelope.sender)
+        answer = self.gossip.answer(payload)
+        if "probe" in payload:
+            target = self.membership.peers.get(payload["probe"])
+            timeout_s = self.protocol.ping_timeout_s()
+            answer["acked"] = target is not None and await self.gossip_with(target, timeout_s)
+        self._spread_fresh()
+        return answer
 
     def beat(self) -> None:
         self.before_beat(self.me)
@@ -159,26 +179,102 @@ class MembershipAgent:
         interval = self.protocol.heartbeat_interval_s
         while True:
             self.beat()
-            targets = self.membership.gossip_targets(self.protocol.gossip_fanout, self._rng)
-            probe = self.membership.probe_target(self._rng)
-            if probe is not None and (self._probe is None or self._probe.done()):
-                self._probe = self.tasks.spawn(self.gossip_with(probe), name="probe")
-            request = self.gossip.request()  # one digest for all targets
-            await asyncio.gather(*(self.gossip_with(p, request=request) for p in targets))
+            target = self.membership.next_probe(self._rng)
+            if target is not None and (self._probe is None or self._probe.done()):
+                self._probe = self.tasks.spawn(self.probe(target), name="probe")
+            dead = self.membership.probe_target(self._rng)
+            if dead is not None and (self._revive is None or self._revive.done()):
+                held = [dead.peer_id, dead.incarnation, dead.heartbeat, "dead"]
+                revive = self.gossip_with(dead, events=[held])
+                self._revive = self.tasks.spawn(revive, name="revive")
+            self._spread_fresh()
             await asyncio.sleep(interval)
+
+    async def probe(self, peer: PeerInfo) -> bool:
+        """SWIM's probe of `peer`: directly, then through `INDIRECT` others; a peer that
+        none reaches is suspected, and the suspicion spread at once (to it too). True if
+        it answered someone."""
+        timeout_s = self.protocol.ping_timeout_s()
+        if await self.gossip_with(peer, timeout_s):
+            return True
+        m = self.membership
+        helpers = [p for p in m.live_others() if p.peer_id != peer.peer_id]
+        helpers = self._rng.sample(helpers, min(INDIRECT, len(helpers)))
+        asked = await asyncio.gather(*(self._ask_probe(h, peer, timeout_s) for h in helpers))
+        if any(asked) or not m.suspect(peer.peer_id):
+            return any(asked)
+        log.info("[%s] %s did not answer a probe: suspect", self.peer_id, peer.peer_id)
+        self.gossip.spread(peer.peer_id, "suspect")
+        self._spread_fresh(also=peer)
+        return False
+
+    async def _ask_probe(self, helper: PeerInfo, peer: PeerInfo, timeout_s: float) -> bool:
+        request = self.gossip.request(probe=peer.peer_id)
+        try:
+            answer = await self.client.call(
+                helper.address, "POST", "/gossip", request, timeout_s=2 * timeout_s + 1
+            )
+            self.gossip.take_answer(answer.payload, request)
+            return parse_acked(answer.payload.get("acked"))
+        except ShoalError as exc:
+            log.debug("[%s] indirect probe via %s failed: %s", self.peer_id, helper.peer_id, exc)
+            return False
+
+    def _spread_fresh(self, also: PeerInfo | None = None) -> None:
+        """Something worth spreading at once arrived (`Gossip.fresh`): exchange with
+        `gossip_fanout` random live peers (and `also`) now, one such flood at a time."""
+        if not self.gossip.fresh or (self._flood is not None and not self._flood.done()):
+            return
+        self.gossip.fresh = False
+        targets = self.membership.gossip_targets(self.protocol.gossip_fanout, self._rng)
+        if also is not None and all(p.peer_id != also.peer_id for p in targets):
+            targets.append(also)
+        if targets:
+            self._flood = self.tasks.spawn(self._exchange_all(targets), name="spread")
+
+    async def _exchange_all(self, peers: list[PeerInfo]) -> None:
+        await asyncio.gather(*(self.gossip_with(p) for p in peers))
 
     async def gossip_with(
         self,
         peer: PeerInfo,
         timeout_s: float | None = None,
-        request: dict[str, Any] | None = None,
+        events: list | None = None,
     ) -> bool:
         """One exchange with `peer` (`peer.gossip`); False if it did not answer within
-        `timeout_s` (default `gossip_wait_s()`). The entries it wants follow in a second
-        message, bounded the same; its failure loses nothing that a later exchange does not
-        bring."""
+        `timeout_s` (default `gossip_wait_s()`). The entries either side wants follow in a
+        second message, bounded the same; its failure loses nothing that a later exchange
+        does not bring. An answer whose table sum differs from ours is followed by a
+        digest exchange, at most every `ANTI_ENTROPY_BEATS` heartbeats."""
         timeout_s = timeout_s or self.protocol.gossip_wait_s()
-        request = request or self.gossip.request()
+        if not await self._exchange(peer, self.gossip.request(events=events), timeout_s):
+            return False
+        self.membership.touch(peer.peer_id)
+        now = time.monotonic()
+        every_s = ANTI_ENTROPY_BEATS * self.protocol.heartbeat_interval_s
+        if self.gossip.sum_differs and now - self._full_at >= every_s:
+            self._full_at = now
+            await self._anti_entropy(peer, timeout_s)
+        self._spread_fresh()
+        return True
+
+    async def _anti_entropy(self, peer: PeerInfo, timeout_s: float) -> None:
+        """Compare bucket sums with `peer`, then exchange digests of the buckets that differ
+        (`peer.gossip`)."""
+        sums = {"sums": self.membership.table_sums()}
+        try:
+            answer = await self.client.call(
+                peer.address, "POST", "/gossip", sums, timeout_s=timeout_s
+            )
+            buckets = parse_buckets(answer.payload.get("buckets"))
+        except ShoalError as exc:
+            log.debug("[%s] anti-entropy with %s failed: %s", self.peer_id, peer.peer_id, exc)
+            return
+        if buckets:
+            request = self.gossip.request(full=True, buckets=buckets)
+            await self._exchange(peer, request, timeout_s)
+
+    async def _exchange(self, peer: PeerInfo, request: dict[str, Any], timeout_s: float) -> bool:
         try:
             answer = await self.client.call(
                 peer.address, "POST", "/gossip", request, timeout_s=timeout_s
@@ -189,14 +285,14 @@ class MembershipAgent:
             return False
         if push is not None:
             try:
-                await self.client.call(peer.address, "POST", "/gossip", push, timeout_s=timeout_s)
+                final = await self.client.call(
+                    peer.address, "POST", "/gossip", push, timeout_s=timeout_s
+                )
+                self.gossip.take_entries(final.payload)
             except ShoalError as exc:
                 log.debug("[%s] push to %s failed: %s", self.peer_id, peer.peer_id, exc)
         return True
 
     async def announce(self) -> None:
-        """Swap digests with every live peer now, rather than at the next heartbeats."""
-        request = self.gossip.request()
-        await asyncio.gather(
-            *(self.gossip_with(p, request=request) for p in self.membership.live_others())
-        )
+        """Exchange with every live peer now, rather than at the next probes."""
+        await asyncio.gather(*(self.gossip_with(p) for p in self.membership.live_others()))

@@ -1,192 +1,46 @@
-"""Membership: the peer table, spread by gossip, with heartbeat-based failure detection.
+"""Membership: the peer table, spread by gossip (`peer.gossip`), and who is alive.
 
-Protocol (SWIM-flavoured, no coordinator; the messages are `peer.gossip`'s):
-- Every `heartbeat_interval_s` a peer bumps its own heartbeat counter and swaps digests
-  (peer id -> incarnation, heartbeat, revision) with `gossip_fanout` random live peers;
-  full entries travel only where a digest shows the other side lacks them or holds an
-  older revision, heartbeats alone travel as bare counters.
-- An entry has two versions. Its heartbeat (incarnation, heartbeat) says the owner is alive;
-  its revision (incarnation, revision) orders its content: the owner bumps `revision` when
-  anything but the heartbeat and the traffic counters changed, and for the counters alone at
-  most every `counters_every_s()`, so a heartbeat never costs a full entry. Incarnation is
-  the owner's start time, so a restarted peer with the same id supersedes its old self.
-- Liveness is judged locally: a peer whose heartbeat has not grown for `suspect_after_s` is
-  suspect (still waited for), after `dead_after_s` it is dead (left out of rounds and
-  gossip, shown as dead on the dashboard), after `forget_after_s` it is dropped.
-- Dead is not final: every interval a peer also probes one random dead (not yet forgotten)
-  peer, off the heartbeat path. Otherwise peers that all stalled at once (heavy CPU, a
-  paused VM) would each mark the others dead and gossip to nobody, forever; a probe that
-  gets an answer revives both sides through the usual newer-heartbeat merge.
-Entries from the network are validated field by field; a malformed table is rejected
-whole (ProtocolError) and changes nothing.
-- An entry carries its owner's public key and signature over `entry_bytes` (all but the
-  heartbeat, which travels bare in digests), so a relayer cannot alter another's entry;
-  one that fails `check` (`peer.keybook`) is dropped, not merged.
+- An entry has two versions. Its heartbeat (incarnation, heartbeat) counts its owner's
+  refutations of suspicion (`peer.suspicion`: it no longer beats); its revision
+  (incarnation, revision) orders its content: the owner bumps `revision` when anything but
+  the heartbeat and the traffic counters changed, and for the counters alone at most every
+  `counters_every_s()`. Incarnation is the owner's start time, so a restarted peer with
+  the same id supersedes its old self.
+- Liveness is SWIM's: a peer is alive until a probe of it fails (`peer.agent`), then
+  suspect for `dead_after_s - suspect_after_s`, then dead (left out of rounds and gossip,
+  shown dead on the dashboard), dropped `forget_after_s` later. Dead is not final: peers
+  probe one dead peer every interval, and an answer revives it (otherwise peers that all
+  stalled at once would each mark the others dead and gossip to nobody, forever).
+- Entries from the network are validated field by field; a malformed table is rejected
+  whole (ProtocolError) and changes nothing. An entry carries its owner's public key and
+  signature over `entry_bytes` (all but the heartbeat), so a relayer cannot alter another's
+  entry; one that fails `check` (`peer.keybook`) is dropped, not merged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
-import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import msgpack
 
 from shoal.peer.errors import ProtocolError
 from shoal.peer.identity import Identity
+from shoal.peer.peerinfo import _CONTENT, _COUNTERS, PeerInfo, entry_bytes
+from shoal.peer.suspicion import Suspicions
 
 MAX_ENTRIES = 4096
 MAX_HISTORY_ROUNDS = 1000
 COUNTERS_EVERY_S = 10.0
+BUCKETS = 32  # of ids, for anti-entropy (`Membership.table_sums`)
 
 
-@dataclass
-class PeerInfo:
-    """One row of the peer table, as gossiped."""
-
-    peer_id: str
-    address: str
-    role: str = "replica"
-    incarnation: float = 0.0
-    heartbeat: int = 0
-    first_round: int = 0  # the first outer round others should wait for this peer
-    round: int = 0  # outer steps applied
-    step: int = 0  # inner steps taken
-    train_loss: float | None = None
-    eval_loss: float | None = None
-    tokens_per_s: float | None = None
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    weights_hash: str | None = None
-    partner: str | None = None  # NoLoCo: the peer of the last exchange
-    partner_distance: float | None = None  # NoLoCo: RMS(φ_self − φ_partner) at that exchange
-    stage: int | None = None  # role "stage": the pipeline stage this peer serves
-    activation: str | None = None  # role "stage": the activation codec of its pipeline replica
-    grad_norm: float | None = (
-        None  # the last inner step's gradient norm before clipping (CheckFree)
-    )
-    loop_lag_ms_max: float | None = None  # its event loop's worst lateness over the last 60 s
-    devices: str | None = None  # what trains: "cpu", "cuda:0", "2 x cuda (FSDP2)" (--nproc)
-    revision: int = 0  # the owner's count of content changes: orders two copies' content
-    phase: str | None = None  # "ready": at the --min-peers start barrier; "training": past it
-    pubkey: str | None = None  # the owner's Ed25519 public key, hex (`peer.identity`)
-    sig: str | None = None  # the owner's signature of `entry_bytes(self)`, hex
-    relayed_by: str | None = None  # behind NAT: its relays' ids, comma-separated (peer.relay)
-
-    def version(self) -> tuple[float, int]:
-        return (self.incarnation, self.heartbeat)
-
-    def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_wire(cls, obj: Any) -> PeerInfo:
-        if not isinstance(obj, dict):
-            raise ProtocolError("peer entry must be a map")
-        unknown = set(obj) - _FIELD_NAMES
-        if unknown:
-            raise ProtocolError(f"unknown peer entry fields {sorted(map(str, unknown))[:3]}")
-        kwargs = {}
-        for f in fields(cls):
-            if f.name not in obj:
-                if f.name in ("peer_id", "address"):
-                    raise ProtocolError(f"peer entry lacks {f.name}")
-                continue
-            kwargs[f.name] = _check_field(f.name, obj[f.name])
-        return cls(**kwargs)
-
-
-_FIELD_NAMES = {f.name for f in fields(PeerInfo)}
-_STRINGS = {
-    "peer_id": 128,
-    "address": 256,
-    "role": 32,
-    "weights_hash": 128,
-    "partner": 128,
-    "activation": 64,
-    "devices": 64,
-    "phase": 16,
-    "pubkey": 64,
-    "sig": 128,
-    "relayed_by": 2 * 128 + 1,
-}
-PHASES = ("ready", "training")
-_INTS = {
-    "heartbeat",
-    "first_round",
-    "round",
-    "step",
-    "bytes_sent",
-    "bytes_received",
-    "stage",
-    "revision",
-}
-# refreshed before every heartbeat; not worth a revision each (see Membership.revise)
-_COUNTERS = ("bytes_sent", "bytes_received", "loop_lag_ms_max")
-_CONTENT = tuple(
-    f.name for f in fields(PeerInfo) if f.name not in {"heartbeat", "revision", "sig", *_COUNTERS}
-)
-_HEX = re.compile(r"[0-9a-f]{64}|[0-9a-f]{128}")
-_SIGNED = tuple(f.name for f in fields(PeerInfo) if f.name not in {"heartbeat", "sig"})
-_FLOATS = {
-    "incarnation",
-    "train_loss",
-    "eval_loss",
-    "tokens_per_s",
-    "partner_distance",
-    "grad_norm",
-    "loop_lag_ms_max",
-}
-_NULLABLE = {
-    f.name for f in fields(PeerInfo) if f.default is None
-}  # optional fields: None when unknown
-
-
-def _check_field(name: str, value: Any) -> Any:
-    if value is None and name in _NULLABLE:
-        return None
-    if name in _STRINGS:
-        if not isinstance(value, str) or not 0 < len(value) <= _STRINGS[name]:
-            raise ProtocolError(
-                f"peer entry field {name} must be a non-empty string of at most "
-                f"{_STRINGS[name]} chars"
-            )
-        if name == "address" and not value.startswith(("http://", "https://")):
-            raise ProtocolError(f"peer address {value!r} must be an http(s) URL")
-        if name == "phase" and value not in PHASES:
-            raise ProtocolError(f"peer phase must be one of {PHASES}")
-        if name in ("pubkey", "sig") and not _HEX.fullmatch(value):
-            raise ProtocolError(f"peer entry field {name} must be {_STRINGS[name]} hex digits")
-        return value
-    if name in _INTS:
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
-            raise ProtocolError(f"peer entry field {name} must be a non-negative integer")
-        return value
-    if name in _FLOATS:
-        if (
-            not isinstance(value, (int, float))
-            or isinstance(value, bool)
-            or not math.isfinite(value)
-        ):
-            raise ProtocolError(f"peer entry field {name} must be a finite number")
-        return float(value)
-    raise ProtocolError(f"unknown peer entry field {name}")
-
-
-def entry_bytes(info: PeerInfo) -> bytes:
-    """What an entry's signature covers: canonical msgpack of [name, value] for every field
-    but `heartbeat` and `sig`, numbers as `from_wire` reads them."""
-    items = []
-    for name in _SIGNED:
-        value = getattr(info, name)
-        if name in _FLOATS and value is not None:
-            value = float(value)
-        items.append([name, value])
-    return msgpack.packb(items, use_bin_type=True)
+def bucket_of(peer_id: str) -> int:
+    return hashlib.sha256(peer_id.encode()).digest()[0] % BUCKETS
 
 
 class Membership:
@@ -213,41 +67,53 @@ class Membership:
         self.dead_after_s = dead_after_s
         self.forget_after_s = forget_after_s
         self.clock = clock
+        self.suspicions = Suspicions(dead_after_s - suspect_after_s, clock)
         self.peers: dict[str, PeerInfo] = {me.peer_id: me}
-        self.last_change: dict[str, float] = {me.peer_id: clock()}
+        self.last_change: dict[str, float] = {me.peer_id: clock()}  # last heard of alive
+        self.changed: list[str] = []  # ids whose entry was news here (`peer.gossip` drains it)
         self.history: dict[str, dict[int, dict[str, float | None]]] = {}
         self._content = self._counters = None
         self._revised_at = -math.inf
+        self._sums: bytes | None = None
+        self._ring: list[str] = []
         self.revise()
         self._record_history(me)
 
     def beat(self) -> None:
-        """Advance our own heartbeat (once per interval), with a new revision if our entry's
-        content changed."""
+        """Once per interval: a new revision if our entry's content changed (the heartbeat
+        itself moves only to refute a suspicion, `refute`)."""
         self.revise()
-        self.me.heartbeat += 1
         self.last_change[self.me.peer_id] = self.clock()
         self._record_history(self.me)
 
-    def revise(self) -> None:
-        """Bump our revision if our content changed since the last one, or only the traffic
-        counters did and the last revision is `counters_every_s()` old: every revision costs
-        each peer one full entry, so counters alone may cost the swarm only so many."""
+    def revise(self, force: bool = False) -> None:
+        """Bump our revision if our content changed since the last one (or `force`), or
+        only the traffic counters did and the last revision is `counters_every_s()` old:
+        every revision costs each peer one full entry, so counters alone may cost the swarm
+        only so many."""
         content = tuple(getattr(self.me, name) for name in _CONTENT)
         counters = tuple(getattr(self.me, name) for name in _COUNTERS)
         now = self.clock()
-        if content != self._content or (
-            counters != self._counters and now - self._revised_at >= self.counters_every_s()
+        if (
+            force
+            or content != self._content
+            or (counters != self._counters and now - self._revised_at >= self.counters_every_s())
         ):
             if self._content is not None:
                 self.me.revision += 1
+                self._note(self.me.peer_id)
             self._content, self._counters, self._revised_at = content, counters, now
 
+    def refute(self, heartbeat: int) -> None:
+        """Someone suspects us at `heartbeat`: move ours past it."""
+        self.me.heartbeat = max(self.me.heartbeat, heartbeat) + 1
+
     def counters_every_s(self) -> float:
-        """Least seconds between revisions for the traffic counters alone: 10 s, and 0.1 s
-        more per peer known, so that the full entries they cause stay under 10 per second
-        per peer whatever the swarm's size (the dashboard's counters lag more in big ones)."""
-        return max(COUNTERS_EVERY_S, 0.1 * len(self.peers))
+        """Least seconds between revisions for the traffic counters alone: 10 s, or half a
+        second per peer known, so that the revisions they cause stay under 2 per second
+        swarm-wide whatever its size (each costs every peer a full entry and a few news
+        items; the dashboard's counters lag more in big swarms)."""
+        return max(COUNTERS_EVERY_S, 0.5 * len(self.peers))
 
     def merge(self, entries: Any) -> int:
         """Merge full entries (a table, or a gossip message's); returns how many were news.
@@ -261,7 +127,7 @@ class Membership:
 
         A newer incarnation replaces the entry. Within one incarnation the content is taken
         when its (revision, heartbeat) is larger, and the heartbeat is always the larger of
-        the two: heartbeats also travel alone (digests), so a copy may bring a newer
+        the two: heartbeats also travel alone (suspicion news), so a copy may bring a newer
         revision with an older heartbeat, or an older revision with a newer one. Neither
         moves the heartbeat back, and an older revision never replaces newer content."""
         news = 0
@@ -273,6 +139,7 @@ class Membership:
                 continue  # forged, unsigned or from a key not allowed: never merged
             known = self.peers.get(info.peer_id)
             if known is None or info.incarnation > known.incarnation:
+                self.suspicions.clear(info.peer_id)
                 self._replace(info, now, alive=True)
                 news += 1
             elif info.incarnation == known.incarnation:
@@ -280,6 +147,8 @@ class Membership:
                 if (info.revision, info.heartbeat) > (known.revision, known.heartbeat):
                     info.heartbeat = max(info.heartbeat, known.heartbeat)
                     self._replace(info, now, alive=fresher)
+                    if fresher:
+                        self.suspicions.clear(info.peer_id, info.heartbeat)
                     news += 1
                 elif fresher:  # older content, but its heartbeat is news
                     news += self.heard(info.peer_id, info.incarnation, info.heartbeat)
@@ -287,8 +156,8 @@ class Membership:
         return news
 
     def heard(self, peer_id: str, incarnation: float, heartbeat: int) -> bool:
-        """A digest's bare heartbeat for an entry we hold: taken (the peer is alive) when it
-        is the same incarnation's and larger. True if it was news."""
+        """A heartbeat (a refutation) for an entry we hold: taken when it is the same
+        incarnation's and larger; it clears a suspicion of a lower heartbeat. True if news."""
         known = self.peers.get(peer_id)
         if (
             peer_id == self.me.peer_id
@@ -299,38 +168,72 @@ class Membership:
             return False
         known.heartbeat = heartbeat
         self.last_change[peer_id] = self.clock()
+        self.suspicions.clear(peer_id, heartbeat)
         return True
 
-    def digest(self) -> dict[str, list]:
-        """{peer id: [incarnation, heartbeat, revision]} of every entry we gossip."""
-        return {pid: [p.incarnation, p.heartbeat, p.revision] for pid, p in self.gossiped()}
+    def touch(self, peer_id: str) -> None:
+        """`peer_id` just answered us or wrote to us: it is alive, whatever we suspected."""
+        if peer_id in self.peers and peer_id != self.me.peer_id:
+            self.last_change[peer_id] = self.clock()
+            self.suspicions.clear(peer_id)
+
+    def suspect(self, peer_id: str, heartbeat: int | None = None, dead: bool = False) -> bool:
+        """Suspect `peer_id` (or hold it dead) at `heartbeat` (default: the one we know);
+        ignored when stale (a refutation already passed it). True if news here."""
+        known = self.peers.get(peer_id)
+        if known is None or peer_id == self.me.peer_id:
+            return False
+        heartbeat = known.heartbeat if heartbeat is None else heartbeat
+        if heartbeat < known.heartbeat:
+            return False
+        known.heartbeat = heartbeat
+        if dead:
+            return self.suspicions.dead(peer_id, heartbeat)
+        return self.status(peer_id) != "dead" and self.suspicions.suspect(peer_id, heartbeat)
+
+    def digest(self, buckets: set[int] | None = None) -> dict[str, list]:
+        """{peer id: [incarnation, heartbeat, revision]} of every entry we gossip (of the
+        `buckets` only, when given)."""
+        return {
+            pid: [p.incarnation, p.heartbeat, p.revision]
+            for pid, p in self.gossiped()
+            if buckets is None or bucket_of(pid) in buckets
+        }
+
+    def table_sums(self) -> bytes:
+        """4 bytes per bucket of ids (`bucket_of`) that two tables holding the same entries
+        (id, incarnation, revision) share: anti-entropy compares them and sends digests
+        of the buckets that differ only."""
+        if self._sums is None:
+            items: list[list] = [[] for _ in range(BUCKETS)]
+            for pid, p in sorted(self.peers.items()):
+                items[bucket_of(pid)].append((pid, p.incarnation, p.revision))
+            self._sums = b"".join(hashlib.sha256(msgpack.packb(i)).digest()[:4] for i in items)
+        return self._sums
+
+    def table_sum(self) -> bytes:
+        """8 bytes of `table_sums`: every probe carries it."""
+        return hashlib.sha256(self.table_sums()).digest()[:8]
 
     def gossiped(self) -> list[tuple[str, PeerInfo]]:
-        """(id, entry) of everyone not dead, us included: what we gossip. One clock reading
-        for the whole table (this runs for every gossip message)."""
-        cutoff = self.clock() - self.dead_after_s
-        me, last = self.me.peer_id, self.last_change
-        return [(pid, p) for pid, p in self.peers.items() if pid == me or last[pid] > cutoff]
+        """(id, entry) of everyone not dead, us included: what we gossip."""
+        return [(pid, p) for pid, p in self.peers.items() if self.status(pid) != "dead"]
 
     def status(self, peer_id: str) -> str:
         if peer_id == self.me.peer_id:
             return "alive"
-        silent_s = self.quiet_for(peer_id)
-        if silent_s >= self.dead_after_s:
+        if peer_id not in self.peers:
             return "dead"
-        return "suspect" if silent_s >= self.suspect_after_s else "alive"
+        return self.suspicions.status(peer_id)
 
     def quiet_for(self, peer_id: str) -> float:
-        """Seconds since `peer_id`'s heartbeat last grew here (inf if unknown)."""
+        """Seconds since we last heard that `peer_id` is alive (inf if unknown)."""
         return self.clock() - self.last_change.get(peer_id, -math.inf)
 
     def declare_dead(self, peer_id: str) -> None:
-        """Mark `peer_id` dead now (it failed a direct probe); a newer heartbeat from it
-        revives it as usual."""
-        if peer_id in self.peers and peer_id != self.me.peer_id:
-            self.last_change[peer_id] = min(
-                self.last_change[peer_id], self.clock() - self.dead_after_s
-            )
+        """Mark `peer_id` dead now (it failed a direct probe); a refutation (a larger
+        heartbeat) or its answer to a probe revives it."""
+        self.suspect(peer_id, dead=True)
 
     def is_alive(self, peer_id: str) -> bool:
         """Alive or merely suspect: still worth waiting for."""
@@ -346,6 +249,17 @@ class Membership:
     def gossip_targets(self, fanout: int, rng: random.Random) -> list[PeerInfo]:
         others = self.live_others()
         return rng.sample(others, min(fanout, len(others)))
+
+    def next_probe(self, rng: random.Random) -> PeerInfo | None:
+        """SWIM's probe order: every live peer once, in a random order, then a new order;
+        so each is probed within two rounds of N - 1 intervals even at worst."""
+        while self._ring:
+            pid = self._ring.pop()
+            if pid in self.peers and self.is_alive(pid):
+                return self.peers[pid]
+        self._ring = [p.peer_id for p in self.live_others()]
+        rng.shuffle(self._ring)
+        return self.peers[self._ring.pop()] if self._ring else None
 
     def probe_target(self, rng: random.Random) -> PeerInfo | None:
         """One random dead, not yet forgotten peer to probe (None if there is none)."""
@@ -375,7 +289,12 @@ class Membership:
         self.peers[info.peer_id] = info
         if alive:
             self.last_change[info.peer_id] = now
+        self._note(info.peer_id)
         self._record_history(info)
+
+    def _note(self, peer_id: str) -> None:
+        self.changed.append(peer_id)
+        self._sums = None
 
     def _record_history(self, info: PeerInfo) -> None:
         rounds = self.history.setdefault(info.peer_id, {})
@@ -389,11 +308,16 @@ class Membership:
                 rounds.pop(min(rounds))
 
     def _forget_old(self, now: float) -> None:
+        """Drop peers dead for `forget_after_s` (since their last sign of life)."""
         for pid in [
             p
             for p, t in self.last_change.items()
-            if now - t > self.forget_after_s and p != self.me.peer_id
+            if now - max(t, self.suspicions.began(p) or t) > self.forget_after_s
+            and p != self.me.peer_id
+            and self.status(p) == "dead"
         ]:
             self.peers.pop(pid, None)
             self.last_change.pop(pid, None)
             self.history.pop(pid, None)
+            self.suspicions.clear(pid)
+            self._sums = None

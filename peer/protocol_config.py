@@ -145,3 +145,8 @@ class ProtocolConfig:
         if self.gossip_timeout_s is not None:
             return self.gossip_timeout_s
         return 2 * self.heartbeat_interval_s + 1
+
+    def ping_timeout_s(self) -> float:
+        """The longest wait for a probe's answer before probing indirectly (SWIM): a
+        heartbeat and half a second, at most `gossip_wait_s()`."""
+        return min(self.gossip_wait_s(), self.heartbeat_interval_s + 0.5)

@@ -195,7 +195,7 @@ async def handle_run(node: Peer, envelope: Envelope) -> dict[str, Any]:
 
 
 async def handle_gossip(node: Peer, envelope: Envelope) -> dict[str, Any]:
-    return _agent(node).gossip_answer(envelope)
+    return await _agent(node).gossip_answer(envelope)
 
 
 def _agent(node: Peer):

@@ -5,11 +5,15 @@ table (`peer.membership.Membership`) and its messages (`peer.gossip.Gossip`).
     python scripts/sim_membership.py --peers 10 30 100 300 1000 --out results/sim_membership.json
 
 Each agent does what `MembershipAgent.gossip_forever` does every `heartbeat_interval_s`
-(from a random phase): refresh its counters, beat, exchange with `gossip_fanout` random
-live peers and probe one dead one. An exchange is the real message sequence (digest,
-answer, wanted entries), each message msgpack-encoded and decoded as on the wire (its
-encoded size is what is counted; the envelope's headers are not), delivered at once: the
-network's latency (ms) is small against a heartbeat. Entries look like a training peer's
+(from a random phase): refresh its counters, beat, probe the next peer of its ring
+(directly, then through `INDIRECT` others; a peer none reaches is suspected and the news
+spread at once), probe one dead peer, and spread fresh news to `gossip_fanout` peers
+(receivers that find it fresh spread it on 10 ms later). An exchange is the real message
+sequence (probe with news, answer, wanted entries, and the digest exchange of
+anti-entropy when the table sums differ), each message msgpack-encoded and decoded as on
+the wire (its encoded size is what is counted; the envelope's headers are not), delivered
+at once: the network's latency (ms) is small against a heartbeat. A dead peer's
+connection is refused: nothing crosses. Entries look like a training peer's
 (64-hex weights hash, losses, counters); every peer's traffic counters grow every beat and
 its round moves every `--round-s` seconds (staggered), so revisions happen as in a run.
 
@@ -20,9 +24,11 @@ Tables start converged (everyone knows everyone). After `--warmup-s`, one new pe
   of it: a peer must stay quiet that long);
 - `bytes_per_peer_s`: gossip bytes sent per peer per second, mean over all peers from
   `--warmup-s` / 2 on (the join's own table transfer not counted);
-- `whole_table_bytes_per_peer_s`: the same for the protocol before digests (every exchange
-  sent the whole table both ways): 2 × fanout × the table's encoded size / interval,
-  computed from the same converged table; `--measure-whole-table-upto` also simulates it;
+- `whole_table_bytes_per_peer_s`: the same for the first protocol (every exchange sent
+  the whole table both ways): 2 × fanout × the table's encoded size / interval, computed
+  from the same converged table;
+- `digest_bytes_per_peer_s`: the same for the second (a digest of every entry to fanout
+  peers a heartbeat): 2 × fanout × the digest's encoded size / interval;
 - `max_suspect_share`, `false_dead`: from the events on, every 0.1 s, 5 random live peers
   look at every live peer they know: the largest share they saw as suspect or dead, and
   how many times one saw a live peer as dead (0 and 0: no false suspicion).
@@ -40,6 +46,7 @@ from pathlib import Path
 
 import msgpack
 
+from shoal.peer.agent import ANTI_ENTROPY_BEATS, INDIRECT
 from shoal.peer.gossip import Gossip
 from shoal.peer.membership import Membership, PeerInfo
 from shoal.peer.protocol_config import ProtocolConfig
@@ -87,6 +94,7 @@ class SimPeer:
         self.rng = rng
         self.alive = True
         self.sent = 0
+        self.full_at = -1e9
 
     @property
     def pid(self) -> str:
@@ -108,19 +116,21 @@ class SimPeer:
 
 
 class Sim:
-    def __init__(self, n: int, protocol: ProtocolConfig, args, whole_table: bool) -> None:
-        self.protocol, self.args, self.whole_table = protocol, args, whole_table
+    def __init__(self, n: int, protocol: ProtocolConfig, args) -> None:
+        self.protocol, self.args = protocol, args
         self.clock = Clock()
         self.peers = [SimPeer(i, self.clock, protocol, args.seed) for i in range(n)]
         self.by_id = {p.pid: p for p in self.peers}
         for p in self.peers:  # converged tables: everyone knows everyone
             p.membership.take([replace(q.membership.me) for q in self.peers if q is not p])
+            p.membership.changed.clear()  # converged: nobody's news
         self.rng = random.Random(args.seed)
         self.events: list = []
         self.seq = 0
         for p in self.peers:
             self.at(self.rng.random() * protocol.heartbeat_interval_s, "beat", p)
-            self.at(self.rng.random() * args.round_s, "round", p)
+            if args.round_s > 0:  # 0: no round moves (the failure detector's cost alone)
+                self.at(self.rng.random() * args.round_s, "round", p)
         self.measured_from = args.warmup_s / 2
         self.bytes = 0
 
@@ -138,36 +148,88 @@ class Sim:
         peer.refresh_counters()
         m = peer.membership
         m.beat()
-        targets = m.gossip_targets(self.protocol.gossip_fanout, peer.rng)
-        probe = m.probe_target(peer.rng)
-        if self.whole_table:
-            request, size = wire({"peers": m.table()})
-        else:
-            request, size = wire(peer.gossip.request())
-        for target in [*targets, *([probe] if probe is not None else [])]:
-            other = self.by_id.get(target.peer_id)
+        target = m.next_probe(peer.rng)
+        if target is not None:
+            self.probe(peer, target)
+        dead = m.probe_target(peer.rng)
+        if dead is not None:
+            held = [dead.peer_id, dead.incarnation, dead.heartbeat, "dead"]
+            self.exchange(peer, dead.peer_id, peer.gossip.request(events=[held]))
+        self.spread(peer)
+
+    def probe(self, peer: SimPeer, target: PeerInfo) -> None:
+        """`MembershipAgent.probe`: directly, then through INDIRECT others."""
+        if self.exchange(peer, target.peer_id, peer.gossip.request()):
+            return
+        m = peer.membership
+        helpers = [p for p in m.live_others() if p.peer_id != target.peer_id]
+        acked = False
+        for helper in peer.rng.sample(helpers, min(INDIRECT, len(helpers))):
+            other = self.by_id.get(helper.peer_id)
             if other is None or not other.alive:
-                continue  # connection refused: nothing crosses
-            self.count(peer, size)
-            if self.whole_table:
-                other.membership.merge(request["peers"])
-                answer, answer_size = wire({"peers": other.membership.table()})
-                self.count(other, answer_size)
-                m.merge(answer["peers"])
                 continue
-            answer, answer_size = wire(other.gossip.answer(request))
+            request, size = wire(peer.gossip.request(probe=target.peer_id))
+            self.count(peer, size)
+            answer = other.gossip.answer(request)
+            answer["acked"] = self.exchange(other, target.peer_id, other.gossip.request())
+            answer, answer_size = wire(answer)
             self.count(other, answer_size)
-            push = peer.gossip.take_answer(answer, request)
-            if push is not None:
-                push, push_size = wire(push)
-                self.count(peer, push_size)
-                _, ack_size = wire(other.gossip.answer(push))
-                self.count(other, ack_size)
+            peer.gossip.take_answer(answer, request)
+            acked = acked or answer["acked"]
+        if not acked and m.suspect(target.peer_id):
+            peer.gossip.spread(target.peer_id, "suspect")
+            self.spread(peer, also=target.peer_id)
+
+    def spread(self, peer: SimPeer, also: str | None = None) -> None:
+        """`MembershipAgent._spread_fresh`: fresh news to fanout peers at once."""
+        if not peer.gossip.fresh:
+            return
+        peer.gossip.fresh = False
+        targets = [
+            p.peer_id for p in peer.membership.gossip_targets(self.protocol.gossip_fanout, peer.rng)
+        ]
+        if also is not None and also not in targets:
+            targets.append(also)
+        for pid in targets:
+            self.exchange(peer, pid, peer.gossip.request())
+
+    def exchange(self, peer: SimPeer, target_id: str, request: dict) -> bool:
+        """`MembershipAgent.gossip_with`: False if the target is dead (nothing crosses)."""
+        other = self.by_id.get(target_id)
+        if other is None or not other.alive:
+            return False
+        request, size = wire(request)
+        self.count(peer, size)
+        answer, answer_size = wire(other.gossip.answer(request))
+        self.count(other, answer_size)
+        push = peer.gossip.take_answer(answer, request)
+        if push is not None:
+            push, push_size = wire(push)
+            self.count(peer, push_size)
+            final, final_size = wire(other.gossip.answer(push))
+            self.count(other, final_size)
+            peer.gossip.take_entries(final)
+        peer.membership.touch(target_id)
+        other.membership.touch(peer.pid)
+        if other.gossip.fresh:
+            self.at(self.clock.t + 0.01, "spread", other)
+        every_s = ANTI_ENTROPY_BEATS * self.protocol.heartbeat_interval_s
+        if peer.gossip.sum_differs and self.clock.t - peer.full_at >= every_s:
+            peer.full_at = self.clock.t
+            sums, size = wire({"sums": peer.membership.table_sums()})
+            self.count(peer, size)
+            answer, answer_size = wire(other.gossip.answer(sums))
+            self.count(other, answer_size)
+            if answer["buckets"]:
+                request = peer.gossip.request(full=True, buckets=answer["buckets"])
+                self.exchange(peer, target_id, request)
+        return True
 
     def join(self) -> SimPeer:
         newcomer = SimPeer(len(self.peers), self.clock, self.protocol, self.args.seed)
         bootstrap = self.rng.choice([p for p in self.peers if p.alive])
         bootstrap.membership.merge([newcomer.membership.me.to_wire()])  # the /join request
+        bootstrap.gossip.fresh = True
         newcomer.membership.merge(wire({"peers": bootstrap.membership.table()})[0]["peers"])
         self.peers.append(newcomer)
         self.by_id[newcomer.pid] = newcomer
@@ -192,6 +254,9 @@ class Sim:
                 if peer.alive:
                     self.beat(peer)
                     self.at(t + interval, "beat", peer)
+            elif kind == "spread":
+                if peer.alive:
+                    self.spread(peer)
             elif kind == "round":
                 peer.next_round()
                 self.at(t + args.round_s, "round", peer)
@@ -235,12 +300,15 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 1)
 
 
-def whole_table_bytes(sim: Sim, protocol: ProtocolConfig) -> int:
-    """Bytes per peer per second of whole-table gossip on this converged table: each of
-    fanout exchanges per interval sent the table once each way."""
-    table = sim.peers[0].membership.table()
-    size = len(msgpack.packb({"peers": table}, use_bin_type=True))
-    return round(2 * protocol.gossip_fanout * size / protocol.heartbeat_interval_s)
+def older_protocols_bytes(sim: Sim, protocol: ProtocolConfig) -> tuple[int, int]:
+    """Bytes per peer per second of the two earlier protocols on this converged table:
+    fanout exchanges per interval, each sending the whole table (first) or a digest of
+    every entry (second) once each way."""
+    m = sim.peers[0].membership
+    per_s = 2 * protocol.gossip_fanout / protocol.heartbeat_interval_s
+    table = len(msgpack.packb({"peers": m.table()}, use_bin_type=True))
+    digest = len(msgpack.packb({"digest": m.digest()}, use_bin_type=True))
+    return round(per_s * table), round(per_s * digest)
 
 
 def main() -> None:
@@ -249,8 +317,9 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=6.0)
     parser.add_argument("--max-wait-s", type=float, default=40.0)
     parser.add_argument("--min-after-s", type=float, default=2.0, help="run on this long")
-    parser.add_argument("--round-s", type=float, default=60.0, help="each peer's round time")
-    parser.add_argument("--measure-whole-table-upto", type=int, default=30)
+    parser.add_argument(
+        "--round-s", type=float, default=60.0, help="each peer's round time (0: never moves)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/sim_membership.json")
     args = parser.parse_args()
@@ -258,12 +327,14 @@ def main() -> None:
     rows = []
     for n in args.peers:
         begin = time.perf_counter()
-        sim = Sim(n, protocol, args, whole_table=False)
-        whole = whole_table_bytes(sim, protocol)
-        row = {"peers": n, **sim.run(), "whole_table_bytes_per_peer_s": whole}
-        if n <= args.measure_whole_table_upto:
-            old = Sim(n, protocol, args, whole_table=True).run()
-            row["whole_table_measured"] = old
+        sim = Sim(n, protocol, args)
+        whole, digests = older_protocols_bytes(sim, protocol)
+        row = {
+            "peers": n,
+            **sim.run(),
+            "whole_table_bytes_per_peer_s": whole,
+            "digest_bytes_per_peer_s": digests,
+        }
         row["wall_s"] = round(time.perf_counter() - begin, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -280,13 +351,15 @@ def main() -> None:
     print()
     print(
         "| peers | join known by all (s) | death known by all (s) | gossip B/peer/s "
-        "| whole tables B/peer/s | max suspect share | false dead |"
+        "| digests B/peer/s (before) | whole tables B/peer/s (first) "
+        "| max suspect share | false dead |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['peers']} | {r['join_known_s']} | {r['death_known_s']} | "
-            f"{r['bytes_per_peer_s']:,} | {r['whole_table_bytes_per_peer_s']:,} | "
+            f"{r['bytes_per_peer_s']:,} | {r['digest_bytes_per_peer_s']:,} | "
+            f"{r['whole_table_bytes_per_peer_s']:,} | "
             f"{r['max_suspect_share']} | {r['false_dead']} |"
         )
 

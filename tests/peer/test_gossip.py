@@ -1,9 +1,10 @@
-"""Digest-and-delta gossip (`peer.gossip`): exchanges over msgpack between in-memory
-memberships, the revision rules of `Membership.take`, strict validation, and the
---min-peers start barrier."""
+"""SWIM-style gossip (`peer.gossip`): exchanges over msgpack between in-memory
+memberships, news and suspicion events, anti-entropy, the revision rules of
+`Membership.take`, strict validation, and the --min-peers start barrier."""
 
 import asyncio
 import random
+from dataclasses import replace
 from types import SimpleNamespace
 
 import msgpack
@@ -39,15 +40,20 @@ def node(pid, clock, **kw):
     return Gossip(m, random.Random(pid))
 
 
-def exchange(a, b):
-    """One exchange as `MembershipAgent.gossip_with` runs it, every message through msgpack;
-    returns the bytes that crossed."""
-    request = wire(a.request())
+def exchange(a, b, full=False):
+    """One exchange as `MembershipAgent.gossip_with` runs it (followed by a digest
+    exchange when the table sums differ), every message through msgpack; returns the
+    bytes that crossed."""
+    request = wire(a.request(full=full))
     answer = wire(b.answer(request))
     crossed = size(request) + size(answer)
     push = a.take_answer(answer, request)
     if push is not None:
-        crossed += size(push) + size(b.answer(wire(push)))
+        final = wire(b.answer(wire(push)))
+        a.take_entries(final)
+        crossed += size(push) + size(final)
+    if a.sum_differs and not full:
+        crossed += exchange(a, b, full=True)
     return crossed
 
 
@@ -62,18 +68,15 @@ def test_exchanges_converge_and_spread_a_join_both_ways():
         g.membership.merge(wire(nodes[0].membership.table()))
         nodes[0].membership.merge([g.membership.me.to_wire()])
     rng = random.Random(0)
-    for _ in range(8):
+    for _ in range(4):
         clock.t += 1.0
         for g in nodes:
             g.membership.beat()
-            for other in rng.sample([n for n in nodes if n is not g], 2):
-                exchange(g, other)
-    for g in nodes:  # everyone knows everyone, alive; heartbeats at most a beat behind
+            exchange(g, rng.choice([n for n in nodes if n is not g]))
+    for g in nodes:  # everyone knows everyone, alive, with the same table
         assert set(g.membership.peers) == {n.membership.me.peer_id for n in nodes}
         assert all(g.membership.status(pid) == "alive" for pid in g.membership.peers)
-        for n in nodes:
-            me = n.membership.me
-            assert me.heartbeat - g.membership.peers[me.peer_id].heartbeat <= 2
+        assert g.membership.table_sum() == nodes[0].membership.table_sum()
     # a newcomer known to one peer only: pushed when that peer initiates ...
     late = node("late", clock)
     nodes[3].membership.merge([late.membership.me.to_wire()])
@@ -84,24 +87,65 @@ def test_exchanges_converge_and_spread_a_join_both_ways():
     assert "late" in nodes[5].membership.peers
 
 
-def test_a_heartbeat_costs_a_counter_and_a_change_a_full_entry():
+def quiet(nodes, rounds=20):
+    """Exchange until every piece of news has been repeated its last time."""
+    for _ in range(rounds):
+        for g in nodes:
+            for other in nodes:
+                if other is not g:
+                    exchange(g, other)
+
+
+def test_a_quiet_swarm_costs_the_same_whatever_its_size_and_a_change_one_entry():
     clock = Clock()
-    a, b = node("a", clock), node("b", clock)
-    exchange(a, b)
-    clock.t = 1.0
-    b.membership.beat()
-    request = wire(a.request())
-    answer = wire(b.answer(request))
-    assert answer["peers"] == [] and answer["beats"] == {"b": 1}  # a bare counter
-    a.take_answer(answer, request)
-    assert a.membership.peers["b"].heartbeat == 1 and a.membership.quiet_for("b") == 0
+    sizes = {}
+    for n in (3, 40):
+        nodes = [node(f"p{i:02d}", clock) for i in range(n)]
+        for g in nodes:
+            g.membership.take([replace(o.membership.me) for o in nodes if o is not g])
+        quiet(nodes[:3], rounds=8)
+        for g in nodes:
+            g.membership.changed.clear()
+            g.hot_news.clear()
+        sizes[n] = exchange(nodes[0], nodes[1])
+    assert sizes[3] == sizes[40] < 200, sizes  # a probe and its answer: news of nothing
+    a, b = nodes[0], nodes[1]
     b.membership.me.round, b.membership.me.eval_loss = 3, 2.5
     clock.t = 2.0
-    b.membership.beat()  # content changed: a new revision
-    answer = wire(b.answer(wire(a.request())))
-    assert [e["round"] for e in answer["peers"]] == [3] and answer["beats"] == {}
-    a.take_answer(answer, wire(a.request()))
-    assert a.membership.peers["b"].round == 3 and a.membership.history["b"][3]["eval_loss"] == 2.5
+    b.membership.beat()  # content changed: a new revision, news for b's next messages
+    request = wire(b.request())
+    assert request["news"] == {"p01": [1.0, 0, 1]}
+    answer = wire(a.answer(request))
+    assert answer["want"] == ["p01"]
+    final = wire(a.answer(wire(b.take_answer(answer, request))))
+    assert final == {"peers": []}  # a had nothing b wanted; b's entry went in the push
+    assert a.membership.peers["p01"].round == 3
+    assert a.membership.history["p01"][3]["eval_loss"] == 2.5
+
+
+def test_a_suspicion_spreads_and_its_target_refutes_it():
+    clock = Clock()
+    a, b, c = (node(p, clock) for p in "abc")
+    for g in (a, b, c):
+        g.membership.take([replace(o.membership.me) for o in (a, b, c) if o is not g])
+    assert a.membership.suspect("c") and a.membership.status("c") == "suspect"
+    a.spread("c", "suspect")
+    exchange(a, b)  # b hears of it: suspect at b too, and b will spread it on
+    assert b.membership.status("c") == "suspect" and b.fresh and "c" in b.hot_events
+    clock.t = 2.9
+    assert b.membership.status("c") == "suspect"  # the window: dead_after_s - suspect_after_s
+    exchange(b, c)  # c hears it is suspected: it refutes, with a larger heartbeat
+    assert c.membership.me.heartbeat == 1 and c.hot_events["c"][0] == ["c", 1.0, 1, "alive"]
+    exchange(c, a)
+    assert a.membership.status("c") == "alive" and a.membership.peers["c"].heartbeat == 1
+    # a stale suspicion (an older heartbeat) changes nothing now
+    assert not a.membership.suspect("c", heartbeat=0)
+    exchange(a, b)
+    assert b.membership.status("c") == "alive"
+    # unrefuted, a suspicion ends in death after the window
+    assert b.membership.suspect("a")
+    clock.t += 3.0
+    assert b.membership.status("a") == "dead" and "a" not in b.membership.digest()
 
 
 def test_traffic_counters_alone_are_revised_at_most_every_counters_period():
@@ -136,11 +180,15 @@ def test_an_old_copy_never_overwrites_a_newer_one():
     assert m.peers["x"].revision == 4 and m.peers["x"].heartbeat == 9 and m.quiet_for("x") == 2
     # an older incarnation, whatever its counters; a digest's stale heartbeat
     m.merge([PeerInfo("x", "http://x:9", incarnation=0.5, heartbeat=99, revision=99).to_wire()])
-    g.answer({"digest": {"x": [1.0, 3, 1]}})
+    g.answer({"digest": {"x": [1.0, 3, 1]}, "sum": b""})
     assert versions(g)["x"] == (1.0, 9, 4) and m.peers["x"].address == "http://x:1"
     # and nobody speaks for us, in entries or digests
     answer = g.answer(
-        {"digest": {"me": [9.0, 99, 99]}, "peers": [{**new.to_wire(), "peer_id": "me"}]}
+        {
+            "digest": {"me": [9.0, 99, 99]},
+            "peers": [{**new.to_wire(), "peer_id": "me"}],
+            "sum": b"",
+        }
     )
     assert answer["want"] == [] and versions(g)["me"] == (1.0, 0, 0)
 
@@ -160,6 +208,13 @@ def test_an_old_copy_never_overwrites_a_newer_one():
         {"digest": [["x", 1.0, 1, 0]]},
         {"digest": {"x": [1.0, 1, 0]}, "peers": [{"peer_id": "y"}]},
         {"peers": [PeerInfo("y", "http://y:1", phase="asleep").to_wire()]},
+        {"news": {"x": [1.0, 1]}},
+        {"events": [["x", 1.0, 1, "asleep"]]},
+        {"events": [["x", float("inf"), 1, "dead"]]},
+        {"events": {"x": "dead"}},
+        {"sum": "abc"},
+        {"sum": b"x" * 33},
+        {"probe": 7},
         "not a map",
     ],
 )
@@ -203,10 +258,11 @@ def test_deltas_are_bounded_and_the_rest_follow_in_later_exchanges():
     full.membership.take(
         [PeerInfo(f"p{i:03d}", f"http://p{i}:1", incarnation=1.0) for i in range(MAX_DELTAS + 40)]
     )
-    answer = full.answer(wire(empty.request()))
+    request = wire(empty.request(full=True))
+    answer = full.answer(request)
     assert len(answer["peers"]) == MAX_DELTAS
-    empty.take_answer(wire(answer), empty.request())
-    exchange(empty, full)
+    empty.take_answer(wire(answer), request)
+    exchange(empty, full, full=True)
     assert set(empty.membership.peers) == set(full.membership.peers) | {"empty"}
 
 
@@ -220,8 +276,8 @@ def test_the_barrier_counts_ready_peers_not_joins():
     assert not barrier_open(m, 3) and barrier_open(m, 2)
     m.take([PeerInfo("b", "http://b:1", incarnation=1.0, revision=1, phase="ready")])
     assert barrier_open(m, 3)
-    clock.t = 7.0  # a and b died: their readiness no longer counts
-    m.beat()
+    m.declare_dead("a")  # a and b died: their readiness no longer counts
+    m.declare_dead("b")
     assert not barrier_open(m, 2)
     # a run already started opens it whatever the count: a peer training, or past round 0
     m.take([PeerInfo("c", "http://c:1", incarnation=1.0, phase="training")])

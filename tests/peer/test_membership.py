@@ -63,23 +63,34 @@ def test_malformed_tables_change_nothing(bad):
 
 
 def test_failure_detection_timeline():
+    """SWIM: silence is no evidence; a suspicion is, for a window; then dead."""
     clock = Clock()
     m = make(clock)
     m.merge([entry("a", hb=1)])
     assert m.status("a") == "alive" and [p.peer_id for p in m.live_others()] == ["a"]
-    clock.t = 3.5
+    clock.t = 100.0
+    assert m.status("a") == "alive"  # quiet for long: nobody said anything against it
+    assert m.suspect("a") and not m.suspect("a")  # news once
     assert m.status("a") == "suspect" and m.is_alive("a")
-    m.merge([entry("a", hb=2)])  # a heartbeat brings it back
+    m.merge([entry("a", hb=2)])  # a refutation: a larger heartbeat
     assert m.status("a") == "alive"
-    clock.t = 3.5 + 6.0
+    assert not m.suspect("a", heartbeat=1)  # stale: the refutation passed it
+    assert m.suspect("a")
+    clock.t += 2.9
+    assert m.status("a") == "suspect"
+    clock.t += 0.1  # dead_after_s - suspect_after_s = 3 s unrefuted
     assert (
         m.status("a") == "dead"
         and m.live_others() == []
         and all(e["peer_id"] != "a" for e in m.table())
     )
-    clock.t = 100.0
+    clock.t += 600.0
     m.merge([])
     assert "a" not in m.peers
+    m.merge([entry("b", hb=0)])
+    m.suspect("b")
+    m.touch("b")  # it answered us: alive here at once
+    assert m.status("b") == "alive"
 
 
 def test_history_records_losses_per_round():
@@ -101,12 +112,13 @@ def test_dead_peers_are_probed_and_revive_on_a_newer_heartbeat():
     m = make(clock)
     m.merge([entry("a", hb=1), entry("b", hb=1)])
     assert m.probe_target(random.Random(0)) is None  # nobody dead: nothing to probe
-    clock.t = 7.0
+    m.declare_dead("a")
+    m.declare_dead("b")
     assert m.live_others() == [] and m.gossip_targets(3, random.Random(0)) == []
     assert m.probe_target(random.Random(0)).peer_id in ("a", "b")
     m.merge([entry("a", hb=2)])  # the probe's answer carries a newer heartbeat
     assert m.status("a") == "alive" and m.probe_target(random.Random(0)).peer_id == "b"
-    clock.t = 100.0
+    clock.t = 700.0
     m.merge([])
     assert m.probe_target(random.Random(0)) is None  # forgotten peers are not probed
 

@@ -85,9 +85,10 @@ def test_a_lost_stage_is_rebuilt_by_a_standby_and_training_resumes_within_5_s(
 
 @pytest.mark.timeout(240)
 def test_a_peer_joining_a_stage_whose_holder_died_rebuilds_it_from_the_neighbours(corpus, tmp_path):
-    """No standby: stage 2's only peer is SIGKILLed and a new `--stage 2` peer joins while
-    the dead one still looks alive in the table. Its state download from the dead holder
-    fails, it declares it dead and rebuilds the stage (CheckFree); the run finishes."""
+    """No standby: stage 2's only peer is SIGKILLed and a new `--stage 2` peer joins. If
+    the dead one still looks alive in the table, its state download from it fails and it
+    declares it dead; either way it rebuilds the stage (CheckFree) and the run finishes.
+    (SWIM's probes usually hold the dead peer dead before the joiner has started.)"""
     rounds, inner_steps = 4, 15
     flags = [[*STAGE, "--stage", str(k)] for k in range(4)]
     with peer_processes(corpus, tmp_path, rounds, inner_steps, flags, model="tiny-deep") as (
@@ -116,10 +117,7 @@ def test_a_peer_joining_a_stage_whose_holder_died_rebuilds_it_from_the_neighbour
         for i in (0, 1, 3, 4):
             assert procs[i].wait(timeout=180) == 0, (tmp_path / f"peer-{i}.log").read_text()[-3000:]
         log = (tmp_path / "peer-4.log").read_text()
-        assert (
-            "no peer of stage 2 delivered its state" in log
-            and "stage 2 had no live peer: rebuilt it from stages 1 and 3" in log
-        ), log[-3000:]
+        assert "stage 2 had no live peer: rebuilt it from stages 1 and 3" in log, log[-3000:]
         driver = json.loads((tmp_path / "peer-0.json").read_text())
         assert [r["round"] for r in driver["rounds"]] == list(range(1, rounds + 1))
         assert driver["inner_steps_total"] == rounds * inner_steps
