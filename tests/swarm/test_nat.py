@@ -25,10 +25,13 @@ async def api_swarm(url: str) -> dict:
             return await resp.json()
 
 
-async def dashboard(url: str) -> str:
+async def dashboard(url: str, with_csp: bool = False):
     async with aiohttp.ClientSession() as session:
-        async with session.get(url + "/", timeout=aiohttp.ClientTimeout(10)) as resp:
-            return await resp.text()
+        url = url if url.endswith("/") else url + "/"
+        async with session.get(url, timeout=aiohttp.ClientTimeout(10)) as resp:
+            assert resp.status == 200
+            page = await resp.text()
+            return (page, resp.headers.get("Content-Security-Policy", "")) if with_csp else page
 
 
 def round_seconds(peer: Peer) -> float:
@@ -80,6 +83,9 @@ def test_a_replica_behind_nat_trains_through_relays(corpus):
             assert view["behind-nat"]["relayed_by"] == me.relayed_by
             assert view["peer-0"]["relayed_by"] is None
             assert "behind NAT · relayed by peer-" in await dashboard(peers[0].address)
+            # its own dashboard, through its relay (sandboxed: served from the relay's origin)
+            page, csp = await dashboard(me.address + "/", with_csp=True)
+            assert "<code>behind-nat</code> (this peer)" in page and csp.startswith("sandbox")
             print(
                 "\nmedian round: "
                 + ", ".join(f"{p.peer_id} {round_seconds(p):.2f} s" for p in everyone)
