@@ -169,8 +169,8 @@ class NetworkConfig:
 
     def loopback_warning(self) -> str | None:
         """Why others may not reach us: we advertise a loopback address to a run whose
-        bootstrap is elsewhere (None when that is not the case)."""
-        if self.bootstrap is None:
+        bootstrap is elsewhere (None when that is not the case, or with --reachable no)."""
+        if self.bootstrap is None or self.reachable == "no":
             return None
         advertised = urlsplit(self.advertise).hostname if self.advertise else self.listen_host
         what = undialable(advertised or "")
@@ -178,8 +178,8 @@ class NetworkConfig:
             return None
         return (
             f"this peer advertises {what} {advertised} to a swarm at {self.bootstrap}: other "
-            "machines cannot reach it; pass --advertise http://PUBLIC_HOST:PORT (and --listen "
-            "0.0.0.0:PORT)"
+            "machines cannot reach it (it will be reached through relays); pass --advertise "
+            "http://PUBLIC_HOST:PORT (and --listen 0.0.0.0:PORT), or --reachable no"
         )
 
 

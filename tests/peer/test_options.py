@@ -154,6 +154,8 @@ def test_advertising_loopback_to_a_remote_swarm_warns():
     )
     assert NetworkConfig(bootstrap="http://127.0.0.1:7000").loopback_warning() is None
     assert NetworkConfig().loopback_warning() is None
+    # client mode on purpose: nothing to warn about (peer.tunnel)
+    assert NetworkConfig(bootstrap=remote.bootstrap, reachable="no").loopback_warning() is None
     for listen in ("localhost:7000", "[::1]:7000", "127.0.1.1:7000"):
         assert (
             "--advertise"
