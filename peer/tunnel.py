@@ -277,9 +277,13 @@ class RelayTunnel:
         relay = self.membership.peers.get(rid)
         if relay is None:
             return
-        try:
+        try:  # bounded as the relayed request is: a large answer on a slow link takes time
             await self.client.call(
-                relay.address, "POST", "/relay/answer", {"id": request.id, **answer.to_wire()}
+                relay.address,
+                "POST",
+                "/relay/answer",
+                {"id": request.id, **answer.to_wire()},
+                timeout_s=self.protocol.relay_timeout_s,
             )
         except ShoalError as exc:  # its requester gave up, or the relay is gone
             log.info("[%s] answer to relay %s not taken: %s", self.peer_id, rid, exc)
