@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 
 INDIRECT = 2  # peers asked to probe a peer that did not answer us
-ANTI_ENTROPY_BEATS = 10  # at most one digest exchange per this many heartbeats
+ANTI_ENTROPY_BEATS = 3  # at most one anti-entropy comparison per this many heartbeats
 
 
 class MembershipAgent:

@@ -88,11 +88,13 @@ class Membership:
 
     def revise(self, force: bool = False) -> None:
         """Bump our revision if our content changed since the last one (or `force`), or
-        only the traffic counters did and the last revision is `counters_every_s()` old:
-        every revision costs each peer one full entry, so counters alone may cost the swarm
-        only so many."""
-        content = tuple(getattr(self.me, name) for name in _CONTENT)
-        counters = tuple(getattr(self.me, name) for name in _COUNTERS)
+        only the counters did (traffic, training progress, a replica's round:
+        `peerinfo._COUNTERS`) and the last revision is `counters_every_s()` old: every
+        revision costs each peer one full entry and a few news items, so progress may cost
+        the swarm only so many."""
+        soft = ("round",) if self.me.role == "replica" else ()
+        content = tuple(getattr(self.me, name) for name in _CONTENT if name not in soft)
+        counters = tuple(getattr(self.me, name) for name in (*_COUNTERS, *soft))
         now = self.clock()
         if (
             force

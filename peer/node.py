@@ -305,14 +305,14 @@ class Peer:
         await self.thread.close()
         if self.role is not None:
             self.role.close()
-        await asyncio.get_running_loop().run_in_executor(
-            None, self.publisher.close
-        )  # last checkpoint
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.publisher.close)  # last checkpoint
 
     async def run_until_done(self) -> None:
-        """Train until `--rounds` (or forever), then keep serving until every live peer has
-        reached our round (they may still need our set and hash), at most `linger_s`."""
+        """Train until `--rounds` (or forever), then serve until every live peer reached our
+        round (they may need our set and hash), at most `linger_s`; our round is news now."""
         await self.finished.wait()
+        self.membership.revise(force=True)
         if self.error is not None:
             raise RuntimeError(
                 f"peer {self.peer_id} stopped on an error: {self.error}"

@@ -96,7 +96,22 @@ _INTS = {
     "revision",
 }
 # refreshed before every heartbeat; not worth a revision each (see Membership.revise)
-_COUNTERS = ("bytes_sent", "bytes_received", "loop_lag_ms_max")
+# what a peer's training changes all the time: revised at most every counters_every_s()
+# (`Membership.revise`): only the dashboard reads them, and each revision costs every peer a
+# full entry. A replica's round too (a stage's is read by CheckFree's recovery at once)
+_COUNTERS = (
+    "bytes_sent",
+    "bytes_received",
+    "loop_lag_ms_max",
+    "step",
+    "train_loss",
+    "eval_loss",
+    "tokens_per_s",
+    "grad_norm",
+    "weights_hash",
+    "partner",
+    "partner_distance",
+)
 _CONTENT = tuple(
     f.name for f in fields(PeerInfo) if f.name not in {"heartbeat", "revision", "sig", *_COUNTERS}
 )

@@ -24,10 +24,12 @@ class ProtocolConfig:
         kind=float,
     )
     suspect_after_s: float = setting(
-        3.0, "a peer whose heartbeat stalls this long is suspect (still waited for)"
+        3.0,
+        "a peer no probe reached is suspect (still waited for) for dead-after minus this, "
+        "then dead unless it refutes",
     )
     dead_after_s: float = setting(
-        6.0, "a peer whose heartbeat stalls this long is dead: left out of rounds and gossip"
+        6.0, "see --suspect-after; a dead peer is left out of rounds and gossip"
     )
     forget_after_s: float = setting(600.0, "a dead peer is dropped from the table after this long")
     probe_quiet_heartbeats: float = setting(

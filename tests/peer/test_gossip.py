@@ -112,6 +112,9 @@ def test_a_quiet_swarm_costs_the_same_whatever_its_size_and_a_change_one_entry()
     a, b = nodes[0], nodes[1]
     b.membership.me.round, b.membership.me.eval_loss = 3, 2.5
     clock.t = 2.0
+    b.membership.beat()  # progress alone: revised only every counters_every_s()
+    assert b.membership.me.revision == 0
+    b.membership.me.phase = "training"
     b.membership.beat()  # content changed: a new revision, news for b's next messages
     request = wire(b.request())
     assert request["news"] == {"p01": [1.0, 0, 1]}
