@@ -78,7 +78,6 @@ class MembershipAgent:
         self.before_beat = before_beat  # refreshes our entry's counters before each heartbeat
         self._rng = random.Random(secrets.randbits(64))
         self.gossip = Gossip(self.membership, self._rng)
-        self._probe: asyncio.Task | None = None
         self.reachable: bool | None = None  # the dial-back's verdict at join (peer.tunnel)
         self._revive: asyncio.Task | None = None
         self._flood: asyncio.Task | None = None
@@ -124,6 +123,8 @@ class MembershipAgent:
         if entry.pubkey != envelope.key or not self.wire.keybook.check_entry(entry):
             raise AuthError("join entry is not signed by the key that signed the request")
         self.membership.merge([entry.to_wire()])
+        self.gossip.fresh = True  # a join spreads at once
+        self._spread_fresh()
         log.info("[%s] %s joined from %s", self.peer_id, entry.peer_id, entry.address)
         answer = {
             "swarm_id": self.wire.swarm_id,
@@ -180,8 +181,8 @@ class MembershipAgent:
         while True:
             self.beat()
             target = self.membership.next_probe(self._rng)
-            if target is not None and (self._probe is None or self._probe.done()):
-                self._probe = self.tasks.spawn(self.probe(target), name="probe")
+            if target is not None:  # one a heartbeat, whether or not the last has ended
+                self.tasks.spawn(self.probe(target), name="probe")
             dead = self.membership.probe_target(self._rng)
             if dead is not None and (self._revive is None or self._revive.done()):
                 held = [dead.peer_id, dead.incarnation, dead.heartbeat, "dead"]

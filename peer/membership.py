@@ -30,12 +30,13 @@ import msgpack
 
 from shoal.peer.errors import ProtocolError
 from shoal.peer.identity import Identity
-from shoal.peer.peerinfo import _CONTENT, _COUNTERS, PeerInfo, entry_bytes
+from shoal.peer.peerinfo import _CONTENT, _COUNTERS, _PROGRESS, PeerInfo, entry_bytes
 from shoal.peer.suspicion import Suspicions
 
 MAX_ENTRIES = 4096
 MAX_HISTORY_ROUNDS = 1000
 COUNTERS_EVERY_S = 10.0
+PROGRESS_EVERY_S = 1.0
 BUCKETS = 32  # of ids, for anti-entropy (`Membership.table_sums`)
 
 
@@ -72,7 +73,7 @@ class Membership:
         self.last_change: dict[str, float] = {me.peer_id: clock()}  # last heard of alive
         self.changed: list[str] = []  # ids whose entry was news here (`peer.gossip` drains it)
         self.history: dict[str, dict[int, dict[str, float | None]]] = {}
-        self._content = self._counters = None
+        self._content = self._progress = self._counters = None
         self._revised_at = -math.inf
         self._sums: bytes | None = None
         self._ring: list[str] = []
@@ -88,27 +89,37 @@ class Membership:
 
     def revise(self, force: bool = False) -> None:
         """Bump our revision if our content changed since the last one (or `force`), or
-        only the counters did (traffic, training progress, a replica's round:
-        `peerinfo._COUNTERS`) and the last revision is `counters_every_s()` old: every
-        revision costs each peer one full entry and a few news items, so progress may cost
-        the swarm only so many."""
+        only our progress did (`peerinfo._PROGRESS`, a replica's round) and the last
+        revision is `progress_every_s()` old, or only the traffic counters did and it is
+        `counters_every_s()` old: every revision costs each peer a full entry and a few news
+        items, so progress may cost the swarm only so many."""
         soft = ("round",) if self.me.role == "replica" else ()
-        content = tuple(getattr(self.me, name) for name in _CONTENT if name not in soft)
-        counters = tuple(getattr(self.me, name) for name in (*_COUNTERS, *soft))
-        now = self.clock()
+        me = self.me
+        content = tuple(getattr(me, name) for name in _CONTENT if name not in soft)
+        progress = tuple(getattr(me, name) for name in (*_PROGRESS, *soft))
+        counters = tuple(getattr(me, name) for name in _COUNTERS)
+        age = self.clock() - self._revised_at
         if (
             force
             or content != self._content
-            or (counters != self._counters and now - self._revised_at >= self.counters_every_s())
+            or (progress != self._progress and age >= self.progress_every_s())
+            or (counters != self._counters and age >= self.counters_every_s())
         ):
             if self._content is not None:
-                self.me.revision += 1
-                self._note(self.me.peer_id)
-            self._content, self._counters, self._revised_at = content, counters, now
+                me.revision += 1
+                self._note(me.peer_id)
+            self._content, self._progress, self._counters = content, progress, counters
+            self._revised_at = self.clock()
 
     def refute(self, heartbeat: int) -> None:
         """Someone suspects us at `heartbeat`: move ours past it."""
         self.me.heartbeat = max(self.me.heartbeat, heartbeat) + 1
+
+    def progress_every_s(self) -> float:
+        """Least seconds between revisions for progress alone: a second, or half a second
+        per peer known, so that progress costs the swarm at most ~2 revisions a second
+        whatever its size (the dashboard's figures lag more in big swarms)."""
+        return max(PROGRESS_EVERY_S, 0.5 * len(self.peers))
 
     def counters_every_s(self) -> float:
         """Least seconds between revisions for the traffic counters alone: 10 s, or half a

@@ -95,14 +95,12 @@ _INTS = {
     "stage",
     "revision",
 }
-# refreshed before every heartbeat; not worth a revision each (see Membership.revise)
-# what a peer's training changes all the time: revised at most every counters_every_s()
-# (`Membership.revise`): only the dashboard reads them, and each revision costs every peer a
-# full entry. A replica's round too (a stage's is read by CheckFree's recovery at once)
-_COUNTERS = (
-    "bytes_sent",
-    "bytes_received",
-    "loop_lag_ms_max",
+# refreshed before every heartbeat, not worth a revision each (`Membership.revise`): the
+# traffic counters, revised at most every counters_every_s(), and what training moves all
+# the time (a replica's round too: a stage's is read by CheckFree's recovery at once), at
+# most every progress_every_s(); each revision costs every peer a full entry
+_COUNTERS = ("bytes_sent", "bytes_received", "loop_lag_ms_max")
+_PROGRESS = (
     "step",
     "train_loss",
     "eval_loss",
@@ -113,7 +111,9 @@ _COUNTERS = (
     "partner_distance",
 )
 _CONTENT = tuple(
-    f.name for f in fields(PeerInfo) if f.name not in {"heartbeat", "revision", "sig", *_COUNTERS}
+    f.name
+    for f in fields(PeerInfo)
+    if f.name not in {"heartbeat", "revision", "sig", *_COUNTERS, *_PROGRESS}
 )
 _HEX = re.compile(r"[0-9a-f]{64}|[0-9a-f]{128}")
 _SIGNED = tuple(f.name for f in fields(PeerInfo) if f.name not in {"heartbeat", "sig"})
