@@ -69,3 +69,40 @@ def test_a_replica_behind_nat_joins_and_trains(corpus, tmp_path):
     assert sum(r["bytes_received_by_kind"].get("relay", 0) for r in reports[:2]) > 0
     hashes = {r["peer_id"]: r["rounds"][-1]["weights_hash"] for r in reports}
     assert len(set(hashes.values())) == 1, hashes
+
+
+def test_a_pipeline_stage_behind_nat_serves_its_hops(corpus, tmp_path):
+    """The same for a stage peer: stage 1's only peer sits behind the NAT, so every hop of
+    the driver (stage 0) reaches it through the long polls it opened to its relays."""
+    swarm = load("swarm")
+    rounds = 2
+    flags = [
+        *("--model", "tiny", "--inner-steps", "4", "--batch-size", "4", "--seq-len", "32"),
+        *("--inner-lr", "0.003", "--data", corpus, "--threads", "1", "--eval-batches", "2"),
+        *("--heartbeat-interval", "0.5", "--suspect-after", "1.5", "--dead-after", "3"),
+        *("--min-gather-timeout", "8", "--agree-timeout", "3", "--linger", "5"),
+        *("--stages", "2", "--microbatch-size", "2"),
+    ]
+    peer_flags = [
+        ["--role", "replica"],
+        ["--role", "stage", "--stage", "0"],
+        ["--role", "stage", "--stage", "1"],
+    ]
+    reports = swarm.run_swarm(
+        3,
+        ["1gbit"],
+        rounds,
+        tmp_path,
+        flags,
+        timeout_s=150,
+        prefix=PREFIX,
+        peer_flags=peer_flags,
+        nat=[2],
+    )
+    log = (tmp_path / "peer-2.log").read_text()
+    assert "the dial-back failed" in log and "behind NAT: reached at http://10.77.0." in log
+    nat = reports[2]
+    assert nat["bytes_received_by_kind"].get("forward", 0) > 0  # the driver's hops reached it
+    for report in reports:
+        applied = [entry["applied"] for entry in report["rounds"]]
+        assert len(applied) == rounds and all("peer-2" in a for a in applied), applied
