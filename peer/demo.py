@@ -144,7 +144,18 @@ def summarize(values: dict[str, Any], reports: list[dict], wall_s: float) -> dic
         "ddp_over_sent": ddp_bytes / sent if sent else None,
         "final_weights_agree": all(len(h) == 1 for h in final_hashes.values()),
         "wall_seconds": round(wall_s, 1),
+        # each peer process's Ed25519 time against its time from round 0 to its report
+        "identity_share_per_peer": {r["peer_id"]: identity_share(r) for r in reports},
     }
+
+
+def identity_share(report: dict[str, Any]) -> float | None:
+    """The share of a peer's training time (round 0 to its report) spent signing and
+    verifying (`peer.identity.CryptoClock`)."""
+    clock, began = report.get("identity"), report.get("train_started_at")
+    if not clock or began is None or report["finished_at"] <= began:
+        return None
+    return (clock["sign_s"] + clock["verify_s"]) / (report["finished_at"] - began)
 
 
 def run_demo(values: dict[str, Any]) -> int:

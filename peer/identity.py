@@ -27,6 +27,7 @@ import hashlib
 import os
 import re
 import stat
+import time
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -59,14 +60,35 @@ def fingerprint(public_key: bytes) -> str:
     return hashlib.sha256(public_key).hexdigest()[:16]
 
 
+class CryptoClock:
+    """Seconds and counts of this process's Ed25519 work (a peer's `report` carries them:
+    `scripts/bench_outer.py` measures the share of a round they take)."""
+
+    sign_s = verify_s = 0.0
+    signs = verifies = 0
+
+    @classmethod
+    def as_dict(cls) -> dict[str, float]:
+        return {
+            "sign_s": cls.sign_s,
+            "verify_s": cls.verify_s,
+            "signs": cls.signs,
+            "verifies": cls.verifies,
+        }
+
+
 def verify(public_key: bytes, signature: bytes, data: bytes) -> bool:
     """Whether `signature` is `public_key`'s Ed25519 signature of `data`."""
     if len(public_key) != KEY_BYTES or len(signature) != SIG_BYTES:
         return False
+    begin = time.perf_counter()
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, data)
     except (InvalidSignature, ValueError):
         return False
+    finally:
+        CryptoClock.verify_s += time.perf_counter() - begin
+        CryptoClock.verifies += 1
     return True
 
 
@@ -122,7 +144,11 @@ class Identity:
         return cls(Ed25519PrivateKey.from_private_bytes(raw), str(file))
 
     def sign(self, data: bytes) -> bytes:
-        return self._private.sign(data)
+        begin = time.perf_counter()
+        signature = self._private.sign(data)
+        CryptoClock.sign_s += time.perf_counter() - begin
+        CryptoClock.signs += 1
+        return signature
 
     def check_peer_id(self, peer_id: str) -> None:
         """A --peer-id of the derived form must be this key's (IdentityError otherwise)."""

@@ -36,6 +36,7 @@ from shoal.peer.config import PeerConfig
 from shoal.peer.engine import RoundEngine
 from shoal.peer.errors import ConfigMismatch
 from shoal.peer.holders import NEVER, choose_stage
+from shoal.peer.identity import CryptoClock
 from shoal.peer.limits import request_limit_bytes
 from shoal.peer.looplag import LoopLagMonitor
 from shoal.peer.membership import Membership, PeerInfo
@@ -216,13 +217,8 @@ class Peer:
         me.round = me.first_round = self.outer_round
         me.eval_loss = self.engine.initial_eval_loss = await self.thread.run(self.engine.evaluate)
         self.agent.beat()
-        log.info(
-            "[%s] serving %s (swarm %s, round %d)",
-            self.peer_id,
-            self.address,
-            self.wire.swarm_id,
-            self.outer_round,
-        )
+        serving = (self.peer_id, self.address, self.wire.swarm_id, self.outer_round)
+        log.info("[%s] serving %s (swarm %s, round %d)", *serving)
         if config.pipeline.standby:  # tell everyone at once rather than at the next heartbeats
             await self.agent.announce()
         else:
@@ -363,6 +359,7 @@ class Peer:
             "traffic": {"sent": dict(self.traffic.sent), "received": dict(self.traffic.received)},
             "loop_lag_s_max": self.loop_lag.max_lag_s(),
             "task_failures": self.tasks.failures,
+            "identity": CryptoClock.as_dict(),  # this process's signing and verifying
         }
 
     def param_count(self) -> int | None:
@@ -394,6 +391,7 @@ class Peer:
             "stage": self.agent.me.stage if self.agent else None,
             "loop_lag_s_max": self.loop_lag.max_lag_s(),
             "task_failures": self.tasks.failures,
+            "identity": CryptoClock.as_dict(),  # this process's signing and verifying
         }
         if self.role is not None:
             data.update(self.role.report())

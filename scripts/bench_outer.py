@@ -7,7 +7,10 @@ Each method is one real `shoal demo` run: separate peer processes on 127.0.0.1 e
 pseudo-gradients over HTTP. Reports eval loss per round and bytes sent per peer; ratios
 are against the first method listed (the dense baseline) and against what fp32
 data-parallel training would have sent for the same inner steps. Writes JSON and a PNG
-of eval loss against bytes sent.
+of eval loss against bytes sent. "sign+verify" is the largest share of a peer's training
+time (its first inner step to its report) that its process spent in Ed25519 signing and
+verifying, measured by the peers themselves (`peer.identity.CryptoClock`; from the
+process's start, so the join's work counts too).
 """
 
 from __future__ import annotations
@@ -112,6 +115,11 @@ def main() -> int:
                 else None,
                 "ddp_over_sent": s["ddp_over_sent"],
                 "wall_seconds": s["wall_seconds"],
+                # the largest share of a peer's training time spent signing and verifying
+                "identity_share_max": max(
+                    (v for v in s.get("identity_share_per_peer", {}).values() if v is not None),
+                    default=None,
+                ),
             }
         )
     out = Path(args.out)
@@ -133,15 +141,18 @@ def main() -> int:
 
     print(
         f"\n{'method':18s} {'eval loss':>9s} {'vs base':>8s} {'MB/peer':>8s} "
-        f"{'contrib vs base':>15s} {'bits/param':>10s} {'DDP/sent':>9s} {'wall s':>7s}"
+        f"{'contrib vs base':>15s} {'bits/param':>10s} {'DDP/sent':>9s} {'wall s':>7s} "
+        f"{'sign+verify':>11s}"
     )
     for r in rows:
         bits = r["bits_per_param_per_round"]
+        share = r["identity_share_max"]
         print(
             f"{r['method']:18s} {r['eval_loss_last']:9.3f} {r['eval_loss_vs_base']:+8.2%} "
             f"{r['bytes_sent_per_peer'] / 1e6:8.2f} {r['contribution_bytes_vs_base']:15.4f} "
             f"{bits if bits is None else f'{bits:.3f}':>10} "
-            f"{r['ddp_over_sent']:9.1f} {r['wall_seconds']:7.1f}"
+            f"{r['ddp_over_sent']:9.1f} {r['wall_seconds']:7.1f} "
+            f"{'-' if share is None else f'{share:.2%}':>11}"
         )
     print(f"written to {out} and {out.with_suffix('.png')}")
     return 0

@@ -223,3 +223,21 @@ def test_the_public_key_is_under_the_mac():
     headers["X-Shoal-Sig"] = other.sign(data).hex()
     with pytest.raises(AuthError, match="HMAC"):
         codec("server").decode("POST", "/gossip", headers, body)
+
+
+def test_signing_and_verifying_are_timed_for_the_reports():
+    from shoal.peer.demo import identity_share
+    from shoal.peer.identity import CryptoClock, verify
+
+    key = Identity.generate()
+    before = CryptoClock.as_dict()
+    signature = key.sign(b"data")
+    assert verify(bytes.fromhex(key.public_hex), signature, b"data")
+    assert not verify(bytes.fromhex(key.public_hex), signature, b"other")
+    after = CryptoClock.as_dict()
+    assert after["signs"] == before["signs"] + 1 and after["verifies"] == before["verifies"] + 2
+    assert after["sign_s"] > before["sign_s"] and after["verify_s"] > before["verify_s"]
+    report = {"identity": {"sign_s": 0.1, "verify_s": 0.3}, "train_started_at": 100.0}
+    assert identity_share({**report, "finished_at": 120.0}) == pytest.approx(0.02)
+    assert identity_share({**report, "finished_at": 100.0}) is None
+    assert identity_share({"finished_at": 120.0, "train_started_at": None}) is None
