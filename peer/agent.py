@@ -168,7 +168,10 @@ class MembershipAgent:
         if "probe" in payload:
             target = self.membership.peers.get(payload["probe"])
             timeout_s = self.protocol.ping_timeout_s()
-            answer["acked"] = target is not None and await self.gossip_with(target, timeout_s)
+            if target is self.me:  # asked about ourselves: we answer, so we are alive
+                answer["acked"] = True
+            else:
+                answer["acked"] = target is not None and await self.gossip_with(target, timeout_s)
         self._spread_fresh()
         return answer
 

@@ -49,6 +49,7 @@ from shoal.peer.membership import BUCKETS, MAX_ENTRIES, Membership, PeerInfo, bu
 
 MAX_DELTAS = 256  # full entries in one gossip message (~90 KB)
 MAX_PIGGYBACK = 64  # news items, and events, carried by one message
+MAX_HEARTBEAT_STEP = 1 << 20  # an event further ahead of the heartbeat we know is ignored
 _MAX_ID = 128
 _MAX_INT = 2**63
 STANDBY_ROUND = 2**62  # a standby's first_round (`holders.NEVER`; that module needs torch)
@@ -208,12 +209,14 @@ class Gossip:
         m = self.membership
         me = m.me
         for pid, incarnation, heartbeat, state in events:
+            known = me if pid == me.peer_id else m.peers.get(pid)
+            if known is not None and heartbeat > known.heartbeat + MAX_HEARTBEAT_STEP:
+                continue  # no peer refutes that often: a forger pushing it towards 2**63
             if pid == me.peer_id:
                 if state != "alive" and incarnation == me.incarnation and heartbeat >= me.heartbeat:
                     m.refute(heartbeat)
                     self.spread(pid, "alive")
                 continue
-            known = m.peers.get(pid)
             if known is None or known.incarnation != incarnation:
                 continue
             if state == "alive":

@@ -330,3 +330,19 @@ def test_the_agent_waits_at_the_barrier_until_enough_peers_are_ready():
             await lonely.wait_for_peers(3, timeout_s=0.3)
 
     asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_an_event_far_ahead_of_the_known_heartbeat_is_ignored():
+    """A forger cannot push a peer's heartbeat towards 2**63 (where its messages would stop
+    validating) by suspecting it at an absurd heartbeat."""
+    from shoal.peer.gossip import MAX_HEARTBEAT_STEP
+
+    clock = Clock()
+    a, b = node("a", clock), node("b", clock)
+    a.membership.take([replace(b.membership.me)])
+    forged = {"events": [["a", 1.0, 2**62, "suspect"], ["b", 1.0, 2**62, "dead"]], "sum": b""}
+    a.answer(wire(forged))
+    assert a.membership.me.heartbeat == 0 and a.membership.status("b") == "alive"
+    near = {"events": [["a", 1.0, MAX_HEARTBEAT_STEP, "suspect"]], "sum": b""}
+    a.answer(wire(near))
+    assert a.membership.me.heartbeat == MAX_HEARTBEAT_STEP + 1  # refuted

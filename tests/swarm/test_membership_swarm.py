@@ -1,7 +1,9 @@
 """Peers that all stall at once (here: one blocked event loop shared by three in-process
 peers): silence alone is no evidence under SWIM, so nobody is held dead; and peers that do
-hold each other dead (as failed probes leave them) find each other again by probing."""
+hold each other dead (as failed probes leave them) find each other again by probing. A
+false suspicion is refuted by its target before it turns into a death."""
 
+import asyncio
 import time
 
 from conftest import peer_config, run_async, stop_all, wait_until
@@ -37,6 +39,42 @@ def test_peers_that_all_stalled_find_each_other_again(corpus):
                 15,
                 "peers to find each other again",
             )
+        finally:
+            await stop_all(peers)
+
+    run_async(scenario(), 60)
+
+
+def test_a_false_suspicion_is_refuted_before_it_becomes_a_death(corpus):
+    """SWIM over real sockets: peer-0 suspects a live peer and spreads it; the suspect hears
+    of it, refutes with a larger heartbeat, and no peer ever holds it dead."""
+
+    async def scenario():
+        peers = [Peer(peer_config(corpus, "peer-0"))]
+        await peers[0].start(train=False)
+        for i in (1, 2):
+            peer = Peer(peer_config(corpus, f"peer-{i}", bootstrap=peers[0].address))
+            await peer.start(train=False)
+            peers.append(peer)
+        try:
+            await wait_until(
+                lambda: all(len(p.membership.live_others()) == 2 for p in peers),
+                10,
+                "3 peers to see each other",
+            )
+            accuser, suspect = peers[0].agent, peers[2]
+            assert accuser.membership.suspect("peer-2")
+            accuser.gossip.spread("peer-2", "suspect")
+            accuser._spread_fresh(also=accuser.membership.peers["peer-2"])
+            seen_dead = False
+            deadline = time.monotonic() + 2 * peers[0].config.protocol.dead_after_s
+            while time.monotonic() < deadline:
+                seen_dead |= any(p.membership.status("peer-2") == "dead" for p in peers[:2])
+                await asyncio.sleep(0.05)
+            assert not seen_dead
+            assert suspect.membership.me.heartbeat >= 1  # it refuted
+            assert all(p.membership.status("peer-2") == "alive" for p in peers[:2])
+            assert all(p.membership.peers["peer-2"].heartbeat >= 1 for p in peers[:2])
         finally:
             await stop_all(peers)
 
