@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,13 +18,23 @@ import pytest
 WAN = Path(__file__).resolve().parents[2] / "scripts" / "wan"
 PREFIX = "shoalnat"
 
+def namespaces_work() -> bool:
+    """Root, `ip` and `nft`, and a namespace can really be made (a container may refuse)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return False
+    if shutil.which("ip") is None or shutil.which("nft") is None:
+        return False
+    name = f"{PREFIX}-probe{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode == 0
+    if made:
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+    return made
+
+
 pytestmark = pytest.mark.skipif(
-    not hasattr(os, "geteuid")
-    or os.geteuid() != 0
-    or shutil.which("ip") is None
-    or shutil.which("nft") is None,
-    reason="network namespaces and NAT need root, iproute2's ip and nftables' nft "
-    "(apt-get install nftables)",
+    not namespaces_work(),
+    reason="network namespaces and NAT need root, iproute2's ip, nftables' nft "
+    "(apt-get install nftables) and a kernel that lets us make namespaces",
 )
 
 
