@@ -124,7 +124,7 @@ class MembershipAgent:
             raise AuthError("join entry is not signed by the key that signed the request")
         self.membership.merge([entry.to_wire()])
         self.gossip.fresh = True  # a join spreads at once
-        self._spread_fresh()
+        self.spread_fresh()
         log.info("[%s] %s joined from %s", self.peer_id, entry.peer_id, entry.address)
         answer = {
             "swarm_id": self.wire.swarm_id,
@@ -172,7 +172,7 @@ class MembershipAgent:
                 answer["acked"] = True
             else:
                 answer["acked"] = target is not None and await self.gossip_with(target, timeout_s)
-        self._spread_fresh()
+        self.spread_fresh()
         return answer
 
     def beat(self) -> None:
@@ -191,7 +191,7 @@ class MembershipAgent:
                 held = [dead.peer_id, dead.incarnation, dead.heartbeat, "dead"]
                 revive = self.gossip_with(dead, events=[held])
                 self._revive = self.tasks.spawn(revive, name="revive")
-            self._spread_fresh()
+            self.spread_fresh()
             await asyncio.sleep(interval)
 
     async def probe(self, peer: PeerInfo) -> bool:
@@ -209,7 +209,7 @@ class MembershipAgent:
             return any(asked)
         log.info("[%s] %s did not answer a probe: suspect", self.peer_id, peer.peer_id)
         self.gossip.spread(peer.peer_id, "suspect")
-        self._spread_fresh(also=peer)
+        self.spread_fresh(also=peer)
         return False
 
     async def _ask_probe(self, helper: PeerInfo, peer: PeerInfo, timeout_s: float) -> bool:
@@ -224,7 +224,7 @@ class MembershipAgent:
             log.debug("[%s] indirect probe via %s failed: %s", self.peer_id, helper.peer_id, exc)
             return False
 
-    def _spread_fresh(self, also: PeerInfo | None = None) -> None:
+    def spread_fresh(self, also: PeerInfo | None = None) -> None:
         """Something worth spreading at once arrived (`Gossip.fresh`): exchange with
         `gossip_fanout` random live peers (and `also`) now, one such flood at a time."""
         if not self.gossip.fresh or (self._flood is not None and not self._flood.done()):
@@ -259,7 +259,7 @@ class MembershipAgent:
         if self.gossip.sum_differs and now - self._full_at >= every_s:
             self._full_at = now
             await self._anti_entropy(peer, timeout_s)
-        self._spread_fresh()
+        self.spread_fresh()
         return True
 
     async def _anti_entropy(self, peer: PeerInfo, timeout_s: float) -> None:

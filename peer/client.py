@@ -40,6 +40,18 @@ async def off_loop(large: bool, fn: Callable[..., T], *args: Any, **kwargs: Any)
     return await loop.run_in_executor(None, lambda: fn(*args, **kwargs))
 
 
+async def read_capped(resp: aiohttp.ClientResponse, limit: int, where: str) -> list[bytes]:
+    """`resp`'s body in chunks of up to 1 MiB; PayloadTooLarge as soon as it passes `limit`
+    bytes (a declared length is not trusted)."""
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_chunked(1 << 20):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"{where}: response exceeds {limit} bytes")
+        chunks.append(chunk)
+    return chunks
+
+
 class PeerUnreachable(ShoalError):
     """Connection refused, reset or timed out."""
 
@@ -132,12 +144,8 @@ class PeerClient:
                     raise PayloadTooLarge(
                         f"{address}{path}: response of {declared} bytes exceeds {limit}"
                     )
-                chunks, size = [], 0
-                async for chunk in resp.content.iter_chunked(1 << 20):
-                    size += len(chunk)
-                    if size > limit:
-                        raise PayloadTooLarge(f"{address}{path}: response exceeds {limit} bytes")
-                    chunks.append(chunk)
+                chunks = await read_capped(resp, limit, f"{address}{path}")
+                size = sum(map(len, chunks))
                 self.traffic.received[kind] += size
                 answer = _Answer(address, path, resp.status, resp.headers, nonce, joining)
                 if resp.status >= 300:

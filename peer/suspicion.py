@@ -67,7 +67,3 @@ class Suspicions:
     def began(self, peer_id: str) -> float | None:
         entry = self.since.get(peer_id)
         return None if entry is None else entry[0]
-
-    def heartbeat(self, peer_id: str) -> int | None:
-        entry = self.since.get(peer_id)
-        return None if entry is None else entry[1]

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from multidict import CIMultiDict
 
-from shoal.peer.client import PeerClient, PeerUnreachable, Traffic
+from shoal.peer.client import PeerClient, PeerUnreachable, Traffic, read_capped
 from shoal.peer.errors import PayloadTooLarge, ProtocolError, ShoalError
 from shoal.peer.membership import Membership, PeerInfo
 from shoal.peer.protocol_config import ProtocolConfig
@@ -300,13 +300,8 @@ class RelayTunnel:
                 timeout=aiohttp.ClientTimeout(total=self.protocol.relay_timeout_s),
                 allow_redirects=False,
             ) as resp:
-                chunks, size = [], 0
-                async for chunk in resp.content.iter_chunked(1 << 20):
-                    size += len(chunk)
-                    if size > limit:
-                        raise ProtocolError(f"local answer exceeds {limit} bytes")
-                    chunks.append(chunk)
+                chunks = await read_capped(resp, limit, "its own server")
                 return RelayedAnswer(resp.status, relayed_headers(resp.headers), b"".join(chunks))
-        except (TimeoutError, aiohttp.ClientError, OSError, ProtocolError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError, PayloadTooLarge) as exc:
             text = f"peer behind NAT: its own server failed: {type(exc).__name__}: {exc}"
             return RelayedAnswer(502, [("Content-Type", "text/plain")], text.encode())

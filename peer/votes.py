@@ -75,22 +75,27 @@ def hash_answer(round_id: int, weights_hash: str, same_as: bytes | None) -> dict
 
 async def serve_set(store: RoundStore, payload: dict[str, Any]) -> dict[str, Any]:
     """`/round/set`: the set we published for round r, once we have (404 after `wait_s`)."""
-    round_id, wait_s = check_round_request(payload)
-    same_as = check_same_as(payload)
-    peer_ids = await store.wait_for(lambda: store.sets.get(round_id), wait_s)
-    if peer_ids is None:
-        raise NotFound(f"no round-{round_id} set yet")
+    round_id, peer_ids, same_as = await _published(store.sets, store, payload, "set")
     return set_answer(round_id, peer_ids, same_as)
 
 
 async def serve_hash(store: RoundStore, payload: dict[str, Any]) -> dict[str, Any]:
     """`/round/hash`: the weights hash we published for round r (as `serve_set`)."""
+    round_id, weights_hash, same_as = await _published(store.hashes, store, payload, "hash")
+    return hash_answer(round_id, weights_hash, same_as)
+
+
+async def _published(
+    table: dict[int, Any], store: RoundStore, payload: dict[str, Any], what: str
+) -> tuple[int, Any, bytes | None]:
+    """(round, what we published in `table` for it, the asker's `same_as`), waiting for
+    it; NotFound after `wait_s`. The request is checked before any wait."""
     round_id, wait_s = check_round_request(payload)
     same_as = check_same_as(payload)
-    weights_hash = await store.wait_for(lambda: store.hashes.get(round_id), wait_s)
-    if weights_hash is None:
-        raise NotFound(f"no round-{round_id} hash yet")
-    return hash_answer(round_id, weights_hash, same_as)
+    value = await store.wait_for(lambda: table.get(round_id), wait_s)
+    if value is None:
+        raise NotFound(f"no round-{round_id} {what} yet")
+    return round_id, value, same_as
 
 
 def set_request(round_id: int, mine: list[str] | None) -> dict[str, Any]:

@@ -181,7 +181,7 @@ class Sim:
             self.spread(peer, also=target.peer_id)
 
     def spread(self, peer: SimPeer, also: str | None = None) -> None:
-        """`MembershipAgent._spread_fresh`: fresh news to fanout peers at once."""
+        """`MembershipAgent.spread_fresh`: fresh news to fanout peers at once."""
         if not peer.gossip.fresh:
             return
         peer.gossip.fresh = False

@@ -68,14 +68,16 @@ def peer_config(corpus: str, peer_id: str, bootstrap: str | None = None, **kw) -
     return PeerConfig.of(**{**base, **kw})
 
 
-async def start_swarm(corpus: str, n: int, **kw) -> list[Peer]:
+async def start_swarm(corpus: str, n: int, train: bool = True, **kw) -> list[Peer]:
+    """peer-0, then n - 1 peers joining it at once (`train` False: they only serve and
+    gossip)."""
     kw.setdefault("min_peers", n)
     first = Peer(peer_config(corpus, "peer-0", **kw))
-    await first.start()
+    await first.start(train=train)
     rest = [
         Peer(peer_config(corpus, f"peer-{i}", bootstrap=first.address, **kw)) for i in range(1, n)
     ]
-    await asyncio.gather(*(p.start() for p in rest))
+    await asyncio.gather(*(p.start(train=train) for p in rest))
     return [first, *rest]
 
 

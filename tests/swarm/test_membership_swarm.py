@@ -6,20 +6,12 @@ false suspicion is refuted by its target before it turns into a death."""
 import asyncio
 import time
 
-from conftest import peer_config, run_async, stop_all, wait_until
-
-from shoal.peer.node import Peer
+from conftest import run_async, start_swarm, stop_all, wait_until
 
 
 def test_peers_that_all_stalled_find_each_other_again(corpus):
     async def scenario():
-        first = Peer(peer_config(corpus, "peer-0"))
-        await first.start(train=False)
-        peers = [first]
-        for i in (1, 2):
-            peer = Peer(peer_config(corpus, f"peer-{i}", bootstrap=first.address))
-            await peer.start(train=False)
-            peers.append(peer)
+        peers = await start_swarm(corpus, 3, train=False)
         try:
             await wait_until(
                 lambda: all(len(p.membership.live_others()) == 2 for p in peers),
@@ -50,12 +42,7 @@ def test_a_false_suspicion_is_refuted_before_it_becomes_a_death(corpus):
     of it, refutes with a larger heartbeat, and no peer ever holds it dead."""
 
     async def scenario():
-        peers = [Peer(peer_config(corpus, "peer-0"))]
-        await peers[0].start(train=False)
-        for i in (1, 2):
-            peer = Peer(peer_config(corpus, f"peer-{i}", bootstrap=peers[0].address))
-            await peer.start(train=False)
-            peers.append(peer)
+        peers = await start_swarm(corpus, 3, train=False)
         try:
             await wait_until(
                 lambda: all(len(p.membership.live_others()) == 2 for p in peers),
@@ -65,7 +52,7 @@ def test_a_false_suspicion_is_refuted_before_it_becomes_a_death(corpus):
             accuser, suspect = peers[0].agent, peers[2]
             assert accuser.membership.suspect("peer-2")
             accuser.gossip.spread("peer-2", "suspect")
-            accuser._spread_fresh(also=accuser.membership.peers["peer-2"])
+            accuser.spread_fresh(also=accuser.membership.peers["peer-2"])
             seen_dead = False
             deadline = time.monotonic() + 2 * peers[0].config.protocol.dead_after_s
             while time.monotonic() < deadline:
