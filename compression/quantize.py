@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 import numpy as np
+import torch
 
 from .base import Codec, CodecError
 from .packing import pack_bits, packed_nbytes, unpack_bits
@@ -45,71 +46,96 @@ from .packing import pack_bits, packed_nbytes, unpack_bits
 DEFAULT_CHUNK_SIZE = 65536
 _CHUNK_HEADER = struct.Struct("<I")
 _F32_MAX = float(np.finfo(np.float32).max)
-# Work on slabs of about this many elements, so the int64 bin keys and float64 weights that
-# bincount needs stay a few tens of MB even for tensors of hundreds of millions of elements.
-_SLAB_ELEMENTS = 1 << 22
+# Work on blocks of whole chunks of about this many elements (a default int8 chunk: one per
+# block), so that the several passes over each block (centre, σ, scale, clamp, cast, the two
+# bincounts) run in the CPU's cache instead of streaming the tensor from memory each time.
+_BLOCK_ELEMENTS = 1 << 16
 
 
-def _slabs(count: int, chunk_size: int) -> Iterator[tuple[int, int, int, int]]:
+def _blocks(count: int, chunk_size: int) -> Iterator[tuple[int, int, int, int]]:
     """(first chunk, number of chunks, start, stop) over the flat tensor: whole chunks in
-    slabs of about _SLAB_ELEMENTS elements, then the short tail chunk on its own."""
+    blocks of about _BLOCK_ELEMENTS elements (one chunk if larger), then the short tail chunk
+    on its own."""
     n_full = count // chunk_size
-    per_slab = max(1, _SLAB_ELEMENTS // chunk_size)
-    for first in range(0, n_full, per_slab):
-        rows = min(per_slab, n_full - first)
+    per_block = max(1, _BLOCK_ELEMENTS // chunk_size)
+    for first in range(0, n_full, per_block):
+        rows = min(per_block, n_full - first)
         yield first, rows, first * chunk_size, (first + rows) * chunk_size
     if count % chunk_size:
         yield n_full, 1, n_full * chunk_size, count
 
 
 def _quantize_rows(
-    rows: np.ndarray, bits: int, range_sigmas: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Codes (uint8, same shape) and tables (float32, [n_rows, 2**bits]) for chunks as rows."""
-    n_bins = 1 << bits
+    rows: np.ndarray, n_bins: int, range_sigmas: float, codes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Codes for chunks as rows, written into `codes` (uint8, the shape of `rows`), and per
+    row the mean, the bin width and the per-bin sums and counts (`_tables` makes the tables).
+
+    σ is summed in float64 (float32 squares overflow past 1.8e19), numpy's pairwise order:
+    the same bits on every machine (no BLAS, whose order depends on the CPU and threads)."""
     n_rows, width = rows.shape
     mean = rows.mean(axis=1, dtype=np.float64)
     with np.errstate(over="ignore", invalid="ignore"):
         position = rows - mean.astype(np.float32)[:, None]
-        sigma = np.sqrt(np.einsum("ij,ij->i", position, position, dtype=np.float64) / width)
-    codes, bin_width = _codes(
-        position, sigma, range_sigmas, n_bins, lambda per_group: per_group[:, None]
-    )
-    keys = codes.astype(np.intp)
-    keys += (np.arange(n_rows, dtype=np.intp) * n_bins)[:, None]
-    return codes, _bin_means(keys.reshape(-1), rows.reshape(-1), mean, bin_width, n_bins)
+        squares = np.square(position, dtype=np.float64).sum(axis=1)
+    sigma = np.sqrt(squares / width)
+    bin_width = _codes(position, sigma, range_sigmas, n_bins, lambda g: g[:, None], codes)
+    if n_rows == 1:  # one chunk: its codes are its bin keys
+        keys = torch.from_numpy(codes.reshape(-1))
+    else:
+        keys = torch.from_numpy(codes).to(torch.int32)
+        keys += (torch.arange(n_rows, dtype=torch.int32) * n_bins)[:, None]
+    sums, counts = _bin_stats(keys.reshape(-1), rows.reshape(-1), n_rows * n_bins)
+    return mean, bin_width, sums.reshape(n_rows, n_bins), counts.reshape(n_rows, n_bins)
 
 
 def _codes(
-    position: np.ndarray, sigma: np.ndarray, range_sigmas: float, n_bins: int, spread
-) -> tuple[np.ndarray, np.ndarray]:
-    """Bin codes (uint8) of mean-centred float32 values `position` (overwritten), and the bin
-    width per group: 2**bits bins over ±range_sigmas·σ, outliers clamped into the end bins.
-    `spread` maps a per-group array onto the elements (broadcast or repeat).
+    position: np.ndarray,
+    sigma: np.ndarray,
+    range_sigmas: float,
+    n_bins: int,
+    spread: Callable[[np.ndarray], np.ndarray],
+    codes: np.ndarray,
+) -> np.ndarray:
+    """Bin codes of mean-centred float32 values `position` (overwritten), written into
+    `codes` (uint8, same shape): 2**bits bins over ±range_sigmas·σ, outliers clamped into the
+    end bins. Returns the bin width per group. `spread` maps a per-group array onto the
+    elements (broadcast or repeat).
 
     float32 work arrays keep this fast; their precision only moves bin edges, and the table
     is computed from the codes actually assigned, so any assignment decodes consistently.
-    Overflow (|x| near float32 max) gives inf/NaN positions, mapped to valid bins."""
+    The bin is floor(position) clamped to [0, n_bins − 1]: clamping, then truncating in the
+    cast to uint8, gives the same, one pass fewer. Overflow (|x| near float32 max, or a
+    scale beyond float32 for a tiny σ) gives inf/NaN positions, mapped to valid bins."""
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         bin_width = 2.0 * range_sigmas * sigma / n_bins
         scale = np.where(bin_width > 0, 1.0 / bin_width, 0.0).astype(np.float32)
         position *= spread(scale)  # σ = 0: every value sits at the centre bin
         position += n_bins / 2
-        np.floor(position, out=position)
-        # fmax/fmin (not clip) also send NaN (0·inf in degenerate groups) to a valid bin
-        np.fmax(position, 0, out=position)
-        np.fmin(position, n_bins - 1, out=position)
-    return position.astype(np.uint8), bin_width
+        if np.isfinite(sigma).all() and np.isfinite(scale).all():  # every position finite
+            np.clip(position, 0, n_bins - 1, out=position)
+        else:  # fmax/fmin (not clip) also send NaN (0·inf) to a valid bin
+            np.fmax(position, 0, out=position)
+            np.fmin(position, n_bins - 1, out=position)
+    np.copyto(codes, position, casting="unsafe")
+    return bin_width
 
 
-def _bin_means(
-    keys: np.ndarray, values: np.ndarray, mean: np.ndarray, bin_width: np.ndarray, n_bins: int
+def _bin_stats(keys: torch.Tensor, values: np.ndarray, size: int) -> tuple[np.ndarray, ...]:
+    """Per key k < size: the float64 sum of the values with that key, in element order, and
+    their count (torch's bincount: several times numpy's speed on uint8 keys, same sums)."""
+    weights = torch.from_numpy(values).to(torch.float64)
+    sums = torch.bincount(keys, weights, minlength=size).numpy()
+    return sums, torch.bincount(keys, minlength=size).numpy()
+
+
+def _tables(
+    sums: np.ndarray, counts: np.ndarray, mean: np.ndarray, bin_width: np.ndarray
 ) -> np.ndarray:
-    """Per group g and bin b (key = g·n_bins + b), the mean of the values coded there; an
-    empty bin gets its centre mean + (b + 1/2 − n_bins/2)·bin_width (no code refers to it)."""
-    n_groups = mean.size
-    sums = np.bincount(keys, weights=values, minlength=n_groups * n_bins).reshape(n_groups, n_bins)
-    counts = np.bincount(keys, minlength=n_groups * n_bins).reshape(n_groups, n_bins)
+    """Per group g and bin b ([n_groups, n_bins] sums and counts), the mean of the values
+    coded there; an empty bin gets its centre mean + (b + 1/2 − n_bins/2)·bin_width (no code
+    refers to it)."""
+    n_bins = sums.shape[1]
     with np.errstate(over="ignore", invalid="ignore"):
         centres = mean[:, None] + (np.arange(n_bins) + 0.5 - n_bins / 2) * bin_width[:, None]
         table = np.where(counts > 0, sums / np.maximum(counts, 1), centres)
@@ -144,11 +170,12 @@ def quantize_segments(
     with np.errstate(over="ignore", invalid="ignore"):
         position = values - mean.astype(np.float32)[segment]
         sigma = np.sqrt(np.add.reduceat(np.square(position, dtype=np.float64), starts) / lengths)
-    codes, bin_width = _codes(
-        position, sigma, range_sigmas, n_bins, lambda per_group: per_group[segment]
-    )
-    keys = segment * n_bins + codes
-    return _bin_means(keys, values, mean, bin_width, n_bins), codes
+    codes = np.empty(values.size, dtype=np.uint8)
+    bin_width = _codes(position, sigma, range_sigmas, n_bins, lambda g: g[segment], codes)
+    size = lengths.size * n_bins
+    sums, counts = _bin_stats(torch.from_numpy(segment * n_bins + codes), values, size)
+    shape = (lengths.size, n_bins)
+    return _tables(sums.reshape(shape), counts.reshape(shape), mean, bin_width), codes
 
 
 def quantize_chunks(
@@ -161,14 +188,17 @@ def quantize_chunks(
     values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
     n_bins = 1 << bits
     count = values.size
-    table = np.empty((-(-count // chunk_size), n_bins), dtype=np.float32)
+    n_chunks = -(-count // chunk_size)
+    mean, bin_width = np.empty(n_chunks), np.empty(n_chunks)
+    sums, counts = np.empty((n_chunks, n_bins)), np.empty((n_chunks, n_bins), dtype=np.int64)
     codes = np.empty(count, dtype=np.uint8)
-    for first, n_rows, start, stop in _slabs(count, chunk_size):
-        rows = values[start:stop].reshape(n_rows, -1)
-        slab_codes, slab_table = _quantize_rows(rows, bits, range_sigmas)
-        codes[start:stop] = slab_codes.reshape(-1)
-        table[first : first + n_rows] = slab_table
-    return table, codes
+    for first, n_rows, start, stop in _blocks(count, chunk_size):
+        rows = slice(first, first + n_rows)
+        block = values[start:stop].reshape(n_rows, -1)
+        mean[rows], bin_width[rows], sums[rows], counts[rows] = _quantize_rows(
+            block, n_bins, range_sigmas, codes[start:stop].reshape(block.shape)
+        )
+    return _tables(sums, counts, mean, bin_width), codes
 
 
 def dequantize_chunks(table: np.ndarray, codes: np.ndarray, chunk_size: int) -> np.ndarray:
@@ -180,7 +210,7 @@ def dequantize_chunks(table: np.ndarray, codes: np.ndarray, chunk_size: int) -> 
     count = codes.size
     flat_table = np.ascontiguousarray(table, dtype=np.float32).reshape(-1)
     out = np.empty(count, dtype=np.float32)
-    for first, n_rows, start, stop in _slabs(count, chunk_size):
+    for first, n_rows, start, stop in _blocks(count, chunk_size):
         keys = codes[start:stop].reshape(n_rows, -1).astype(np.intp)
         keys += (np.arange(first, first + n_rows, dtype=np.intp) * n_bins)[:, None]
         # mode="clip" skips numpy's buffered bounds check; keys are in range by construction

@@ -55,19 +55,23 @@ class DiLoCo(OuterOptimizer):
 
     def flat_delta(self, local_weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
         self._check_names(list(local_weights), "local weights")
-        return torch.cat(
-            [
-                (outer - local_weights[name].detach().to("cpu", torch.float32)).reshape(-1)
-                for name, outer in self.params.items()
-            ]
-        )
+        flat = torch.empty(sum(p.numel() for p in self.params.values()))
+        start = 0
+        for name, outer in self.params.items():  # θ − θ_local written in place: one pass
+            local = local_weights[name].detach().to("cpu", torch.float32)
+            stop = start + outer.numel()
+            torch.sub(outer.reshape(-1), local.reshape(-1), out=flat[start:stop])
+            start = stop
+        return flat
 
     def apply_mean(self, mean: torch.Tensor | None) -> None:
+        """The outer step with the swarm's mean; `mean` is consumed (its storage becomes the
+        step's scratch space, which saves a model-sized copy)."""
         if mean is None:
             return
-        sizes = [param.numel() for param in self.params.values()]
-        pieces = torch.split(mean, sizes)
-        self.apply([{n: p.view(self.shapes[n]) for n, p in zip(self.params, pieces, strict=True)}])
+        pieces = torch.split(mean, [param.numel() for param in self.params.values()])
+        for (name, param), grad in zip(self.params.items(), pieces, strict=True):
+            self._step(param, self.momentum[name], grad.view(self.shapes[name]))
 
     def apply(self, contributions: Sequence[Tensors]) -> None:
         for name, param in self.params.items():
@@ -79,10 +83,15 @@ class DiLoCo(OuterOptimizer):
             grad = held[0].clone()
             for other in held[1:]:  # fixed order, elementwise: identical on every peer
                 grad.add_(other)
-            grad.mul_(1.0 / len(held))
-            buf = self.momentum[name].mul_(self.config.momentum).add_(grad)
-            update = grad.add_(buf, alpha=self.config.momentum) if self.config.nesterov else buf
-            param.sub_(update, alpha=self.config.lr)
+            if len(held) > 1:  # x · 1.0 is x: skip the pass
+                grad.mul_(1.0 / len(held))
+            self._step(param, self.momentum[name], grad)
+
+    def _step(self, param: torch.Tensor, momentum: torch.Tensor, grad: torch.Tensor) -> None:
+        """SGD with (Nesterov) momentum on one tensor; overwrites `grad`."""
+        buf = momentum.mul_(self.config.momentum).add_(grad)
+        update = grad.add_(buf, alpha=self.config.momentum) if self.config.nesterov else buf
+        param.sub_(update, alpha=self.config.lr)
 
     def state_groups(self) -> dict[str, Tensors]:
         return {"outer/": self.params, "momentum/": self.momentum}

@@ -14,8 +14,8 @@ sets never mix their shards.
    per layout) and averages the shards that arrived by the deadline and decoded, in sorted
    member order (float32, elementwise: the same bits wherever it is computed). The mean is
    re-quantized with the run's codec, as INTELLECT-1 does, and served (`/round/reduced
-   {round, tag, index}` → {contributors, data}); the owner uses the decoded re-quantized
-   values too, so every peer applies the same bits.
+   {round, tag, index}` → {contributors, data}, packed once for every asker); the owner
+   uses the decoded re-quantized values too, so every peer applies the same bits.
 2. **All-gather.** Every peer fetches every other owner's reduced shard and concatenates.
 3. **Fallback.** A shard whose owner is dead, misses the deadline or answers for another
    layout is reduced by the peer itself, from the members' shards, as in step 1: with the
@@ -194,7 +194,10 @@ class ShardedMean:
         owner = layout.owners[index]
         if owner == self.me:
             answer, values = await self._reduce(round_id, layout, index, deadline)
-            self.exchange.store.put_reduced(round_id, layout.tag, index, answer)
+            # packed, compressed and hashed once for the K − 1 peers that fetch it
+            wire = self.exchange.client.wire
+            prepared = await asyncio.get_running_loop().run_in_executor(None, wire.prepare, answer)
+            self.exchange.store.put_reduced(round_id, layout.tag, index, prepared)
             return values, answer["contributors"]
         got = await self._fetch_reduced(round_id, layout, index, deadline)
         if got is not None:

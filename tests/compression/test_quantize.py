@@ -148,3 +148,34 @@ def test_large_tensor_is_fast() -> None:
     start = time.perf_counter()
     codec.decode(codec.encode(original), original.shape)
     assert time.perf_counter() - start < 3.0
+
+
+def reference_chunk(chunk: np.ndarray, bits: int, range_sigmas: float = 6.0):
+    """One chunk quantized the plain way, for comparison with the blocked implementation."""
+    n_bins = 1 << bits
+    mean = chunk.mean(dtype=np.float64)
+    position = chunk - np.float32(mean)
+    sigma = np.sqrt(np.square(position, dtype=np.float64).sum() / chunk.size)
+    width = 2.0 * range_sigmas * sigma / n_bins
+    scale = np.float32(1.0 / width) if width > 0 else np.float32(0.0)
+    codes = np.clip(np.floor(position * scale + n_bins / 2), 0, n_bins - 1).astype(np.uint8)
+    sums = np.bincount(codes, weights=chunk, minlength=n_bins)
+    counts = np.bincount(codes, minlength=n_bins)
+    centres = mean + (np.arange(n_bins) + 0.5 - n_bins / 2) * width
+    return np.where(counts > 0, sums / np.maximum(counts, 1), centres).astype(np.float32), codes
+
+
+@pytest.mark.parametrize(
+    ("bits", "chunk_size", "count"),
+    [(8, 65536, 200_001), (8, 100_000, 250_000), (4, 1000, 70_500), (2, 7, 20_003)],
+)
+def test_blocks_give_the_bits_of_one_chunk_at_a_time(bits, chunk_size, count) -> None:
+    """The quantizer works on cache-sized blocks (one default chunk, or many small chunks at
+    once; a short tail; a chunk larger than a block): the result is bit for bit the plain
+    per-chunk computation, so any peer that re-encodes a mean gets the owner's bytes."""
+    values = (np.random.default_rng(7).standard_normal(count) * 3e-3).astype(np.float32)
+    table, codes = quantize_chunks(values, bits, chunk_size)
+    for row, start in enumerate(range(0, count, chunk_size)):
+        want_table, want_codes = reference_chunk(values[start : start + chunk_size], bits)
+        assert np.array_equal(codes[start : start + chunk_size], want_codes)
+        assert np.array_equal(table[row], want_table)

@@ -109,3 +109,19 @@ def test_stage_slices_average_with_the_full_replicas_same_tensors():
         stage.decode_contribution({**from_full, "c": from_full["a"]})
     with pytest.raises(ValueError, match="no slice"):
         DiLoCo(weights(), config, [["a"]])
+
+
+def test_flat_delta_and_apply_mean_are_apply_of_the_mean():
+    """The reduce-scatter path (one flat vector, stepped in place) takes the same step, bit
+    for bit, as `apply` with that mean as the one contribution."""
+    flat_path = DiLoCo(weights(), OuterConfig(codec="fp32", lr=0.7, momentum=0.9))
+    dict_path = DiLoCo(weights(), OuterConfig(codec="fp32", lr=0.7, momentum=0.9))
+    for seed in (1, 2):  # twice: the second step uses the momentum of the first
+        local = weights(seed)
+        flat = flat_path.flat_delta(local)
+        deltas = {n: flat_path.params[n] - local[n] for n in local}
+        assert torch.equal(flat, torch.cat([deltas[n].reshape(-1) for n in flat_path.params]))
+        flat_path.apply_mean(flat)
+        dict_path.apply([deltas])
+        assert flat_path.weights_hash() == dict_path.weights_hash()
+    assert all(torch.equal(flat_path.momentum[n], dict_path.momentum[n]) for n in local)
