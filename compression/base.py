@@ -36,6 +36,7 @@ import torch
 
 MAGIC = 0x5C
 HEADER = struct.Struct("<BBBQI")  # magic, codec id, version, element count, crc32
+Body = bytes | Sequence[bytes | bytearray | memoryview | np.ndarray]  # see `seal`
 _CRC_OFFSET = HEADER.size - 4
 
 # codec id -> name, filled as codec classes are defined; used to name the codec a payload
@@ -75,12 +76,16 @@ def payload_bytes(payload: object) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
-def seal(header: struct.Struct, fields: Sequence[int], body: bytes) -> bytes:
+def seal(header: struct.Struct, fields: Sequence[int], body: Body) -> bytes:
     """A payload: `header` packed from `fields` and a CRC32, its last field (u32), over the
-    header's other bytes and `body`; then `body`."""
+    header's other bytes and `body`; then `body` (bytes, or bytes-like parts to concatenate:
+    they are copied once, here)."""
+    parts = [body] if isinstance(body, bytes | bytearray | memoryview) else list(body)
     prefix = header.pack(*fields, 0)[: header.size - 4]
-    crc = zlib.crc32(body, zlib.crc32(prefix))
-    return b"".join((prefix, struct.pack("<I", crc), body))
+    crc = zlib.crc32(prefix)
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return b"".join((prefix, struct.pack("<I", crc), *parts))
 
 
 def open_header(
@@ -196,8 +201,9 @@ class Codec(ABC):
         return check_crc(data, HEADER, crc, self.name)
 
     @abstractmethod
-    def _encode_values(self, values: np.ndarray) -> bytes:
-        """Body bytes for a flat, finite float32 array."""
+    def _encode_values(self, values: np.ndarray) -> Body:
+        """Body bytes for a flat, finite float32 array (or its consecutive parts, any
+        bytes-like objects: `seal` joins them, saving a copy of a large body)."""
 
     @abstractmethod
     def _decode_values(self, body: memoryview, count: int) -> np.ndarray:

@@ -211,6 +211,10 @@ def dequantize_chunks(table: np.ndarray, codes: np.ndarray, chunk_size: int) -> 
     flat_table = np.ascontiguousarray(table, dtype=np.float32).reshape(-1)
     out = np.empty(count, dtype=np.float32)
     for first, n_rows, start, stop in _blocks(count, chunk_size):
+        if n_rows == 1:  # one chunk: its codes index its own table row
+            row = flat_table[first * n_bins : (first + 1) * n_bins]
+            np.take(row, codes[start:stop], out=out[start:stop], mode="clip")
+            continue
         keys = codes[start:stop].reshape(n_rows, -1).astype(np.intp)
         keys += (np.arange(first, first + n_rows, dtype=np.intp) * n_bins)[:, None]
         # mode="clip" skips numpy's buffered bounds check; keys are in range by construction
@@ -246,15 +250,10 @@ class QuantizeCodec(Codec):
         self.chunk_size = chunk_size
         self.range_sigmas = float(range_sigmas)
 
-    def _encode_values(self, values: np.ndarray) -> bytes:
+    def _encode_values(self, values: np.ndarray) -> list[bytes | np.ndarray]:
         table, codes = quantize_chunks(values, self.bits, self.chunk_size, self.range_sigmas)
-        return b"".join(
-            (
-                _CHUNK_HEADER.pack(self.chunk_size),
-                table.astype("<f4").tobytes(),
-                pack_bits(codes, self.bits),
-            )
-        )
+        packed = codes if self.bits == 8 else pack_bits(codes, self.bits)  # 8 bits: as they are
+        return [_CHUNK_HEADER.pack(self.chunk_size), table.astype("<f4"), packed]
 
     def _decode_values(self, body: memoryview, count: int) -> np.ndarray:
         if len(body) < _CHUNK_HEADER.size:

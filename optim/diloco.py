@@ -12,12 +12,29 @@ is elementwise and in a fixed order: bit-identical on every peer.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
 from shoal.compression import get_codec
 from shoal.optim.outer import ContributionError, OuterConfig, OuterOptimizer, Tensors
+
+
+def overlaps(
+    sizes_a: Sequence[int], sizes_b: Sequence[int]
+) -> Iterator[tuple[int, int, int, int, int]]:
+    """Two partitions of one flat vector into consecutive parts: (part of a, part of b,
+    offset in that a part, offset in that b part, length) for every non-empty overlap."""
+    i = j = at_i = at_j = 0
+    while i < len(sizes_a) and j < len(sizes_b):
+        length = min(sizes_a[i] - at_i, sizes_b[j] - at_j)
+        if length > 0:
+            yield i, j, at_i, at_j, length
+        at_i, at_j = at_i + length, at_j + length
+        if at_i == sizes_a[i]:
+            i, at_i = i + 1, 0
+        if at_j == sizes_b[j]:
+            j, at_j = j + 1, 0
 
 
 class DiLoCo(OuterOptimizer):
@@ -64,14 +81,26 @@ class DiLoCo(OuterOptimizer):
             start = stop
         return flat
 
-    def apply_mean(self, mean: torch.Tensor | None) -> None:
-        """The outer step with the swarm's mean; `mean` is consumed (its storage becomes the
-        step's scratch space, which saves a model-sized copy)."""
+    def apply_mean(self, mean: torch.Tensor | Sequence[torch.Tensor] | None) -> None:
+        """The outer step with the swarm's mean, flat like `flat_delta`, whole or as
+        consecutive pieces (reduce-scatter's shards: no model-sized concatenation). The mean
+        is consumed: its storage is the step's scratch space."""
         if mean is None:
             return
-        pieces = torch.split(mean, [param.numel() for param in self.params.values()])
-        for (name, param), grad in zip(self.params.items(), pieces, strict=True):
-            self._step(param, self.momentum[name], grad.view(self.shapes[name]))
+        pieces = [mean] if isinstance(mean, torch.Tensor) else list(mean)
+        sizes, piece_sizes = [p.numel() for p in self.params.values()], [p.numel() for p in pieces]
+        if sum(piece_sizes) != sum(sizes):
+            raise ValueError(f"the mean has {sum(piece_sizes)} elements, want {sum(sizes)}")
+        params = list(self.params.items())
+        flat = [piece.reshape(-1) for piece in pieces]
+        # the step is elementwise: stepping each overlap of a tensor and a piece steps it all
+        for i, j, at_i, at_j, length in overlaps(sizes, piece_sizes):
+            name, param = params[i]
+            self._step(
+                param.view(-1)[at_i : at_i + length],
+                self.momentum[name].view(-1)[at_i : at_i + length],
+                flat[j][at_j : at_j + length],
+            )
 
     def apply(self, contributions: Sequence[Tensors]) -> None:
         for name, param in self.params.items():

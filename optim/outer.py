@@ -140,9 +140,10 @@ class OuterOptimizer(ABC):
         """The pseudo-gradient θ − θ_local as one flat float32 vector (reducible only)."""
         raise NotImplementedError(f"{type(self).__name__} is not reducible")
 
-    def apply_mean(self, mean: torch.Tensor | None) -> None:
+    def apply_mean(self, mean: torch.Tensor | Sequence[torch.Tensor] | None) -> None:
         """Step the outer weights with the swarm's mean pseudo-gradient, flat like
-        `flat_delta` (reducible only); None: nobody's, θ and the state stay as they are."""
+        `flat_delta`, whole or as consecutive pieces (reducible only); None: nobody's, θ and
+        the state stay as they are."""
         raise NotImplementedError(f"{type(self).__name__} is not reducible")
 
     @property

@@ -146,7 +146,9 @@ class StreamingDiLoCo(OuterOptimizer):
         self._check_names(list(local_weights), "local weights")
         return self._gather(self.params) - self._gather(local_weights)
 
-    def apply_mean(self, mean: torch.Tensor | None) -> None:
+    def apply_mean(self, mean: torch.Tensor | Sequence[torch.Tensor] | None) -> None:
+        if mean is not None and not isinstance(mean, torch.Tensor):
+            mean = torch.cat(list(mean))
         self.apply([] if mean is None else [mean])
 
     def apply(self, contributions: Sequence[torch.Tensor]) -> None:

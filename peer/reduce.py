@@ -170,10 +170,11 @@ class ShardedMean:
 
     async def mean(
         self, round_id: int, members: list[str], timeout_s: float, shard_elements: int
-    ) -> tuple[torch.Tensor | None, list[str]]:
-        """The mean over `members` (agreed) of their round-r pseudo-gradients, and the members
-        whose pseudo-gradient is in every shard of it (a member whose shard did not reach an
-        owner is left out of that shard only); None if there are no members."""
+    ) -> tuple[list[torch.Tensor] | None, list[str]]:
+        """The mean over `members` (agreed) of their round-r pseudo-gradients, as its shards
+        in order (`OuterOptimizer.apply_mean` takes them without a model-sized concatenation),
+        and the members whose pseudo-gradient is in every shard of it (a member whose shard did
+        not reach an owner is left out of that shard only); None if there are no members."""
         if not members:  # every set refused, ours included: nothing to average
             return None, []
         store, loop = self.exchange.store, asyncio.get_running_loop()
@@ -185,8 +186,7 @@ class ShardedMean:
             *(self._shard(round_id, layout, i, deadline) for i in range(layout.k))
         )
         applied = set(members).intersection(*(contributors for _, contributors in shards))
-        pieces = [values for values, _ in shards]
-        return await loop.run_in_executor(None, torch.cat, pieces), sorted(applied)
+        return [values for values, _ in shards], sorted(applied)
 
     async def _shard(
         self, round_id: int, layout: Layout, index: int, deadline: float

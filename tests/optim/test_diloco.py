@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from shoal.optim.diloco import DiLoCo
+from shoal.optim.diloco import DiLoCo, overlaps
 from shoal.optim.outer import ContributionError, OuterConfig, weights_hash
 
 
@@ -125,3 +125,27 @@ def test_flat_delta_and_apply_mean_are_apply_of_the_mean():
         dict_path.apply([deltas])
         assert flat_path.weights_hash() == dict_path.weights_hash()
     assert all(torch.equal(flat_path.momentum[n], dict_path.momentum[n]) for n in local)
+
+
+def test_overlaps_of_two_partitions():
+    assert list(overlaps([3, 0, 5], [2, 6])) == [(0, 0, 0, 0, 2), (0, 1, 2, 0, 1), (2, 1, 0, 1, 5)]
+    assert list(overlaps([4], [4])) == [(0, 0, 0, 0, 4)]
+    assert list(overlaps([], [])) == []
+
+
+def test_apply_mean_takes_the_mean_in_shards():
+    """Reduce-scatter hands the mean over as its shards, whose borders cut across tensors:
+    the step equals the step with the whole vector, and is the same bits on every peer."""
+    config = OuterConfig(codec="fp32", lr=0.7, momentum=0.9)
+    whole, sharded, again = (DiLoCo(weights(), config) for _ in range(3))
+    for seed in (1, 2):
+        flat = whole.flat_delta(weights(seed))
+        cuts = [0, 50, 128, 129, flat.numel()]  # "a" has 128 elements, "b" 33
+        whole.apply_mean(flat.clone())
+        for outer in (sharded, again):
+            outer.apply_mean([flat[a:b].clone() for a, b in zip(cuts, cuts[1:], strict=False)])
+    assert sharded.weights_hash() == again.weights_hash()
+    for name, param in whole.params.items():
+        torch.testing.assert_close(sharded.params[name], param, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="elements"):
+        whole.apply_mean([flat[:10]])
