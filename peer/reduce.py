@@ -14,7 +14,8 @@ sets never mix their shards.
    per layout) and averages the shards that arrived by the deadline and decoded, in sorted
    member order (float32, elementwise: the same bits wherever it is computed). The mean is
    re-quantized with the run's codec, as INTELLECT-1 does, and served (`/round/reduced
-   {round, tag, index}` → {contributors, data}, packed once for every asker); the owner
+   {round, tag, index}` → {missing, data}: the members whose shard is not in it, usually
+   none, so the answer does not grow with the swarm; packed once for every asker); the owner
    uses the decoded re-quantized values too, so every peer applies the same bits.
 2. **All-gather.** Every peer fetches every other owner's reduced shard and concatenates.
 3. **Fallback.** A shard whose owner is dead, misses the deadline or answers for another
@@ -101,6 +102,11 @@ class OwnDelta:
             start, stop = shard_range(self.flat.numel(), k, index)
             self._encoded[key] = self.encode(self.flat[start:stop])
         return self._encoded[key]
+
+
+def contributors(layout: Layout, missing: list[str]) -> list[str]:
+    """The members whose shard is in a reduced shard that lacks `missing`."""
+    return [m for m in layout.members if m not in set(missing)]
 
 
 def _layout_request(payload: dict[str, Any]) -> tuple[int, int]:
@@ -198,7 +204,7 @@ class ShardedMean:
             wire = self.exchange.client.wire
             prepared = await asyncio.get_running_loop().run_in_executor(None, wire.prepare, answer)
             self.exchange.store.put_reduced(round_id, layout.tag, index, prepared)
-            return values, answer["contributors"]
+            return values, contributors(layout, answer["missing"])
         got = await self._fetch_reduced(round_id, layout, index, deadline)
         if got is not None:
             return got
@@ -214,7 +220,7 @@ class ShardedMean:
         loop = asyncio.get_running_loop()
         late = max(deadline, loop.time() + self.exchange.protocol.agree_timeout_s)
         answer, values = await self._reduce(round_id, layout, index, late)
-        return values, answer["contributors"]
+        return values, contributors(layout, answer["missing"])
 
     async def _fetch_reduced(
         self, round_id: int, layout: Layout, index: int, deadline: float
@@ -228,19 +234,19 @@ class ShardedMean:
         answer = await self.exchange.poll(owner, "/round/reduced", request, late, wait=True)
         if answer is None:
             return None
-        contributors, data = answer.get("contributors"), answer.get("data")
+        missing, data = answer.get("missing"), answer.get("data")
         start, stop = layout.range(index)
         problem = None
         if answer.get("tag") != layout.tag or answer.get("index") != index:
             problem = "names another shard"
-        elif not (isinstance(contributors, list) and set(contributors) <= set(layout.members)):
-            problem = "contributors are not members of the round"
-        elif not contributors or not isinstance(data, bytes):
+        elif not (isinstance(missing, list) and set(missing) <= set(layout.members)):
+            problem = "its missing contributors are not members of the round"
+        elif len(set(missing)) == len(layout.members) or not isinstance(data, bytes):
             problem = "holds no data"
         else:
             try:
                 values = await self._decode(data, stop - start)
-                return values, sorted(contributors)
+                return values, contributors(layout, missing)
             except ValueError as exc:
                 problem = str(exc)
         log.warning(
@@ -275,7 +281,7 @@ class ShardedMean:
             "round": round_id,
             "tag": layout.tag,
             "index": index,
-            "contributors": [m for m, _ in held],
+            "missing": sorted(set(layout.members) - {m for m, _ in held}),
             "data": data,
         }
         return answer, values

@@ -162,7 +162,7 @@ def test_owner_mean_drops_unusable_shards_and_is_the_same_bits_anywhere():
     async def scenario():
         honest = {m: serving(m) for m in members}
         answer, values = await owner_mean("b", honest)
-        assert answer["contributors"] == members
+        assert answer["missing"] == []
         start, stop = shard_range(40, 4, 1)
         exact = torch.stack([flats[m][start:stop] for m in members]).mean(0)
         assert torch.allclose(values, exact, atol=0.05)
@@ -172,9 +172,37 @@ def test_owner_mean_drops_unusable_shards_and_is_the_same_bits_anywhere():
         # a wrong-sized shard and a corrupt one are dropped, the rest averaged
         bad = {**honest, "a": serving("a", "count"), "c": serving("c", "nan")}
         answer, _ = await owner_mean("b", bad)
-        assert answer["contributors"] == ["b", "d"]
+        assert answer["missing"] == ["a", "c"]
 
     asyncio.run(scenario())
+
+
+def test_a_reduced_shard_names_only_its_missing_members_and_is_checked():
+    """`/round/reduced` lists the members whose shard is not in the mean (none, normally:
+    the answer does not grow with the swarm); a list naming strangers, or every member, is
+    refused and the shard is reduced elsewhere."""
+    members = ["a", "b", "c", "d"]
+    layout = Layout.of(members, 40, 0, shard_elements=10)
+    start, stop = layout.range(2)
+    data = encode(torch.arange(stop - start, dtype=torch.float32))
+
+    def fetch(missing):
+        def answer(request):
+            return {**request, "missing": missing, "data": data}
+
+        async def scenario():
+            sharded = ShardedMean(FakeExchange("a", {layout.owners[2]: answer}), encode, decode)
+            deadline = asyncio.get_running_loop().time() + 1
+            return await sharded._fetch_reduced(0, layout, 2, deadline)
+
+        return asyncio.run(scenario())
+
+    values, contributors = fetch([])
+    assert contributors == members and torch.equal(values, decode(data, stop - start))
+    assert fetch(["c"])[1] == ["a", "b", "d"]
+    assert fetch(["c", "x"]) is None  # a stranger
+    assert fetch(members) is None  # nobody's shard: no data
+    assert fetch("c") is None  # not a list
 
 
 def test_the_store_keeps_two_rounds_of_pseudo_gradients():
