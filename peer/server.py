@@ -21,8 +21,8 @@ text), so a client can tell a peer's refusal from a forged one (`peer.client`).
     POST /round/shard         {round, k, index, wait_s}
                                                      → {round, peer, k, index, data} | 404
     POST /round/reduced       {round, tag, index, wait_s}
-                                                     → {round, tag, index, contributors,
-                                                        data} | 404 | 410   (peer.reduce)
+                                                     → {round, tag, index, missing, data}
+                                                        | 404 | 410   (peer.reduce)
     POST /round/set           {round, wait_s[, same_as]}
                                                      → {round, peers} | {round, same: true}
                                                         | 404   (peer.votes)

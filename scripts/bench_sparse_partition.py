@@ -152,7 +152,7 @@ def envelope_nbytes(peers: int) -> dict[str, int]:
             "round": 1234,
             "tag": "0123456789abcdef",
             "index": 3,
-            "contributors": members,
+            "missing": [],  # the members whose shard is not in it (peer.reduce)
             "data": b"\0",
         },
     }
