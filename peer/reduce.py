@@ -17,7 +17,9 @@ sets never mix their shards.
    {round, tag, index}` → {missing, data}: the members whose shard is not in it, usually
    none, so the answer does not grow with the swarm; packed once for every asker); the owner
    uses the decoded re-quantized values too, so every peer applies the same bits.
-2. **All-gather.** Every peer fetches every other owner's reduced shard and concatenates.
+2. **All-gather.** Every peer fetches every other owner's reduced shard and hands the K
+   shards, in order, to the outer step (`apply_mean`), which takes them without
+   concatenating.
 3. **Fallback.** A shard whose owner is dead, misses the deadline or answers for another
    layout is reduced by the peer itself, from the members' shards, as in step 1: with the
    same contributors that gives the owner's bits; a difference (a member that reached the
