@@ -206,9 +206,10 @@ class Peer:
         if self.device.type == "cuda":  # the outer state stays in CPU memory, pinned
             await self.thread.run(self.engine.outer.pin_memory)
         log.info("[%s] memory plan:\n%s", self.peer_id, format_plan(self._memory_plan()))
-        # the run has moved on from the shared initial weights, or they are --init-from's
-        # files, which this peer does not have
-        if joined_round > 0 or (config.run.init is not None and config.files.init_from is None):
+        # the run has moved on from the shared initial weights (a standby's gossiped view of
+        # the round lags: it always asks), or they are --init-from's files, which we lack
+        moved_on = joined_round > 0 or config.pipeline.standby
+        if moved_on or (config.run.init is not None and config.files.init_from is None):
             await self.engine.catch_up()
         else:
             self.engine.publish_snapshot(await self.thread.run(self.engine.snapshot))

@@ -137,12 +137,19 @@ class StageRecovery:
             reported = [p.grad_norm for p in sources if p.grad_norm is not None]
             norms[neighbour] = sum(reported) / len(reported) if reported else None
             round_id = max(round_id, got_round)
+        step = max(p.step for p in serving if p.stage in neighbours)  # no second warmup
+        if round_id == 0:  # lost before the first outer step: its initial weights are exact
+            await restart(0, dict(initial), self.run.inner, step)
+            log.warning(
+                "[%s] stage %d lost in round 0: restarted it from the run's initial weights",
+                self.peer_id,
+                stage,
+            )
+            return False
         prev, nxt = stage - 1, stage + 1
         rebuilt = rebuild_stage(
             self.plan, stage, weights.get(prev), weights.get(nxt), norms.get(prev), norms.get(nxt)
         )
-        # the run's inner step: no second warmup
-        step = max(p.step for p in serving if p.stage in neighbours)
         await restart(round_id, rebuilt, recovered_inner_config(self.run.inner), step)
         log.warning(
             "[%s] stage %d had no live peer: rebuilt it from stage%s %s (CheckFree%s, gradient "
