@@ -30,7 +30,13 @@ import msgpack
 
 from shoal.peer.errors import ProtocolError
 from shoal.peer.identity import Identity
-from shoal.peer.peerinfo import _CONTENT, _COUNTERS, _PROGRESS, PeerInfo, entry_bytes
+from shoal.peer.peerinfo import (
+    CONTENT_FIELDS,
+    COUNTER_FIELDS,
+    PROGRESS_FIELDS,
+    PeerInfo,
+    entry_bytes,
+)
 from shoal.peer.suspicion import Suspicions
 
 MAX_ENTRIES = 4096
@@ -89,15 +95,15 @@ class Membership:
 
     def revise(self, force: bool = False) -> None:
         """Bump our revision if our content changed since the last one (or `force`), or
-        only our progress did (`peerinfo._PROGRESS`, a replica's round) and the last
+        only our progress did (`peerinfo.PROGRESS_FIELDS`, a replica's round) and the last
         revision is `progress_every_s()` old, or only the traffic counters did and it is
         `counters_every_s()` old: every revision costs each peer a full entry and a few news
         items, so progress may cost the swarm only so many."""
         soft = ("round",) if self.me.role == "replica" else ()
         me = self.me
-        content = tuple(getattr(me, name) for name in _CONTENT if name not in soft)
-        progress = tuple(getattr(me, name) for name in (*_PROGRESS, *soft))
-        counters = tuple(getattr(me, name) for name in _COUNTERS)
+        content = tuple(getattr(me, name) for name in CONTENT_FIELDS if name not in soft)
+        progress = tuple(getattr(me, name) for name in (*PROGRESS_FIELDS, *soft))
+        counters = tuple(getattr(me, name) for name in COUNTER_FIELDS)
         age = self.clock() - self._revised_at
         if (
             force

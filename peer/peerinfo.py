@@ -99,8 +99,8 @@ _INTS = {
 # traffic counters, revised at most every counters_every_s(), and what training moves all
 # the time (a replica's round too: a stage's is read by CheckFree's recovery at once), at
 # most every progress_every_s(); each revision costs every peer a full entry
-_COUNTERS = ("bytes_sent", "bytes_received", "loop_lag_ms_max")
-_PROGRESS = (
+COUNTER_FIELDS = ("bytes_sent", "bytes_received", "loop_lag_ms_max")
+PROGRESS_FIELDS = (
     "step",
     "train_loss",
     "eval_loss",
@@ -110,10 +110,10 @@ _PROGRESS = (
     "partner",
     "partner_distance",
 )
-_CONTENT = tuple(
+CONTENT_FIELDS = tuple(
     f.name
     for f in fields(PeerInfo)
-    if f.name not in {"heartbeat", "revision", "sig", *_COUNTERS, *_PROGRESS}
+    if f.name not in {"heartbeat", "revision", "sig", *COUNTER_FIELDS, *PROGRESS_FIELDS}
 )
 _HEX = re.compile(r"[0-9a-f]{64}|[0-9a-f]{128}")
 _SIGNED = tuple(f.name for f in fields(PeerInfo) if f.name not in {"heartbeat", "sig"})
