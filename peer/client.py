@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from shoal.peer.bodies import read_capped
 from shoal.peer.envelope import H_NONCE, NO_SWARM, Fields, VersionMismatch, response_path
 from shoal.peer.errors import PayloadTooLarge, ShoalError, error_for_status
 from shoal.peer.wire import Envelope, PreparedBody, WireCodec
@@ -38,18 +39,6 @@ async def off_loop(large: bool, fn: Callable[..., T], *args: Any, **kwargs: Any)
         return fn(*args, **kwargs)
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(None, lambda: fn(*args, **kwargs))
-
-
-async def read_capped(resp: aiohttp.ClientResponse, limit: int, where: str) -> list[bytes]:
-    """`resp`'s body in chunks of up to 1 MiB; PayloadTooLarge as soon as it passes `limit`
-    bytes (a declared length is not trusted)."""
-    chunks, size = [], 0
-    async for chunk in resp.content.iter_chunked(1 << 20):
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"{where}: response exceeds {limit} bytes")
-        chunks.append(chunk)
-    return chunks
 
 
 class PeerUnreachable(ShoalError):
@@ -144,7 +133,7 @@ class PeerClient:
                     raise PayloadTooLarge(
                         f"{address}{path}: response of {declared} bytes exceeds {limit}"
                     )
-                chunks = await read_capped(resp, limit, f"{address}{path}")
+                chunks = await read_capped(resp.content, limit, f"{address}{path}: response")
                 size = sum(map(len, chunks))
                 self.traffic.received[kind] += size
                 answer = _Answer(address, path, resp.status, resp.headers, nonce, joining)

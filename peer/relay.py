@@ -52,6 +52,7 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
+from shoal.peer.bodies import read_capped, write_stepped
 from shoal.peer.client import Traffic
 from shoal.peer.envelope import show
 from shoal.peer.errors import NotFound, PayloadTooLarge, ProtocolError, Unavailable
@@ -66,7 +67,6 @@ HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,64}")
 HEADER_VALUE = re.compile(r"[\x20-\x7e]{0,512}")  # printable ASCII: no CR/LF, no surrogates
 PATH = re.compile(r"/[A-Za-z0-9._~:@+/-]{0,255}")  # our routes and peer ids, nothing else
 REQUEST_ID = re.compile(r"[0-9a-f]{32}")
-WRITE_STEP_BYTES = 1 << 20
 # an answer is the peer behind's, served from our origin: nothing in it may run as ours
 RELAYED_SAFETY = {
     "X-Content-Type-Options": "nosniff",
@@ -328,13 +328,7 @@ class RelayHub:
         response = web.StreamResponse(
             status=answer.status, headers=CIMultiDict([*answer.headers, *RELAYED_SAFETY.items()])
         )
-        response.content_length = len(answer.body)
-        await response.prepare(request)
-        view = memoryview(answer.body)  # a megabyte at a time, waiting for the socket
-        for start in range(0, len(view), WRITE_STEP_BYTES):
-            await response.write(view[start : start + WRITE_STEP_BYTES])
-        await response.write_eof()
-        return response
+        return await write_stepped(request, response, answer.body)
 
     def _expire(self) -> None:
         """Drop clients that stopped polling; their waiting requesters get 503 now."""
@@ -356,10 +350,4 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     declared = request.content_length
     if declared is not None and declared > limit:
         raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit}")
-    chunks, size = [], 0
-    async for chunk in request.content.iter_chunked(WRITE_STEP_BYTES):
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return b"".join(await read_capped(request.content, limit, "body"))

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from shoal.peer.bodies import STEP_BYTES, write_stepped
 from shoal.peer.client import Traffic, off_loop
 from shoal.peer.dashboard import render_html
 from shoal.peer.envelope import parse_fields, response_path
@@ -71,7 +72,6 @@ REPLAY: web.AppKey[ReplayCache] = web.AppKey("replay")
 # Set on every request to an RPC route: the nonce its answer echoes (None until parsed).
 ANSWER_NONCE: web.RequestKey[str | None] = web.RequestKey("answer_nonce")
 # Second line of defence behind the dashboard's escaping: nothing from elsewhere, ever.
-WRITE_STEP_BYTES = 1 << 20  # larger answers are written a megabyte at a time
 CSP = (
     "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
     "connect-src 'self'; img-src 'self' data:"
@@ -161,27 +161,15 @@ def rpc(
             "RESPONSE", response_path(request.path), answer, nonce=envelope.nonce
         )
         node.traffic.sent[kind] += len(answer.data)
-        if len(answer.data) <= WRITE_STEP_BYTES:
+        if len(answer.data) <= STEP_BYTES:
             return web.Response(
                 body=answer.data, headers=headers, content_type="application/msgpack"
             )
-        return await _stream(request, answer.data, headers)
+        response = web.StreamResponse(headers=headers)
+        response.content_type = "application/msgpack"
+        return await write_stepped(request, response, answer.data)
 
     return wrapped
-
-
-async def _stream(request: web.Request, body: bytes, headers: dict[str, str]) -> web.StreamResponse:
-    """Send a large body a step at a time, waiting for the socket between steps: handed to
-    the transport whole, it would be copied into the transport's buffer in one go."""
-    response = web.StreamResponse(headers=headers)
-    response.content_type = "application/msgpack"
-    response.content_length = len(body)
-    await response.prepare(request)
-    view = memoryview(body)
-    for start in range(0, len(view), WRITE_STEP_BYTES):
-        await response.write(view[start : start + WRITE_STEP_BYTES])
-    await response.write_eof()
-    return response
 
 
 async def handle_join(node: Peer, envelope: Envelope) -> dict[str, Any]:

@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from multidict import CIMultiDict
 
-from shoal.peer.client import PeerClient, PeerUnreachable, Traffic, read_capped
+from shoal.peer.bodies import read_capped
+from shoal.peer.client import PeerClient, PeerUnreachable, Traffic
 from shoal.peer.errors import PayloadTooLarge, ProtocolError, ShoalError
 from shoal.peer.membership import Membership, PeerInfo
 from shoal.peer.protocol_config import ProtocolConfig
@@ -300,7 +301,7 @@ class RelayTunnel:
                 timeout=aiohttp.ClientTimeout(total=self.protocol.relay_timeout_s),
                 allow_redirects=False,
             ) as resp:
-                chunks = await read_capped(resp, limit, "its own server")
+                chunks = await read_capped(resp.content, limit, "its own server's answer")
                 return RelayedAnswer(resp.status, relayed_headers(resp.headers), b"".join(chunks))
         except (TimeoutError, aiohttp.ClientError, OSError, PayloadTooLarge) as exc:
             text = f"peer behind NAT: its own server failed: {type(exc).__name__}: {exc}"

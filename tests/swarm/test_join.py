@@ -64,8 +64,8 @@ def test_fourth_peer_joins_mid_run_and_converges(corpus):
 
 def test_a_state_larger_than_a_write_step_streams_and_verifies(corpus):
     """`small`'s state (weights and momentum, 7 MB) in 4 MiB chunks: each answer is
-    written a megabyte at a time (server.WRITE_STEP_BYTES) and read back intact."""
-    from shoal.peer.server import WRITE_STEP_BYTES
+    written a megabyte at a time (bodies.STEP_BYTES) and read back intact."""
+    from shoal.peer.bodies import STEP_BYTES
     from shoal.peer.statesync import download_state
     from shoal.train import PRESETS
 
@@ -76,13 +76,13 @@ def test_a_state_larger_than_a_write_step_streams_and_verifies(corpus):
         reader = Peer(peer_config(corpus, "reader", run=run, bootstrap=host.address))
         await reader.start(train=False)
         try:
-            assert host.config.protocol.state_chunk_bytes > WRITE_STEP_BYTES
+            assert host.config.protocol.state_chunk_bytes > STEP_BYTES
             round_id, tensors, _ = await download_state(
                 reader.client, [host.membership.me], reader.engine.state_shapes
             )
             ours = host.publisher.latest.tensors
             assert round_id == 0 and all(torch.equal(tensors[n], ours[n]) for n in tensors)
-            assert reader.traffic.received["chunk"] > 2 * WRITE_STEP_BYTES
+            assert reader.traffic.received["chunk"] > 2 * STEP_BYTES
         finally:
             await stop_all([host, reader])
 
