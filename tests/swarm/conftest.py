@@ -15,9 +15,11 @@ import pytest
 
 from shoal.optim.inner import InnerConfig
 from shoal.optim.outer import OuterConfig
+from shoal.peer.client import PeerClient, Traffic
 from shoal.peer.config import PeerConfig, ProtocolConfig, RunConfig
 from shoal.peer.demo import fetch_json, serving_url
 from shoal.peer.node import Peer
+from shoal.peer.wire import WireCodec
 from shoal.train import PRESETS
 
 FAST_PROTOCOL = ProtocolConfig(
@@ -79,6 +81,18 @@ async def start_swarm(corpus: str, n: int, train: bool = True, **kw) -> list[Pee
     ]
     await asyncio.gather(*(p.start(train=train) for p in rest))
     return [first, *rest]
+
+
+async def client_of(
+    peer: Peer, client_id: str, key: str, traffic: Traffic | None = None
+) -> PeerClient:
+    """A started client named `client_id` in `peer`'s swarm (swarm key `key`): a test that
+    talks to one peer as another would."""
+    wire = WireCodec(client_id, peer.wire.swarm_id, key, max_body_bytes=1 << 20)
+    traffic = traffic if traffic is not None else Traffic()
+    client = PeerClient(wire, traffic, request_timeout_s=5, max_response_bytes=1 << 20)
+    await client.start()
+    return client
 
 
 async def stop_all(peers: list[Peer]) -> None:

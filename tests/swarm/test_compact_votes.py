@@ -3,13 +3,12 @@ bare "same" to an asker whose digest matches, the full vote otherwise, and a sig
 a malformed `same_as` (never a 5xx)."""
 
 import pytest
-from conftest import peer_config, run_async
+from conftest import client_of, peer_config, run_async
 
-from shoal.peer.client import PeerClient, Traffic
+from shoal.peer.client import Traffic
 from shoal.peer.errors import NotFound, ProtocolError
 from shoal.peer.node import Peer
 from shoal.peer.votes import DIGEST_BYTES, hash_digest, set_digest
-from shoal.peer.wire import WireCodec
 
 KEY = "votes-key"
 IDS = ["asker", "target", "third"]
@@ -19,9 +18,7 @@ def test_set_and_hash_answers_are_same_full_or_refused(corpus):
     async def scenario():
         peer = Peer(peer_config(corpus, "target", swarm_key=KEY))
         await peer.start(train=False)
-        wire = WireCodec("asker", peer.wire.swarm_id, KEY, max_body_bytes=1 << 20)
-        client = PeerClient(wire, Traffic(), request_timeout_s=5, max_response_bytes=1 << 20)
-        await client.start()
+        client = await client_of(peer, "asker", KEY)
         peer.store.put_set(2, IDS)
         peer.store.put_hash(2, "a" * 64)
 
@@ -65,10 +62,8 @@ def test_a_same_answer_is_smaller_than_the_vote_it_replaces(corpus, path):
     async def scenario():
         peer = Peer(peer_config(corpus, "target", swarm_key=KEY))
         await peer.start(train=False)
-        wire = WireCodec("asker", peer.wire.swarm_id, KEY, max_body_bytes=1 << 20)
         traffic = Traffic()
-        client = PeerClient(wire, traffic, request_timeout_s=5, max_response_bytes=1 << 20)
-        await client.start()
+        client = await client_of(peer, "asker", KEY, traffic)
         ids = [f"peer-{i}" for i in range(64)]
         peer.store.put_set(2, ids)
         peer.store.put_hash(2, "a" * 64)

@@ -18,9 +18,8 @@ import aiohttp
 import msgpack
 import pytest
 from aiohttp import web
-from conftest import FAST_PROTOCOL, peer_config, run_async
+from conftest import FAST_PROTOCOL, client_of, peer_config, run_async
 
-from shoal.peer.client import PeerClient, Traffic
 from shoal.peer.envelope import H_TIME, H_VERSION, PROTOCOL_VERSION
 from shoal.peer.errors import NotFound, ProtocolError, ShoalError
 from shoal.peer.node import Peer
@@ -236,9 +235,8 @@ def test_a_recorded_altered_or_foreign_answer_is_refused_by_the_client(corpus):
     async def scenario():
         peer = Peer(peer_config(corpus, "target", swarm_key=KEY))
         await peer.start(train=False)
-        wire = WireCodec("client", peer.wire.swarm_id, KEY, max_body_bytes=1 << 20)
-        client = PeerClient(wire, Traffic(), request_timeout_s=5, max_response_bytes=1 << 20)
-        await client.start()
+        client = await client_of(peer, "client", KEY)
+        wire = client.wire
         peer.store.put_hash(3, "h3")
         recorded: dict[str, tuple[int, dict[str, str], bytes]] = {}
 
