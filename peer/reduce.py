@@ -108,7 +108,8 @@ class OwnDelta:
 
 def contributors(layout: Layout, missing: list[str]) -> list[str]:
     """The members whose shard is in a reduced shard that lacks `missing`."""
-    return [m for m in layout.members if m not in set(missing)]
+    left_out = set(missing)
+    return [m for m in layout.members if m not in left_out]
 
 
 def _layout_request(payload: dict[str, Any]) -> tuple[int, int]:
@@ -241,7 +242,11 @@ class ShardedMean:
         problem = None
         if answer.get("tag") != layout.tag or answer.get("index") != index:
             problem = "names another shard"
-        elif not (isinstance(missing, list) and set(missing) <= set(layout.members)):
+        elif not (
+            isinstance(missing, list)
+            and all(isinstance(m, str) for m in missing)
+            and set(missing) <= set(layout.members)
+        ):
             problem = "its missing contributors are not members of the round"
         elif len(set(missing)) == len(layout.members) or not isinstance(data, bytes):
             problem = "holds no data"

@@ -203,6 +203,7 @@ def test_a_reduced_shard_names_only_its_missing_members_and_is_checked():
     assert fetch(["c", "x"]) is None  # a stranger
     assert fetch(members) is None  # nobody's shard: no data
     assert fetch("c") is None  # not a list
+    assert fetch([["c"]]) is None  # not ids (unhashable: refused, not a crash)
 
 
 def test_the_store_keeps_two_rounds_of_pseudo_gradients():
