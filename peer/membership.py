@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import random
@@ -46,6 +47,7 @@ PROGRESS_EVERY_S = 1.0
 BUCKETS = 32  # of ids, for anti-entropy (`Membership.table_sums`)
 
 
+@functools.lru_cache(maxsize=2 * MAX_ENTRIES)  # asked per entry by every digest and sum
 def bucket_of(peer_id: str) -> int:
     return hashlib.sha256(peer_id.encode()).digest()[0] % BUCKETS
 
