@@ -183,7 +183,6 @@ class Peer:
             # the first model build imports about a second of torch internals: pay it now
             await self.thread.run(build_model, config.run.model_config(), config.run.seed, "meta")
             me.stage = await recovery.wait_for_lost_stage()
-            joined_round = max((p.round for p in self.agent.membership.live_others()), default=0)
             log.warning("[%s] stage %d lost every peer: taking it over", self.peer_id, me.stage)
         elif config.pipeline.role == "stage" and me.stage is None:
             me.stage = choose_stage(self.agent.membership, config.run.stages)
